@@ -1,0 +1,679 @@
+"""Expert library on disk: immutable entries, a derived manifest, and a contamination guard.
+
+A library is a directory:
+
+  library.json            # created once by `init`: schema version and (optionally) the pinned base
+  entries/<id>.json       # one immutable file per expert, written temp -> fsync -> link (no clobber)
+  experts/<id>/           # the expert's Expert-format-v1 directory (copied in by `add`)
+  manifest.json           # derived from entries/ (rebuilt under an flock); a cache, never the truth
+  embeddings/...          # retrieval embedding cache (see `retrieval.py`)
+
+Concurrency on POSIX filesystems: an `add` writes only files whose names it owns (a temporary expert copy
+renamed to `experts/<id>`, then an entry linked to `entries/<id>.json`, which fails if the id exists), so
+two processes adding experts at once lose nothing and a crash at any point leaves either no entry or a
+complete one. Readers list `entries/` and ignore temporary files. The manifest is rebuilt under an
+exclusive `flock`. Object stores have neither rename nor flock: libraries there are single-writer, and
+this module refuses URL paths with an error that says so.
+
+The contamination guard decides which experts may serve an evaluation task: `zero_shot` excludes experts
+whose provenance shares the normalised (dataset, subset) with the task, `seen` excludes nothing (the
+paper's seen-task RoE), `off` disables the check. The mode is recorded in every retrieval result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from expert_t5x import expert_format
+
+LIBRARY_FORMAT = 1
+LIBRARY_FILE = "library.json"
+MANIFEST_FILE = "manifest.json"
+ENTRIES_DIR = "entries"
+EXPERTS_DIR = "experts"
+EMBEDDINGS_DIR = "embeddings"
+LOCK_FILE = ".lock"
+GUARD_MODES = ("zero_shot", "seen", "off")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,199}$")
+
+# Test hook: called with a stage name ("after_read", "before_commit") so tests can synchronise two
+# writers or simulate a crash at an exact point without sleeps. None in normal use.
+fault_hook: Callable[[str], None] | None = None
+
+
+def _hook(stage: str) -> None:
+  if fault_hook is not None:
+    fault_hook(stage)
+
+
+class LibraryError(ValueError):
+  """Bad input to a library operation (the message says what to do)."""
+
+
+# ----------------------------------------------------------------------------
+# Small helpers: atomic files, ids, normalisation.
+# ----------------------------------------------------------------------------
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _fsync_dir(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _write_temp_json(directory: str, stem: str, obj: Any) -> str:
+  """Writes `obj` to a fsynced temporary file in `directory`; returns its path."""
+  fd, tmp = tempfile.mkstemp(prefix=f".tmp-{stem}-", suffix=".json", dir=directory)
+  with os.fdopen(fd, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  return tmp
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+  """Replaces `path` atomically (temp, fsync, rename)."""
+  directory = os.path.dirname(path)
+  tmp = _write_temp_json(directory, os.path.basename(path), obj)
+  os.replace(tmp, path)
+  _fsync_dir(directory)
+
+
+def _read_json(path: str, what: str) -> Any:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise LibraryError(f"{what} '{path}' is not valid JSON ({e}); it is damaged.") from e
+
+
+def sanitize_id(name: str) -> str:
+  """Turns a display name (`cosmos_qa@no_prompt_text`) into a file-safe expert id."""
+  slug = re.sub(r"[^A-Za-z0-9._@+=-]+", "_", name.strip()).strip("_.")
+  return slug[:200] or "expert"
+
+
+def normalize_name(value: str | None) -> str | None:
+  """Normalises a dataset or subset name for overlap checks: case, spaces and hyphens; None for empty."""
+  if value is None:
+    return None
+  value = re.sub(r"[\s\-]+", "_", str(value).strip().lower())
+  return None if value in ("", "none", "null") else value
+
+
+def normalize_dataset(dataset: str | None, subset: str | None = None) -> tuple[str | None, str | None]:
+  """Normalised (dataset, subset); `super_glue/rte` is split into ('super_glue', 'rte')."""
+  if dataset and "/" in dataset and subset is None:
+    dataset, subset = dataset.split("/", 1)
+  return normalize_name(dataset), normalize_name(subset)
+
+
+def default_name(metadata: Mapping[str, Any]) -> str:
+  """Display name from provenance: the task of a prompt expert, `<dataset>[_<subset>]` for a dataset expert."""
+  prov = metadata.get("provenance") or []
+  if len(prov) == 1 and prov[0].get("task"):
+    return str(prov[0]["task"])
+  datasets = {normalize_dataset(p.get("dataset"), p.get("subset")) for p in prov}
+  if len(datasets) == 1:
+    ds, sub = next(iter(datasets))
+    if ds:
+      return ds + (f"_{sub}" if sub else "")
+  return f"expert-{metadata['content_hash'][:12]}"
+
+
+def _keys_hash(expert_dir: str) -> str | None:
+  path = os.path.join(expert_dir, expert_format.KEYS_FILE)
+  if not os.path.isfile(path):
+    return None
+  hasher = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      hasher.update(block)
+  return hasher.hexdigest()
+
+
+def _check_local(root: str) -> None:
+  if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", root):
+    raise LibraryError(
+        f"Library path '{root}' is an object-store URL. Object stores have no atomic rename or flock, so "
+        f"libraries there are single-writer; build the library on a local/POSIX filesystem and copy it "
+        f"there with one writer.")
+
+
+# ----------------------------------------------------------------------------
+# The library.
+# ----------------------------------------------------------------------------
+
+
+class Library:
+  """An expert library directory (see the module docstring for the layout).
+
+  Usage:
+    lib = Library.init('lib', base_fingerprint=fp)
+    entry = lib.add('runs/cosmos_qa_pe/expert')
+    for e in lib.entries(): print(e['id'], e['num_keys'])
+  """
+
+  def __init__(self, root: str | os.PathLike[str]):
+    root = os.fspath(root)
+    _check_local(root)
+    self.root = os.path.abspath(root)
+    path = os.path.join(self.root, LIBRARY_FILE)
+    if not os.path.isfile(path):
+      raise LibraryError(f"'{root}' is not an expert library ({LIBRARY_FILE} is missing); create one with "
+                         f"`expert-t5x library init {root}`.")
+    self.info = _read_json(path, "Library file")
+    if self.info.get("format") != LIBRARY_FORMAT:
+      raise LibraryError(f"Library '{root}' has format {self.info.get('format')!r}; this version reads "
+                         f"format {LIBRARY_FORMAT}.")
+
+  # -- creation ---------------------------------------------------------------
+
+  @classmethod
+  def init(cls, root: str | os.PathLike[str], *, base_fingerprint: str | None = None,
+           base_config_name: str | None = None, exist_ok: bool = False) -> Library:
+    """Creates an empty library. Without a base fingerprint, the first added expert pins the base."""
+    root = os.fspath(root)
+    _check_local(root)
+    path = os.path.join(root, LIBRARY_FILE)
+    if os.path.exists(path):
+      if exist_ok:
+        return cls(root)
+      raise LibraryError(f"Library '{root}' already exists; use it as is or choose a new directory.")
+    if os.path.isdir(root) and os.listdir(root):
+      raise LibraryError(f"'{root}' is a non-empty directory that is not a library; choose an empty or "
+                         f"new directory.")
+    for sub in (ENTRIES_DIR, EXPERTS_DIR, EMBEDDINGS_DIR):
+      os.makedirs(os.path.join(root, sub), exist_ok=True)
+    info = {"format": LIBRARY_FORMAT, "created": _now(),
+            "base": {"fingerprint": base_fingerprint, "config_name": base_config_name}}
+    tmp = _write_temp_json(root, LIBRARY_FILE, info)
+    try:
+      os.link(tmp, path)  # no clobber: a concurrent init of the same root loses cleanly
+    except FileExistsError:
+      if not exist_ok:
+        raise LibraryError(f"Library '{root}' was created concurrently; use it as is.") from None
+    finally:
+      os.unlink(tmp)
+    _fsync_dir(root)
+    lib = cls(root)
+    lib.rebuild_index()
+    return lib
+
+  # -- reading ----------------------------------------------------------------
+
+  def _entries_dir(self) -> str:
+    return os.path.join(self.root, ENTRIES_DIR)
+
+  def entries(self, *, with_damaged: bool = False) -> list[dict[str, Any]] | tuple[list[dict[str, Any]], list[str]]:
+    """All entries sorted by id (the library's expert order). Damaged entry files are skipped.
+
+    Args:
+      with_damaged: also return the list of damaged entry file names.
+    """
+    good, damaged = [], []
+    for name in sorted(os.listdir(self._entries_dir())):
+      if name.startswith(".") or not name.endswith(".json"):
+        continue  # temporary files of writers in progress or crashed
+      try:
+        entry = _read_json(os.path.join(self._entries_dir(), name), "Entry")
+        if entry.get("id") != name[:-len(".json")]:
+          raise LibraryError("id mismatch")
+        good.append(entry)
+      except (LibraryError, OSError):
+        damaged.append(name)
+    good.sort(key=lambda e: e["id"])
+    return (good, damaged) if with_damaged else good
+
+  def ids(self) -> list[str]:
+    return [e["id"] for e in self.entries()]
+
+  def get(self, expert_id: str) -> dict[str, Any]:
+    """The entry of one expert; a clear error naming known ids if absent."""
+    path = os.path.join(self._entries_dir(), f"{expert_id}.json")
+    if not _ID_RE.match(expert_id) or not os.path.isfile(path):
+      known = self.ids()
+      raise LibraryError(f"No expert '{expert_id}' in library '{self.root}'; it has {len(known)} experts"
+                         + (f", e.g. {known[:5]}" if known else "") + " (see `expert-t5x library list`).")
+    return _read_json(path, "Entry")
+
+  def expert_dir(self, expert_id: str) -> str:
+    """Absolute path of an expert's Expert-format directory."""
+    path = self.get(expert_id)["path"]
+    return path if os.path.isabs(path) else os.path.join(self.root, path)
+
+  def keys(self, expert_id: str) -> list[dict[str, Any]]:
+    """The expert's retrieval keys (`keys.jsonl`), in file order."""
+    return expert_format.read_keys(self.expert_dir(expert_id))
+
+  def base_fingerprint(self) -> str | None:
+    """The pinned base: from library.json, else from the earliest-added entry."""
+    pinned = (self.info.get("base") or {}).get("fingerprint")
+    if pinned:
+      return pinned
+    entries = sorted(self.entries(), key=lambda e: (e["added_at"], e["id"]))
+    return entries[0]["base"]["fingerprint"] if entries else None
+
+  def verify(self, expert_id: str) -> None:
+    """Recomputes an expert's content hash and compares it with its entry."""
+    entry = self.get(expert_id)
+    reader = expert_format.ExpertReader(self.expert_dir(expert_id))
+    reader.verify()
+    if reader.metadata["content_hash"] != entry["content_hash"]:
+      raise LibraryError(f"Expert '{expert_id}' on disk has content hash {reader.metadata['content_hash']} "
+                         f"but its entry records {entry['content_hash']}; remove and add it again.")
+
+  # -- writing ----------------------------------------------------------------
+
+  def add(self, expert_dir: str | os.PathLike[str], *, name: str | None = None, copy: bool = True,
+          verify: bool = True) -> dict[str, Any]:
+    """Adds an Expert-format-v1 directory; never changes existing experts or their keys.
+
+    Args:
+      expert_dir: the expert to add.
+      name: display name; the id is its file-safe form (default: from provenance).
+      copy: copy the expert into the library (default) rather than referencing its absolute path.
+      verify: recompute the content hash before adding, so a damaged file is refused.
+
+    Returns:
+      The new entry.
+    """
+    expert_dir = os.path.abspath(os.fspath(expert_dir))
+    if not expert_format.is_expert_dir(expert_dir):
+      raise LibraryError(f"'{expert_dir}' is not an expert directory (expected {expert_format.PARAMS_FILE} "
+                         f"and {expert_format.METADATA_FILE}); write experts with the trainer or "
+                         f"`expert-t5x import`.")
+    try:
+      reader = expert_format.ExpertReader(expert_dir)
+      if verify:
+        reader.verify()
+    except Exception as e:  # safetensors raises its own types for damaged files
+      raise LibraryError(f"Cannot add '{expert_dir}': {e}") from e
+    meta = reader.metadata
+    display = name or default_name(meta)
+    expert_id = sanitize_id(display)
+    existing = self.entries()
+    _hook("after_read")
+    self._check_compatible(meta, expert_id, existing)
+
+    rel = expert_dir
+    if copy:
+      rel = os.path.join(EXPERTS_DIR, expert_id)
+      self._copy_expert(expert_dir, expert_id, meta["content_hash"])
+    entry = {
+        "format": LIBRARY_FORMAT, "id": expert_id, "name": display, "path": rel, "added_at": _now(),
+        "type": meta["type"], "content_hash": meta["content_hash"], "config": meta["config"],
+        "base": meta["base"], "provenance": meta["provenance"], "metrics": meta.get("metrics", {}),
+        "merge": meta.get("merge"), "keys_hash": _keys_hash(expert_dir),
+        "num_keys": len(expert_format.read_keys(expert_dir, missing_ok=True)),
+    }
+    self._commit_entry(entry)
+    self._check_base_after_commit(entry)
+    self.rebuild_index()
+    return entry
+
+  def _check_compatible(self, meta: Mapping[str, Any], expert_id: str,
+                        existing: Sequence[Mapping[str, Any]]) -> None:
+    fingerprint = meta["base"].get("fingerprint")
+    if not fingerprint:
+      raise LibraryError(f"Expert '{expert_id}' records no base fingerprint; set base.fingerprint (importers "
+                         f"take --base-fingerprint) so the library can check it was trained on its base.")
+    pinned = self.base_fingerprint()
+    if pinned and fingerprint != pinned:
+      raise LibraryError(f"Expert '{expert_id}' was trained on base {fingerprint[:16]}..., but this library's "
+                         f"base is {pinned[:16]}...; add it to a library of that base instead.")
+    for e in existing:
+      if e["id"] == expert_id:
+        raise LibraryError(f"Library already has an expert '{expert_id}'; pass another --name or remove "
+                           f"the old one first.")
+      if e["content_hash"] == meta["content_hash"]:
+        raise LibraryError(f"Expert '{expert_id}' is identical (same content hash) to '{e['id']}' already in "
+                           f"the library.")
+
+  def _copy_expert(self, src: str, expert_id: str, content_hash: str) -> None:
+    experts = os.path.join(self.root, EXPERTS_DIR)
+    final = os.path.join(experts, expert_id)
+    if os.path.isdir(final):
+      # Left by a crash between copy and entry commit: reuse it only if it is the same expert.
+      try:
+        same = expert_format.read_metadata(final)["content_hash"] == content_hash
+      except Exception:  # damaged leftovers are not ours to judge further
+        same = False
+      if same:
+        return
+      raise LibraryError(f"'{final}' exists without a matching entry (left by an interrupted add?); run "
+                         f"`expert-t5x library index --gc {self.root}` to remove orphans, then add again.")
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{expert_id}-", dir=experts)
+    try:
+      for fname in sorted(os.listdir(src)):
+        if os.path.isfile(os.path.join(src, fname)):
+          shutil.copyfile(os.path.join(src, fname), os.path.join(tmp, fname))
+          with open(os.path.join(tmp, fname), "rb") as f:
+            os.fsync(f.fileno())
+      _fsync_dir(tmp)
+      try:
+        os.rename(tmp, final)  # fails if a concurrent writer of the same id won
+      except OSError as e:
+        raise LibraryError(f"Library already has an expert directory '{expert_id}' (added concurrently); "
+                           f"pass another --name.") from e
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+    _fsync_dir(experts)
+
+  def _commit_entry(self, entry: Mapping[str, Any]) -> None:
+    directory = self._entries_dir()
+    tmp = _write_temp_json(directory, entry["id"], entry)
+    try:
+      _hook("before_commit")
+      os.link(tmp, os.path.join(directory, f"{entry['id']}.json"))  # atomic, never overwrites
+    except FileExistsError:
+      raise LibraryError(f"Library already has an expert '{entry['id']}' (added concurrently); pass another "
+                         f"--name.") from None
+    finally:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+    _fsync_dir(directory)
+
+  def _check_base_after_commit(self, entry: Mapping[str, Any]) -> None:
+    # Two first adds of different bases can race past the pre-check; the earliest entry wins.
+    pinned = self.base_fingerprint()
+    if pinned and entry["base"]["fingerprint"] != pinned:
+      os.unlink(os.path.join(self._entries_dir(), f"{entry['id']}.json"))
+      if not os.path.isabs(entry["path"]):
+        shutil.rmtree(os.path.join(self.root, entry["path"]), ignore_errors=True)
+      raise LibraryError(f"Expert '{entry['id']}' was trained on base {entry['base']['fingerprint'][:16]}..., "
+                         f"but this library's base is {pinned[:16]}...; add it to a library of that base.")
+
+  def remove(self, expert_id: str) -> dict[str, Any]:
+    """Removes an expert (entry first, so readers never see an entry without its files)."""
+    entry = self.get(expert_id)
+    os.unlink(os.path.join(self._entries_dir(), f"{expert_id}.json"))
+    _fsync_dir(self._entries_dir())
+    if not os.path.isabs(entry["path"]):
+      shutil.rmtree(os.path.join(self.root, entry["path"]), ignore_errors=True)
+    self.rebuild_index()
+    return entry
+
+  def rebuild_index(self, *, gc: bool = False) -> dict[str, Any]:
+    """Rebuilds manifest.json from entries/ under an exclusive flock; optionally removes orphans.
+
+    Args:
+      gc: also delete copied expert directories that have no entry and temporary files of crashed writers
+        (only when no other writer is running).
+    """
+    with open(os.path.join(self.root, LOCK_FILE), "a+") as lock:
+      fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+      try:
+        entries, damaged = self.entries(with_damaged=True)
+        removed = self._gc(entries) if gc else []
+        manifest = {
+            "format": LIBRARY_FORMAT, "updated": _now(), "base_fingerprint": self.base_fingerprint(),
+            "num_experts": len(entries), "num_keys": sum(e["num_keys"] for e in entries),
+            "experts": [{k: e[k] for k in ("id", "name", "type", "content_hash", "num_keys", "path")}
+                        for e in entries],
+            "damaged_entries": damaged, "removed_orphans": removed,
+        }
+        _atomic_write_json(os.path.join(self.root, MANIFEST_FILE), manifest)
+      finally:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return manifest
+
+  def _gc(self, entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    used = {os.path.normpath(e["path"]) for e in entries}
+    removed = []
+    for sub in (EXPERTS_DIR, ENTRIES_DIR):
+      for name in os.listdir(os.path.join(self.root, sub)):
+        rel = os.path.join(sub, name)
+        orphan = name.startswith(".tmp-") or (sub == EXPERTS_DIR and os.path.normpath(rel) not in used)
+        if orphan:
+          path = os.path.join(self.root, rel)
+          shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+          removed.append(rel)
+    return sorted(removed)
+
+  def manifest(self) -> dict[str, Any]:
+    return _read_json(os.path.join(self.root, MANIFEST_FILE), "Manifest")
+
+  # -- contamination guard ----------------------------------------------------
+
+  def guard(self, dataset: str | None, subset: str | None = None, mode: str = "zero_shot",
+            entries: Sequence[Mapping[str, Any]] | None = None) -> GuardResult:
+    """Which experts may serve an eval task of (dataset, subset) under `mode` (see `apply_guard`)."""
+    return apply_guard(self.entries() if entries is None else entries, dataset, subset, mode)
+
+  def report_overlaps(self, evals: Iterable[tuple[str | None, str | None]]) -> list[dict[str, Any]]:
+    """For each eval (dataset, subset): the overlapping experts and what each guard mode excludes."""
+    entries = self.entries()
+    report = []
+    for dataset, subset in evals:
+      overlapping = [e["id"] for e in entries if overlaps(e, dataset, subset)]
+      report.append({
+          "dataset": dataset, "subset": subset, "overlapping": overlapping,
+          "excluded": {m: [x["id"] for x in apply_guard(entries, dataset, subset, m).excluded]
+                       for m in GUARD_MODES},
+      })
+    return report
+
+
+class GuardResult:
+  """Experts allowed and excluded by the contamination guard, plus the mode (recorded in results)."""
+
+  def __init__(self, mode: str, allowed: list[str], excluded: list[dict[str, Any]]):
+    self.mode = mode
+    self.allowed = allowed
+    self.excluded = excluded
+
+  def to_json(self) -> dict[str, Any]:
+    return {"mode": self.mode, "num_allowed": len(self.allowed), "excluded": self.excluded}
+
+
+def overlaps(entry: Mapping[str, Any], dataset: str | None, subset: str | None) -> bool:
+  """True if any provenance item of `entry` has the normalised (dataset, subset) of the eval task."""
+  target = normalize_dataset(dataset, subset)
+  return any(normalize_dataset(p.get("dataset"), p.get("subset")) == target
+             for p in entry.get("provenance") or [])
+
+
+def apply_guard(entries: Sequence[Mapping[str, Any]], dataset: str | None, subset: str | None,
+                mode: str) -> GuardResult:
+  """The guard: `zero_shot` excludes experts trained on the eval (dataset, subset); `seen`/`off` exclude none.
+
+  Args:
+    entries: library entries (each with `id` and `provenance`).
+    dataset: the eval task's dataset (`super_glue/rte` or with `subset`).
+    subset: its subset/config, or None.
+    mode: one of GUARD_MODES.
+  """
+  if mode not in GUARD_MODES:
+    raise LibraryError(f"Unknown guard mode {mode!r}; expected one of {GUARD_MODES} (zero_shot for held-out "
+                       f"suites, seen for seen-task RoE, off to disable).")
+  if mode == "zero_shot" and normalize_dataset(dataset, subset)[0] is None:
+    raise LibraryError("Guard mode zero_shot needs the eval task's dataset; pass it or use --guard off.")
+  allowed, excluded = [], []
+  for e in entries:
+    if mode == "zero_shot" and overlaps(e, dataset, subset):
+      excluded.append({"id": e["id"], "reason": f"trained on {normalize_dataset(dataset, subset)}"})
+    else:
+      allowed.append(e["id"])
+  return GuardResult(mode, allowed, excluded)
+
+
+def parse_eval_spec(spec: str) -> tuple[str, str | None]:
+  """'super_glue/rte' or 'super_glue:rte' or 'hellaswag' -> (dataset, subset)."""
+  for sep in (":", "/"):
+    if sep in spec:
+      dataset, subset = spec.split(sep, 1)
+      return dataset, subset or None
+  return spec, None
+
+
+def load_eval_suite(path: str) -> list[tuple[str, str | None]]:
+  """Reads eval (dataset, subset) pairs from a JSON list (objects with hf_dataset/hf_subset or dataset/subset)."""
+  data = _read_json(path, "Eval suite")
+  if not isinstance(data, list):
+    raise LibraryError(f"Eval suite '{path}' must be a JSON list of objects with dataset/subset fields.")
+  pairs = []
+  for i, item in enumerate(data):
+    dataset = item.get("hf_dataset", item.get("dataset"))
+    if not dataset:
+      raise LibraryError(f"Eval suite '{path}' item {i} has no 'dataset' or 'hf_dataset' field.")
+    pairs.append((dataset, item.get("hf_subset", item.get("subset"))))
+  return list(dict.fromkeys(pairs))
+
+
+# ----------------------------------------------------------------------------
+# CLI: expert-t5x library ...
+# ----------------------------------------------------------------------------
+
+
+def _print_json(obj: Any) -> None:
+  print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+  lib = Library.init(args.library, base_fingerprint=args.base_fingerprint, base_config_name=args.base_config)
+  print(f"Created library {lib.root}" + (f" (base {args.base_fingerprint})" if args.base_fingerprint else
+                                        " (the first added expert pins the base)"))
+  return 0
+
+
+def _cmd_add(args: argparse.Namespace) -> int:
+  lib = Library(args.library)
+  if args.name and len(args.experts) > 1:
+    raise LibraryError("--name applies to one expert; add experts one at a time to name them.")
+  for path in args.experts:
+    entry = lib.add(path, name=args.name, copy=not args.no_copy, verify=not args.no_verify)
+    print(f"added {entry['id']} ({entry['type']}, {entry['num_keys']} keys, {entry['content_hash'][:12]})")
+  return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+  lib = Library(args.library)
+  entries, damaged = lib.entries(with_damaged=True)
+  if args.json:
+    _print_json({"experts": entries, "damaged_entries": damaged})
+    return 0
+  for e in entries:
+    datasets = sorted({f"{p.get('dataset')}" + (f"/{p['subset']}" if p.get("subset") else "")
+                       for p in e["provenance"]})
+    print(f"{e['id']}\t{e['type']}\t{e['num_keys']} keys\t{e['content_hash'][:12]}\t{','.join(datasets)}")
+  for name in damaged:
+    print(f"warning: damaged entry file entries/{name} skipped", file=sys.stderr)
+  print(f"{len(entries)} experts", file=sys.stderr)
+  return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+  lib = Library(args.library)
+  entry = lib.get(args.id)
+  if args.verify:
+    lib.verify(args.id)
+    entry = dict(entry, verified=True)
+  _print_json(entry)
+  return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+  entry = Library(args.library).remove(args.id)
+  print(f"removed {entry['id']}")
+  return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+  manifest = Library(args.library).rebuild_index(gc=args.gc)
+  print(f"manifest: {manifest['num_experts']} experts, {manifest['num_keys']} keys"
+        + (f", removed {len(manifest['removed_orphans'])} orphans" if args.gc else "")
+        + (f", {len(manifest['damaged_entries'])} damaged entries" if manifest["damaged_entries"] else ""))
+  return 0
+
+
+def _cmd_report_overlaps(args: argparse.Namespace) -> int:
+  evals = [parse_eval_spec(s) for s in args.eval or []]
+  for path in args.eval_suite or []:
+    evals += load_eval_suite(path)
+  if not evals:
+    raise LibraryError("report-overlaps needs --eval DATASET[:SUBSET] or --eval-suite FILE.json.")
+  report = Library(args.library).report_overlaps(evals)
+  if args.json:
+    _print_json(report)
+    return 0
+  for row in report:
+    name = row["dataset"] + (f"/{row['subset']}" if row["subset"] else "")
+    print(f"{name}: {len(row['overlapping'])} overlapping experts"
+          + (f" ({', '.join(row['overlapping'])})" if row["overlapping"] else "")
+          + "; excluded " + ", ".join(f"{m}={len(v)}" for m, v in row["excluded"].items()))
+  return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="expert-t5x library", description="Manage an expert library.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("init", help="create an empty library")
+  p.add_argument("library")
+  p.add_argument("--base-fingerprint", help="pin the base model (default: the first added expert's base)")
+  p.add_argument("--base-config", help="base config name to record (e.g. xl)")
+  p.set_defaults(fn=_cmd_init)
+  p = sub.add_parser("add", help="add Expert-format directories (copied into the library)")
+  p.add_argument("library")
+  p.add_argument("experts", nargs="+")
+  p.add_argument("--name", help="display name (default: from provenance)")
+  p.add_argument("--no-copy", action="store_true", help="reference the expert in place (absolute path)")
+  p.add_argument("--no-verify", action="store_true", help="skip recomputing the content hash")
+  p.set_defaults(fn=_cmd_add)
+  p = sub.add_parser("list", help="list experts")
+  p.add_argument("library")
+  p.add_argument("--json", action="store_true")
+  p.set_defaults(fn=_cmd_list)
+  p = sub.add_parser("show", help="show one expert's entry")
+  p.add_argument("library")
+  p.add_argument("id")
+  p.add_argument("--verify", action="store_true", help="recompute and check the content hash")
+  p.set_defaults(fn=_cmd_show)
+  p = sub.add_parser("remove", help="remove one expert")
+  p.add_argument("library")
+  p.add_argument("id")
+  p.set_defaults(fn=_cmd_remove)
+  p = sub.add_parser("index", help="rebuild manifest.json (under a lock)")
+  p.add_argument("library")
+  p.add_argument("--gc", action="store_true", help="also delete orphans left by interrupted writers")
+  p.set_defaults(fn=_cmd_index)
+  p = sub.add_parser("report-overlaps", help="experts whose training data overlaps eval tasks, per guard mode")
+  p.add_argument("library")
+  p.add_argument("--eval", action="append", help="eval dataset as DATASET[:SUBSET]; repeatable")
+  p.add_argument("--eval-suite", action="append", help="JSON list of {hf_dataset|dataset, hf_subset|subset}")
+  p.add_argument("--json", action="store_true")
+  p.set_defaults(fn=_cmd_report_overlaps)
+  return parser
+
+
+def library_main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of `expert-t5x library`."""
+  args = _parser().parse_args(argv)
+  try:
+    return args.fn(args)
+  except (LibraryError, FileNotFoundError, ValueError) as e:
+    print(f"expert-t5x library: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  sys.exit(library_main())
