@@ -1,0 +1,628 @@
+"""Merging experts: averages, task arithmetic, TIES and DARE, streamed per tensor, saved as recipes.
+
+Notation (reference/anchors §3): θ₀ the reference, θᵢ expert i, τᵢ = θᵢ − θ₀ its task vector.
+
+* `uniform`: θ = (1/k) Σ θᵢ (the paper's merge); `weighted`: θ = Σ wᵢ θᵢ with Σ wᵢ = 1.
+* `task_arithmetic`: θ = θ₀ + λ Σ τᵢ.
+* `ties`: trim each τᵢ to its top `density` fraction by magnitude (over the whole flattened expert, or
+  per tensor), elect a sign per parameter (γ = sgn Σ τ̂ᵢ by mass, or by count), average the entries that
+  agree with γ (disjoint mean), θ = θ₀ + λ τ_m.
+* `dare`: drop each entry of τᵢ with probability p (seeded mask), rescale by 1/(1−p), then combine
+  linearly (θ₀ + λ Σ τ̃ᵢ) or with TIES' election and disjoint mean.
+
+Task vectors per expert type: adapter tensors θ − θ_init when every input records the same init seed
+(θ_init is recomputed from the config), else θ (reference 0); layer-norm scales θ − base; full experts
+store their delta; LoRA uses ΔW = (α/r)·A@B. Linear methods on LoRA experts output a concatenated-rank
+LoRA (exact: its ΔW equals the merged ΔW); TIES/DARE on LoRA output a `full` delta on the targeted kernels,
+optionally SVD-truncated to rank r′ (the reconstruction error is recorded).
+
+Streaming: tensors are read one at a time from each input (`expert_format.ExpertReader`) and merged with
+running accumulators, in at most three passes over the inputs (TIES: thresholds, sign mass, disjoint
+sum), so peak memory is about one expert (for the global TIES threshold) plus a few tensors, whatever k.
+A merge is saved in Expert format v1 with its recipe (inputs' content hashes, method, parameters,
+references, output hash) in `expert.json["merge"]`; re-running a recipe is bitwise identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from expert_t5x import expert_format
+
+METHODS = ("uniform", "weighted", "task_arithmetic", "ties", "dare")
+LINEAR_METHODS = ("uniform", "weighted", "task_arithmetic")
+RECIPE_FORMAT = 1
+
+Getter = Callable[[int], np.ndarray]  # expert index -> that expert's task vector for one tensor
+
+
+class MergeError(ValueError):
+  """Bad merge input (the message says what to do)."""
+
+
+# ----------------------------------------------------------------------------
+# Per-tensor formulas. Each takes `get(i)` for i in range(k), reads one expert's tensor at a time and
+# accumulates in float64 in expert order, so results are deterministic and bitwise reproducible.
+# ----------------------------------------------------------------------------
+
+
+def linear_combination(get: Getter, coefficients: Sequence[float]) -> np.ndarray:
+  """Σᵢ cᵢ xᵢ (float64 accumulation)."""
+  total = None
+  for i, c in enumerate(coefficients):
+    term = float(c) * np.asarray(get(i), np.float64)
+    total = term if total is None else total + term
+  return total
+
+
+def trim_mask(tau: np.ndarray, threshold: float) -> np.ndarray:
+  """TIES trim: keep entries whose magnitude is at least the expert's threshold (ties are kept)."""
+  return np.abs(tau) >= threshold
+
+
+def topk_threshold(magnitudes: np.ndarray, density: float) -> float:
+  """The magnitude of the ⌈density·n⌉-th largest entry (0 keeps everything)."""
+  n = magnitudes.size
+  keep = min(n, int(math.ceil(density * n)))
+  if keep >= n or n == 0:
+    return 0.0
+  if keep <= 0:
+    return math.inf
+  return float(np.partition(magnitudes, n - keep)[n - keep])
+
+
+def elect_and_disjoint_mean(get: Getter, k: int, sign_method: str = "mass") -> np.ndarray:
+  """TIES steps 2-3 on (already trimmed) task vectors: γ = sgn Σ τ̂ (or Σ sgn τ̂), mean over agreeing τ̂.
+
+  Two passes over the experts: one for the sign, one for the agreeing sum and count.
+  """
+  mass = None
+  for i in range(k):
+    x = np.asarray(get(i), np.float64)
+    x = np.sign(x) if sign_method == "count" else x
+    mass = x if mass is None else mass + x
+  gamma = np.sign(mass)
+  total = np.zeros_like(gamma)
+  count = np.zeros_like(gamma)
+  for i in range(k):
+    x = np.asarray(get(i), np.float64)
+    agree = (np.sign(x) == gamma) & (gamma != 0)
+    total += np.where(agree, x, 0.0)
+    count += agree
+  return np.where(count > 0, total / np.maximum(count, 1), 0.0)
+
+
+def dare_mask(seed: int, expert_index: int, name: str, shape: Sequence[int], p: float) -> np.ndarray:
+  """Seeded DARE drop mask (True = dropped), a pure function of (seed, expert index, tensor name)."""
+  rng = np.random.default_rng([seed, expert_index, zlib.crc32(name.encode("utf-8"))])
+  return rng.random(tuple(shape)) < p
+
+
+def dare_rescale(tau: np.ndarray, dropped: np.ndarray, p: float) -> np.ndarray:
+  """τ̃ = (1 − m) ⊙ τ / (1 − p)."""
+  return np.where(dropped, 0.0, np.asarray(tau, np.float64) / (1.0 - p))
+
+
+# ----------------------------------------------------------------------------
+# Whole-expert merges of task vectors (in memory or streamed).
+# ----------------------------------------------------------------------------
+
+
+def _check_params(method: str, k: int, params: Mapping[str, Any]) -> dict[str, Any]:
+  if method not in METHODS:
+    raise MergeError(f"Unknown merge method {method!r}; expected one of {METHODS}.")
+  if k < 1:
+    raise MergeError("Merging needs at least one expert.")
+  p = dict(params)
+  if method == "weighted":
+    weights = p.get("weights")
+    if weights is None or len(weights) != k:
+      raise MergeError(f"Method 'weighted' needs --weights with one value per expert ({k}); got {weights}.")
+    total = float(sum(weights))
+    if total <= 0:
+      raise MergeError(f"Weights {weights} must sum to a positive value (they are normalised to sum 1).")
+    p["weights"] = [float(w) / total for w in weights]
+  if method in ("task_arithmetic", "ties", "dare"):
+    p["lam"] = float(p.get("lam", 1.0) if p.get("lam") is not None else 1.0)
+  if method == "ties":
+    p["density"] = float(p.get("density", 0.2) if p.get("density") is not None else 0.2)
+    if not 0.0 < p["density"] <= 1.0:
+      raise MergeError(f"TIES density must be in (0, 1]; got {p['density']}.")
+    p["per_tensor"] = bool(p.get("per_tensor", False))
+  if method in ("ties", "dare"):
+    p["sign_method"] = p.get("sign_method") or "mass"
+    if p["sign_method"] not in ("mass", "count"):
+      raise MergeError(f"sign_method must be 'mass' or 'count'; got {p['sign_method']!r}.")
+  if method == "dare":
+    p["drop"] = float(p.get("drop", 0.9) if p.get("drop") is not None else 0.9)
+    if not 0.0 <= p["drop"] < 1.0:
+      raise MergeError(f"DARE drop probability must be in [0, 1); got {p['drop']}.")
+    p["seed"] = int(p.get("seed", 0) or 0)
+    p["combine"] = p.get("combine") or "linear"
+    if p["combine"] not in ("linear", "ties"):
+      raise MergeError(f"DARE combine must be 'linear' or 'ties'; got {p['combine']!r}.")
+  return p
+
+
+def _global_thresholds(names: Sequence[str], k: int, tau: Callable[[int, str], np.ndarray],
+                       density: float) -> list[float]:
+  # One expert's magnitudes in memory at a time: this pass's peak does not grow with k.
+  out = []
+  for i in range(k):
+    mags = np.concatenate([np.abs(np.asarray(tau(i, n), np.float64)).ravel() for n in names])
+    out.append(topk_threshold(mags, density))
+  return out
+
+
+def merge_task_vectors(method: str, names: Sequence[str], k: int, tau: Callable[[int, str], np.ndarray],
+                       **params: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Merges k task vectors tensor by tensor; returns ({name: τ_m float64}, resolved params).
+
+  For `uniform`/`weighted` the same formula applies to absolute values (the reference cancels).
+
+  Args:
+    method: one of METHODS.
+    names: tensor names to merge.
+    k: number of experts.
+    tau: (expert index, name) -> that expert's task vector (read lazily).
+    **params: weights, lam, density, per_tensor, sign_method, drop, seed, combine.
+  """
+  p = _check_params(method, k, params)
+  out = {}
+  thresholds = None
+  if method == "ties" and not p["per_tensor"]:
+    thresholds = _global_thresholds(names, k, tau, p["density"])
+  for name in names:
+    getter = lambda i, name=name: tau(i, name)
+    if method == "uniform":
+      out[name] = linear_combination(getter, [1.0 / k] * k)
+    elif method == "weighted":
+      out[name] = linear_combination(getter, p["weights"])
+    elif method == "task_arithmetic":
+      out[name] = p["lam"] * linear_combination(getter, [1.0] * k)
+    elif method == "ties":
+      if p["per_tensor"]:
+        ths = [topk_threshold(np.abs(np.asarray(getter(i), np.float64)).ravel(), p["density"]) for i in range(k)]
+      else:
+        ths = thresholds
+      def trimmed(i, getter=getter, ths=ths):
+        x = np.asarray(getter(i), np.float64)
+        return np.where(trim_mask(x, ths[i]), x, 0.0)
+      out[name] = p["lam"] * elect_and_disjoint_mean(trimmed, k, p["sign_method"])
+    else:  # dare
+      def dropped(i, getter=getter, name=name):
+        x = np.asarray(getter(i), np.float64)
+        return dare_rescale(x, dare_mask(p["seed"], i, name, x.shape, p["drop"]), p["drop"])
+      if p["combine"] == "linear":
+        out[name] = p["lam"] * linear_combination(dropped, [1.0] * k)
+      else:
+        out[name] = p["lam"] * elect_and_disjoint_mean(dropped, k, p["sign_method"])
+  return out, p
+
+
+def merge_pytrees(method: str, trees: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | None = None,
+                  **params: Any) -> dict[str, Any]:
+  """In-memory merge of parameter trees (nested or flat) of one structure; returns a nested float32 tree.
+
+  Task vectors are taken against `reference` (flat or nested; None = zeros) and the result is
+  reference + τ_m; `uniform`/`weighted` average the trees directly.
+  """
+  flats = [expert_format.flatten_params(t) for t in trees]
+  names = list(flats[0])
+  for i, f in enumerate(flats[1:], 1):
+    if list(f) != names:
+      raise MergeError(f"Tree {i} has tensors {_diff(names, list(f))} that tree 0 does not share; merge "
+                       f"trees of one structure.")
+  ref = expert_format.flatten_params(reference) if reference is not None else {}
+  absolute = method in ("uniform", "weighted")
+
+  def tau(i: int, name: str) -> np.ndarray:
+    x = np.asarray(flats[i][name], np.float64)
+    return x if absolute or name not in ref else x - np.asarray(ref[name], np.float64)
+
+  merged, _ = merge_task_vectors(method, names, len(flats), tau, **params)
+  out = {}
+  for name, value in merged.items():
+    if not absolute and name in ref:
+      value = np.asarray(ref[name], np.float64) + value
+    out[name] = value.astype(np.float32)
+  return expert_format.unflatten_params(out)
+
+
+def _diff(a: Sequence[str], b: Sequence[str]) -> str:
+  extra, missing = sorted(set(b) - set(a))[:3], sorted(set(a) - set(b))[:3]
+  return f"(+{extra}, -{missing})"
+
+
+# ----------------------------------------------------------------------------
+# LoRA in ΔW space.
+# ----------------------------------------------------------------------------
+
+
+def lora_scale(config: Mapping[str, Any]) -> float:
+  if "rank" not in config or "alpha" not in config:
+    raise MergeError(f"LoRA config {dict(config)} lacks rank/alpha; it is not an expert_t5x LoRA config.")
+  return float(config["alpha"]) / float(config["rank"])
+
+
+def lora_modules(names: Sequence[str]) -> list[str]:
+  """Module paths of a LoRA expert's factors (`.../query/lora_a` -> `.../query`)."""
+  mods = sorted(n[:-len("/lora_a")] for n in names if n.endswith("/lora_a"))
+  missing = [m for m in mods if f"{m}/lora_b" not in names]
+  if missing or len(mods) * 2 != len(names):
+    raise MergeError(f"LoRA expert tensors must come in lora_a/lora_b pairs; unpaired: "
+                     f"{missing[:3] or sorted(set(names))[:3]}.")
+  return mods
+
+
+def lora_delta(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
+  """ΔW = (α/r) A @ B, A [in, r], B [r, out] -> [in, out] (float64)."""
+  return scale * (np.asarray(a, np.float64) @ np.asarray(b, np.float64))
+
+
+def concat_lora(factors: Sequence[tuple[np.ndarray, np.ndarray]], coefficients: Sequence[float],
+                scales: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+  """Exact linear LoRA merge by rank concatenation: A = [A₁…A_k], B = [c₁s₁B₁; …; c_k s_k B_k].
+
+  With scale 1 (alpha = rank = Σ rᵢ), A @ B = Σ cᵢ sᵢ Aᵢ Bᵢ, the merged ΔW.
+  """
+  a = np.concatenate([np.asarray(f[0], np.float64) for f in factors], axis=1)
+  b = np.concatenate([c * s * np.asarray(f[1], np.float64) for f, c, s in zip(factors, coefficients, scales)],
+                     axis=0)
+  return a.astype(np.float32), b.astype(np.float32)
+
+
+def svd_truncate(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+  """Best rank-r′ factors of ΔW (A = U_r S_r, B = V_rᵀ) and the relative Frobenius reconstruction error."""
+  u, s, vt = np.linalg.svd(np.asarray(delta, np.float64), full_matrices=False)
+  r = min(rank, s.size)
+  a, b = u[:, :r] * s[:r], vt[:r]
+  norm = float(np.linalg.norm(s))
+  err = float(np.linalg.norm(s[r:])) / norm if norm > 0 else 0.0
+  return a.astype(np.float32), b.astype(np.float32), err
+
+
+# ----------------------------------------------------------------------------
+# Merging expert directories into a new expert (streaming), with a recipe.
+# ----------------------------------------------------------------------------
+
+
+def _is_layer_norm(name: str) -> bool:
+  return name.endswith("/scale")
+
+
+def _adapter_reference(readers: Sequence[expert_format.ExpertReader], policy: str,
+                       init_params: Mapping[str, Any] | None) -> tuple[str, dict[str, np.ndarray] | None]:
+  seeds = {json.dumps([r.metadata["config"].get("init_seed"), r.metadata["training"].get("init_seed")])
+           for r in readers}
+  same = len(seeds) == 1
+  if policy == "auto":
+    policy = "init" if same else "zero"
+  if policy == "init":
+    if not same:
+      raise MergeError("adapter_reference='init' needs every input to record the same init seed; they "
+                       f"record {sorted(seeds)}. Use 'zero' (θ as the task vector).")
+    if init_params is None:
+      raise MergeError("This merge needs the adapters' initial values θ_init (all inputs share an init seed); "
+                       "pass --base so they can be recomputed, or --adapter-reference zero.")
+    return "init", expert_format.flatten_params(init_params)
+  if policy != "zero":
+    raise MergeError(f"adapter_reference must be auto, init or zero; got {policy!r}.")
+  return "zero", None
+
+
+def merge_expert_dirs(expert_dirs: Sequence[str], output_dir: str, method: str, *,
+                      base_params: Mapping[str, Any] | None = None,
+                      init_params: Mapping[str, Any] | None = None,
+                      adapter_reference: str = "auto", svd_rank: int | None = None,
+                      input_names: Sequence[str] | None = None, overwrite: bool = False,
+                      **params: Any) -> dict[str, Any]:
+  """Merges Expert-format directories into a new expert at `output_dir`; returns the recipe.
+
+  Args:
+    expert_dirs: the input experts (one type, one base, one tensor structure).
+    output_dir: where the merged expert is written (atomically).
+    method: one of METHODS.
+    base_params: base parameters (flat or nested), needed for layer-norm task vectors (θ − base) of
+      adapter experts under non-averaging methods.
+    init_params: the adapters' initial values (flat or nested; e.g. `experts.init_expert(...)`).
+    adapter_reference: 'auto' (init if all inputs share an init seed, else zero), 'init' or 'zero'.
+    svd_rank: for TIES/DARE on LoRA experts, refactor each merged ΔW to this rank (output type lora).
+    input_names: names recorded in the recipe (default: the directories).
+    overwrite: replace an existing output directory.
+    **params: method parameters (weights, lam, density, per_tensor, sign_method, drop, seed, combine).
+  """
+  if not expert_dirs:
+    raise MergeError("Merging needs at least one expert directory.")
+  readers = [expert_format.ExpertReader(d) for d in expert_dirs]
+  metas = [r.metadata for r in readers]
+  kind = metas[0]["type"]
+  for d, m in zip(expert_dirs, metas):
+    if m["type"] != kind:
+      raise MergeError(f"Cannot merge a {m['type']} expert ('{d}') with {kind} experts; merge one type.")
+    if m["base"]["fingerprint"] != metas[0]["base"]["fingerprint"]:
+      raise MergeError(f"Expert '{d}' has base {m['base']['fingerprint']} but '{expert_dirs[0]}' has "
+                       f"{metas[0]['base']['fingerprint']}; merge experts of one base.")
+  names = readers[0].names()
+  for d, r in zip(expert_dirs, readers):
+    if r.names() != names:
+      raise MergeError(f"Expert '{d}' has tensors {_diff(names, r.names())} that '{expert_dirs[0]}' does not "
+                       f"share; merge experts of one configuration.")
+  k = len(readers)
+  resolved = _check_params(method, k, params)
+  recipe: dict[str, Any] = {
+      "format": RECIPE_FORMAT, "method": method, "params": dict(params), "resolved_params": resolved,
+      "input_type": kind,
+      "inputs": [{"name": n, "content_hash": m["content_hash"]}
+                 for n, m in zip(input_names or list(expert_dirs), metas)],
+      "base_fingerprint": metas[0]["base"]["fingerprint"],
+  }
+  if kind == "lora":
+    flat, config, extra = _merge_lora(readers, names, method, resolved, svd_rank)
+  else:
+    flat, extra = _merge_dense(readers, names, kind, method, resolved, base_params, init_params,
+                               adapter_reference)
+    config = metas[0]["config"]
+  recipe.update(extra)
+  out_type = recipe.get("output_type", kind)
+  provenance = [dict(p, role="merged") for m in metas for p in m["provenance"]]
+  meta = expert_format.build_metadata(
+      out_type, config, base_fingerprint=metas[0]["base"]["fingerprint"],
+      base_config_name=metas[0]["base"]["config_name"], vocab_fingerprint=metas[0]["base"]["vocab_fingerprint"],
+      provenance=provenance, training={"merged_from": [m["content_hash"] for m in metas]})
+  recipe["output_type"] = out_type
+  recipe["output_hash"] = expert_format.digest_items(
+      (n, np.ascontiguousarray(v, np.float32)) for n, v in sorted(flat.items()))
+  meta["merge"] = recipe
+  content_hash = expert_format.save_expert(output_dir, flat, meta, overwrite=overwrite)
+  assert content_hash == recipe["output_hash"]
+  return recipe
+
+
+def _merge_dense(readers, names, kind, method, p, base_params, init_params, adapter_reference):
+  absolute = method in ("uniform", "weighted")
+  extra: dict[str, Any] = {"reference": {}}
+  refs: dict[str, Callable[[str], np.ndarray | None]] = {}
+  base = expert_format.flatten_params(base_params) if base_params is not None else None
+  init = None
+  if kind == "adapter" and not absolute:
+    ref_kind, init = _adapter_reference(readers, adapter_reference, init_params)
+    extra["reference"]["adapter"] = ref_kind
+    if any(_is_layer_norm(n) for n in names):
+      if base is None:
+        raise MergeError(f"Method '{method}' on adapter experts needs the base parameters for layer-norm "
+                         f"task vectors (θ − base); pass --base CHECKPOINT.")
+      extra["reference"]["layer_norm"] = "base"
+  elif kind == "full":
+    extra["reference"]["full"] = "stored delta"
+
+  def reference(name: str) -> np.ndarray | None:
+    if absolute or kind == "full":
+      return None
+    if _is_layer_norm(name):
+      return np.asarray(base[name], np.float64)
+    if init is not None:
+      return np.asarray(init[name], np.float64)
+    return None
+
+  def tau(i: int, name: str) -> np.ndarray:
+    x = readers[i].get(name).astype(np.float64)
+    r = reference(name)
+    return x if r is None else x - r
+
+  merged, _ = merge_task_vectors(method, names, len(readers), tau, **p)
+  flat = {}
+  for name, value in merged.items():
+    r = reference(name)
+    flat[name] = (value if r is None else r + value).astype(np.float32)
+  return flat, extra
+
+
+def _merge_lora(readers, names, method, p, svd_rank):
+  configs = [r.metadata["config"] for r in readers]
+  scales = [lora_scale(c) for c in configs]
+  modules = lora_modules(names)
+  k = len(readers)
+  if method in LINEAR_METHODS:
+    coeffs = {"uniform": [1.0 / k] * k, "weighted": p.get("weights"),
+              "task_arithmetic": [p.get("lam", 1.0)] * k}[method]
+    flat = {}
+    for m in modules:
+      factors = [(r.get(f"{m}/lora_a"), r.get(f"{m}/lora_b")) for r in readers]
+      flat[f"{m}/lora_a"], flat[f"{m}/lora_b"] = concat_lora(factors, coeffs, scales)
+    rank = sum(int(c["rank"]) for c in configs)
+    config = dict(configs[0], rank=rank, alpha=float(rank))  # scale 1: ΔW = A @ B exactly
+    return flat, config, {"lora": {"output": "concatenated_rank", "rank": rank, "coefficients": coeffs}}
+
+  def tau(i: int, kernel: str) -> np.ndarray:
+    m = kernel[:-len("/kernel")]
+    return lora_delta(readers[i].get(f"{m}/lora_a"), readers[i].get(f"{m}/lora_b"), scales[i])
+
+  kernels = [f"{m}/kernel" for m in modules]
+  merged, _ = merge_task_vectors(method, kernels, k, tau, **p)
+  if svd_rank is None:
+    flat = {n: v.astype(np.float32) for n, v in merged.items()}
+    return flat, {"kind": "full"}, {"output_type": "full", "lora": {"output": "full_delta"}}
+  flat, errors = {}, {}
+  for kernel, delta in merged.items():
+    m = kernel[:-len("/kernel")]
+    flat[f"{m}/lora_a"], flat[f"{m}/lora_b"], errors[m] = svd_truncate(delta, svd_rank)
+  config = dict(configs[0], rank=int(svd_rank), alpha=float(svd_rank))
+  return flat, config, {"lora": {"output": "svd", "rank": int(svd_rank), "relative_error": errors,
+                                 "max_relative_error": max(errors.values())}}
+
+
+# ----------------------------------------------------------------------------
+# Label-free choice of top-k and λ (entropy of choice distributions on unlabeled queries).
+# ----------------------------------------------------------------------------
+
+
+def mean_choice_entropy(scores: np.ndarray) -> float:
+  """Mean over queries of the entropy of softmax(choice scores); -inf scores are absent choices."""
+  s = np.asarray(scores, np.float64)
+  finite = np.isfinite(s)
+  shifted = np.where(finite, s - np.max(np.where(finite, s, -np.inf), axis=1, keepdims=True), -np.inf)
+  probs = np.exp(shifted)
+  probs /= probs.sum(axis=1, keepdims=True)
+  ent = -np.sum(np.where(probs > 0, probs * np.log(np.where(probs > 0, probs, 1.0)), 0.0), axis=1)
+  return float(ent.mean())
+
+
+def select_label_free(candidates: Sequence[Any], score_fn: Callable[[Any], np.ndarray]) -> tuple[Any, list[dict]]:
+  """Picks the candidate (e.g. (top_k, λ)) whose merged model has the lowest mean choice entropy.
+
+  Args:
+    candidates: settings to try, in preference order (ties go to the earlier one).
+    score_fn: candidate -> [Q, K] choice scores of the merged model on the unlabeled queries.
+
+  Returns:
+    (best candidate, table of {candidate, entropy}).
+  """
+  table = [{"candidate": c, "entropy": mean_choice_entropy(score_fn(c))} for c in candidates]
+  best = min(range(len(table)), key=lambda i: (table[i]["entropy"], i))
+  return candidates[best], table
+
+
+# ----------------------------------------------------------------------------
+# CLI: expert-t5x merge
+# ----------------------------------------------------------------------------
+
+
+def _load_base(path: str | None, need_init: bool, metas: Sequence[Mapping[str, Any]]):
+  if path is None:
+    return None, None
+  from expert_t5x import checkpoints  # heavy; only when --base is given
+  base, t5_config, _ = checkpoints.load_params(path)
+  init = None
+  if need_init and metas[0]["type"] == "adapter":
+    from expert_t5x import experts
+    if t5_config is None:
+      from expert_t5x import network
+      t5_config = network.get_config(metas[0]["base"]["config_name"])
+    init = experts.init_expert(experts.config_from_json(metas[0]["config"]), t5_config, base)
+  return base, init
+
+
+def _resolve_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+  if args.recipe:
+    recipe = json.load(open(args.recipe, encoding="utf-8"))
+    recipe = recipe.get("merge", recipe)
+    wanted = [i["content_hash"] for i in recipe["inputs"]]
+    pool = _candidate_dirs(args)
+    by_hash = {}
+    for name, d in pool:
+      by_hash.setdefault(expert_format.read_metadata(d)["content_hash"], (name, d))
+    missing = [h[:12] for h in wanted if h not in by_hash]
+    if missing:
+      raise MergeError(f"Recipe inputs {missing} were not found among --experts/--library; pass the experts "
+                       f"it was made from.")
+    return [by_hash[h][1] for h in wanted], [by_hash[h][0] for h in wanted]
+  pool = _candidate_dirs(args)
+  if args.retrieval:
+    ranked = _ranked_from_retrieval(args.retrieval, args.task)
+    ids = ranked[:args.top_k]
+    lib = _library(args)
+    return [lib.expert_dir(i) for i in ids], ids
+  if not pool:
+    raise MergeError("Nothing to merge: pass --experts DIR..., --library LIB --ids ID..., or --retrieval FILE.")
+  return [d for _, d in pool], [n for n, _ in pool]
+
+
+def _library(args):
+  from expert_t5x import library
+  if not args.library:
+    raise MergeError("--retrieval and --ids need --library.")
+  return library.Library(args.library)
+
+
+def _candidate_dirs(args) -> list[tuple[str, str]]:
+  pool = [(d, d) for d in args.experts or []]
+  if args.library and (args.ids or args.recipe):
+    lib = _library(args)
+    pool += [(i, lib.expert_dir(i)) for i in (args.ids or lib.ids())]
+  return pool
+
+
+def _ranked_from_retrieval(path: str, task: str | None) -> list[str]:
+  data = json.load(open(path, encoding="utf-8"))
+  results = data.get("results", [data])
+  if task is not None:
+    results = [r for r in results if r.get("task") == task]
+  if len(results) != 1:
+    raise MergeError(f"Retrieval file '{path}' has {len(results)} results" + (f" for task {task!r}" if task else "")
+                     + "; pick one with --task.")
+  return [c["expert"] for c in results[0]["candidates"]]
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="expert-t5x merge", description="Merge experts into a new expert (with recipe).")
+  p.add_argument("--method", choices=METHODS, default="uniform")
+  p.add_argument("--experts", nargs="+", help="expert directories")
+  p.add_argument("--library", help="expert library (with --ids, --retrieval or --recipe)")
+  p.add_argument("--ids", nargs="+", help="library expert ids")
+  p.add_argument("--retrieval", help="retrieval JSON from `expert-t5x retrieve`: merge its top-k candidates")
+  p.add_argument("--task", help="which task of the retrieval file")
+  p.add_argument("--top-k", type=int, default=3)
+  p.add_argument("--recipe", help="re-run a recipe (a recipe JSON or a merged expert's expert.json)")
+  p.add_argument("--weights", type=float, nargs="+")
+  p.add_argument("--lam", type=float, help="λ for task_arithmetic, ties and dare (default 1.0)")
+  p.add_argument("--density", type=float, help="TIES density (default 0.2)")
+  p.add_argument("--per-tensor", action="store_true", help="TIES: trim per tensor instead of per expert")
+  p.add_argument("--sign-method", choices=("mass", "count"))
+  p.add_argument("--drop", type=float, help="DARE drop probability (default 0.9)")
+  p.add_argument("--seed", type=int, help="DARE mask seed (default 0)")
+  p.add_argument("--combine", choices=("linear", "ties"), help="DARE: combine linearly or TIES-style")
+  p.add_argument("--svd-rank", type=int, help="TIES/DARE on LoRA: refactor ΔW to this rank")
+  p.add_argument("--base", help="base checkpoint (needed by task_arithmetic/ties/dare on adapter experts)")
+  p.add_argument("--adapter-reference", choices=("auto", "init", "zero"), default="auto")
+  p.add_argument("--output", required=True, help="output expert directory")
+  p.add_argument("--recipe-out", help="also write the recipe to this JSON file")
+  p.add_argument("--overwrite", action="store_true")
+  return p
+
+
+def merge_main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of `expert-t5x merge`."""
+  args = _parser().parse_args(argv)
+  try:
+    dirs, names = _resolve_inputs(args)
+    method, params, svd_rank, ref = args.method, {}, args.svd_rank, args.adapter_reference
+    if args.recipe:
+      recipe = json.load(open(args.recipe, encoding="utf-8"))
+      recipe = recipe.get("merge", recipe)
+      method, params = recipe["method"], dict(recipe["params"])
+      svd_rank = (recipe.get("lora") or {}).get("rank") if (recipe.get("lora") or {}).get("output") == "svd" else None
+      ref = (recipe.get("reference") or {}).get("adapter", "auto")
+    else:
+      for key in ("weights", "lam", "density", "sign_method", "drop", "seed", "combine"):
+        if getattr(args, key) is not None:
+          params[key] = getattr(args, key)
+      if args.per_tensor:
+        params["per_tensor"] = True
+    metas = [expert_format.read_metadata(d) for d in dirs]
+    base, init = _load_base(args.base, method not in ("uniform", "weighted") and ref != "zero", metas)
+    recipe = merge_expert_dirs(dirs, args.output, method, base_params=base, init_params=init,
+                               adapter_reference=ref, svd_rank=svd_rank, input_names=names,
+                               overwrite=args.overwrite, **params)
+  except (MergeError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    print(f"expert-t5x merge: {e}", file=sys.stderr)
+    return 1
+  if args.recipe_out:
+    with open(args.recipe_out, "w", encoding="utf-8") as f:
+      json.dump(recipe, f, indent=2, sort_keys=True)
+  print(f"merged {len(dirs)} experts ({method}) -> {args.output} [{recipe['output_type']}, "
+        f"{recipe['output_hash'][:12]}]")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(merge_main())
