@@ -1,0 +1,1 @@
+"""Data sources: P3 TFRecords, promptsource templates over raw rows, BIG-bench JSON, continual JSONL."""
