@@ -341,3 +341,26 @@ def test_import_does_not_load_tf_seqio_or_torch():
   out = subprocess.run([sys.executable, "-c", code], check=True,
                        capture_output=True, text=True).stdout.strip()
   assert out == "[]"
+
+
+def test_scaled_checkpoint_with_separate_lm_head_rejected(tmp_path, params, config):
+  """T5 1.0-style output scaling plus an untied lm_head has no T5X equivalent."""
+  tensors = ckpt.params_to_hf(params, config)
+  hf_config = dict(ckpt.hf_config_from_t5(config), tie_word_embeddings=True,
+                   scale_decoder_outputs=True)
+  _write_hf_dir(tmp_path / "hf", tensors, hf_config)
+  with pytest.raises(ckpt.CheckpointMismatchError, match="separate lm_head.weight"):
+    ckpt.load_hf_t5(tmp_path / "hf")
+
+
+def test_missing_shard_and_missing_weights(tmp_path, params, config):
+  tensors = ckpt.params_to_hf(params, config)
+  _write_hf_dir(tmp_path / "hf", tensors, ckpt.hf_config_from_t5(config), shards=2)
+  os.remove(tmp_path / "hf" / "shard-00001.safetensors")
+  with pytest.raises(FileNotFoundError, match=r"lists shard\(s\) \['shard-00001"):
+    ckpt.load_hf_t5(tmp_path / "hf")
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "config.json").write_text(
+      json.dumps(ckpt.hf_config_from_t5(config)))
+  with pytest.raises(FileNotFoundError, match="has no weights"):
+    ckpt.load_hf_t5(tmp_path / "empty")
