@@ -1,0 +1,206 @@
+"""Tests for Retrieval of Experts: text formats, voting with known answers and ties, cache, guard, CLI."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+from expert_t5x import expert_format
+from expert_t5x import library as library_lib
+from expert_t5x import merging
+from expert_t5x import retrieval
+from test_embedders import make_tiny_minilm
+
+BASE = "b" * 64
+ROW = {"inputs": "Is the sky blue?", "answer_choices": ["yes", "no"], "dataset": "super_glue", "subset": "rte",
+       "prompt": "p1", "answer_choices_template": "Yes ||| No"}
+
+
+def test_text_formats_as_the_paper():
+  f = lambda fmt, row=ROW, **kw: retrieval.format_text(row, fmt, **kw)
+  assert f("instance") == "Instance: Is the sky blue?"
+  assert f("label") == "Answer Choices: yes, no"
+  assert f("choice") == "Answer Choices: Yes ||| No"
+  assert f("label_instance") == "Answer Choices: yes, no, Instance: Is the sky blue?"
+  assert f("choice_instance") == "Answer Choices: Yes ||| No, Instance: Is the sky blue?"
+  assert f("instance_new") == "Is the sky blue?"
+  assert f("label_new") == "yes, no"
+  assert f("choice_new") == "Yes ||| No"
+  assert f("label_instance_new") == "yes, no</s>Is the sky blue?"
+  assert f("choice_instance_new") == "Yes ||| No</s>Is the sky blue?"
+  generative = dict(ROW, answer_choices=[], answer_choices_template=None)
+  assert f("label", generative) == "Answer Choices: (none)"
+  assert f("choice_instance", generative) == "Answer Choices: (none), Instance: Is the sky blue?"
+  no_template = {k: v for k, v in ROW.items() if k != "answer_choices_template"}
+  assert f("choice", no_template, lookup=lambda d, s, p: "{{a}} ||| {{b}}") == "Answer Choices: {{a}} ||| {{b}}"
+
+  def failing(d, s, p):
+    raise KeyError(p)
+  with pytest.raises(retrieval.RetrievalError, match="Template lookup failed"):
+    f("choice", no_template, lookup=failing)
+  with pytest.raises(retrieval.RetrievalError, match="no template lookup"):
+    f("choice", no_template)
+  with pytest.raises(retrieval.RetrievalError, match="Unknown text format"):
+    f("labels")
+
+
+def test_query_selection_is_seeded_and_recorded():
+  a = retrieval.select_queries(100, 32, seed=3)
+  assert a == retrieval.select_queries(100, 32, seed=3) and len(set(a)) == 32
+  assert a != retrieval.select_queries(100, 32, seed=4)
+  assert sorted(retrieval.select_queries(5, 32)) == [0, 1, 2, 3, 4]
+
+
+def test_vote_known_answers_and_ties():
+  # Keys 0,1 -> expert 0; keys 2,3 -> expert 1; key 4 -> expert 2. Each row's best key is set by hand.
+  key_expert = np.array([0, 0, 1, 1, 2])
+  best = [3, 1, 4, 2, 0]
+  scores = np.zeros((5, 5))
+  scores[np.arange(5), best] = 1.0
+  v = retrieval.vote(scores, key_expert, 3)
+  assert v["votes"].tolist() == [2, 2, 1]
+  # Experts 0 and 1 tie on votes; expert 0's best voted key (0) is lower than expert 1's (2).
+  assert v["ranked"] == [0, 1, 2]
+  # Equal scores inside one query go to the lowest key id.
+  tied = np.array([[0.0, 0.5, 0.5, 0.0, 0.2]])
+  assert retrieval.top_keys(tied, 1).tolist() == [[1]]
+  assert retrieval.top_keys(tied, 2).tolist() == [[1, 2]]
+  assert retrieval.top_keys(tied, 3).tolist() == [[1, 2, 4]]
+  # Two votes per query: the second-best key votes too.
+  v2 = retrieval.vote(tied, key_expert, 3, votes_per_query=2)
+  assert v2["votes"].tolist() == [1, 1, 0] and v2["ranked"] == [0, 1]
+  # Expert 1 wins outright when it has more votes, whatever its key ids.
+  scores[4] = 0
+  scores[4, 3] = 1.0
+  assert retrieval.vote(scores, key_expert, 3)["ranked"] == [1, 0, 2]
+
+
+def _keyset(texts_per_expert):
+  ids = [f"e{i}" for i in range(len(texts_per_expert))]
+  return retrieval.KeySet(ids, texts_per_expert, [[{}] * len(t) for t in texts_per_expert])
+
+
+def test_summary_confidence_abstention_and_identical_keys():
+  keys = _keyset([["a", "shared"], ["shared", "b"], ["c"]])
+  # Queries 0-2 hit expert 0's "shared" key (text shared with expert 1), query 3 hits "b".
+  scores = np.zeros((4, 5))
+  scores[:3, 1] = 1.0
+  scores[3, 3] = 1.0
+  s = retrieval.summarize(scores, keys, abstain_threshold=0.8, fallback="merge")
+  assert s["winner"] == "e0" and s["confidence"] == 0.75 and s["margin"] == 0.5
+  assert s["abstained"] and s["selected"] == "merge"
+  assert s["identical_key_votes"] == 3 and "e1" in s["warning"]
+  assert [c["expert"] for c in s["candidates"]] == ["e0", "e1", "e2"]
+  assert [c["votes"] for c in s["candidates"]] == [3, 1, 0]
+  assert s["instance_level"] == ["e0", "e0", "e0", "e1"]
+  np.testing.assert_allclose(retrieval.expert_similarity(scores, keys.offsets), [0.75, 0.25, 0.0])
+  assert not retrieval.summarize(scores, keys)["abstained"]
+
+
+class HashEmbedder:
+  """Bag-of-words hashing embedder with an embed-call log (an independent, transparent dense embedder)."""
+  kind = "dense"
+  identity = "hash-test-v1"
+
+  def __init__(self):
+    self.calls = []
+
+  def embed(self, texts):
+    self.calls.append(list(texts))
+    out = np.zeros((len(texts), 64), np.float32)
+    for i, t in enumerate(texts):
+      for w in t.lower().replace(",", " ").split():
+        out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % 64] += 1
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def _expert(path, dataset, prompt, words, choices, seed, subset=None):
+  task = "_".join(x for x in (dataset, subset, prompt) if x)
+  keys = [{"inputs": f"{words} example {i}", "targets": "t", "answer_choices": choices, "example_id": i,
+           "task": task, "dataset": dataset, "subset": subset, "prompt": prompt}
+          for i in range(4)]
+  meta = expert_format.build_metadata(
+      "adapter", {"kind": "adapter", "init_seed": 0}, base_fingerprint=BASE, base_config_name="tiny",
+      provenance=[{"task": task, "dataset": dataset, "subset": subset, "prompt": prompt,
+                   "role": "train"}])
+  params = {"encoder/layers_0/mlp_adapter/wi/kernel": np.full((2, 2), seed, np.float32)}
+  expert_format.save_expert(path, params, meta, keys)
+  return str(path)
+
+
+@pytest.fixture
+def lib(tmp_path):
+  lib = library_lib.Library.init(tmp_path / "lib")
+  lib.add(_expert(tmp_path / "a", "cosmos_qa", "p1", "story about people", ["a", "b", "c", "d"], 1))
+  lib.add(_expert(tmp_path / "b", "super_glue", "p2", "premise hypothesis entail", ["yes", "no"], 2, "rte"))
+  lib.add(_expert(tmp_path / "c", "super_glue", "p3", "premise hypothesis entail", ["true", "false"], 3, "rte"))
+  lib.add(_expert(tmp_path / "d", "imdb", "p4", "movie review sentiment", ["positive", "negative"], 4))
+  return lib
+
+
+def _queries(words, choices, dataset="anli", n=40):
+  return [{"inputs": f"{words} query {i}", "answer_choices": choices, "dataset": dataset, "subset": None,
+           "prompt": "q", "task": f"{dataset}_q"} for i in range(n)]
+
+
+def test_retriever_end_to_end_with_cache_and_guard(lib, tmp_path):
+  emb = HashEmbedder()
+  r = retrieval.Retriever(lib, emb)
+  assert len(emb.calls) == 4 and len(r.keys.texts) == 16  # one embed call per expert's keys
+  res = r.retrieve(_queries("premise hypothesis entail", ["yes", "no"]), guard="zero_shot")
+  assert res["winner"] == "super_glue_rte_p2" and res["num_queries"] == 32 and res["confidence"] == 1.0
+  assert res["guard"]["mode"] == "zero_shot" and res["guard"]["excluded"] == []
+  assert res["dataset_level"]["dataset"] == "super_glue/rte"
+  # Under zero_shot, an rte eval task may not use rte experts; under seen it may.
+  rte = _queries("premise hypothesis entail", ["yes", "no"], dataset="super_glue/rte")
+  res = r.retrieve(rte, guard="zero_shot")
+  assert {x["id"] for x in res["guard"]["excluded"]} == {"super_glue_rte_p2", "super_glue_rte_p3"}
+  assert res["winner"] not in ("super_glue_rte_p2", "super_glue_rte_p3")
+  assert r.retrieve(rte, guard="seen")["winner"] == "super_glue_rte_p2"
+  # A second retriever reuses every cached key embedding; a new expert embeds only its own keys.
+  emb2 = HashEmbedder()
+  retrieval.Retriever(lib, emb2)
+  assert emb2.calls == []
+  lib.add(_expert(tmp_path / "e", "dream", "p5", "dialogue between speakers", ["x", "y"], 5))
+  retrieval.Retriever(lib, emb2)
+  assert len(emb2.calls) == 1 and emb2.calls[0][0].endswith("dialogue between speakers example 0")
+
+
+def test_retrieve_and_merge_cli_with_bm25(lib, tmp_path, capsys):
+  qfile = tmp_path / "q.jsonl"
+  rows = _queries("movie review sentiment", ["positive", "negative"]) + _queries(
+      "story about people", ["a", "b", "c", "d"], dataset="hellaswag")
+  qfile.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  out = tmp_path / "r.json"
+  assert retrieval.retrieve_main(["--library", lib.root, "--queries", str(qfile), "--embedder", "bm25",
+                                  "--num-queries", "8", "--output", str(out)]) == 0
+  data = json.load(open(out))
+  assert data["guard_mode"] == "zero_shot" and data["text_format"] == "label_instance"
+  winners = {r["task"]: r["winner"] for r in data["results"]}
+  assert winners == {"anli_q": "imdb_p4", "hellaswag_q": "cosmos_qa_p1"}
+  assert len(data["results"][0]["query_indices"]) == 8
+  merged = tmp_path / "merged"
+  assert merging.merge_main(["--library", lib.root, "--retrieval", str(out), "--task", "anli_q", "--top-k", "2",
+                             "--output", str(merged)]) == 0
+  meta = expert_format.read_metadata(merged)
+  assert meta["merge"]["inputs"][0]["name"] == "imdb_p4" and len(meta["merge"]["inputs"]) == 2
+  assert retrieval.retrieve_main(["--library", lib.root, "--queries", str(qfile), "--task", "nope"]) == 1
+  assert "not in" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    retrieval.retrieve_main(["--help"])
+  assert e.value.code == 0
+
+
+def test_retrieve_cli_with_minilm(lib, tmp_path):
+  directory = make_tiny_minilm(tmp_path / "minilm")
+  qfile = tmp_path / "q.jsonl"
+  qfile.write_text("".join(json.dumps(r) + "\n" for r in _queries("story about people", ["a", "b", "c", "d"])))
+  out = tmp_path / "r.json"
+  assert retrieval.retrieve_main(["--library", lib.root, "--queries", str(qfile), "--minilm-dir", directory,
+                                  "--max-seq-length", "64", "--votes-per-query", "2", "--output", str(out)]) == 0
+  data = json.load(open(out))
+  assert data["embedder"].startswith("minilm-") and data["results"][0]["total_votes"] == 64
+  assert os.listdir(os.path.join(lib.root, "embeddings", data["embedder"]))
+  assert retrieval.retrieve_main(["--library", lib.root, "--queries", str(qfile)]) == 1  # no --minilm-dir
