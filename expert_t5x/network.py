@@ -382,12 +382,13 @@ class MlpBlock(nn.Module):
 # --------------------------------------------------------------------------------- blocks
 
 
-def _remat(module_cls: type[nn.Module], config: T5Config) -> type[nn.Module]:
-  policy = REMAT_POLICIES[config.remat_policy]
+def _remat(module_cls: type[nn.Module], config: T5Config,
+           static_argnums: tuple[int, ...]) -> type[nn.Module]:
+  """Wraps a block in activation checkpointing; `static_argnums` count `self` as 0."""
   if config.remat_policy == "none":
     return module_cls
-  # Argument 3 (`deterministic`) and 4 (`decode`) are Python booleans.
-  return nn.remat(module_cls, policy=policy, static_argnums=(3, 4))
+  return nn.remat(module_cls, policy=REMAT_POLICIES[config.remat_policy],
+                  static_argnums=static_argnums)
 
 
 class EncoderLayer(nn.Module):
@@ -468,7 +469,8 @@ class DecoderLayer(nn.Module):
     y = attention(name="encoder_decoder_attention")(
         y, encoded, encoder_decoder_mask, deterministic=deterministic,
         lora=_child(expert, "encoder_decoder_attention"),
-        expert_index=None if expert_index is None or num_choices == 1 else expert_index[::num_choices])
+        expert_index=(expert_index if expert_index is None or num_choices == 1
+                      else expert_index[::num_choices]))
     y = y.reshape(rows, tlen, emb)
     y = dropout()(y, deterministic=deterministic) + x
 
@@ -517,7 +519,8 @@ class Encoder(nn.Module):
     x = self.shared_embedding(encoder_input_tokens).astype(cfg.dtype)
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=cfg.dropout_broadcast_dims)(
         x, deterministic=deterministic)
-    layer_cls = _remat(EncoderLayer, cfg)
+    # Python-valued arguments: deterministic, decode.
+    layer_cls = _remat(EncoderLayer, cfg, static_argnums=(4, 5))
     for i in range(cfg.num_encoder_layers):
       x = layer_cls(cfg, rel_emb, name=f"layers_{i}")(
           x, encoder_mask, _child(expert, f"layers_{i}"), deterministic, False, expert_index)
@@ -545,7 +548,8 @@ class Decoder(nn.Module):
     y = self.shared_embedding(decoder_input_tokens).astype(cfg.dtype)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=cfg.dropout_broadcast_dims)(
         y, deterministic=deterministic)
-    layer_cls = _remat(DecoderLayer, cfg)
+    # Python-valued arguments: deterministic, decode, max_decode_length, num_choices.
+    layer_cls = _remat(DecoderLayer, cfg, static_argnums=(6, 7, 8, 9))
     for i in range(cfg.num_decoder_layers):
       layer = layer_cls(cfg, rel_emb, name=f"layers_{i}")
       y = layer(y, encoded, decoder_mask, encoder_decoder_mask, _child(expert, f"layers_{i}"),
