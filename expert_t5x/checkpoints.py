@@ -341,12 +341,22 @@ def _embedding_from_hf(tensors: Mapping[str, np.ndarray], path: str
 
 
 def hf_to_params(tensors: Mapping[str, np.ndarray], config: Any,
-                 *, source: str = "HF checkpoint") -> dict[str, Any]:
-  """Maps an HF T5 state dict (numpy) to our nested tree, checking shapes."""
+                 *, tied: bool = False, source: str = "HF checkpoint"
+                 ) -> dict[str, Any]:
+  """Maps an HF T5 state dict (numpy) to our nested tree, checking shapes.
+
+  Args:
+    tensors: HF tensor name -> array.
+    config: our T5Config for the checkpoint.
+    tied: the HF config ties lm_head to the embedding, so a missing
+      lm_head.weight means "same as the embedding".
+    source: how to name the checkpoint in errors.
+  """
   tensors = dict(tensors)
-  if not config.logits_via_embedding and "lm_head.weight" not in tensors:
-    # Saved with tied weights but no output scaling: the output layer is the
-    # embedding itself.
+  if (tied and not config.logits_via_embedding and
+      "lm_head.weight" not in tensors):
+    # Tied but unscaled (newer transformers save T5 1.1 models this way when
+    # lm_head equals the embedding): the output layer is the embedding.
     tensors["lm_head.weight"] = _embedding_from_hf(tensors, source)
   if "shared.weight" not in tensors:
     tensors["shared.weight"] = _embedding_from_hf(tensors, source)
@@ -410,7 +420,9 @@ def load_hf_t5(path: str | os.PathLike[str], **config_overrides: Any
   hf_config = _read_json(config_path)
   config = t5_config_from_hf(hf_config, **config_overrides)
   tensors, kind, files = _hf_tensors(path)
-  params = hf_to_params(tensors, config, source=f"HF checkpoint '{path}'")
+  params = hf_to_params(
+      tensors, config, tied=bool(hf_config.get("tie_word_embeddings", True)),
+      source=f"HF checkpoint '{path}'")
   info = {"format": f"hf_{kind}", "path": path, "files": files,
           "vocab_path": find_vocab(path), "hf_config": hf_config}
   return params, config, info

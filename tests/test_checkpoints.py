@@ -364,3 +364,11 @@ def test_missing_shard_and_missing_weights(tmp_path, params, config):
       json.dumps(ckpt.hf_config_from_t5(config)))
   with pytest.raises(FileNotFoundError, match="has no weights"):
     ckpt.load_hf_t5(tmp_path / "empty")
+
+
+def test_untied_checkpoint_without_lm_head_is_an_error(tmp_path, params, config):
+  tensors = ckpt.params_to_hf(params, config)
+  del tensors["lm_head.weight"]
+  _write_hf_dir(tmp_path / "hf", tensors, ckpt.hf_config_from_t5(config))
+  with pytest.raises(ckpt.CheckpointMismatchError, match="lm_head.weight .*missing"):
+    ckpt.load_hf_t5(tmp_path / "hf")
