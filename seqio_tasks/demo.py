@@ -34,6 +34,7 @@ POSITIVE = ("good", "great", "happy", "fun")
 NEGATIVE = ("bad", "awful", "sad", "boring")
 TOPICS = {"sports": ("ball", "goal", "team", "match"), "food": ("bread", "soup", "apple", "cake"),
           "music": ("song", "drum", "piano", "band")}
+TOPIC_CHOICES = ("sports", "food", "music")
 SPLIT_SIZES = {"train": 2000, "validation": 200, "test": 200}
 PREFIX = "demo_"
 
@@ -67,7 +68,7 @@ def _sentiment(rng: random.Random) -> dict[str, Any]:
 
 def _topic(rng: random.Random) -> dict[str, Any]:
   label = rng.randrange(3)
-  lexicon = TOPICS[sorted(TOPICS)[label]]
+  lexicon = TOPICS[TOPIC_CHOICES[label]]
   words = _words(rng, 3) + [rng.choice(lexicon), rng.choice(lexicon)]
   rng.shuffle(words)
   return {"text": " ".join(words), "label": label}
@@ -116,7 +117,7 @@ TASKS: dict[str, DemoTask] = {t.name: t for t in (
         DemoPrompt("feeling", "{text}\nHow does the writer feel, positive or negative?"),
         DemoPrompt("sentiment_of", "What is the sentiment of: {text}"),
         DemoPrompt("tone", "Is the tone of \"{text}\" positive or negative?", heldout=True))),
-    DemoTask("topic", ("sports", "food", "music"), _topic, (
+    DemoTask("topic", TOPIC_CHOICES, _topic, (
         DemoPrompt("topic_is", "Text: {text}\nTopic (sports, food or music)?"),
         DemoPrompt("classify", "Classify into sports, food or music: {text}"),
         DemoPrompt("about", "{text}\nWhat is this about?"),

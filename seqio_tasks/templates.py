@@ -33,9 +33,10 @@ import yaml
 # Characters kept per substituted variable (promptsource's TEXT_VAR_LENGTH).
 TEXT_VAR_LENGTH = 2048
 SEPARATOR = "|||"
-# Stands in for "|||" inside example values while a template renders; any string that cannot occur
-# in real data works, the value only has to be unique.
-_PIPE_SENTINEL = "\x00seqio-tasks-pipe\x00"
+# Stands in for "|||" inside example values while a template renders. It is one 32-character
+# word, like promptsource's, because it is in place when `truncate(2048)` counts characters and
+# breaks at whitespace: a sentinel of another length or shape would truncate elsewhere.
+_PIPE_SENTINEL = "9b1c07e45fa2d8366e0b4c1fd3a7e52c"
 
 _RNG: contextvars.ContextVar[random.Random | None] = contextvars.ContextVar("template_rng",
                                                                             default=None)

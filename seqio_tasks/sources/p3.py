@@ -188,11 +188,16 @@ def write_split(task_dir: str, split: str, examples: Iterable[Mapping[str, Any]]
   final = os.path.join(task_dir, f"{split}.tfrecord-00000-of-00001")
   tmp = final + ".tmp"
   count = 0
-  with tf.io.TFRecordWriter(tmp) as writer:
-    for ex in examples:
-      examples_lib.validate_example(ex, where=f"{task_dir} {split} example {count}")
-      writer.write(_tf_example(ex, vocabulary).SerializeToString())
-      count += 1
+  try:
+    with tf.io.TFRecordWriter(tmp) as writer:
+      for ex in examples:
+        examples_lib.validate_example(ex, where=f"{task_dir} {split} example {count}")
+        writer.write(_tf_example(ex, vocabulary).SerializeToString())
+        count += 1
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   for old in glob.glob(os.path.join(task_dir, f"{split}.tfrecord-*")):
     if old != tmp:
       os.remove(old)
