@@ -304,7 +304,8 @@ def _adapter_reference(readers: Sequence[expert_format.ExpertReader], policy: st
                        init_params: Mapping[str, Any] | None) -> tuple[str, dict[str, np.ndarray] | None]:
   seeds = {json.dumps([r.metadata["config"].get("init_seed"), r.metadata["training"].get("init_seed")])
            for r in readers}
-  same = len(seeds) == 1
+  # An unknown seed (None, e.g. imported experts) never counts as shared.
+  same = len(seeds) == 1 and readers[0].metadata["config"].get("init_seed") is not None
   if policy == "auto":
     policy = "init" if same else "zero"
   if policy == "init":
