@@ -137,3 +137,36 @@ def test_bm25_scores():
   assert scores[0].argmax() == 2 and scores[1].argmax() == 1
   assert (scores[2] == 0).all()  # no known token: all zero, no error
   assert scores[0, 0] == 0.0
+
+
+def _tiny_spm(directory):
+  """A tiny SentencePiece model trained on a few sentences (ids 0/1/2 = pad/eos/unk as T5)."""
+  import sentencepiece as spm
+  corpus = os.path.join(directory, "corpus.txt")
+  with open(corpus, "w") as f:
+    for i in range(200):
+      f.write(f"answer choices yes no instance {i} the sky is blue and the cat sat on mat number {i % 7}\n")
+  spm.SentencePieceTrainer.train(input=corpus, model_prefix=os.path.join(directory, "sp"), vocab_size=48,
+                                 pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram",
+                                 minloglevel=2)
+  return os.path.join(directory, "sp.model")
+
+
+def test_t5_encoder_embedder_masked_mean(tmp_path):
+  """Compares with the network's encoder applied to each unpadded text, mean over all its positions."""
+  import jax
+  from expert_t5x import network
+  config = network.get_config("tiny", dropout_rate=0.0)
+  model = network.Transformer(config)
+  tokens = np.ones((1, 8), np.int32)
+  params = model.init(jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False)["params"]
+  emb = embedders.T5EncoderEmbedder(params, config, _tiny_spm(tmp_path), max_seq_length=16)
+  texts = ["answer choices yes no", "the sky is blue and the cat sat on the mat " * 3, "instance 3"]
+  out = emb.embed(texts)
+  np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+  for text, row in zip(texts, out):
+    ids = np.array([emb.tokenize([text])[0]], np.int32)
+    assert ids.shape[1] <= 16 and ids[0, -1] == 1  # truncated, EOS kept
+    hidden = np.asarray(model.apply({"params": params}, ids, enable_dropout=False, method=model.encode))
+    ref = hidden[0].mean(axis=0)
+    np.testing.assert_allclose(row, ref / np.linalg.norm(ref), atol=2e-5)
