@@ -73,8 +73,20 @@ def environment() -> jinja2.sandbox.SandboxedEnvironment:
 
 
 @functools.lru_cache(maxsize=4096)
-def _compile(source: str) -> jinja2.Template:
+def _compile_cached(source: str) -> jinja2.Template:
   return environment().from_string(source)
+
+
+def _compile(source: str) -> jinja2.Template:
+  """Compiles a template; those using `choice` are compiled afresh on every call.
+
+  Jinja folds filters with constant arguments at compile time, so `{{ [1, 2] | choice }}` draws
+  when the template is compiled. promptsource compiles on every `apply`; to draw from the same
+  seeded generator in the same order, such templates are never served from the cache.
+  """
+  if "choice" in source:
+    return environment().from_string(source)
+  return _compile_cached(source)
 
 
 def example_rng(seed: int, task: str, example_id: int) -> random.Random:
@@ -148,9 +160,11 @@ class PromptTemplate:
       raise ValueError(f"template {self.name!r}: the example has a column named 'answer_choices', "
                        "which templates reserve for the rendered choices; rename that column.")
     with seeded(rng) if rng is not None else contextlib.nullcontext():
+      # Same order as promptsource: compile the prompt, then render the choices, then the prompt.
+      compiled = _compile(source)
       choices = self.get_answer_choices_list(example)
       protected["answer_choices"] = choices
-      rendered = _compile(source).render(**protected)
+      rendered = compiled.render(**protected)
     return [_unprotect(part).strip() for part in rendered.split(SEPARATOR)], choices
 
 
