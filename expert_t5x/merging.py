@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import zlib
 from collections.abc import Callable, Mapping, Sequence
