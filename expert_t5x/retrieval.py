@@ -63,7 +63,7 @@ def _raw_choices(row: Mapping[str, Any], lookup: TemplateLookup | None) -> str:
   elif lookup is not None:
     try:
       raw = lookup(row.get("dataset"), row.get("subset"), row.get("prompt"))
-    except (KeyError, LookupError) as e:
+    except (LookupError, FileNotFoundError) as e:
       raise RetrievalError(f"Template lookup failed for ({row.get('dataset')}, {row.get('subset')}, "
                            f"{row.get('prompt')!r}): {e}. `choice` formats need the promptsource template; "
                            f"use a label format or fix the prompt name.") from e
@@ -393,8 +393,11 @@ def make_embedder(name: str, args: argparse.Namespace) -> Any:
   if name == "minilm":
     directory = args.minilm_dir or os.environ.get("EXPERT_T5X_MINILM_DIR")
     if not directory:
-      raise RetrievalError("The minilm embedder needs --minilm-dir (a sentence-transformers directory) or "
-                           "EXPERT_T5X_MINILM_DIR; get it with `expert-t5x data fetch minilm`.")
+      from seqio_tasks import fetch  # where `expert-t5x data fetch minilm` puts it
+      directory = fetch.minilm_dir()
+    if not os.path.isdir(directory):
+      raise RetrievalError(f"all-MiniLM-L6-v2 not found at '{directory}'; run `expert-t5x data fetch minilm`, "
+                           f"or pass --minilm-dir (a sentence-transformers directory).")
     return embedders.MiniLMEmbedder(directory, max_seq_length=args.max_seq_length)
   if name == "t5":
     if not args.base or not args.vocab:
@@ -404,6 +407,17 @@ def make_embedder(name: str, args: argparse.Namespace) -> Any:
     t5_config = t5_config or network.get_config(args.base_config)
     return embedders.T5EncoderEmbedder(params, t5_config, args.vocab, max_seq_length=args.max_seq_length)
   raise RetrievalError(f"Unknown embedder {name!r}; expected minilm, t5 or bm25.")
+
+
+def promptsource_lookup(templates_dir: str | None = None) -> TemplateLookup:
+  """A template lookup over promptsource templates (default: the fetched promptsource directory)."""
+  from seqio_tasks import settings, templates
+  directory = templates_dir or settings.get_path("PROMPTSOURCE_DIR")
+
+  def lookup(dataset: str | None, subset: str | None, prompt: str | None) -> str | None:
+    return templates.get_template(directory, dataset, subset, prompt).answer_choices
+
+  return lookup
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -422,6 +436,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--vocab", help="SentencePiece model (t5 embedder)")
   p.add_argument("--max-seq-length", type=int, default=256)
   p.add_argument("--text-format", choices=TEXT_FORMATS, default=DEFAULT_TEXT_FORMAT)
+  p.add_argument("--templates-dir", help="promptsource templates for choice formats (default: the fetched copy)")
   p.add_argument("--num-queries", type=int, default=DEFAULT_NUM_QUERIES)
   p.add_argument("--seed", type=int, default=0, help="seed of the query permutation")
   p.add_argument("--votes-per-query", type=int, default=1)
@@ -444,8 +459,9 @@ def retrieve_main(argv: Sequence[str] | None = None) -> int:
     missing = [t for t in tasks if t not in by_task]
     if missing:
       raise RetrievalError(f"Tasks {missing} are not in '{args.queries}'; it has {sorted(by_task)[:5]}...")
+    lookup = promptsource_lookup(args.templates_dir) if args.text_format.startswith("choice") else None
     retriever = Retriever(library_lib.Library(args.library), make_embedder(args.embedder, args),
-                          text_format=args.text_format)
+                          text_format=args.text_format, lookup=lookup)
     results = []
     for t in tasks:
       res = retriever.retrieve(by_task[t], guard=args.guard, num_queries=args.num_queries, seed=args.seed,

@@ -193,7 +193,7 @@ def test_retrieve_and_merge_cli_with_bm25(lib, tmp_path, capsys):
   assert e.value.code == 0
 
 
-def test_retrieve_cli_with_minilm(lib, tmp_path):
+def test_retrieve_cli_with_minilm(lib, tmp_path, monkeypatch, capsys):
   directory = make_tiny_minilm(tmp_path / "minilm")
   qfile = tmp_path / "q.jsonl"
   qfile.write_text("".join(json.dumps(r) + "\n" for r in _queries("story about people", ["a", "b", "c", "d"])))
@@ -203,4 +203,6 @@ def test_retrieve_cli_with_minilm(lib, tmp_path):
   data = json.load(open(out))
   assert data["embedder"].startswith("minilm-") and data["results"][0]["total_votes"] == 64
   assert os.listdir(os.path.join(lib.root, "embeddings", data["embedder"]))
-  assert retrieval.retrieve_main(["--library", lib.root, "--queries", str(qfile)]) == 1  # no --minilm-dir
+  monkeypatch.setenv("EXPERT_T5X_MINILM_DIR", str(tmp_path / "missing"))
+  assert retrieval.retrieve_main(["--library", lib.root, "--queries", str(qfile)]) == 1
+  assert "data fetch minilm" in capsys.readouterr().err
