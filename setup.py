@@ -28,11 +28,11 @@ INSTALL_REQUIRES = [
     "bm25s==0.3.16",
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
-    "tensorboard>=2.20,<3",
+    "tensorboard==2.21.0",
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest==8.4.2", "pytest-xdist==3.8.0"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
     # Reference implementations, only for parity tests and benchmarks (CPU PyTorch).
     "parity": ["torch==2.13.0", "transformers==5.23.0"],
     "cuda": ["jax[cuda12]==0.10.2"],
