@@ -57,18 +57,22 @@ def random_tokens(batch, input_len, target_len, vocab, seed=0):
   return enc, dec_in, tgt
 
 
-def time_steps(step, runs, warmup):
-  for _ in range(warmup):
-    step()
-  times = []
+def time_interleaved(steps, runs, warmup):
+  """Times each step function `runs` times, alternating between them so that
+  any background load hits all of them alike. Returns one list per step."""
+  for step in steps:
+    for _ in range(warmup):
+      step()
+  times = [[] for _ in steps]
   for _ in range(runs):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
+    for step, out in zip(steps, times):
+      start = time.perf_counter()
+      step()
+      out.append(time.perf_counter() - start)
   return times
 
 
-def bench_jax(config, tokens, dropout, runs, warmup):
+def jax_step(config, tokens, dropout):
   """Our network: jit(value_and_grad(loss_fn)) w.r.t. all parameters."""
   import jax
   import jax.numpy as jnp
@@ -88,12 +92,16 @@ def bench_jax(config, tokens, dropout, runs, warmup):
     loss_fn = lambda p: model.loss_fn(p, batch, rng if dropout else None)[0]
     return jax.value_and_grad(loss_fn)(params)
 
-  rngs = iter(jax.random.split(jax.random.PRNGKey(1), runs + warmup))
-  step = lambda: jax.block_until_ready(grad_step(params, batch, next(rngs)))
-  return time_steps(step, runs, warmup)
+  rng = [jax.random.PRNGKey(1)]
+
+  def step():
+    rng[0], sub = jax.random.split(rng[0])  # fresh dropout masks every step
+    jax.block_until_ready(grad_step(params, batch, sub))
+
+  return step
 
 
-def bench_torch(config, tokens, dropout, runs, warmup, threads):
+def torch_step(config, tokens, dropout, threads):
   """transformers' T5ForConditionalGeneration with the same shape: loss.backward()."""
   import torch
   import transformers
@@ -117,7 +125,7 @@ def bench_torch(config, tokens, dropout, runs, warmup, threads):
         logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum")
     loss.backward()
 
-  return time_steps(step, runs, warmup)
+  return step
 
 
 def cpu_model() -> str:
@@ -150,13 +158,16 @@ def main(argv=None):
         f"median of {args.runs} runs after {args.warmup} warm-up")
   rows = []
   for label, rate in (("no dropout", 0.0), (f"dropout {args.dropout_rate}", args.dropout_rate)):
-    ours = theirs = None
+    steps = {}
     if args.only != "torch":
-      ours = statistics.median(bench_jax(config, tokens, rate, args.runs, args.warmup))
+      steps["jax"] = jax_step(config, tokens, rate)
     if args.only != "jax":
-      theirs = statistics.median(
-          bench_torch(config, tokens, rate, args.runs, args.warmup, args.threads))
-    rows.append((label, ours, theirs))
+      steps["torch"] = torch_step(config, tokens, rate, args.threads)
+    times = dict(zip(steps, time_interleaved(list(steps.values()), args.runs, args.warmup)))
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    rows.append((label, medians.get("jax"), medians.get("torch")))
+    del steps
+  print(f"# load average after the runs: {os.getloadavg()[0]:.2f}")
   print("| setting | expert_t5x (JAX) tokens/s | PyTorch T5 tokens/s | ratio JAX/PyTorch |")
   print("| --- | --- | --- | --- |")
   for label, ours, theirs in rows:
