@@ -1,0 +1,106 @@
+"""BIG-bench task.json loading in the `elm` and `bigbench` formats, on generated files.
+
+Expected strings follow the two format definitions written out by hand (the paper's code:
+"\\n choice: ", JSON order, no dedup; BIG-bench's json_task: "\\n  choice: ", permutation of the
+sorted keys from numpy RandomState(42) in example order, dedup, first max score). A test on the
+real files runs when `expert-t5x data fetch bigbench` has cached them.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.tf
+
+import seqio_tasks  # noqa: E402
+from seqio_tasks import examples, settings  # noqa: E402
+from seqio_tasks.sources import bigbench  # noqa: E402
+
+EX1 = {"input": "2+2?", "target_scores": {"4": 1, "5": 0, "3": 0}}
+EX2 = {"input": "Sky?", "target_scores": {"blue": 1, "green": 0}}
+GRADED = {"input": "Best?", "target_scores": {"ok": 0.5, "good": 1.0, "great": 1.0}}
+
+
+def _write(path, data):
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "task.json"), "w") as f:
+    json.dump(data, f)
+
+
+@pytest.fixture()
+def root(tmp_path, monkeypatch):
+  _write(tmp_path / "winowhy", {"examples": [EX1, EX2, EX1]})
+  _write(tmp_path / "logical_deduction", {"name": "logical_deduction"})  # Parent: no examples.
+  _write(tmp_path / "logical_deduction" / "three_objects",
+         {"task_prefix": "Solve.\n", "example_input_prefix": "\nInput: ", "examples": [EX2]})
+  _write(tmp_path / "logical_deduction" / "five_objects",
+         {"example_output_prefix": "\nAnswer: ", "choice_prefix": "\n- ", "examples": [EX1]})
+  monkeypatch.setenv("EXPERT_T5X_BIGBENCH_DIR", str(tmp_path))
+  return tmp_path
+
+
+def test_elm_format_json_order_no_dedup(root):
+  got = examples.load_examples("bigbench_winowhy", "validation")
+  assert [e["inputs"] for e in got] == [
+      "\nQ: 2+2?\n choice: 4\n choice: 5\n choice: 3\nA: ",
+      "\nQ: Sky?\n choice: blue\n choice: green\nA: ",
+      "\nQ: 2+2?\n choice: 4\n choice: 5\n choice: 3\nA: "]
+  assert [e["answer_choices"] for e in got] == [["4", "5", "3"], ["blue", "green"], ["4", "5", "3"]]
+  assert [(e["label_index"], e["targets"], e["example_id"]) for e in got] == [
+      (0, "4", 0), (0, "blue", 1), (0, "4", 2)]
+
+
+def test_bigbench_format_dedup_seeded_permutation(root):
+  got = examples.load_examples("bigbench_winowhy_bbfmt", "validation")
+  assert len(got) == 2  # The repeated example is dropped.
+  rng = np.random.RandomState(42)
+  first = rng.permutation(sorted(EX1["target_scores"]))
+  second = rng.permutation(sorted(EX2["target_scores"]))
+  assert got[0]["inputs"] == "\nQ: 2+2?" + "".join("\n  choice: " + c for c in first) + "\nA: "
+  assert got[1]["inputs"] == "\nQ: Sky?" + "".join("\n  choice: " + c for c in second) + "\nA: "
+  assert got[0]["answer_choices"] == ["4", "5", "3"]  # Scored in JSON order.
+
+
+def test_subtasks_pooled_in_sorted_order_with_custom_prefixes(root):
+  pooled = examples.load_examples("bigbench_logical_deduction", "validation")
+  assert [(e["subset"], e["example_id"]) for e in pooled] == [("five_objects", 0),
+                                                              ("three_objects", 1)]
+  assert pooled[0]["inputs"] == "\nQ: 2+2?\n choice: 4\n choice: 5\n choice: 3\nAnswer: "
+  assert pooled[1]["inputs"] == "Solve.\n\nInput: Sky?\n choice: blue\n choice: green\nA: "
+  bb = examples.load_examples("bigbench_logical_deduction_five_objects_bbfmt", "validation")
+  perm = np.random.RandomState(42).permutation(sorted(EX1["target_scores"]))
+  assert bb[0]["inputs"] == "\nQ: 2+2?" + "".join("\n- " + c for c in perm) + "\nAnswer: "
+  assert seqio_tasks.get_info("bigbench_logical_deduction_three_objects").subset == "three_objects"
+
+
+def test_graded_scores(root, tmp_path):
+  _write(root / "strategyqa", {"examples": [GRADED]})
+  bb = examples.load_examples("bigbench_strategyqa_bbfmt", "validation")
+  assert (bb[0]["label_index"], bb[0]["targets"]) == (1, "good")  # First maximal score.
+  with pytest.raises(ValueError, match="exactly one choice with score 1"):
+    examples.load_examples("bigbench_strategyqa", "validation")
+
+
+def test_missing_file_names_fetch_command(tmp_path, monkeypatch):
+  monkeypatch.setenv("EXPERT_T5X_BIGBENCH_DIR", str(tmp_path / "none"))
+  with pytest.raises(FileNotFoundError, match="expert-t5x data fetch bigbench"):
+    examples.load_examples("bigbench_hindu_knowledge", "validation")
+
+
+def test_13_tasks_registered_in_both_formats():
+  bench = seqio_tasks.suite("bigbench_13")
+  assert len(bench) == 13 and all(seqio_tasks.get_info(t).format == "elm" for t in bench)
+  assert all(seqio_tasks.get_info(t + "_bbfmt").format == "bigbench" for t in bench)
+
+
+def test_real_bigbench_files_when_cached():
+  root = settings.get_path("BIGBENCH_DIR")
+  if not os.path.isdir(os.path.join(root, "winowhy")):
+    pytest.skip(f"BIG-bench files not in {root}; run `expert-t5x data fetch bigbench`.")
+  for task in seqio_tasks.names.bigbench_tasks():
+    for fmt in ("", "_bbfmt"):
+      got = examples.load_examples(f"bigbench_{task}{fmt}", "validation", max_examples=50)
+      assert got and all(0 <= e["label_index"] < len(e["answer_choices"]) for e in got)
+    assert set(bigbench.list_subtasks(task)) == set(bigbench.SUBTASKS.get(task, ()))
