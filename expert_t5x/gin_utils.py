@@ -1,0 +1,164 @@
+"""Gin flag parsing shared by every gin entry point (`python -m expert_t5x.train`, `.eval`).
+
+T5X's conventions: `--gin_file` (repeatable; later files override earlier ones), `--gin.NAME=VALUE`
+(rewritten to `--gin_bindings='NAME = VALUE'`; strings need quotes: `--gin.MODEL_DIR="'/tmp/m'"`),
+`--gin_bindings`, `--gin_search_paths`. The shipped gin folder (`gin/` in the source tree, the
+package `expert_t5x.gin_configs` when installed) is always on the search path, so
+`--gin_file=runs/finetune.gin` and `include 'models/t5_1_1_base.gin'` resolve from anywhere.
+
+Typical entry point::
+
+    def main(argv):
+      gin_utils.parse_gin_flags(FLAGS.gin_search_paths, FLAGS.gin_file, FLAGS.gin_bindings)
+      ...
+    if __name__ == '__main__':
+      gin_utils.define_flags()
+      gin_utils.run(main)
+
+Public API: `define_flags`, `run`, `rewrite_gin_args`, `shipped_gin_dir`, `default_search_paths`,
+`parse_gin_flags`, `missing_required`, `write_operative_config`, `summarize_gin_config`,
+`GinParseOnly`.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+import gin
+from gin import config as gin_config
+
+_REQUIRED_SELECTOR = "gin.REQUIRED/gin.constant"
+OPERATIVE_CONFIG = "config.gin"
+
+
+class GinParseOnly(Exception):
+  """Raised by entry points after `--gin_parse_only` has parsed and written the config."""
+
+
+def shipped_gin_dir() -> str:
+  """The folder holding the shipped gin files (installed package or source tree)."""
+  try:
+    path = importlib.resources.files("expert_t5x.gin_configs")
+    if path.is_dir():
+      return str(path)
+  except (ModuleNotFoundError, TypeError):
+    pass
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+def default_search_paths(user_paths: Sequence[str] = ()) -> list[str]:
+  """User paths first, then the current directory and the shipped gin folder (and its parent, so
+  `gin/runs/finetune.gin` also resolves from the repository root)."""
+  gin_dir = shipped_gin_dir()
+  paths = [p for p in user_paths if p] + [".", gin_dir, os.path.dirname(gin_dir)]
+  out = []
+  for p in paths:
+    if p not in out:
+      out.append(p)
+  return out
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """`--gin.NAME=VALUE` -> `--gin_bindings=NAME = VALUE` (T5X's shorthand)."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--gin."):
+      name, sep, value = arg[len("--gin."):].partition("=")
+      if not sep:
+        raise ValueError(f"Gin flag {arg!r} has no value; write --gin.{name}=VALUE "
+                         "(quote strings: --gin.MODEL_DIR=\"'/tmp/model'\").")
+      arg = f"--gin_bindings={name} = {value}"
+    out.append(arg)
+  return out
+
+
+def missing_required() -> list[str]:
+  """Names of every binding still set to `%gin.REQUIRED` (macros by their bare name)."""
+  missing = []
+  for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+    for param, value in params.items():
+      if getattr(value, "_scoped_selector", None) != _REQUIRED_SELECTOR:
+        continue
+      if selector == "gin.macro":
+        missing.append(scope)
+      else:
+        missing.append(f"{scope + '/' if scope else ''}{selector}.{param}")
+  return sorted(missing)
+
+
+def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str],
+                    gin_bindings: Sequence[str], *, finalize: bool = True) -> None:
+  """Parses gin files then bindings; reports every unset `%gin.REQUIRED` in one error.
+
+  Args:
+    gin_search_paths: extra folders to resolve gin files and `include`s (before the defaults).
+    gin_files: files in order; later ones override earlier ones.
+    gin_bindings: `NAME = VALUE` strings applied after the files.
+    finalize: lock the config (as T5X does).
+
+  Raises:
+    ValueError: no gin file given, a file not found, or required macros left unset.
+  """
+  if not gin_files:
+    raise ValueError("No --gin_file given; pass one, e.g. --gin_file=runs/finetune.gin "
+                     "(see gin/runs/ for the shipped run configs).")
+  gin.clear_config()
+  for path in default_search_paths(gin_search_paths):
+    gin.add_config_file_search_path(path)
+  try:
+    gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), finalize_config=False)
+  except IOError as e:
+    raise ValueError(f"Gin file not found ({e}); searched {default_search_paths(gin_search_paths)}; "
+                     "pass --gin_search_paths=DIR for your own configs.") from None
+  missing = missing_required()
+  if missing:
+    flags = " ".join(f"--gin.{m}=..." for m in missing)
+    raise ValueError(f"Required gin settings are unset: {', '.join(missing)}; set them, e.g. {flags}.")
+  if finalize:
+    gin.finalize()
+
+
+def summarize_gin_config() -> str:
+  """The operative config (what was actually used) if anything ran, else the parsed config."""
+  operative = gin.operative_config_str()
+  return operative if operative.strip() else gin.config_str()
+
+
+def write_operative_config(model_dir: str, filename: str = OPERATIVE_CONFIG) -> str:
+  """Writes the gin config to `model_dir/filename` (atomically) and returns its path."""
+  os.makedirs(model_dir, exist_ok=True)
+  path = os.path.join(model_dir, filename)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(summarize_gin_config())
+  os.replace(tmp, path)
+  return path
+
+
+def define_flags() -> None:
+  """Defines T5X's gin flags plus `--gin_parse_only` on absl's FLAGS (idempotent)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if "gin_file" in flags.FLAGS:
+    return
+  flags.DEFINE_multi_string("gin_file", None, "Gin files to parse, in order (later ones win).")
+  flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings 'NAME = VALUE' (or --gin.NAME=VALUE).")
+  flags.DEFINE_list("gin_search_paths", ["."],
+                    "Folders to resolve gin files and includes (the shipped gin folder is added).")
+  flags.DEFINE_bool("gin_parse_only", False,
+                    "Parse the gin config, report unset required settings, write the config and exit.")
+
+
+def run(main: Callable[[list[str]], None], argv: Optional[Sequence[str]] = None) -> None:
+  """`absl.app.run(main)` with `--gin.X=` rewriting; `--help` exits 0 (absl's exits 1)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  argv = rewrite_gin_args(list(sys.argv if argv is None else argv))
+  wants_help = any(a in ("--help", "-h", "--helpfull", "--helpshort", "-?") for a in argv[1:])
+  try:
+    app.run(main, argv=argv)
+  except SystemExit as e:
+    if wants_help and e.code == 1:
+      raise SystemExit(0) from None
+    raise
