@@ -205,7 +205,6 @@ def test_render_round_trip_gives_back_canonical_examples(env, spm_path, monkeypa
 
 def test_dataset_tasks_concatenate_or_draw_member_prompts(env, monkeypatch):
   from seqio_tasks import names
-  from seqio_tasks.sources import prompted
   specs = [s for s in names.train_prompts() if s.dataset == "ag_news"]
   templates_dir = env / "templates" / "ag_news"
   templates_dir.mkdir()
@@ -225,4 +224,3 @@ def test_dataset_tasks_concatenate_or_draw_member_prompts(env, monkeypatch):
   assert drawn == examples.load_examples("ag_news_random_prompt", "train")  # Deterministic.
   assert len({e["prompt"] for e in drawn}) > 1
   assert drawn[0]["prompt"] in {s.prompt for s in specs}
-  del prompted
