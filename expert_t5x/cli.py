@@ -7,6 +7,7 @@ only when used, so `expert-t5x --help` stays fast and never imports TensorFlow.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -49,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           file=sys.stderr)
     return 2
   module, function, _ = SUBCOMMANDS[name]
+  # TensorFlow (imported by the data commands) otherwise logs its C++ start-up lines.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   return int(getattr(importlib.import_module(module), function)(rest) or 0)
 
 
