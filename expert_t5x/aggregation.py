@@ -1,0 +1,230 @@
+"""Aggregates rank-classification outcomes: prompt accuracy, dataset and overall means, bootstrap.
+
+The paper's protocol (and T0's), fixed here once:
+
+1. **Prompt accuracy** = 100 x the fraction of a prompt's scored examples whose argmax choice
+   (ties to the lowest index) is the gold choice.
+2. **Dataset score** = the mean of its prompts' accuracies (the *median* variant takes the median,
+   the T0 paper's plots).
+3. **Overall** = the unweighted mean over datasets. ANLI's rounds R1/R2/R3 are three datasets (their
+   tasks carry `eval_dataset` anli_r1/r2/r3), which gives the paper's 11-dataset mean.
+
+**Bootstrap**: B replicates from `numpy.random.default_rng(seed)`. For each dataset (in sorted name
+order) the example ids of that dataset are resampled with replacement, and the *same* resample
+weights every prompt of the dataset (prompts render the same examples), then the whole
+aggregation is recomputed. Intervals are the 2.5 / 97.5 percentiles. Every entry (base, each
+expert) sees the same resamples, so intervals of different experts are paired.
+
+Score normalisations besides the paper's sum: `mean` (per target token, done by the model) and
+`per_char` (lm-eval's `acc_norm`: the summed log-prob divided by the choice string's length in
+characters), applied here from the choice strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+SCORINGS = ("sum", "mean", "per_char")
+DEFAULT_BOOTSTRAP_SAMPLES = 1000
+PERCENTILES = (2.5, 97.5)
+# Replicates per block when building resample weights (bounds memory to block x num_ids floats).
+_BLOCK = 125
+
+
+def check_scoring(scoring: str) -> str:
+  if scoring not in SCORINGS:
+    raise ValueError(f"scoring must be one of {SCORINGS}; got {scoring!r} (the paper's protocol "
+                     "is 'sum').")
+  return scoring
+
+
+def per_char_scores(scores: np.ndarray, choices: Sequence[str]) -> np.ndarray:
+  """`[K]` summed log-probs divided by each choice's length in characters (lm-eval `acc_norm`).
+
+  An empty choice string keeps its summed score (nothing to divide by).
+  """
+  lengths = np.array([max(len(c), 1) for c in choices], np.float64)
+  scores = np.asarray(scores, np.float64)
+  return scores[..., :len(choices)] / lengths
+
+
+def predict(scores: np.ndarray) -> np.ndarray:
+  """Argmax over the last axis, ties to the lowest index (absent choices are -inf)."""
+  # np.argmax returns the first maximum, which is the tie rule of the paper's code.
+  return np.argmax(np.asarray(scores), axis=-1)
+
+
+@dataclasses.dataclass
+class PromptOutcomes:
+  """The scored examples of one (entry, prompt task).
+
+  Attributes:
+    task: the task name (one eval prompt).
+    dataset: the dataset it aggregates under (`TaskInfo.eval_dataset`; ANLI rounds separate).
+    prompt: the prompt (template) name.
+    example_ids: `[n]` int64 ids of the scored (not excluded) examples.
+    correct: `[n]` bool, whether the prediction equals the gold choice.
+  """
+  task: str
+  dataset: str
+  prompt: str
+  example_ids: np.ndarray
+  correct: np.ndarray
+
+  def __post_init__(self):
+    self.example_ids = np.asarray(self.example_ids, np.int64).reshape(-1)
+    self.correct = np.asarray(self.correct, bool).reshape(-1)
+    if self.example_ids.shape != self.correct.shape:
+      raise ValueError(f"PromptOutcomes {self.task!r}: {self.example_ids.size} example ids but "
+                       f"{self.correct.size} outcomes.")
+    if len(np.unique(self.example_ids)) != self.example_ids.size:
+      raise ValueError(f"PromptOutcomes {self.task!r}: duplicate example ids; each example must be "
+                       "scored once per prompt.")
+
+  @property
+  def accuracy(self) -> float:
+    """Percent correct (NaN when no example was scored)."""
+    return 100.0 * float(self.correct.mean()) if self.correct.size else float("nan")
+
+
+def _by_dataset(outcomes: Sequence[PromptOutcomes]) -> dict[str, list[PromptOutcomes]]:
+  groups: dict[str, list[PromptOutcomes]] = {}
+  for o in outcomes:
+    if o.correct.size:  # A prompt with no scored example has no accuracy to aggregate.
+      groups.setdefault(o.dataset, []).append(o)
+  return {d: groups[d] for d in sorted(groups)}
+
+
+def aggregate_accuracies(prompt_accuracy: Mapping[str, float],
+                         dataset_of: Mapping[str, str]) -> dict:
+  """Point estimates from per-prompt accuracies.
+
+  Args:
+    prompt_accuracy: {task: accuracy in percent}.
+    dataset_of: {task: dataset}.
+
+  Returns:
+    {'datasets': {dataset: {'mean', 'median', 'num_prompts'}}, 'mean', 'median', 'num_datasets'}:
+    `mean` = mean over datasets of the dataset means; `median` = mean over datasets of the dataset
+    medians.
+  """
+  per_dataset: dict[str, list[float]] = {}
+  for task, acc in prompt_accuracy.items():
+    if task not in dataset_of:
+      raise KeyError(f"aggregate: task {task!r} has no dataset; pass dataset_of[{task!r}].")
+    if not np.isnan(acc):
+      per_dataset.setdefault(dataset_of[task], []).append(float(acc))
+  datasets = {d: {"mean": float(np.mean(v)), "median": float(np.median(v)), "num_prompts": len(v)}
+              for d, v in sorted(per_dataset.items())}
+  if not datasets:
+    return {"datasets": {}, "mean": float("nan"), "median": float("nan"), "num_datasets": 0}
+  return {"datasets": datasets,
+          "mean": float(np.mean([d["mean"] for d in datasets.values()])),
+          "median": float(np.mean([d["median"] for d in datasets.values()])),
+          "num_datasets": len(datasets)}
+
+
+def aggregate(outcomes: Sequence[PromptOutcomes]) -> dict:
+  """`aggregate_accuracies` over outcomes, plus each prompt's accuracy and example count."""
+  prompts = {o.task: {"dataset": o.dataset, "prompt": o.prompt, "accuracy": o.accuracy,
+                      "num_examples": int(o.correct.size)} for o in outcomes}
+  out = aggregate_accuracies({t: p["accuracy"] for t, p in prompts.items()},
+                             {t: p["dataset"] for t, p in prompts.items()})
+  out["prompts"] = prompts
+  return out
+
+
+def _resample_weights(num_ids: int, num_samples: int, rng: np.random.Generator):
+  """Yields `[block, num_ids]` float64 counts: how often each id is drawn in each replicate."""
+  for start in range(0, num_samples, _BLOCK):
+    block = min(_BLOCK, num_samples - start)
+    draws = rng.integers(0, num_ids, size=(block, num_ids))
+    # Offsets put each replicate's draws in its own row of one flat histogram.
+    flat = (draws + np.arange(block)[:, None] * num_ids).reshape(-1)
+    yield np.bincount(flat, minlength=block * num_ids).reshape(block, num_ids).astype(np.float64)
+
+
+def bootstrap(entries: Mapping[str, Sequence[PromptOutcomes]],
+              num_samples: int = DEFAULT_BOOTSTRAP_SAMPLES, seed: int = 0,
+              percentiles: Sequence[float] = PERCENTILES) -> dict[str, dict]:
+  """Bootstrap intervals for several entries (base, experts) under shared resamples.
+
+  Args:
+    entries: {entry id: its prompt outcomes}.
+    num_samples: B, the number of replicates.
+    seed: seeds `numpy.random.default_rng`.
+    percentiles: the interval's lower and upper percentiles.
+
+  Returns:
+    {entry id: {'mean': [lo, hi], 'median': [lo, hi], 'datasets': {d: {'mean': [lo, hi],
+    'median': [lo, hi]}}, 'prompts': {task: [lo, hi]}}}.
+  """
+  if num_samples < 1:
+    raise ValueError(f"bootstrap num_samples must be >= 1; got {num_samples}.")
+  rng = np.random.default_rng(seed)
+  grouped = {e: _by_dataset(o) for e, o in entries.items()}
+  datasets = sorted({d for g in grouped.values() for d in g})
+  # replicate accuracies: prompt_reps[entry][task] = [B]; dataset_reps[entry][dataset] = (mean, median)
+  prompt_reps: dict[str, dict[str, np.ndarray]] = {e: {} for e in entries}
+  for dataset in datasets:
+    ids = np.unique(np.concatenate([o.example_ids for g in grouped.values()
+                                    for o in g.get(dataset, [])]))
+    # Per (entry, prompt): correctness and presence aligned to `ids` (prompts may miss some ids).
+    columns = []
+    for entry, g in grouped.items():
+      for o in g.get(dataset, []):
+        pos = np.searchsorted(ids, o.example_ids)
+        correct, present = np.zeros(ids.size), np.zeros(ids.size)
+        correct[pos], present[pos] = o.correct, 1.0
+        columns.append((entry, o.task, correct, present))
+    correct_m = np.stack([c[2] for c in columns], 1)  # [n, columns]
+    present_m = np.stack([c[3] for c in columns], 1)
+    blocks = []
+    for weights in _resample_weights(ids.size, num_samples, rng):
+      hits, seen = weights @ correct_m, weights @ present_m  # [block, columns]
+      with np.errstate(invalid="ignore", divide="ignore"):
+        blocks.append(100.0 * hits / seen)
+    reps = np.concatenate(blocks, 0)  # [B, columns]
+    for j, (entry, task, _, _) in enumerate(columns):
+      prompt_reps[entry][task] = reps[:, j]
+  lo_p, hi_p = percentiles
+  out: dict[str, dict] = {}
+  for entry, g in grouped.items():
+    ds_mean, ds_median = {}, {}
+    for dataset, members in g.items():
+      stack = np.stack([prompt_reps[entry][o.task] for o in members], 1)  # [B, prompts]
+      ds_mean[dataset] = np.nanmean(stack, 1)
+      ds_median[dataset] = np.nanmedian(stack, 1)
+
+    def interval(values: np.ndarray) -> list[float]:
+      return [float(np.nanpercentile(values, lo_p)), float(np.nanpercentile(values, hi_p))]
+
+    result = {"datasets": {d: {"mean": interval(ds_mean[d]), "median": interval(ds_median[d])}
+                           for d in g},
+              "prompts": {t: interval(v) for t, v in prompt_reps[entry].items()}}
+    if g:
+      result["mean"] = interval(np.mean(np.stack(list(ds_mean.values()), 1), 1))
+      result["median"] = interval(np.mean(np.stack(list(ds_median.values()), 1), 1))
+    else:
+      result["mean"] = result["median"] = [float("nan"), float("nan")]
+    out[entry] = result
+  return out
+
+
+def accuracy_matrix(entries: Mapping[str, Sequence[PromptOutcomes]],
+                    prompt_ids: Optional[Sequence[str]] = None) -> tuple[np.ndarray, list[str],
+                                                                         list[str]]:
+  """`acc[E, P]` (percent; NaN where an entry lacks a prompt), entry ids and prompt ids."""
+  expert_ids = list(entries)
+  if prompt_ids is None:
+    prompt_ids = sorted({o.task for outs in entries.values() for o in outs})
+  col = {t: j for j, t in enumerate(prompt_ids)}
+  acc = np.full((len(expert_ids), len(prompt_ids)), np.nan, np.float64)
+  for i, e in enumerate(expert_ids):
+    for o in entries[e]:
+      if o.task in col:
+        acc[i, col[o.task]] = o.accuracy
+  return acc, expert_ids, list(prompt_ids)

@@ -1,0 +1,71 @@
+"""Fakes for the evaluator tests: a character vocabulary, generated tasks and saved experts."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from expert_t5x import evaluation
+from expert_t5x import expert_format
+from expert_t5x import experts as experts_lib
+
+VOCAB_SIZE = 64
+WORDS = ("yes", "no", "maybe", "red", "blue", "green", "it is true", "false", "a", "bb")
+
+
+class CharVocabulary:
+  """0 pad, 1 EOS, characters hashed onto ids 2..vocab_size-1 (decode is approximate)."""
+  eos_id = 1
+
+  def __init__(self, vocab_size: int = VOCAB_SIZE):
+    self.vocab_size = vocab_size
+
+  def encode(self, s: str) -> list[int]:
+    return [2 + ord(c) % (self.vocab_size - 2) for c in s]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return "".join(chr(ord("a") + (int(i) - 2) % 26) for i in ids if int(i) > 1)
+
+
+def make_examples(seed: int, n: int, dataset: str, prompt: str, min_choices: int = 2,
+                  max_choices: int = 4) -> list[dict]:
+  """Canonical examples with ragged inputs and 2-4 choices of varied lengths."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    k = int(rng.integers(min_choices, max_choices + 1))
+    choices = [str(c) for c in rng.choice(WORDS, size=k, replace=False)]
+    label = int(rng.integers(0, k))
+    words = rng.choice(["the", "cat", "sat", "on", "mat", "dog"], size=int(rng.integers(2, 12)))
+    out.append({"inputs": f"{prompt}: " + " ".join(words), "targets": choices[label],
+                "answer_choices": choices, "label_index": label, "example_id": 100 + i,
+                "dataset": dataset, "subset": "", "prompt": prompt})
+  return out
+
+
+def make_source(n: int = 12, seed: int = 0) -> evaluation.InMemoryTaskSource:
+  """Three datasets: 'nli' (2 prompts), 'qa' (1 prompt) and a generative 'copy' task."""
+  tasks = {}
+  for j, (dataset, prompt) in enumerate([("nli", "p1"), ("nli", "p2"), ("qa", "q1")]):
+    name = f"{dataset}_{prompt}"
+    examples = make_examples(seed + j if dataset != "nli" else seed, n, dataset, prompt)
+    tasks[name] = (evaluation.TaskMeta(name, dataset, prompt, True), examples)
+  return evaluation.InMemoryTaskSource(tasks, CharVocabulary(),
+                                       suites={"fake_suite": list(tasks)})
+
+
+def save_adapter_experts(root: str, base_params, t5_config, seeds: Sequence[int],
+                         reduction_factor: int = 4, fingerprint: str | None = None) -> list[str]:
+  """Random adapter experts (different init seeds) saved in Expert format v1."""
+  paths = []
+  for s in seeds:
+    cfg = experts_lib.AdapterConfig(reduction_factor=reduction_factor, init_seed=s)
+    tree = experts_lib.init_expert(cfg, t5_config, base_params)
+    meta = expert_format.build_metadata("adapter", experts_lib.config_to_json(cfg),
+                                        base_fingerprint=fingerprint, base_config_name="tiny")
+    path = os.path.join(root, f"expert_{s}")
+    expert_format.save_expert(path, tree, meta)
+    paths.append(path)
+  return paths
