@@ -157,7 +157,7 @@ def git_revision(path: Optional[str] = None) -> Optional[str]:
                          text=True, timeout=10, check=False)
   except (OSError, subprocess.SubprocessError):
     return None
-  return out.stdout.strip() or None if out.returncode == 0 else None
+  return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def environment() -> dict[str, Any]:
@@ -288,3 +288,65 @@ def write_matrix(path: str, acc: np.ndarray, expert_ids: Sequence[str],
 def read_matrix(path: str) -> tuple[np.ndarray, list[str], list[str]]:
   with np.load(path) as data:
     return data["acc"], [str(x) for x in data["expert_ids"]], [str(x) for x in data["prompt_ids"]]
+
+
+# ------------------------------------------------------------------------------------ anchors
+
+
+def write_text(path: str, text: str) -> None:
+  _atomic_write(path, lambda f: f.write(text))
+
+
+def read_expected(path: str) -> dict[str, Any]:
+  """An anchors file: {'name', 'source', 'entry', 'aggregation' ('mean'|'median'), 'tolerance',
+  'datasets': {dataset: value or {'value', 'tolerance'}}, 'overall': value or {...}}."""
+  with open(path, encoding="utf-8") as f:
+    expected = json.load(f)
+  for key in ("name", "datasets", "overall"):
+    if key not in expected:
+      raise ValueError(f"Anchors file '{path}' lacks {key!r}; expected keys name, source, entry, "
+                       "aggregation, tolerance, datasets, overall.")
+  if expected.get("aggregation", "mean") not in ("mean", "median"):
+    raise ValueError(f"Anchors file '{path}': aggregation must be 'mean' or 'median'.")
+  return expected
+
+
+def compare_expected(results: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[str, Any]:
+  """Compares one entry's per-dataset and overall numbers with published ones.
+
+  Returns {'passed', 'rows': [{'name', 'expected', 'got', 'delta', 'tolerance', 'ok'}],
+  'markdown'}. A dataset missing from the results fails.
+  """
+  entry_id = expected.get("entry", "base")
+  entries = {e["id"]: e for e in results["entries"]}
+  if entry_id not in entries:
+    raise ValueError(f"Anchors compare entry {entry_id!r} but the results hold {sorted(entries)}; "
+                     "set 'entry' in the anchors file.")
+  entry = entries[entry_id]
+  metric = expected.get("aggregation", "mean")
+  default_tol = float(expected.get("tolerance", 1.0))
+  got_ds = {d["dataset"]: d[metric] for d in entry["datasets"]}
+
+  def spec(value):
+    return (float(value["value"]), float(value.get("tolerance", default_tol))) \
+        if isinstance(value, Mapping) else (float(value), default_tol)
+
+  rows = []
+  targets = list(expected["datasets"].items()) + [("overall", expected["overall"])]
+  for name, value in targets:
+    want, tol = spec(value)
+    got = entry["overall"][metric] if name == "overall" else got_ds.get(name)
+    ok = got is not None and abs(got - want) <= tol
+    rows.append({"name": name, "expected": want, "got": got,
+                 "delta": None if got is None else got - want, "tolerance": tol, "ok": ok})
+  lines = [f"## {expected['name']} ({entry_id}, {metric} over prompts)", "",
+           f"Source: {expected.get('source', 'n/a')}", "",
+           "| dataset | expected | got | delta | tolerance | result |",
+           "|---|---:|---:|---:|---:|---|"]
+  for r in rows:
+    lines.append(f"| {r['name']} | {r['expected']:.2f} | {_fmt(r['got'])} | {_fmt(r['delta'])} | "
+                 f"{r['tolerance']:.2f} | {'PASS' if r['ok'] else 'FAIL'} |")
+  passed = all(r["ok"] for r in rows)
+  lines += ["", f"**{'PASS' if passed else 'FAIL'}**: {sum(r['ok'] for r in rows)}/{len(rows)} "
+            "within tolerance.", ""]
+  return {"passed": passed, "rows": rows, "markdown": "\n".join(lines)}
