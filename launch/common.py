@@ -171,6 +171,7 @@ def task_names() -> ModuleType:
   path = os.path.join(_seqio_tasks_dir(), "names.py")
   spec = importlib.util.spec_from_file_location("_launch_seqio_task_names", path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
   spec.loader.exec_module(module)
   return module
 
