@@ -155,6 +155,8 @@ def init_expert(config: ExpertConfig, t5_config: network.T5Config, base_params: 
   if rng is not None:
     seed = int(jax.random.randint(rng, (), 0, 2**31 - 1)) ^ seed
   gen = np.random.default_rng(seed)
+  # Experts are always laid out per block, whatever the base's layout.
+  base_params = network.unstack_layers(base_params)
   flat_base = _flat(base_params)
   flat: dict[str, np.ndarray] = {}
   if isinstance(config, AdapterConfig):

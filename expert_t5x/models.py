@@ -89,10 +89,15 @@ class EncoderDecoderModel:
   def _apply(self, params: PyTree, expert: Optional[PyTree], *args: Any, method: Any = None,
              dropout_rng: Optional[Array] = None, **kwargs: Any) -> Any:
     cfg = self.expert_config
+    expert = self._expert_layout(expert)
     variables = {"params": experts_lib.effective_params(params, expert, cfg)}
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return self.module.apply(variables, *args, method=method, rngs=rngs,
                              expert=experts_lib.network_tree(expert, cfg), **kwargs)
+
+  def _expert_layout(self, expert: Optional[PyTree]) -> Optional[PyTree]:
+    """Experts are stored per block; a scanned network takes them stacked on a `layers` axis."""
+    return network.stack_layers(expert) if self.config.scan_layers else expert
 
   def _compute_logits(self, params: PyTree, batch: Batch, dropout_rng: Optional[Array] = None,
                       expert: Optional[PyTree] = None) -> Array:
@@ -221,6 +226,7 @@ class EncoderDecoderModel:
 
   def _decode_step(self, params, expert, encoded, inputs, tokens, cache, max_len, expert_index):
     cfg = self.expert_config
+    expert = self._expert_layout(expert)
     variables = {"params": experts_lib.effective_params(params, expert, cfg), "cache": cache}
     return self.module.apply(variables, encoded, inputs, tokens, tokens,
                              method=network.Transformer.decode, enable_dropout=False, decode=True,

@@ -67,6 +67,10 @@ class T5Config:
   layer_norm_epsilon: float = 1e-6
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
+  # Scan each stack's blocks (parameters stacked on a leading `layers` axis under
+  # `encoder/layers/...`): one compiled block instead of N, for XL/XXL compile time and memory.
+  # `stack_layers` / `unstack_layers` convert trees between the two layouts.
+  scan_layers: bool = False
   # Dropout on the input of LoRA factors (set from the LoRA expert's config).
   lora_dropout_rate: float = 0.0
 
@@ -112,6 +116,43 @@ def get_config(name: str, **overrides: Any) -> T5Config:
     raise ValueError(f"Unknown T5Config fields {sorted(unknown)}.")
   fields.update(overrides)
   return T5Config(**fields)
+
+
+# ------------------------------------------------------------------------ scanned layout
+
+
+def stack_layers(tree: Optional[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+  """Per-block layout (`encoder/layers_{i}/...`) -> scanned layout (`encoder/layers/...`, leading
+  `layers` axis). Works on parameter and expert trees; other entries are kept as they are."""
+  if tree is None:
+    return None
+  out = dict(tree)
+  for stack in ("encoder", "decoder"):
+    sub = tree.get(stack)
+    if not sub or "layers_0" not in sub:
+      continue
+    count = sum(1 for k in sub if k.startswith("layers_"))
+    blocks = [sub[f"layers_{i}"] for i in range(count)]
+    rest = {k: v for k, v in sub.items() if not k.startswith("layers_")}
+    out[stack] = dict(rest, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *blocks))
+  return out
+
+
+def unstack_layers(tree: Optional[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+  """Inverse of `stack_layers`."""
+  if tree is None:
+    return None
+  out = dict(tree)
+  for stack in ("encoder", "decoder"):
+    sub = tree.get(stack)
+    if not sub or "layers" not in sub:
+      continue
+    count = jax.tree.leaves(sub["layers"])[0].shape[0]
+    rest = {k: v for k, v in sub.items() if k != "layers"}
+    rest.update({f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], sub["layers"])
+                 for i in range(count)})
+    out[stack] = rest
+  return out
 
 
 # --------------------------------------------------------------------------- expert hooks
@@ -382,29 +423,35 @@ class MlpBlock(nn.Module):
 # --------------------------------------------------------------------------------- blocks
 
 
-def _remat(module_cls: type[nn.Module], config: T5Config,
-           static_argnums: tuple[int, ...]) -> type[nn.Module]:
-  """Wraps a block in activation checkpointing; `static_argnums` count `self` as 0."""
-  if config.remat_policy == "none":
-    return module_cls
-  return nn.remat(module_cls, policy=REMAT_POLICIES[config.remat_policy],
-                  static_argnums=static_argnums)
+def _layer_stack(layer_cls: type[nn.Module], config: T5Config, num_layers: int,
+                 scanned_in_axes: tuple[Any, ...]) -> type[nn.Module]:
+  """Applies the remat policy, and with `scan_layers` scans the block over a `layers` axis."""
+  if config.remat_policy != "none":
+    layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat_policy])
+  if config.scan_layers:
+    layer_cls = nn_partitioning.scan_with_axes(
+        layer_cls, variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True, "dropout": True}, in_axes=scanned_in_axes, length=num_layers,
+        axis_name="layers")
+  return layer_cls
 
 
 class EncoderLayer(nn.Module):
-  """Pre-LN encoder block: self-attention, then MLP, each with dropout and a residual."""
+  """Pre-LN encoder block: self-attention, then MLP, each with dropout and a residual.
+
+  `bias` is the stack's shared relative-position bias `[1, H, L, L]`. With `scanned`, the block
+  returns `(output, None)` as `nn.scan` expects.
+  """
   config: T5Config
-  relative_embedding: nn.Module
+  deterministic: bool = False
+  scanned: bool = False
 
   @nn.compact
-  def __call__(self, inputs: Array, encoder_mask: Optional[Array], expert: ExpertTree,
-               deterministic: bool = False, decode: bool = False,
-               expert_index: Optional[Array] = None) -> Array:
-    cfg = self.config
+  def __call__(self, inputs: Array, encoder_mask: Optional[Array], bias: Array,
+               expert: ExpertTree, expert_index: Optional[Array] = None) -> Array:
+    cfg, deterministic = self.config, self.deterministic
     dropout = functools.partial(nn.Dropout, cfg.dropout_rate,
                                 broadcast_dims=cfg.dropout_broadcast_dims)
-    length = inputs.shape[-2]
-    bias = self.relative_embedding(length, length, True)
     x = _norm(LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_attention_layer_norm"),
               inputs, expert, "pre_attention_layer_norm", expert_index)
     x = MultiHeadDotProductAttention(
@@ -424,7 +471,8 @@ class EncoderLayer(nn.Module):
                      expert_index=expert_index)
     y = apply_adapter(y, _child(expert, "mlp_adapter"), expert_index)
     y = dropout()(y, deterministic=deterministic) + x
-    return with_sharding_constraint(y, ("batch", "length", "embed"))
+    y = with_sharding_constraint(y, ("batch", "length", "embed"))
+    return (y, None) if self.scanned else y
 
 
 class DecoderLayer(nn.Module):
@@ -435,28 +483,27 @@ class DecoderLayer(nn.Module):
   query axis, so the encoder's keys and values are computed once per input rather than K times.
   """
   config: T5Config
-  relative_embedding: nn.Module
+  deterministic: bool = False
+  decode: bool = False
+  num_choices: int = 1
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, inputs: Array, encoded: Array, decoder_mask: Optional[Array],
-               encoder_decoder_mask: Optional[Array], expert: ExpertTree,
-               deterministic: bool = False, decode: bool = False,
-               max_decode_length: Optional[int] = None, num_choices: int = 1,
+               encoder_decoder_mask: Optional[Array], bias: Array, expert: ExpertTree,
                expert_index: Optional[Array] = None) -> Array:
-    cfg = self.config
+    cfg, deterministic, num_choices = self.config, self.deterministic, self.num_choices
     dropout = functools.partial(nn.Dropout, cfg.dropout_rate,
                                 broadcast_dims=cfg.dropout_broadcast_dims)
     attention = functools.partial(
         MultiHeadDotProductAttention, cfg.num_heads, cfg.head_dim, cfg.dtype, cfg.dropout_rate,
         broadcast_dropout=bool(cfg.dropout_broadcast_dims),
         float32_logits=cfg.float32_attention_logits, lora_dropout_rate=cfg.lora_dropout_rate)
-    length = max_decode_length if decode and max_decode_length else inputs.shape[-2]
-    bias = self.relative_embedding(length, length, False)
 
     x = _norm(LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_self_attention_layer_norm"),
               inputs, expert, "pre_self_attention_layer_norm", expert_index)
     x = attention(name="self_attention")(
-        x, x, decoder_mask, bias, deterministic=deterministic, decode=decode,
+        x, x, decoder_mask, bias, deterministic=deterministic, decode=self.decode,
         lora=_child(expert, "self_attention"), expert_index=expert_index)
     x = apply_adapter(x, _child(expert, "self_attention_adapter"), expert_index)
     x = dropout()(x, deterministic=deterministic) + inputs
@@ -482,7 +529,8 @@ class DecoderLayer(nn.Module):
                      expert_index=expert_index)
     z = apply_adapter(z, _child(expert, "mlp_adapter"), expert_index)
     z = dropout()(z, deterministic=deterministic) + y
-    return with_sharding_constraint(z, ("batch", "length", "embed"))
+    z = with_sharding_constraint(z, ("batch", "length", "embed"))
+    return (z, None) if self.scanned else z
 
 
 class Embed(nn.Module):
@@ -519,11 +567,16 @@ class Encoder(nn.Module):
     x = self.shared_embedding(encoder_input_tokens).astype(cfg.dtype)
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=cfg.dropout_broadcast_dims)(
         x, deterministic=deterministic)
-    # Python-valued arguments: deterministic, decode.
-    layer_cls = _remat(EncoderLayer, cfg, static_argnums=(4, 5))
-    for i in range(cfg.num_encoder_layers):
-      x = layer_cls(cfg, rel_emb, name=f"layers_{i}")(
-          x, encoder_mask, _child(expert, f"layers_{i}"), deterministic, False, expert_index)
+    length = encoder_input_tokens.shape[-1]
+    bias = rel_emb(length, length, True)  # Shared by every block of the stack.
+    layer_cls = _layer_stack(EncoderLayer, cfg, cfg.num_encoder_layers,
+                             (nn.broadcast, nn.broadcast, 0, nn.broadcast))
+    if cfg.scan_layers:
+      x, _ = layer_cls(cfg, deterministic, scanned=True, name="layers")(
+          x, encoder_mask, bias, _child(expert, "layers"), expert_index)
+    for i in range(0 if cfg.scan_layers else cfg.num_encoder_layers):
+      x = layer_cls(cfg, deterministic, name=f"layers_{i}")(
+          x, encoder_mask, bias, _child(expert, f"layers_{i}"), expert_index)
     x = _norm(LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm"), x, expert,
               "encoder_norm", expert_index)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
@@ -548,12 +601,20 @@ class Decoder(nn.Module):
     y = self.shared_embedding(decoder_input_tokens).astype(cfg.dtype)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=cfg.dropout_broadcast_dims)(
         y, deterministic=deterministic)
-    # Python-valued arguments: deterministic, decode, max_decode_length, num_choices.
-    layer_cls = _remat(DecoderLayer, cfg, static_argnums=(6, 7, 8, 9))
-    for i in range(cfg.num_decoder_layers):
-      layer = layer_cls(cfg, rel_emb, name=f"layers_{i}")
-      y = layer(y, encoded, decoder_mask, encoder_decoder_mask, _child(expert, f"layers_{i}"),
-                deterministic, decode, max_decode_length, num_choices, expert_index)
+    # While decoding step by step the bias covers the whole cache; each step takes its row.
+    length = max_decode_length if decode and max_decode_length else decoder_input_tokens.shape[-1]
+    bias = rel_emb(length, length, False)
+    layer_cls = _layer_stack(
+        DecoderLayer, cfg, cfg.num_decoder_layers,
+        (nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast))
+    if cfg.scan_layers:
+      y, _ = layer_cls(cfg, deterministic, decode, num_choices, scanned=True, name="layers")(
+          y, encoded, decoder_mask, encoder_decoder_mask, bias, _child(expert, "layers"),
+          expert_index)
+    for i in range(0 if cfg.scan_layers else cfg.num_decoder_layers):
+      y = layer_cls(cfg, deterministic, decode, num_choices, name=f"layers_{i}")(
+          y, encoded, decoder_mask, encoder_decoder_mask, bias, _child(expert, f"layers_{i}"),
+          expert_index)
     y = _norm(LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm"), y, expert,
               "decoder_norm", expert_index)
     y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)

@@ -83,3 +83,14 @@ def test_sampling_is_seeded(tiny_model, tiny_params):
   run = lambda seed: np.asarray(model.predict_batch(
       tiny_params, batch, jax.random.PRNGKey(seed), decoder_params={"temperature": 1.0}))
   np.testing.assert_array_equal(run(0), run(0))
+
+
+def test_scanned_network_decodes_like_the_unrolled_one(tiny_model, tiny_params):
+  """The key/value cache under scan_layers is stacked on the layers axis; decodes must agree."""
+  batch = random_batch(2, batch=2, targets_len=5)
+  decodes = []
+  for scan, params in ((False, tiny_params), (True, network.stack_layers(tiny_params))):
+    module = network.Transformer(tiny_model.config.replace(scan_layers=scan))
+    model = models.EncoderDecoderModel(module, decode_fn="beam_search")
+    decodes.append(np.asarray(model.predict_batch(params, batch, num_decodes=3)))
+  np.testing.assert_array_equal(decodes[0], decodes[1])

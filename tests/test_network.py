@@ -81,3 +81,26 @@ def test_remat_gives_the_same_gradients(tiny_config, tiny_params, policy):
   g0 = jax.grad(loss)(tiny_params, tiny_config)
   g1 = jax.grad(loss)(tiny_params, tiny_config.replace(remat_policy=policy))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g0, g1)
+
+
+def test_scanned_layers_equal_unrolled_with_experts(tiny_config, tiny_params):
+  """scan_layers computes the same function on the stacked layout (forward, dropout, adapters)."""
+  from expert_t5x import models
+  cfg = experts.AdapterConfig(reduction_factor=4)
+  expert = experts.init_expert(cfg, tiny_config, tiny_params)
+  batch = random_batch(5)
+  unrolled = models.EncoderDecoderModel(network.Transformer(tiny_config), expert_config=cfg)
+  scanned = models.EncoderDecoderModel(
+      network.Transformer(tiny_config.replace(scan_layers=True)), expert_config=cfg)
+  stacked_params = network.stack_layers(tiny_params)
+  assert stacked_params["encoder"]["layers"]["mlp"]["wo"]["kernel"].shape == (2, 64, 32)
+  jax.tree.map(np.testing.assert_array_equal, network.unstack_layers(stacked_params), tiny_params)
+  np.testing.assert_allclose(scanned.score_batch(stacked_params, batch, expert=expert),
+                             unrolled.score_batch(tiny_params, batch, expert=expert), rtol=1e-5)
+  # Variables initialised by the scanned network have the stacked layout and 'layers' axis names.
+  variables = scanned.get_initial_variables(
+      jax.random.PRNGKey(0), {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 3)})
+  assert jax.tree.structure(variables["params"]) == jax.tree.structure(stacked_params)
+  from expert_t5x import partitioning
+  axes = partitioning.params_logical_axes(variables)
+  assert axes["encoder/layers/mlp/wo/kernel"] == ("layers", "mlp", "embed")
