@@ -71,8 +71,8 @@ SETTING_MACROS = {
     "task_feature_lengths": "TASK_FEATURE_LENGTHS",
     "max_examples": "MAX_TRAIN_EXAMPLES",
 }
-# The trainer's macro for the task list of a stacked job (one task per expert).
-STACKED_TASKS_MACRO = "EXPERT_TASKS"
+# A stacked job gives the trainer's MIXTURE_OR_TASK_NAME a list of tasks (one per expert).
+STACKED_TASKS_MACRO = "MIXTURE_OR_TASK_NAME"
 # Where the trainer exports experts under MODEL_DIR: one expert, or one per task of a stacked job.
 EXPORT_SUBDIR = "expert"
 STACKED_EXPORT_SUBDIR = "experts"

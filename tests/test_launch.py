@@ -82,7 +82,7 @@ def test_gin_flags_parse_back_with_gin():
   gin = pytest.importorskip("gin")
   from expert_t5x import gin_utils
   values = {"MODEL_DIR": "gs://b/runs/x y", "TASK_FEATURE_LENGTHS": {"inputs": 512, "targets": 128},
-            "LEARNING_RATE": 3e-4, "NUM_EPOCHS": 10, "EXPERT_TASKS": ["a_b", "c.d"], "FLAG": True,
+            "LEARNING_RATE": 3e-4, "NUM_EPOCHS": 10, "TASKS": ["a_b", "c.d"], "FLAG": True,
             "NONE": None}
   flags = [common.gin_flag(k, v) for k, v in values.items()]
   bindings = [a[len("--gin_bindings="):] for a in gin_utils.rewrite_gin_args(flags)]
@@ -431,7 +431,7 @@ def test_k8s_indexed_job_manifest(tmp_path, capsys):
   assert sorted(configmap["data"]) == [f"job_{i:04d}.sh" for i in range(n)]
   for name, text in configmap["data"].items():
     _bash_syntax_ok(text, tmp_path, name)
-  assert "--gin.EXPERT_TASKS=" in configmap["data"]["job_0000.sh"]
+  assert "--gin.MIXTURE_OR_TASK_NAME=[" in configmap["data"]["job_0000.sh"]
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -456,8 +456,9 @@ from expert_t5x import expert_format
 
 flags = dict(a[len("--gin."):].split("=", 1) for a in sys.argv[1:] if a.startswith("--gin."))
 model_dir = ast.literal_eval(flags["MODEL_DIR"])
-tasks = (ast.literal_eval(flags["EXPERT_TASKS"]) if "EXPERT_TASKS" in flags
-         else [ast.literal_eval(flags["MIXTURE_OR_TASK_NAME"])])
+name = ast.literal_eval(flags["MIXTURE_OR_TASK_NAME"])
+stacked = isinstance(name, list)  # a list of tasks trains stacked experts
+tasks = name if stacked else [name]
 os.makedirs(model_dir, exist_ok=True)
 ckpt = os.path.join(model_dir, "ckpt.json")
 step = json.load(open(ckpt))["step"] if os.path.exists(ckpt) else 0
@@ -482,7 +483,6 @@ while step < 5:
     while True:
       time.sleep(0.05)
 
-stacked = "EXPERT_TASKS" in flags
 for task in tasks:
   seed = int(hashlib.sha256(task.encode()).hexdigest()[:8], 16)
   params = {"encoder": {"adapter": np.random.default_rng(seed).normal(size=(2, 3)).astype("float32")}}
