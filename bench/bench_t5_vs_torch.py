@@ -164,15 +164,19 @@ def main(argv=None):
     if args.only != "jax":
       steps["torch"] = torch_step(config, tokens, rate, args.threads)
     times = dict(zip(steps, time_interleaved(list(steps.values()), args.runs, args.warmup)))
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    rows.append((label, medians.get("jax"), medians.get("torch")))
+    for name, values in times.items():
+      print(f"# {label}, {name}: s/step per run " + " ".join(f"{t:.2f}" for t in values))
+    rows.append((label, times.get("jax"), times.get("torch")))
     del steps
   print(f"# load average after the runs: {os.getloadavg()[0]:.2f}")
-  print("| setting | expert_t5x (JAX) tokens/s | PyTorch T5 tokens/s | ratio JAX/PyTorch |")
+  print("| setting | expert_t5x (JAX) tokens/s | PyTorch T5 tokens/s | ratio JAX/PyTorch "
+        "(median; best run) |")
   print("| --- | --- | --- | --- |")
   for label, ours, theirs in rows:
-    fmt = lambda t: f"{n_tokens / t:,.0f} ({t:.2f} s/step)" if t else "-"
-    ratio = f"{theirs / ours:.2f}x" if ours and theirs else "-"
+    fmt = lambda t: (f"{n_tokens / statistics.median(t):,.0f} "
+                     f"({statistics.median(t):.2f} s/step)") if t else "-"
+    ratio = (f"{statistics.median(theirs) / statistics.median(ours):.2f}x; "
+             f"{min(theirs) / min(ours):.2f}x") if ours and theirs else "-"
     print(f"| {label} | {fmt(ours)} | {fmt(theirs)} | {ratio} |")
 
 
