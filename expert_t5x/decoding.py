@@ -63,26 +63,30 @@ def brevity_penalty(alpha: float, length: Array) -> Array:
 
 
 def _gather_beams(tree: Any, beam_indices: Array, batch_size: int, old_beams: int,
-                  new_beams: int) -> Any:
-  """Gathers `[B * old_beams, ...]` (flat) or `[B, old_beams, ...]` leaves by `[B, new_beams]`."""
+                  new_beams: int, batch_axis: int = 0) -> Any:
+  """Gathers the beams `[B, new_beams]` of every leaf whose `batch_axis` is `B * old_beams` (flat).
+
+  Leaves without that axis (e.g. the cache index) are kept.
+  """
   def gather(x):
-    if x.ndim == 0:
+    if x.ndim <= batch_axis or x.shape[batch_axis] != batch_size * old_beams:
       return x
-    if x.shape[0] == batch_size * old_beams:
-      x = x.reshape((batch_size, old_beams) + x.shape[1:])
-      out = jnp.take_along_axis(x, beam_indices.reshape(beam_indices.shape + (1,) * (x.ndim - 2)),
-                                axis=1)
-      return out.reshape((batch_size * new_beams,) + x.shape[2:])
-    return jnp.take_along_axis(x, beam_indices.reshape(beam_indices.shape + (1,) * (x.ndim - 2)),
-                               axis=1)
+    x = jnp.moveaxis(x, batch_axis, 0)
+    x = x.reshape((batch_size, old_beams) + x.shape[1:])
+    index = beam_indices.reshape(beam_indices.shape + (1,) * (x.ndim - 2))
+    out = jnp.take_along_axis(x, index, axis=1)
+    out = out.reshape((batch_size * new_beams,) + x.shape[2:])
+    return jnp.moveaxis(out, 0, batch_axis)
   return jax.tree.map(gather, tree)
 
 
 def beam_search(cache: Cache, tokens_to_logits: TokensToLogits, batch_size: int, beam_size: int,
-                max_decode_length: int, eos_id: int, alpha: float = 0.6) -> tuple[Array, Array]:
+                max_decode_length: int, eos_id: int, alpha: float = 0.6,
+                cache_batch_axis: int = 0) -> tuple[Array, Array]:
   """Beam search; returns `[B, W, L]` sequences sorted by ascending score and scores `[B, W]`.
 
-  `cache` must already be expanded to `B * W` rows (beam-major within each example). Scores are
+  `cache` must already be expanded to `B * W` rows (beam-major within each example) along
+  `cache_batch_axis` (1 when the cache is stacked on a leading `layers` axis). Scores are
   summed log-probs divided by `brevity_penalty(alpha, length)`; sequences that reach the maximum
   length without EOS compete as finished at the end.
   """
@@ -109,7 +113,8 @@ def beam_search(cache: Cache, tokens_to_logits: TokensToLogits, batch_size: int,
     alive_rank = jnp.where(is_eos, NEG_INF, top_logp)
     new_logp, keep = jax.lax.top_k(alive_rank, w)
     new_seqs = jnp.take_along_axis(seqs, keep[:, :, None], axis=1)
-    cache = _gather_beams(cache, jnp.take_along_axis(beam_idx, keep, axis=1), b, w, w)
+    cache = _gather_beams(cache, jnp.take_along_axis(beam_idx, keep, axis=1), b, w, w,
+                          cache_batch_axis)
     # Finished: candidates that emitted EOS, plus every alive beam at the last step.
     last = i == length - 1
     ended_score = jnp.where(is_eos | last, top_logp / brevity_penalty(alpha, i + 1), NEG_INF)

@@ -217,7 +217,8 @@ class EncoderDecoderModel:
 
     if self.decode_fn == "beam_search":
       seqs, scores = decoding.beam_search(cache, tokens_to_logits, b, num_decodes, max_len,
-                                          eos_id, alpha=decoder_params.get("alpha", 0.6))
+                                          eos_id, alpha=decoder_params.get("alpha", 0.6),
+                                          cache_batch_axis=1 if self.config.scan_layers else 0)
       return seqs[:, -1], {"scores": scores[:, -1], "all_decodes": seqs, "all_scores": scores}
     seqs, scores = decoding.temperature_sample(
         cache, tokens_to_logits, b, max_len, eos_id, rng,
