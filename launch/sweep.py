@@ -174,17 +174,20 @@ def suite_experts(suite: str, expert_type: str) -> list[Expert]:
   """Experts for every task of a SeqIO suite (imports seqio_tasks, hence TensorFlow)."""
   import seqio_tasks  # pylint: disable=g-import-not-at-top
   kind = EXPERT_TYPES[expert_type]
-  infos = [seqio_tasks.get_info(t) for t in seqio_tasks.suite(suite)]
-  if kind.per == "prompt":
-    return [Expert(i.name + kind.id_suffix, i.name, i.dataset, i.subset, i.prompt) for i in infos]
-  names = common.task_names()
-  experts = {}
-  for info in infos:
-    prefix = names.dataset_task_prefix(info.dataset, info.subset)
-    task = prefix + kind.task_suffix
-    seqio_tasks.get_info(task)  # an unknown task fails here, naming close ones
-    experts.setdefault(task, Expert(prefix + kind.id_suffix, task, info.dataset, info.subset, None))
-  return list(experts.values())
+  try:
+    infos = [seqio_tasks.get_info(t) for t in seqio_tasks.suite(suite)]
+    if kind.per == "prompt":
+      return [Expert(i.name + kind.id_suffix, i.name, i.dataset, i.subset, i.prompt) for i in infos]
+    names = common.task_names()
+    experts = {}
+    for info in infos:
+      prefix = names.dataset_task_prefix(info.dataset, info.subset)
+      task = prefix + kind.task_suffix
+      seqio_tasks.get_info(task)  # a dataset without that task fails here, naming close ones
+      experts.setdefault(task, Expert(prefix + kind.id_suffix, task, info.dataset, info.subset, None))
+    return list(experts.values())
+  except KeyError as e:
+    raise common.LaunchError(f"--suite={suite} with --expert_type={expert_type}: {e.args[0]}") from None
 
 
 def named_experts(tasks: Sequence[str], expert_type: str) -> list[Expert]:

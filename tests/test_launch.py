@@ -600,3 +600,19 @@ def test_job_script_forwards_sigterm_and_adds_nothing(tmp_path):
   assert (tmp_path / "runs" / "prompt" / "t_a" / "terminated").read_text() == "1"
   assert "rerun to resume" in err
   assert not (tmp_path / "lib" / "library.json").exists()
+
+
+@pytest.mark.tf
+def test_suite_experts_follow_the_suite(tmp_path):
+  """Compared with the suite's own task list and the tasks' registered provenance."""
+  import seqio_tasks
+  args, gin = _args(tmp_path, "list", "--suite=demo_train", "--stack=4")
+  experts = sweep.select_experts(args)
+  assert [e.task for e in experts] == seqio_tasks.suite("demo_train")
+  assert all(e.dataset == seqio_tasks.get_info(e.task).dataset for e in experts)
+  jobs, _ = sweep.build_jobs(experts, args, gin)
+  assert [len(j.experts) for j in jobs] == [4] * (len(experts) // 4) + (
+      [len(experts) % 4] if len(experts) % 4 else [])
+  args, gin = _args(tmp_path, "list", "--suite=demo_train", "--expert_type=dataset_adapter")
+  with pytest.raises(common.LaunchError, match="unknown task"):
+    sweep.select_experts(args)
