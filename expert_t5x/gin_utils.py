@@ -23,6 +23,7 @@ Public API: `define_flags`, `run`, `rewrite_gin_args`, `shipped_gin_dir`, `defau
 from __future__ import annotations
 
 import importlib.resources
+import logging
 import os
 import sys
 from typing import Callable, Optional, Sequence
@@ -108,15 +109,22 @@ def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str],
   gin.clear_config()
   for path in default_search_paths(gin_search_paths):
     gin.add_config_file_search_path(path)
+  # gin logs an error line for every search path that lacks a file; only a file found nowhere
+  # matters, and that raises.
+  root = logging.getLogger()
+  level = root.level
+  root.setLevel(logging.CRITICAL)
   try:
     gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), finalize_config=False)
   except IOError as e:
     raise ValueError(f"Gin file not found ({e}); searched {default_search_paths(gin_search_paths)}; "
                      "pass --gin_search_paths=DIR for your own configs.") from None
+  finally:
+    root.setLevel(level)
   missing = missing_required()
   if missing:
     flags = " ".join(f"--gin.{m}=..." for m in missing)
-    raise ValueError(f"Required gin settings are unset: {', '.join(missing)}; set them, e.g. {flags}.")
+    raise ValueError(f"Required gin settings are unset: {', '.join(missing)}; set them, e.g. {flags}")
   if finalize:
     gin.finalize()
 

@@ -1,0 +1,195 @@
+"""Training checkpoints: orbax in T5X's layout, exact resume, base pinning, preemption and faults.
+
+Layout (what upstream T5X writes with orbax): `MODEL_DIR/checkpoint_<step>/state/...` holding
+
+    {'target': trainable params, 'state': {'step', 'param_states': optimizer state},
+     'rng': dropout seed keys, 'data': {'seed', 'batches_consumed'}}
+
+For a frozen-base run `target` is the expert only, and `MODEL_DIR/base.json` records the base
+checkpoint and its fingerprint; restoring against another base is refused. For full fine-tuning
+`target` is the whole parameter tree (upstream T5X can restore it params-only).
+
+Saves are asynchronous and always waited for before the next save, a restore or exit; a crash
+mid-save leaves the previous checkpoint intact (orbax commits a step by renaming its directory).
+`EXPERT_T5X_FAULT=kill_after_step:N` / `kill_during_save:N` (tests only) sends SIGKILL at that
+point so resumption can be tested against an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+from typing import Any, Optional
+
+import jax
+
+BASE_JSON = "base.json"
+FAULT_ENV = "EXPERT_T5X_FAULT"
+CHECKPOINT_PREFIX = "checkpoint"
+STATE_ITEM = "state"
+
+
+@dataclasses.dataclass
+class SaveCheckpointConfig:
+  """T5X's save settings: `period` in steps (None: only at the end), `keep` newest (None: all)."""
+  period: Optional[int] = None
+  keep: Optional[int] = None
+  dtype: str = "float32"
+  async_save: bool = True
+
+
+@dataclasses.dataclass
+class RestoreCheckpointConfig:
+  """Where the base comes from (`path`: an HF T5 directory or a T5X checkpoint; None: random init
+  for tests and demos). Resuming from `MODEL_DIR` is automatic."""
+  path: Optional[str] = None
+  dtype: str = "float32"
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+  save: Optional[SaveCheckpointConfig] = None
+  restore: Optional[RestoreCheckpointConfig] = None
+
+
+def _ocp():
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp
+
+
+class FaultHook:
+  """Test-only fault injection from `EXPERT_T5X_FAULT` (`kill_after_step:N`, `kill_during_save:N`)."""
+
+  def __init__(self, spec: Optional[str]):
+    self.kind, self.step = None, None
+    if spec:
+      kind, _, step = spec.partition(":")
+      if kind not in ("kill_after_step", "kill_during_save") or not step.isdigit():
+        raise ValueError(f"{FAULT_ENV}={spec!r} must be kill_after_step:N or kill_during_save:N.")
+      self.kind, self.step = kind, int(step)
+
+  @classmethod
+  def from_env(cls) -> "FaultHook":
+    return cls(os.environ.get(FAULT_ENV))
+
+  def _kill(self, where: str) -> None:
+    logging.warning("%s: SIGKILL %s", FAULT_ENV, where)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+  def after_step(self, step: int) -> None:
+    if self.kind == "kill_after_step" and step == self.step:
+      self._kill(f"after step {step}")
+
+  def during_save(self, step: int) -> None:
+    if self.kind == "kill_during_save" and step == self.step:
+      self._kill(f"while saving step {step}")
+
+
+class CheckpointManager:
+  """orbax `CheckpointManager` over `MODEL_DIR/checkpoint_<step>/state`."""
+
+  def __init__(self, model_dir: str, keep: Optional[int] = None, async_save: bool = True,
+               fault_hook: Optional[FaultHook] = None):
+    ocp = _ocp()
+    self.model_dir = os.path.abspath(model_dir)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, step_prefix=CHECKPOINT_PREFIX, create=True,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.model_dir, options=options,
+                                          item_names=(STATE_ITEM,))
+    self.fault_hook = fault_hook or FaultHook(None)
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, tree: Any) -> None:
+    """Starts an (async) save of `tree` at `step`, after any previous save finished."""
+    ocp = _ocp()
+    self._manager.wait_until_finished()
+    if step in self._manager.all_steps():
+      return
+    self._manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(tree)}),
+                       force=True)
+    self.fault_hook.during_save(step)
+
+  def restore(self, step: int, abstract_tree: Any) -> Any:
+    """Restores `step` into the shapes, dtypes and shardings of `abstract_tree`."""
+    ocp = _ocp()
+    self._manager.wait_until_finished()
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_tree)}))
+    return restored[STATE_ITEM]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  """`ShapeDtypeStruct`s carrying the target shardings (restore places arrays directly)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+# ------------------------------------------------------------------------- base pinning
+
+
+def write_base_json(model_dir: str, base_path: Optional[str], fingerprint: str,
+                    config_name: Optional[str] = None) -> None:
+  """Records the frozen base this run trains on (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(model_dir, exist_ok=True)
+  path = os.path.join(model_dir, BASE_JSON)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump({"path": base_path, "fingerprint": fingerprint, "config_name": config_name}, f,
+              indent=2)
+  os.replace(tmp, path)
+
+
+def check_base_json(model_dir: str, fingerprint: str, base_path: Optional[str]) -> None:
+  """Refuses to resume a run whose `base.json` names a different base."""
+  path = os.path.join(model_dir, BASE_JSON)
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    recorded = json.load(f)
+  if recorded.get("fingerprint") != fingerprint:
+    raise ValueError(f"MODEL_DIR {model_dir!r} holds checkpoints trained on base "
+                     f"{recorded.get('path')!r} (fingerprint {recorded.get('fingerprint', '')[:12]}), "
+                     f"but INITIAL_CHECKPOINT_PATH={base_path!r} has fingerprint {fingerprint[:12]}; "
+                     "use the original base or a new MODEL_DIR.")
+
+
+class PreemptionHandler:
+  """Turns SIGTERM (TPU/GPU preemption) into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self) -> "PreemptionHandler":
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting.")
+    self.requested = True
+
+  def __exit__(self, *exc: Any) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
