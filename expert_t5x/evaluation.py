@@ -453,6 +453,10 @@ def check_vocabulary(task: str, vocabulary: Vocabulary, model_vocab_size: int,
 # ------------------------------------------------------------------------------------- scorer
 
 
+# (kind, expert config, stacked, T5 config, options, mesh, rules) -> partitioned function.
+_COMPILED: dict[Any, Callable] = {}
+
+
 class Scorer:
   """Jitted, sharded scoring and decoding of batches under the base and expert chunks.
 
@@ -476,7 +480,6 @@ class Scorer:
     self.param_sharding = partitioner.sharding_for(
         partitioning.logical_axes_tree(params, self.flat_axes))
     self.params = jax.device_put(params, self.param_sharding)
-    self._fns: dict[Any, Callable] = {}
     self._expert: Optional[PyTree] = None
     self._chunk: Optional[Chunk] = None
 
@@ -515,9 +518,10 @@ class Scorer:
     # One compiled function per (kind, expert config, stacked): chunks of the same kind reuse it
     # (jit retraces only for new shapes).
     config_key = None if self._config is None else self._chunk.specs[0].stack_key
-    key = (kind, config_key, self._stacked)
-    if key in self._fns:
-      return self._fns[key]
+    key = (kind, config_key, self._stacked, self.t5_config, self.options,
+           self.partitioner.mesh, tuple(map(tuple, self.partitioner.rules)))
+    if key in _COMPILED:  # Shared across evaluations in one process (e.g. several runs).
+      return _COMPILED[key]
     model, options = self._model(), self.options
     normalize = "mean" if options.scoring == "mean" else "sum"
     data = self.partitioner.data_sharding
@@ -538,8 +542,8 @@ class Scorer:
                                    decoder_params={"temperature": 0.0})
       in_sh = (self.param_sharding, expert_sharding, data, data,
                data if self._stacked else None)
-    self._fns[key] = self.partitioner.partition(fn, in_sh, data)
-    return self._fns[key]
+    _COMPILED[key] = self.partitioner.partition(fn, in_sh, data)
+    return _COMPILED[key]
 
   def _rows(self, array: np.ndarray) -> tuple[jax.Array, Optional[jax.Array], int]:
     """Repeats each example once per stacked expert; returns (rows, expert_index, experts)."""

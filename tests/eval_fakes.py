@@ -12,7 +12,8 @@ from expert_t5x import expert_format
 from expert_t5x import experts as experts_lib
 
 VOCAB_SIZE = 64
-WORDS = ("yes", "no", "maybe", "red", "blue", "green", "it is true", "false", "a", "bb")
+# Short choices and inputs keep the padded shapes (and so the compilations) few.
+WORDS = ("yes", "no", "maybe", "red", "blue", "green", "true", "false", "a", "bb")
 
 
 class CharVocabulary:
@@ -38,22 +39,28 @@ def make_examples(seed: int, n: int, dataset: str, prompt: str, min_choices: int
     k = int(rng.integers(min_choices, max_choices + 1))
     choices = [str(c) for c in rng.choice(WORDS, size=k, replace=False)]
     label = int(rng.integers(0, k))
-    words = rng.choice(["the", "cat", "sat", "on", "mat", "dog"], size=int(rng.integers(2, 12)))
+    words = rng.choice(["the", "cat", "sat", "on", "mat", "dog"], size=int(rng.integers(3, 6)))
     out.append({"inputs": f"{prompt}: " + " ".join(words), "targets": choices[label],
                 "answer_choices": choices, "label_index": label, "example_id": 100 + i,
                 "dataset": dataset, "subset": "", "prompt": prompt})
   return out
 
 
-def make_source(n: int = 12, seed: int = 0) -> evaluation.InMemoryTaskSource:
-  """Three datasets: 'nli' (2 prompts), 'qa' (1 prompt) and a generative 'copy' task."""
+def make_source(n: int = 8, seed: int = 0, generation: bool = False,
+                vocab_size: int = VOCAB_SIZE) -> evaluation.InMemoryTaskSource:
+  """Scoring tasks over two datasets, 'nli' (prompts p1 and p2 on the same examples) and 'qa'
+  (q1); with `generation`, also a generative 'copy' task (targets = the last input word)."""
   tasks = {}
   for j, (dataset, prompt) in enumerate([("nli", "p1"), ("nli", "p2"), ("qa", "q1")]):
     name = f"{dataset}_{prompt}"
     examples = make_examples(seed + j if dataset != "nli" else seed, n, dataset, prompt)
     tasks[name] = (evaluation.TaskMeta(name, dataset, prompt, True), examples)
-  return evaluation.InMemoryTaskSource(tasks, CharVocabulary(),
-                                       suites={"fake_suite": list(tasks)})
+  if generation:
+    examples = [dict(ex, targets=ex["inputs"].split()[-1], answer_choices=[], label_index=-1,
+                     dataset="copy", prompt="c") for ex in make_examples(seed + 9, n, "copy", "c")]
+    tasks["copy_c"] = (evaluation.TaskMeta("copy_c", "copy", "c", False), examples)
+  return evaluation.InMemoryTaskSource(tasks, CharVocabulary(vocab_size),
+                                       suites={"fake_suite": [t for t in tasks if t != "copy_c"]})
 
 
 def save_adapter_experts(root: str, base_params, t5_config, seeds: Sequence[int],
