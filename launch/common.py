@@ -103,14 +103,15 @@ class Runner:
     self.out = out or sys.stdout
     self.commands: list[str] = []
 
-  def _echo(self, text: str) -> None:
+  def echo(self, text: str) -> None:
+    """Prints `+ text` (and keeps it)."""
     self.commands.append(text)
     print(f"+ {text}", file=self.out, flush=True)
 
   def run(self, argv: Sequence[str], *, check: bool = True, capture: bool = False,
           dry_value: str = "") -> str:
     """Runs `argv`; returns its stdout when `capture` (`dry_value` in a dry run)."""
-    self._echo(shell_join(argv))
+    self.echo(shell_join(argv))
     if self.dry_run:
       return dry_value
     result = subprocess.run(list(argv), check=False, text=True,
@@ -121,7 +122,7 @@ class Runner:
 
   def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
     """Writes a generated file (a dry run prints it instead)."""
-    self._echo(f"cat > {shlex.quote(path)} <<'EOF'")
+    self.echo(f"cat > {shlex.quote(path)} <<'EOF'")
     if self.dry_run:
       print(text + "EOF", file=self.out, flush=True)
       return
@@ -133,7 +134,7 @@ class Runner:
   def run_parallel(self, commands: Sequence[Sequence[str]]) -> None:
     """Starts every command at once and waits for all (one per TPU worker); fails if any fails."""
     for argv in commands:
-      self._echo(shell_join(argv) + " &")
+      self.echo(shell_join(argv) + " &")
     if self.dry_run:
       print("+ wait", file=self.out, flush=True)
       return

@@ -293,7 +293,7 @@ def run_local(runner: common.Runner, paths: Sequence[str], out=sys.stdout) -> in
   failed = []
   for i, path in enumerate(paths):
     start = time.time()
-    runner._echo(f"bash {shlex.quote(path)}")  # pylint: disable=protected-access
+    runner.echo(f"bash {shlex.quote(path)}")
     if runner.dry_run:
       continue
     code = subprocess.run(["bash", path], check=False).returncode
@@ -319,12 +319,13 @@ def dispatch(args: argparse.Namespace, jobs: Sequence[Any], num_experts: int, sk
   if not jobs:
     print("Nothing to do: every expert is in the library.")
     return 0
-  out_dir = os.path.abspath(args.out_dir or os.path.join(args.model_root, "sweeps", args.name)) \
-      if "://" not in (args.out_dir or args.model_root) else None
-  if out_dir is None:
-    raise common.LaunchError("--out_dir must be a local or shared filesystem path (job scripts are "
-                             "run from it); pass --out_dir=DIR.")
-  gpu_env = args.gpu_env or args.target == "slurm" or (args.target == "k8s" and args.accelerator == "gpu")
+  out_dir = args.out_dir or os.path.join(args.model_root, "sweeps", args.name)
+  if "://" in out_dir:
+    raise common.LaunchError(f"Job scripts go to {out_dir!r}, an object-store URL, but schedulers run "
+                             f"them from a filesystem; pass --out_dir=DIR on a shared filesystem.")
+  out_dir = os.path.abspath(out_dir)
+  gpu_env = (args.gpu_env or (args.target == "slurm" and args.gpus_per_job > 0)
+             or (args.target == "k8s" and args.accelerator == "gpu"))
   scripts = {script_name(j.index): job_script(j, len(jobs), args, gpu_env) for j in jobs}
   runner = common.Runner(args.dry_run)
   if args.target == "k8s":

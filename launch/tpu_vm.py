@@ -106,7 +106,8 @@ def install_script(python: str = "python3.11") -> str:
       # TPU VM images ship an older Python; the package pins CPython 3.11.
       f"(command -v {python} >/dev/null || (sudo apt-get update -q && "
       f"sudo apt-get install -y -q {python} {python}-venv))",
-      f'rm -rf "{repo}" && mkdir -p "{repo}"',
+      # Unpacked over the previous copy (never deleted: a run's relative outputs could live there).
+      f'mkdir -p "{repo}"',
       f'tar -xzf "$HOME/{ARCHIVE_NAME}" -C "{repo}"',
       f'{python} -m venv "{venv}"',
       f'"{venv}/bin/pip" install -q --upgrade pip',
@@ -197,6 +198,9 @@ def do_setup(args: argparse.Namespace, runner: common.Runner) -> None:
 
 def do_run(args: argparse.Namespace, runner: common.Runner, gin_overrides: Sequence[str]) -> None:
   workers = args.num_workers or num_workers(args.accelerator_type)
+  if "://" not in args.model_dir and not os.path.isabs(args.model_dir):
+    raise common.LaunchError(f"--model_dir={args.model_dir!r} is relative; on the workers it would land "
+                             f"inside the shipped checkout. Use gs://BUCKET/... or an absolute path.")
   if workers > 1 and not (args.model_dir.startswith("gs://") or args.model_dir_is_shared):
     raise common.LaunchError(
         f"--model_dir={args.model_dir!r} is local to each worker, but a {workers}-worker slice writes "

@@ -182,6 +182,7 @@ def test_tpu_single_host_has_no_coordinator():
     (["run", "--accelerator_type=v4-32", "--model_dir=/tmp/m", "--gin_file=a.gin"], "gs:// path"),
     (["run", "--accelerator_type=v9-8", "--model_dir=/tmp/m", "--gin_file=a.gin"], "not a known"),
     (["run", "--accelerator_type=v4-8", "--model_dir=/tmp/m"], "needs --gin_file"),
+    (["run", "--accelerator_type=v4-8", "--model_dir=runs/m", "--gin_file=a.gin"], "is relative"),
 ])
 def test_tpu_bad_input(extra, message, capsys):
   code, _ = _tpu_dry_run(*extra)
