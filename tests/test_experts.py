@@ -15,7 +15,8 @@ LORA_ALL = experts.LoraConfig(rank=4, alpha=8.0, targets=("attention_qv", "mlp",
 
 
 def _scores(model, params, batch, expert=None):
-  return np.asarray(model.score_batch(params, batch, expert=expert))
+  # Jitted: eager op-by-op dispatch is far slower than one compile of this tiny model.
+  return np.asarray(jax.jit(model.score_batch)(params, batch, expert=expert))
 
 
 def _randomized(tree, seed):
@@ -56,9 +57,9 @@ def test_gradients_reach_every_expert_leaf_and_only_them(cfg, tiny_config, tiny_
   expert = _randomized(experts.init_expert(cfg, tiny_config, tiny_params), 1)
   model = models.EncoderDecoderModel(network.Transformer(tiny_config), expert_config=cfg)
   batch = random_batch(2)
-  grads_e, grads_p = jax.grad(
+  grads_e, grads_p = jax.jit(jax.grad(
       lambda e, p: model.loss_fn(jax.lax.stop_gradient(p), batch, None, expert=e)[0],
-      argnums=(0, 1))(expert, tiny_params)
+      argnums=(0, 1)))(expert, tiny_params)
   for path, g in traverse_util.flatten_dict(grads_e, sep="/").items():
     assert np.all(np.isfinite(g)) and np.abs(g).max() > 0, path
   assert all(np.abs(g).max() == 0 for g in jax.tree.leaves(grads_p))

@@ -43,14 +43,16 @@ def test_score_choices_equals_scoring_each_pair(tiny_model, tiny_params):
       n = rng.integers(1, lt)
       choices[i, j, :n] = rng.integers(2, 64, n)
       choices[i, j, n] = 1
-  got = np.asarray(tiny_model.score_choices(tiny_params, jnp.asarray(inputs), jnp.asarray(choices)))
+  got = np.asarray(jax.jit(tiny_model.score_choices)(tiny_params, jnp.asarray(inputs),
+                                                      jnp.asarray(choices)))
+  score_pair = jax.jit(tiny_model.score_batch)
   assert got.shape == (b, k) and got[1, 3] == -np.inf
   for i in range(b):
     for j in range(k - (i == 1)):
       tgt = jnp.asarray(choices[i, j][None])
       pair = {"encoder_input_tokens": jnp.asarray(inputs[i][None]), "decoder_target_tokens": tgt,
               "decoder_input_tokens": models.shift_right(tgt)}
-      want = float(tiny_model.score_batch(tiny_params, pair)[0])
+      want = float(score_pair(tiny_params, pair)[0])
       np.testing.assert_allclose(got[i, j], want, rtol=1e-5)
 
 
