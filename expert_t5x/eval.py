@@ -98,10 +98,23 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
   results["output_dir"] = output_dir
   if expected:
     from expert_t5x import results as results_lib  # pylint: disable=g-import-not-at-top
-    report = results_lib.compare_expected(results, results_lib.read_expected(expected))
+    report = results_lib.compare_expected(results, results_lib.read_expected(
+        _resolve_expected(expected)))
     results_lib.write_text(os.path.join(output_dir, ANCHORS_FILE), report["markdown"])
     results["anchors"] = report
   return results
+
+
+def _resolve_expected(path: str) -> str:
+  """An anchors file: as given, else relative to the shipped gin folder (runs/anchors/...)."""
+  if os.path.isfile(path):
+    return path
+  from expert_t5x import gin_utils  # pylint: disable=g-import-not-at-top
+  shipped = os.path.join(gin_utils.shipped_gin_dir(), path)
+  if os.path.isfile(shipped):
+    return shipped
+  raise FileNotFoundError(f"Anchors file '{path}' not found (also looked in "
+                          f"'{gin_utils.shipped_gin_dir()}'); pass a path to an expected.json.")
 
 
 def _configure_vocabulary(vocabulary_path: Optional[str], checkpoint_path: Optional[str],

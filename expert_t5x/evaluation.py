@@ -713,6 +713,19 @@ def _dtype(name: str) -> Any:
   return table[name]
 
 
+_INITS: dict[network.T5Config, Callable] = {}
+
+
+def _random_init(config: network.T5Config) -> Callable:
+  """The jitted parameter initialiser of a config (compiled once per process)."""
+  if config not in _INITS:
+    model = models.EncoderDecoderModel(network.Transformer(config))
+    _INITS[config] = jax.jit(lambda rng: model.get_initial_variables(
+        rng, {"encoder_input_tokens": (1, MIN_BUCKET),
+              "decoder_input_tokens": (1, MIN_BUCKET)})["params"])
+  return _INITS[config]
+
+
 def load_base(checkpoint_path: Optional[str] = None, model_config: Optional[str] = None,
               random_init_seed: Optional[int] = None, dtype: str = "float32",
               config_overrides: Optional[Mapping[str, Any]] = None) -> BaseModel:
@@ -743,11 +756,7 @@ def load_base(checkpoint_path: Optional[str] = None, model_config: Optional[str]
     raise ValueError("No base model: pass checkpoint_path (--checkpoint_path, an HF T5 directory or "
                      "a T5X checkpoint), or model_config and random_init_seed for random parameters.")
   config = network.get_config(model_config, **overrides)
-  model = models.EncoderDecoderModel(network.Transformer(config))
-  variables = jax.jit(lambda rng: model.get_initial_variables(
-      rng, {"encoder_input_tokens": (1, MIN_BUCKET), "decoder_input_tokens": (1, MIN_BUCKET)}))(
-          jax.random.PRNGKey(random_init_seed))
-  params = jax.tree.map(np.asarray, variables["params"])
+  params = jax.tree.map(np.asarray, _random_init(config)(jax.random.PRNGKey(random_init_seed)))
   return BaseModel(params, config, f"random:{model_config}:seed={random_init_seed}",
                    checkpoints.base_fingerprint(params))
 

@@ -1,0 +1,239 @@
+r"""Inference on free inputs (T5X's infer): generate, or score given targets / answer choices, with a
+base model alone or with an expert (a merge is an expert directory too).
+
+Gin::
+
+    python -m expert_t5x.infer --gin_file=runs/infer.gin \
+      --gin.CHECKPOINT_PATH="'/ckpt/t5-xl-lm-adapt'" --gin.EXPERT_PATH="'/lib/experts/merge_top3'" \
+      --gin.INFER_INPUTS="['Is the sky blue? yes or no']" --gin.INFER_OUTPUT_FILE="'/tmp/out.jsonl'"
+
+Command line::
+
+    expert-t5x infer --checkpoint_path /ckpt/t5-xl-lm-adapt --expert /lib/experts/a \
+      --input_file questions.jsonl --mode score --output_file scores.jsonl
+
+Inputs are strings, or JSONL objects with `inputs` and optionally `targets` or `answer_choices`
+(a plain text file gives one input per line). Modes: `predict` (greedy decoding) and `score`
+(summed log-probs incl. EOS of each answer choice, or of `targets`; the argmax choice is `pred`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from expert_t5x import aggregation
+from expert_t5x import evaluation
+from expert_t5x import partitioning
+from expert_t5x import results as results_lib
+
+MODES = ("predict", "score")
+
+
+def read_inputs(path: str) -> list[dict[str, Any]]:
+  """A `.jsonl` file of objects with `inputs` (+ `targets` / `answer_choices`), or plain text."""
+  with open(path, encoding="utf-8") as f:
+    lines = [line.rstrip("\n") for line in f if line.strip()]
+  if not path.endswith(".jsonl"):
+    return [{"inputs": line} for line in lines]
+  rows = []
+  for i, line in enumerate(lines, 1):
+    row = json.loads(line)
+    if not isinstance(row, dict) or "inputs" not in row:
+      raise ValueError(f"'{path}' line {i}: expected a JSON object with an 'inputs' field.")
+    rows.append(row)
+  return rows
+
+
+def make_vocabulary(vocabulary_path: Optional[str], checkpoint_path: Optional[str]) -> Any:
+  """'bytes' -> seqio.ByteVocabulary; a SentencePiece file (default: the checkpoint's)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from expert_t5x import checkpoints  # pylint: disable=g-import-not-at-top
+  if vocabulary_path == "bytes":
+    return seqio.ByteVocabulary()
+  path = vocabulary_path or (checkpoints.find_vocab(checkpoint_path) if checkpoint_path else None)
+  if not path:
+    raise ValueError("No vocabulary: pass vocabulary_path (--vocabulary_path: a SentencePiece "
+                     "spiece.model, or 'bytes' for the byte vocabulary of the demo tasks).")
+  return seqio.SentencePieceVocabulary(path)
+
+
+def infer(*, output_file: Optional[str] = None, inputs: Sequence[Any] = (),
+          input_file: Optional[str] = None, mode: str = "predict",
+          checkpoint_path: Optional[str] = None, model_config: Optional[str] = None,
+          random_init_seed: Optional[int] = None,
+          config_overrides: Optional[Mapping[str, Any]] = None,
+          expert_path: Optional[str] = None, vocabulary_path: Optional[str] = None,
+          batch_size: int = 8, max_input_length: int = 512, max_decode_length: int = 128,
+          scoring: str = "sum", logit_vocab_limit: Optional[int] = None, num_partitions: int = 1,
+          dtype: str = "float32", allow_base_mismatch: bool = False,
+          vocabulary: Any = None) -> list[dict[str, Any]]:
+  """Runs the base (+ expert) on free inputs; writes and returns one record per input.
+
+  Returns:
+    `predict`: {'inputs', 'prediction'}; `score`: {'inputs', 'choices', 'scores', 'pred'}.
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
+  rows = [r if isinstance(r, Mapping) else {"inputs": str(r)} for r in inputs]
+  if input_file:
+    rows += read_inputs(input_file)
+  if not rows:
+    raise ValueError("No inputs: pass inputs (INFER_INPUTS / --inputs) or an input_file.")
+  options = evaluation.ScoringOptions(scoring=scoring, logit_vocab_limit=logit_vocab_limit)
+  base = evaluation.load_base(checkpoint_path, model_config, random_init_seed, dtype,
+                              config_overrides)
+  vocabulary = vocabulary or make_vocabulary(vocabulary_path, checkpoint_path)
+  specs = evaluation.load_expert_specs([expert_path]) if expert_path else []
+  evaluation.check_expert_bases(specs, base.fingerprint, allow_base_mismatch)
+  evaluation.check_vocabulary("infer inputs", vocabulary, base.config.vocab_size, options,
+                              {"the base checkpoint": base.vocab_fingerprint})
+  partitioner = partitioning.PjitPartitioner(num_partitions=num_partitions)
+  scorer = evaluation.Scorer(base.config, base.params, partitioner, options)
+  scorer.set_chunk(evaluation.Chunk(specs))
+  lengths = {"inputs": max_input_length, "targets": None}
+  if mode == "predict":
+    out = _predict(scorer, rows, vocabulary, lengths, batch_size, max_decode_length)
+  else:
+    out = _score(scorer, rows, vocabulary, lengths, batch_size, options)
+  if output_file:
+    results_lib.write_jsonl(output_file, out)
+  return out
+
+
+def _predict(scorer, rows, vocabulary, lengths, batch_size, max_decode_length):
+  examples = [{"inputs": r["inputs"], "targets": ""} for r in rows]
+  encoded, _ = evaluation.encode_examples(examples, vocabulary, lengths, scoring=False)
+  texts: dict[int, str] = {}
+  for batch in evaluation.make_batches(encoded, batch_size, scoring=False):
+    decodes = scorer.generate(batch, max_decode_length)  # [B, 1, L]
+    for r, row in enumerate(batch.rows):
+      if row >= 0:
+        texts[int(row)] = evaluation._decode_text(vocabulary, decodes[r, 0])  # pylint: disable=protected-access
+  return [{"inputs": r["inputs"], "prediction": texts[i]} for i, r in enumerate(rows)]
+
+
+def _score(scorer, rows, vocabulary, lengths, batch_size, options):
+  choices = []
+  for i, r in enumerate(rows):
+    c = r.get("answer_choices") or ([r["targets"]] if r.get("targets") is not None else [])
+    if not c:
+      raise ValueError(f"Input {i} has neither 'answer_choices' nor 'targets' to score; mode "
+                       "'score' needs one of them (or use mode 'predict').")
+    choices.append([str(x) for x in c])
+  examples = [{"inputs": r["inputs"], "answer_choices": c} for r, c in zip(rows, choices)]
+  encoded, _ = evaluation.encode_examples(examples, vocabulary, lengths, scoring=True)
+  scores: dict[int, np.ndarray] = {}
+  for batch in evaluation.make_batches(encoded, batch_size, scoring=True):
+    out = scorer.score(batch)  # [B, 1, K]
+    for r, row in enumerate(batch.rows):
+      if row >= 0:
+        scores[int(row)] = out[r, 0]
+  records = []
+  for i, (r, c) in enumerate(zip(rows, choices)):
+    s = np.asarray(scores[i][:len(c)], np.float64)
+    if options.scoring == "per_char":
+      s = aggregation.per_char_scores(s, c)
+    records.append({"inputs": r["inputs"], "choices": c, "scores": s.tolist(),
+                    "pred": int(aggregation.predict(s)), "scoring": options.scoring})
+  return records
+
+
+# ------------------------------------------------------------------------------------ entry
+
+
+_GIN_INFER = None
+
+
+def main(argv: Sequence[str]) -> None:
+  """absl main for `python -m expert_t5x.infer --gin_file=...`."""
+  del argv
+  import gin  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from expert_t5x import gin_utils  # pylint: disable=g-import-not-at-top
+  global _GIN_INFER
+  if _GIN_INFER is None:
+    _GIN_INFER = gin.configurable(infer)
+  try:
+    gin_utils.parse_gin_flags(flags.FLAGS.gin_search_paths, flags.FLAGS.gin_file,
+                              flags.FLAGS.gin_bindings)
+    if flags.FLAGS.gin_parse_only:
+      print(gin_utils.summarize_gin_config())
+      return
+    for record in _GIN_INFER():
+      print(results_lib.dumps(record))
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    print(f"expert_t5x.infer: {e.args[0] if isinstance(e, KeyError) and e.args else e}",
+          file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def gin_main(argv: Optional[Sequence[str]] = None) -> int:
+  from expert_t5x import gin_utils  # pylint: disable=g-import-not-at-top
+  gin_utils.define_flags()
+  try:
+    gin_utils.run(main, argv)
+  except SystemExit as e:
+    return int(e.code or 0)
+  return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="expert-t5x infer",
+                              description="Generate or score free inputs with a base + expert.")
+  p.add_argument("--inputs", nargs="*", default=[], help="input strings")
+  p.add_argument("--input_file", help=".jsonl with inputs (+ targets/answer_choices) or .txt")
+  p.add_argument("--mode", default="predict", choices=MODES)
+  p.add_argument("--output_file", help="write records as JSONL (also printed)")
+  p.add_argument("--checkpoint_path")
+  p.add_argument("--model_config")
+  p.add_argument("--random_init_seed", type=int)
+  p.add_argument("--vocab_size", type=int)
+  p.add_argument("--expert", help="an expert or merge directory")
+  p.add_argument("--vocabulary_path", help="spiece.model, or 'bytes'")
+  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--max_input_length", type=int, default=512)
+  p.add_argument("--max_decode_length", type=int, default=128)
+  p.add_argument("--scoring", default="sum", choices=("sum", "mean", "per_char"))
+  p.add_argument("--logit_vocab_limit", type=int)
+  p.add_argument("--num_partitions", type=int, default=1)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--allow_base_mismatch", action="store_true")
+  return p
+
+
+def cli_main(argv: Optional[Sequence[str]] = None) -> int:
+  """`expert-t5x infer ...` (`--gin_file` switches to the gin entry point)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if any(a.startswith("--gin_file") for a in argv):
+    return gin_main(["expert-t5x infer"] + argv)
+  args = _parser().parse_args(argv)
+  try:
+    records = infer(
+        output_file=args.output_file, inputs=args.inputs, input_file=args.input_file,
+        mode=args.mode, checkpoint_path=args.checkpoint_path, model_config=args.model_config,
+        random_init_seed=args.random_init_seed,
+        config_overrides={"vocab_size": args.vocab_size} if args.vocab_size else None,
+        expert_path=args.expert, vocabulary_path=args.vocabulary_path,
+        batch_size=args.batch_size, max_input_length=args.max_input_length,
+        max_decode_length=args.max_decode_length, scoring=args.scoring,
+        logit_vocab_limit=args.logit_vocab_limit, num_partitions=args.num_partitions,
+        dtype=args.dtype, allow_base_mismatch=args.allow_base_mismatch)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    print(f"expert-t5x infer: {e.args[0] if isinstance(e, KeyError) and e.args else e}",
+          file=sys.stderr)
+    return 2
+  for record in records:
+    print(results_lib.dumps(record))
+  return 0
+
+
+if __name__ == "__main__":
+  # As in expert_t5x.eval: gin binds the canonical module's `infer`.
+  from expert_t5x import infer as _infer_module  # pylint: disable=g-import-not-at-top
+  sys.exit(_infer_module.gin_main(sys.argv))
