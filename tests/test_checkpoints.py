@@ -25,6 +25,14 @@ def config():
   return network.get_config("tiny", vocab_size=VOCAB)
 
 
+def _subprocess_env(**extra):
+  """Environment for a child interpreter that imports this checkout's package."""
+  import expert_t5x
+  root = os.path.dirname(os.path.dirname(os.path.abspath(expert_t5x.__file__)))
+  path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+  return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 def random_params(config, seed=0):
   rng = np.random.default_rng(seed)
   flat = {name: rng.normal(size=shape).astype(np.float32)
@@ -338,7 +346,7 @@ def test_export_folds_expert(tmp_path, params, config):
 def test_import_does_not_load_tf_seqio_or_torch():
   code = ("import sys; import expert_t5x.checkpoints; "
           "print([m for m in ('tensorflow', 'seqio', 'torch') if m in sys.modules])")
-  out = subprocess.run([sys.executable, "-c", code], check=True,
+  out = subprocess.run([sys.executable, "-c", code], check=True, env=_subprocess_env(),
                        capture_output=True, text=True).stdout.strip()
   assert out == "[]"
 

@@ -12,6 +12,14 @@ import pytest
 from expert_t5x import expert_format as ef
 
 
+def _subprocess_env(**extra):
+  """Environment for a child interpreter that imports this checkout's package."""
+  import expert_t5x
+  root = os.path.dirname(os.path.dirname(os.path.abspath(expert_t5x.__file__)))
+  path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+  return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 def _adapter_tree(seed=0):
   rng = np.random.default_rng(seed)
   return {
@@ -181,7 +189,7 @@ def test_hash_stable_across_processes(tmp_path):
   code = ("import sys; from expert_t5x import expert_format as ef; "
           "p, m = ef.load_expert(sys.argv[1]); "
           "print(ef.tree_digest(p), m['content_hash'])")
-  env = dict(os.environ, PYTHONHASHSEED="12345")
+  env = _subprocess_env(PYTHONHASHSEED="12345")
   out = subprocess.run([sys.executable, "-c", code, str(path)], env=env,
                        check=True, capture_output=True, text=True).stdout.split()
   assert out == [content_hash, content_hash]
@@ -192,6 +200,6 @@ def test_model_code_free_imports():
   code = ("import sys; import expert_t5x.expert_format; "
           "print([m for m in ('tensorflow', 'seqio', 'jax', 'flax') "
           "if m in sys.modules])")
-  out = subprocess.run([sys.executable, "-c", code], check=True,
+  out = subprocess.run([sys.executable, "-c", code], check=True, env=_subprocess_env(),
                        capture_output=True, text=True).stdout.strip()
   assert out == "[]"
