@@ -63,31 +63,72 @@ EXPERT_TYPES: dict[str, ExpertType] = {
                                   "@adapter", True),
 }
 
-# Per-expert settings of a grid (canonical name -> the trainer's gin macro).
-SETTING_MACROS = {
-    "learning_rate": "LEARNING_RATE",
+# Per-expert settings of the grid file by name -> the trainer's gin binding.
+SETTING_BINDINGS = {
+    "learning_rate": "optimizers.create_learning_rate_scheduler.base_learning_rate",
     "num_epochs": "NUM_EPOCHS",
     "batch_size": "BATCH_SIZE",
     "task_feature_lengths": "TASK_FEATURE_LENGTHS",
-    "max_examples": "MAX_TRAIN_EXAMPLES",
+    "max_examples": "MAX_EXAMPLES",
 }
 # A stacked job gives the trainer's MIXTURE_OR_TASK_NAME a list of tasks (one per expert).
 STACKED_TASKS_MACRO = "MIXTURE_OR_TASK_NAME"
 # Where the trainer exports experts under MODEL_DIR: one expert, or one per task of a stacked job.
 EXPORT_SUBDIR = "expert"
 STACKED_EXPORT_SUBDIR = "experts"
+# The trainer's per-expert settings of the paper's grid (package data of expert_t5x).
+GRID_SETTINGS_PATH = os.path.join(common.REPO_ROOT, "expert_t5x", "data", "grid.json")
+
+GridEntry = dict[str, Any]
 
 
-def load_grid_settings() -> dict[tuple[str, str | None, str | None], dict[str, Any]]:
-  """The trainer's per-expert settings of the paper's grid; {} (recipe defaults) if it ships none."""
-  return {}
+def load_grid_settings(path: str | None = None) -> list[GridEntry]:
+  """The grid's per-expert settings: a JSON list (or `{"experts": [...]}`) of entries
+
+      {"recipe": "prompt_expert",          # optional: gin/experts/<recipe>.gin it applies to
+       "dataset": "trec", "subset": null,  # the grid's dataset
+       "prompt": null,                     # optional: one prompt; null = every prompt + the DE
+       "gin": {"NUM_EPOCHS": 10},          # gin bindings, and/or
+       "settings": {"learning_rate": 3e-4}}  # names of SETTING_BINDINGS
+
+  Later entries override earlier ones. A missing file means the recipes' defaults everywhere.
+  """
+  path = path or GRID_SETTINGS_PATH
+  if not os.path.isfile(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    try:
+      data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise common.LaunchError(f"Grid settings file {path} is not valid JSON ({e}).") from None
+  entries = data.get("experts") if isinstance(data, Mapping) else data
+  if not isinstance(entries, list) or not all(isinstance(e, Mapping) and "dataset" in e
+                                              for e in entries):
+    raise common.LaunchError(f"Grid settings file {path} must be a list of objects with 'dataset' "
+                             f"(and 'gin' or 'settings'), or {{\"experts\": [...]}}.")
+  for i, entry in enumerate(entries):
+    unknown = sorted(set(entry.get("settings", {})) - set(SETTING_BINDINGS))
+    if unknown:
+      raise common.LaunchError(f"Grid settings file {path} entry {i} has unknown settings {unknown}; "
+                               f"known: {sorted(SETTING_BINDINGS)} (or give gin bindings under 'gin').")
+  return list(entries)
 
 
-def lookup_settings(table: Mapping[tuple[str, str | None, str | None], dict[str, Any]],
-                    expert_type: str, dataset: str, subset: str | None,
+def lookup_settings(entries: Sequence[GridEntry], expert_type: str, dataset: str, subset: str | None,
                     prompt: str | None) -> dict[str, Any]:
-  """Settings of one expert of the grid (empty: the recipe's defaults apply)."""
-  return dict(table.get((expert_type, f"{dataset}/{subset}" if subset else dataset, prompt), {}))
+  """Gin bindings for one expert of the grid (empty: the recipe's defaults apply)."""
+  recipe = os.path.splitext(os.path.basename(EXPERT_TYPES[expert_type].recipe))[0]
+  bindings: dict[str, Any] = {}
+  for entry in entries:
+    if entry.get("recipe") not in (None, recipe):
+      continue
+    if entry["dataset"] != dataset or entry.get("subset") != subset:
+      continue
+    if entry.get("prompt") is not None and entry["prompt"] != prompt:
+      continue
+    bindings.update({SETTING_BINDINGS[k]: v for k, v in entry.get("settings", {}).items()})
+    bindings.update(entry.get("gin", {}))
+  return bindings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,11 +139,11 @@ class Expert:
   dataset: str | None
   subset: str | None
   prompt: str | None
-  settings: tuple[tuple[str, Any], ...] = ()
+  settings: tuple[tuple[str, str], ...] = ()  # gin binding -> JSON value (see _freeze)
 
   @property
   def settings_dict(self) -> dict[str, Any]:
-    return dict(self.settings)
+    return {k: json.loads(v) for k, v in self.settings}
 
 
 @dataclasses.dataclass
@@ -129,31 +170,16 @@ class Job:
 # ----------------------------------------------------------------------------
 
 
-def _freeze(settings: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-  def hashable(v):
-    return tuple(sorted(v.items())) if isinstance(v, Mapping) else v
-  return tuple(sorted((k, hashable(v)) for k, v in settings.items()))
-
-
-def _thaw(value: Any) -> Any:
-  if isinstance(value, tuple) and value and all(isinstance(p, tuple) and len(p) == 2 for p in value):
-    return dict(value)
-  return value
-
-
-def grid_settings_table() -> dict[tuple[str, str | None, str | None], dict[str, Any]]:
-  """The trainer's per-expert settings of the paper's grid, keyed (expert kind, dataset key, prompt).
-
-  Read from the trainer's data file; an empty table (recipe defaults everywhere) if it is absent.
-  """
-  return load_grid_settings()
+def _freeze(settings: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+  """Settings as a hashable, ordered key (values as JSON), so equal settings group together."""
+  return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in settings.items()))
 
 
 def paper_grid(expert_type: str) -> list[Expert]:
   """The paper's experts: 296 prompt experts or 36 dataset experts, with per-expert settings."""
   names = common.task_names()
   kind = EXPERT_TYPES[expert_type]
-  table = grid_settings_table()
+  table = load_grid_settings()
   experts = []
   for entry in common.read_seqio_data("t0_train_296.json"):
     ds, sub = entry["dataset"], entry["subset"]
@@ -248,8 +274,8 @@ def train_argv(group: Sequence[Expert], expert_type: str, model_dir: str, args: 
     argv.append(common.gin_flag("MIXTURE_OR_TASK_NAME", group[0].task))
   else:
     argv.append(common.gin_flag(STACKED_TASKS_MACRO, [e.task for e in group]))
-  for key, value in group[0].settings:  # shared by the whole group (grouping guarantees it)
-    argv.append(common.gin_flag(SETTING_MACROS[key], _thaw(value)))
+  # Shared by the whole group (grouping guarantees it).
+  argv += [common.gin_flag(k, v) for k, v in group[0].settings_dict.items()]
   return argv + list(gin_overrides)
 
 

@@ -617,3 +617,70 @@ def test_suite_experts_follow_the_suite(tmp_path):
   args, gin = _args(tmp_path, "list", "--suite=demo_train", "--expert_type=dataset_adapter")
   with pytest.raises(common.LaunchError, match="unknown task"):
     sweep.select_experts(args)
+
+
+# ----------------------------------------------------------------------------
+# Sweeps: the grid's per-expert settings.
+# ----------------------------------------------------------------------------
+
+
+def test_grid_settings_reach_commands_and_split_groups(tmp_path, monkeypatch):
+  path = tmp_path / "grid.json"
+  path.write_text(json.dumps({"experts": [
+      {"recipe": "prompt_expert", "dataset": "trec", "subset": None, "prompt": None,
+       "settings": {"num_epochs": 10}},
+      {"recipe": "prompt_expert", "dataset": "app_reviews", "subset": None,
+       "prompt": "convert_to_rating", "settings": {"learning_rate": 3e-4}},
+      {"dataset": "xsum", "subset": None,
+       "gin": {"TASK_FEATURE_LENGTHS": {"inputs": 512, "targets": 128}, "MAX_EXAMPLES": 10000}},
+      {"recipe": "dataset_expert", "dataset": "trec", "subset": None, "settings": {"batch_size": 64}},
+  ]}))
+  monkeypatch.setattr(sweep, "GRID_SETTINGS_PATH", str(path))
+  experts = {e.id: e.settings_dict for e in sweep.paper_grid("prompt")}
+  assert sum(s == {"NUM_EPOCHS": 10} for s in experts.values()) == 18
+  assert experts["app_reviews_convert_to_rating"] == {
+      "optimizers.create_learning_rate_scheduler.base_learning_rate": 3e-4}
+  assert experts["app_reviews_convert_to_star_rating"] == {}
+  xsum = [s for i, s in experts.items() if i.startswith("xsum_")]
+  assert len(xsum) == 10 and all(s["MAX_EXAMPLES"] == 10000 for s in xsum)
+  assert sum(bool(s) for s in experts.values()) == 18 + 1 + 10
+
+  args, gin = _args(tmp_path, "list", "--grid=paper", "--stack=8", "--only=^(trec|app_reviews)")
+  jobs, _ = sweep.build_jobs(sweep.select_experts(args), args, gin)
+  assert sorted(len(j.experts) for j in jobs) == [1, 2, 3, 8, 8]  # 18 trec, 3 + 1 app_reviews
+  trec_job = next(j for j in jobs if j.experts[0].id.startswith("trec"))
+  assert "--gin.NUM_EPOCHS=10" in trec_job.argv
+  lr_job = next(j for j in jobs if j.experts[0].id == "app_reviews_convert_to_rating")
+  assert "--gin.optimizers.create_learning_rate_scheduler.base_learning_rate=0.0003" in lr_job.argv
+
+  dataset = {e.id: e.settings_dict for e in sweep.paper_grid("dataset")}
+  assert dataset["trec"] == {"BATCH_SIZE": 64}  # the PE-only epochs do not apply to the DE
+  assert dataset["xsum"]["TASK_FEATURE_LENGTHS"] == {"inputs": 512, "targets": 128}
+
+
+def test_bad_grid_settings_file(tmp_path, monkeypatch):
+  path = tmp_path / "grid.json"
+  path.write_text(json.dumps([{"dataset": "trec", "settings": {"epochs": 10}}]))
+  monkeypatch.setattr(sweep, "GRID_SETTINGS_PATH", str(path))
+  with pytest.raises(common.LaunchError, match="unknown settings"):
+    sweep.paper_grid("prompt")
+
+
+@pytest.mark.skipif(not os.path.isfile(sweep.GRID_SETTINGS_PATH),
+                    reason="the trainer ships no grid settings file yet")
+def test_shipped_grid_settings_match_the_paper():
+  """Compared with the paper's configs as counted in the reference (elm_method.md section 3):
+  lr 3e-4 for two PEs (an app_reviews and a samsum prompt), 10 epochs for the 18 trec PEs and one
+  quartz PE, 512-token inputs for the long-input datasets."""
+  experts = sweep.paper_grid("prompt")
+  lr = [e.dataset for e in experts
+        if e.settings_dict.get(sweep.SETTING_BINDINGS["learning_rate"]) == 3e-4]
+  assert sorted(lr) == ["app_reviews", "samsum"]
+  ten = [e for e in experts if e.settings_dict.get("NUM_EPOCHS") == 10]
+  assert len(ten) == 19 and sum(e.dataset == "trec" for e in ten) == 18
+  assert sum(e.dataset == "quartz" for e in ten) == 1
+  long_inputs = {"cnn_dailymail", "hotpot_qa", "multi_news", "samsum", "wiki_bio", "wiki_qa", "xsum",
+                 "common_gen", "duorc"}
+  for e in experts:
+    inputs = e.settings_dict.get("TASK_FEATURE_LENGTHS", {}).get("inputs", 256)
+    assert (inputs == 512) == (e.dataset in long_inputs), e.id
