@@ -284,3 +284,19 @@ def test_bad_inputs_fail_with_one_clear_line(base, source, expert_dirs, tmp_path
     evaluation.ScoringOptions(scoring="acc_norm")
   with pytest.raises(ValueError, match="No base model"):
     evaluation.load_base(model_config="tiny")
+
+
+@pytest.mark.multidevice
+def test_sharded_4x2_mesh_equals_single_device_pair_scores():
+  # Runs tests/eval_multidevice_check.py in its own process with 8 fake CPU devices: the evaluator
+  # (data-parallel batches, model-parallel parameters, stacked experts) against per-pair
+  # `score_batch` on one device.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  script = os.path.join(os.path.dirname(__file__), "eval_multidevice_check.py")
+  proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "OK" in proc.stdout
