@@ -36,7 +36,7 @@ class LaunchError(ValueError):
 def gin_literal(value: Any) -> str:
   """A Python value as a gin literal: strings double-quoted, dicts/tuples as Python literals.
 
-  Double quotes keep shell quoting to one readable level: `'--gin.MODEL_DIR="gs://b/m"'`.
+  Double quotes keep shell quoting to one readable level: `'--gin.MODEL_DIR="/runs/m"'`.
   """
   if isinstance(value, str):
     return json.dumps(value)  # a JSON string is also a Python (so gin) string literal

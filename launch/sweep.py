@@ -315,7 +315,7 @@ def build_jobs(experts: Sequence[Expert], args: argparse.Namespace,
 
 
 def _join(root: str, *parts: str) -> str:
-  return root.rstrip("/") + "/" + "/".join(parts) if "://" in root else os.path.join(root, *parts)
+  return os.path.join(root, *parts)
 
 
 # ----------------------------------------------------------------------------
@@ -394,6 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "://" in args.library:
       raise common.LaunchError(f"--library={args.library!r} is an object-store URL; libraries need a "
                                f"POSIX filesystem shared by the jobs (NFS, Filestore, Lustre).")
+    if "://" in args.model_root:
+      raise common.LaunchError(f"--model_root={args.model_root!r} is an object-store URL; the trainer "
+                               f"writes MODEL_DIR and the exported experts through the filesystem, so "
+                               f"use a path shared by the jobs (NFS, Filestore, a gcsfuse mount).")
     args.name = sweep_targets.sweep_name(args)
     experts = select_experts(args)
     jobs, skipped = build_jobs(experts, args, gin_overrides)

@@ -192,7 +192,8 @@ def _yaml_dump(docs: Sequence[dict[str, Any]]) -> str:
   import yaml  # pylint: disable=g-import-not-at-top
 
   class Dumper(yaml.SafeDumper):
-    pass
+    def ignore_aliases(self, data):  # plain copies, no &anchors, in a file people read
+      return True
 
   Dumper.add_representer(
       _Literal, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", str(s), style="|"))
@@ -210,8 +211,7 @@ def k8s_manifest(args: argparse.Namespace, scripts: dict[str, str]) -> str:
     raise common.LaunchError("k8s needs --image=IMAGE: a container image with this package installed "
                              "(e.g. built from the repository with `pip install -e .[cuda]`).")
   if args.pvc:
-    outside = [p for p in (args.library, args.model_root)
-               if "://" not in p and not _under(p, args.mount_path)]
+    outside = [p for p in (args.library, args.model_root) if not _under(p, args.mount_path)]
     if outside:
       raise common.LaunchError(f"{outside} are not under --mount_path={args.mount_path}, where --pvc is "
                                f"mounted, so pods cannot share them; put them under {args.mount_path}/.")

@@ -1,4 +1,4 @@
-# python -m launch.tpu_vm up --name=my-tpu --zone=us-central2-b --accelerator_type=v4-32 --model_dir=gs://BUCKET/runs/pe --gin_file=experts/prompt_expert.gin --gin.MIXTURE_OR_TASK_NAME="'cosmos_qa_no_prompt_text'" --dry_run
+# python -m launch.tpu_vm up --name=my-tpu --zone=us-central2-b --accelerator_type=v4-32 --model_dir=/mnt/shared/runs/pe --model_dir_is_shared --gin_file=experts/prompt_expert.gin --gin.MIXTURE_OR_TASK_NAME="'cosmos_qa_no_prompt_text'" --dry_run
 """Cloud TPU VM launcher: create a VM or slice, install the package, train on every worker.
 
 Subcommands (each prints every gcloud command before running it; `--dry_run` only prints):
@@ -12,7 +12,8 @@ Subcommands (each prints every gcloud command before running it; `--dry_run` onl
   up       create + setup + run
   delete   delete the VM
 
-A rerun of `run` with the same `--model_dir` resumes from its latest checkpoint (the trainer does
+A multi-host slice needs a MODEL_DIR that every worker sees (mount a Filestore share or a bucket
+through gcsfuse on the workers). A rerun of `run` with the same `--model_dir` resumes from its latest checkpoint (the trainer does
 that on its own), so preempted Spot slices are resumed by running the same command again.
 """
 
@@ -198,13 +199,19 @@ def do_setup(args: argparse.Namespace, runner: common.Runner) -> None:
 
 def do_run(args: argparse.Namespace, runner: common.Runner, gin_overrides: Sequence[str]) -> None:
   workers = args.num_workers or num_workers(args.accelerator_type)
-  if "://" not in args.model_dir and not os.path.isabs(args.model_dir):
-    raise common.LaunchError(f"--model_dir={args.model_dir!r} is relative; on the workers it would land "
-                             f"inside the shipped checkout. Use gs://BUCKET/... or an absolute path.")
-  if workers > 1 and not (args.model_dir.startswith("gs://") or args.model_dir_is_shared):
+  if "://" in args.model_dir:
     raise common.LaunchError(
-        f"--model_dir={args.model_dir!r} is local to each worker, but a {workers}-worker slice writes "
-        f"one checkpoint together; use a gs:// path, or pass --model_dir_is_shared for a shared mount.")
+        f"--model_dir={args.model_dir!r} is an object-store URL, but the trainer writes MODEL_DIR "
+        f"through the filesystem; mount the bucket (gcsfuse) or a Filestore share on every worker and "
+        f"pass its path, e.g. --model_dir=/mnt/shared/runs/x --model_dir_is_shared.")
+  if not os.path.isabs(args.model_dir):
+    raise common.LaunchError(f"--model_dir={args.model_dir!r} is relative; on the workers it would land "
+                             f"inside the shipped checkout. Use an absolute path.")
+  if workers > 1 and not args.model_dir_is_shared:
+    raise common.LaunchError(
+        f"--model_dir={args.model_dir!r} must be shared by all {workers} workers, which write one "
+        f"checkpoint together; mount a shared filesystem (Filestore, gcsfuse) on every worker and pass "
+        f"--model_dir_is_shared.")
   script = worker_script(args, train_argv(args, gin_overrides), workers)
   local = os.path.join(args.archive_dir, worker_script_name(args.name))
   runner.write_file(local, script)
@@ -241,7 +248,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--python", default="python3.11", help="Python interpreter to install/use")
   parser.add_argument("--gin_file", action="append", default=[], help="trainer gin file (repeatable)")
   parser.add_argument("--gin_search_paths", help="comma-separated gin search paths for the trainer")
-  parser.add_argument("--model_dir", help="MODEL_DIR; gs://... for multi-host slices")
+  parser.add_argument("--model_dir", help="MODEL_DIR: an absolute path (shared by all workers of a "
+                      "multi-host slice: a Filestore or gcsfuse mount)")
   parser.add_argument("--model_dir_is_shared", action="store_true",
                       help="the model_dir is a filesystem shared by all workers")
   parser.add_argument("--coordinator_ip", help="override worker 0's internal IP")
@@ -264,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("run", "up"):
       if not args.gin_file or not args.model_dir:
         raise common.LaunchError(f"`{args.command}` needs --gin_file=... and --model_dir=...; e.g. "
-                                 f"--gin_file=experts/prompt_expert.gin --model_dir=gs://BUCKET/runs/x.")
+                                 f"--gin_file=experts/prompt_expert.gin --model_dir=/mnt/shared/runs/x.")
     if args.command in ("create", "up"):
       do_create(args, runner)
     if args.command in ("setup", "up"):

@@ -125,7 +125,8 @@ def _tpu_dry_run(*extra):
 
 
 def test_tpu_up_multi_host_dry_run(tmp_path):
-  code, out = _tpu_dry_run("up", "--accelerator_type=v4-32", "--spot", "--model_dir=gs://b/runs/pe",
+  code, out = _tpu_dry_run("up", "--accelerator_type=v4-32", "--spot", "--model_dir=/mnt/shared/runs/pe",
+                           "--model_dir_is_shared",
                            "--gin_file=experts/prompt_expert.gin", f"--archive_dir={tmp_path}",
                            "--gin.MIXTURE_OR_TASK_NAME=\"cosmos_qa_no_prompt_text\"")
   assert code == 0
@@ -145,7 +146,8 @@ def test_tpu_up_multi_host_dry_run(tmp_path):
 
 def test_tpu_worker_script_passes_coordinator_flags(tmp_path):
   """Runs the generated worker script with a fake venv python that prints its argv."""
-  _, out = _tpu_dry_run("run", "--accelerator_type=v5litepod-16", "--model_dir=gs://b/m 1",
+  _, out = _tpu_dry_run("run", "--accelerator_type=v5litepod-16", "--model_dir=/mnt/shared/m 1",
+                        "--model_dir_is_shared",
                         "--gin_file=experts/prompt_expert.gin", "--gin_file=runs/extra.gin",
                         "--gin.TASK_FEATURE_LENGTHS={'inputs': 512, 'targets': 128}")
   script = next(iter(_heredocs(out).values()))
@@ -164,7 +166,7 @@ def test_tpu_worker_script_passes_coordinator_flags(tmp_path):
   cwd, *argv = json.loads(result.stdout)
   assert cwd == str(home / "expert_t5x")
   assert argv == ["-m", "expert_t5x.train", "--gin_file=experts/prompt_expert.gin",
-                  "--gin_file=runs/extra.gin", '--gin.MODEL_DIR="gs://b/m 1"',
+                  "--gin_file=runs/extra.gin", '--gin.MODEL_DIR="/mnt/shared/m 1"',
                   "--gin.TASK_FEATURE_LENGTHS={'inputs': 512, 'targets': 128}",
                   "--coordinator_address=10.1.2.3:8476", "--process_count=4", "--process_index=2"]
 
@@ -179,7 +181,8 @@ def test_tpu_single_host_has_no_coordinator():
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["run", "--accelerator_type=v4-32", "--model_dir=/tmp/m", "--gin_file=a.gin"], "gs:// path"),
+    (["run", "--accelerator_type=v4-32", "--model_dir=/tmp/m", "--gin_file=a.gin"], "must be shared"),
+    (["run", "--accelerator_type=v4-8", "--model_dir=gs://b/m", "--gin_file=a.gin"], "object-store"),
     (["run", "--accelerator_type=v9-8", "--model_dir=/tmp/m", "--gin_file=a.gin"], "not a known"),
     (["run", "--accelerator_type=v4-8", "--model_dir=/tmp/m"], "needs --gin_file"),
     (["run", "--accelerator_type=v4-8", "--model_dir=runs/m", "--gin_file=a.gin"], "is relative"),
@@ -344,9 +347,11 @@ def test_sweep_bad_input(tmp_path, extra, message):
     sweep.build_jobs(sweep.select_experts(args), args, gin)
 
 
-def test_sweep_refuses_object_store_library(tmp_path, capsys):
+def test_sweep_refuses_object_store_paths(tmp_path, capsys):
   code = sweep.main(["list", "--grid=paper", "--library=gs://b/lib", f"--model_root={tmp_path}"])
   assert code == 2 and "POSIX" in capsys.readouterr().err
+  code = sweep.main(["list", "--grid=paper", f"--library={tmp_path}", "--model_root=gs://b/runs"])
+  assert code == 2 and "through the filesystem" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------
