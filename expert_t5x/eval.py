@@ -22,7 +22,6 @@ Writes `predictions.jsonl`, `results.json`, `results.csv`, `results.md` and (sev
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys

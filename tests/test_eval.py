@@ -300,3 +300,31 @@ def test_sharded_4x2_mesh_equals_single_device_pair_scores():
                         timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "OK" in proc.stdout
+
+
+def test_merged_expert_is_evaluated_like_any_expert(base, source, expert_dirs, tmp_path):
+  # A uniform merge written by expert_t5x.merging: evaluated as an expert, its recipe recorded, and
+  # its scores equal those of the parameter average stacked in memory (independent of the files).
+  from expert_t5x import merging  # pylint: disable=g-import-not-at-top
+  merged = str(tmp_path / "merged")
+  merging.merge_expert_dirs(expert_dirs[:2], merged, "uniform")
+  res = _run(tmp_path / "m", base, source, tasks="qa_q1", expert_paths=[merged],
+             bootstrap_samples=0)
+  assert res["experts"][0]["id"] == "merged" and res["experts"][0]["merge"]["method"] == "uniform"
+  trees = [expert_format.load_expert(p)[0] for p in expert_dirs[:2]]
+  average = jax.tree.map(lambda a, b: (a + b) / 2, *trees)
+  model = models.EncoderDecoderModel(network.Transformer(base.config),
+                                     expert_config=experts_lib.AdapterConfig(reduction_factor=4))
+  score = jax.jit(lambda x, c: model.score_choices(base.params, x, c, expert=average))
+  vocab = source.vocabulary("qa_q1")
+  preds = results.read_jsonl(str(tmp_path / "m" / results.PREDICTIONS_FILE))
+  for rec, ex in zip(preds, source.examples("qa_q1", "validation", None)):
+    inputs = np.zeros((1, 64), np.int32)
+    ids = vocab.encode(ex["inputs"]) + [1]
+    inputs[0, :len(ids)] = ids
+    choices = np.zeros((1, 4, 8), np.int32)  # Fixed padding: one compilation.
+    for j, c in enumerate(ex["answer_choices"]):
+      ids = vocab.encode(c) + [1]
+      choices[0, j, :len(ids)] = ids
+    want = np.asarray(score(jnp.asarray(inputs), jnp.asarray(choices)))[0]
+    np.testing.assert_allclose(rec["choice_scores"], want[:len(ex["answer_choices"])], rtol=1e-5)
