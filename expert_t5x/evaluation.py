@@ -596,22 +596,31 @@ def _shard_header(task: TaskMeta, chunk: Chunk, examples: Sequence[Mapping[str, 
           "examples_sha256": digest.hexdigest()}
 
 
-def read_shard(path: str, header: Optional[Mapping[str, Any]] = None
-               ) -> Optional[tuple[dict[str, Any], list[dict]]]:
-  """A completed shard's (first line, records), or None when absent; a shard written with another
-  header is refused. The first line holds `header` and `stats` (truncation counts)."""
-  if not os.path.isfile(path):
-    return None
+def read_shard(path: str) -> tuple[dict[str, Any], list[dict]]:
+  """A completed shard's first line (`header` and truncation `stats`) and its records."""
   lines = results_lib.read_jsonl(path)
   if not lines or "header" not in lines[0]:
     raise ValueError(f"Shard '{path}' has no header line; delete it to recompute it.")
-  if header is not None and results_lib.dumps(lines[0]["header"]) != results_lib.dumps(header):
-    theirs = lines[0]["header"]
+  return lines[0], lines[1:]
+
+
+def shard_done(path: str, header: Mapping[str, Any]) -> bool:
+  """Whether a completed shard for `header` exists (reads its first line only); a shard written
+  with another header is refused rather than silently recomputed or mixed in."""
+  if not os.path.isfile(path):
+    return False
+  with open(path, encoding="utf-8") as f:
+    first = f.readline()
+  try:
+    theirs = json.loads(first)["header"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    raise ValueError(f"Shard '{path}' has no header line; delete it to recompute it.") from None
+  if results_lib.dumps(theirs) != results_lib.dumps(header):
     diff = sorted(k for k in set(theirs) | set(header)
                   if results_lib.dumps(theirs.get(k)) != results_lib.dumps(header.get(k)))
     raise ValueError(f"Shard '{path}' was written with different {diff}; use a new output "
                      "directory, or delete the shards directory to recompute.")
-  return lines[0], lines[1:]
+  return True
 
 
 def _write_shard(path: str, header: Mapping[str, Any], stats: Mapping[str, int],
@@ -805,6 +814,10 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
     progress: show a progress bar with rate and ETA.
     task_source: tasks and examples (default: the registered seqio_tasks).
   """
+  if jax.process_count() > 1:
+    raise ValueError(f"Evaluation runs in one process (this job has {jax.process_count()}); on a "
+                     "multi-host slice run it on one host with its local devices, or split the "
+                     "experts or tasks over hosts with one output directory each.")
   feature_lengths = dict(DEFAULT_FEATURE_LENGTHS if feature_lengths is None else feature_lengths)
   specs = load_expert_specs(list(expert_paths), expert_names)
   include_base = (not specs) if include_base is None else include_base
@@ -826,45 +839,52 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
   known_vocabs = {"the base checkpoint": base.vocab_fingerprint}
   known_vocabs.update({f"expert {s.id!r}": (s.metadata.get("base") or {}).get("vocab_fingerprint")
                        for s in specs})
-  scorer = Scorer(base.config, base.params, partitioner, options)
+  # Every task's examples and vocabulary are checked before any work, so a bad task fails fast.
+  loaded = []
+  for meta in metas:
+    vocabulary = source.vocabulary(meta.name)
+    check_vocabulary(meta.name, vocabulary, base.config.vocab_size, options, known_vocabs)
+    loaded.append((meta, source.examples(meta.name, split, max_examples), vocabulary))
   os.makedirs(output_dir, exist_ok=True)
-  bar = _progress_bar(progress)
+  todo = []  # (meta, examples, vocabulary, [(chunk, path, header)]) of shards still to compute.
+  for meta, examples, vocabulary in loaded:
+    pending = []
+    for chunk in chunks:
+      path = _shard_path(output_dir, chunk, meta.name)
+      header = _shard_header(meta, chunk, examples, settings)
+      if not shard_done(path, header):
+        pending.append((chunk, path, header))
+    if pending:
+      todo.append((meta, examples, vocabulary, pending))
+  total = sum(len(ex) * len(c.ids) for _, ex, _, pending in todo for c, _, _ in pending)
+  scorer = Scorer(base.config, base.params, partitioner, options) if todo else None
+  bar = _progress_bar(progress, total)
   try:
-    for meta in metas:
-      examples = source.examples(meta.name, split, max_examples)
-      vocabulary = source.vocabulary(meta.name)
-      check_vocabulary(meta.name, vocabulary, base.config.vocab_size, options, known_vocabs)
-      encoded = None  # Tokenized lazily: a fully resumed task is never tokenized.
+    for meta, examples, vocabulary, pending in todo:
       if bar is not None:
-        bar.total = (bar.total or 0) + len(examples) * sum(len(c.ids) for c in chunks)
         bar.set_postfix_str(meta.name, refresh=False)
-      for chunk in chunks:
-        path = _shard_path(output_dir, chunk, meta.name)
-        header = _shard_header(meta, chunk, examples, settings)
-        if read_shard(path, header) is not None:
-          if bar is not None:
-            bar.update(len(examples) * len(chunk.ids))
-          continue
-        if encoded is None:
-          encoded, counts = encode_examples(examples, vocabulary, feature_lengths, meta.scoring)
-          _log_truncation(meta.name, counts)
+      # Tokenized once per task, whatever the number of expert chunks.
+      encoded, counts = encode_examples(examples, vocabulary, feature_lengths, meta.scoring)
+      _log_truncation(meta.name, counts)
+      for chunk, path, header in pending:
         records = run_shard(scorer, meta, chunk, examples, encoded, vocabulary, batch_size,
                             generation_max_length, bar)
         _write_shard(path, header, counts, records)
   finally:
     if bar is not None:
       bar.close()
-  return assemble(output_dir=output_dir, metas=metas, chunks=chunks, entries=_entries(specs, include_base),
-                  specs=specs, base=base, settings=settings, options=options,
-                  bootstrap_samples=bootstrap_samples, seed=seed,
-                  write_predictions=write_predictions)
+  return assemble(output_dir=output_dir, metas=metas, chunks=chunks,
+                  entries=_entries(specs, include_base), specs=specs, base=base,
+                  settings=settings, options=options, bootstrap_samples=bootstrap_samples,
+                  seed=seed, write_predictions=write_predictions)
 
 
-def _progress_bar(enabled: bool):
-  if not enabled:
+def _progress_bar(enabled: bool, total: int):
+  """(example x expert) rows still to score, with rate and ETA (resumed work is not counted)."""
+  if not enabled or not total:
     return None
   from tqdm import auto as tqdm_auto  # pylint: disable=g-import-not-at-top
-  return tqdm_auto.tqdm(total=0, unit="ex", dynamic_ncols=True, smoothing=0.1,
+  return tqdm_auto.tqdm(total=total, unit="ex", dynamic_ncols=True, smoothing=0.1,
                         desc="eval", mininterval=1.0)
 
 
