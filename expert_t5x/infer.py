@@ -155,6 +155,9 @@ def main(argv: Sequence[str]) -> None:
   import gin  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from expert_t5x import gin_utils  # pylint: disable=g-import-not-at-top
+  import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
+  # (seqio and seqio_tasks declare gin configurables, which must exist before the config is parsed
+  # and locked.)
   global _GIN_INFER
   if _GIN_INFER is None:
     _GIN_INFER = gin.configurable(infer)

@@ -80,3 +80,24 @@ def test_cli_help_exits_zero(capsys):
   with pytest.raises(SystemExit) as e:
     infer.cli_main(["--help"])
   assert e.value.code == 0 and "--mode" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.tf
+def test_gin_entry_point(tmp_path):
+  # `python -m expert_t5x.infer --gin_file=runs/infer.gin` in its own process, as users run it.
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "out.jsonl"
+  cmd = [sys.executable, "-m", "expert_t5x.infer", "--gin_file=runs/infer.gin",
+         "--gin.CHECKPOINT_PATH=None", "--gin.MODEL_CONFIG='tiny'", "--gin.RANDOM_INIT_SEED=0",
+         "--gin.CONFIG_OVERRIDES={'vocab_size': 512}", "--gin.VOCABULARY_PATH='bytes'",
+         "--gin.INFER_INPUTS=['Is this short or long: a cat']", "--gin.MAX_DECODE_LENGTH=4",
+         f"--gin.INFER_OUTPUT_FILE='{out}'"]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  records = results.read_jsonl(str(out))
+  assert len(records) == 1 and set(records[0]) == {"inputs", "prediction"}
