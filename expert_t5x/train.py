@@ -377,7 +377,7 @@ def train(*,
                    f"{float(np.mean(metrics['accuracy'])):.3f}")
       if save_cfg.period and consumed % save_cfg.period == 0 and consumed < max_steps:
         manager.save(consumed, checkpoint_tree(state, consumed))
-      manager.fault_hook.after_step(consumed)
+      manager.fault_hook.after_step(consumed, manager.wait)
       if preemption.requested:
         manager.save(consumed, checkpoint_tree(state, consumed))
         preempted = True

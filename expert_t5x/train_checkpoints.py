@@ -79,8 +79,11 @@ class FaultHook:
     logging.warning("%s: SIGKILL %s", FAULT_ENV, where)
     os.kill(os.getpid(), signal.SIGKILL)
 
-  def after_step(self, step: int) -> None:
+  def after_step(self, step: int, wait_for_saves=None) -> None:
+    """Kills after `step`, once pending saves are durable (what 'after step N' promises)."""
     if self.kind == "kill_after_step" and step == self.step:
+      if wait_for_saves is not None:
+        wait_for_saves()
       self._kill(f"after step {step}")
 
   def during_save(self, step: int) -> None:

@@ -48,7 +48,7 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path):
   dirs = {name: tmp_path / name for name in ("straight", "after_step", "during_save")}
   first = {"straight": _start(dirs["straight"], cache),
            "after_step": _start(dirs["after_step"], cache, "kill_after_step:3"),
-           "during_save": _start(dirs["during_save"], cache, "kill_during_save:2")}
+           "during_save": _start(dirs["during_save"], cache, "kill_during_save:4")}
   results = {k: _finish(p) for k, p in first.items()}
   rc, out, err = results["straight"]
   assert rc == 0, err[-2000:]
@@ -58,7 +58,8 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path):
   assert results["after_step"][0] == -9 and results["during_save"][0] == -9
   assert os.path.isfile(dirs["straight"] / "base.json")
   assert os.path.isfile(dirs["straight"] / "config.gin")
-  # Restart both killed runs with the same command (no fault): they resume on their own.
+  # Restart both killed runs with the same command (no fault): they resume on their own from
+  # checkpoint_2 (the kill during the final save at step 4 leaves checkpoint_2 intact).
   second = {k: _start(dirs[k], cache) for k in ("after_step", "during_save")}
   for k, proc in second.items():
     rc, out, err = _finish(proc)
