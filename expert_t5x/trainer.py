@@ -19,7 +19,6 @@ its parameters, optimizer state and step stay unchanged.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
 import flax
