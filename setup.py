@@ -50,7 +50,8 @@ setuptools.setup(
     + ["expert_t5x.gin_configs"],
     # The top-level gin/ folder ships inside the package as expert_t5x/gin_configs.
     package_dir={"expert_t5x.gin_configs": "gin"},
-    package_data={"expert_t5x.gin_configs": ["**/*.gin"], "seqio_tasks": ["data/**/*"]},
+    package_data={"expert_t5x.gin_configs": ["**/*.gin", "**/*.json"], "expert_t5x": ["data/*.json"],
+                  "seqio_tasks": ["data/**/*"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
