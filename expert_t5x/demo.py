@@ -1,0 +1,672 @@
+r"""`expert-t5x demo`: the whole expert pipeline on synthetic tasks with a tiny T5, ending in a report.
+
+    expert-t5x demo                 # full demo (MiniLM retrieval, fetched once)
+    expert-t5x demo --quick         # fewer steps, T5-encoder retrieval
+    expert-t5x demo --out my_demo   # where the report goes (default: demo_out)
+
+Stages, each calling the project's own Python APIs in one process (so JAX and TensorFlow start once):
+
+1. pre-train a tiny T5 (d=128) on a synthetic span-corruption corpus that contains no task data
+   (`expert_t5x.demo_tasks`), cached by a hash of its configuration, so reruns skip it;
+2. train 12 prompt experts (adapters, one stacked job), 4 dataset experts and a multitask adapter
+   (`expert_t5x.train.train`);
+3. build an expert library of the prompt experts (`expert_t5x.library`);
+4. Retrieval of Experts for every held-out eval prompt (guard `seen` for held-out prompts of training
+   tasks, `zero_shot` for held-out tasks) and a uniform merge of the top-k (`expert_t5x.retrieval`,
+   `expert_t5x.merging`);
+5. rank-classification evaluation of the base, every expert, the multitask adapter and the merges
+   (`expert_t5x.evaluation`); RoE, dataset-expert RoE and the oracle are read from the evaluated
+   predictions of the experts they select;
+6. the report (`expert_t5x.report`): report.md with heatmap.png, retrieval.png, methods.png.
+
+Deviation from the paper: adapters use reduction factor 4 (d=128 -> 32) instead of 32, which would
+leave a 4-wide bottleneck at this size. Numbers are whatever this tiny setup gives; they are not the
+paper's results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+SUMMARY_FILE = "summary.json"
+RETRIEVAL_FILE = "retrieval.json"
+CORPUS_VERSION = 1  # bump when demo_tasks' corpus changes, so cached bases are rebuilt
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+  """Everything that determines the demo's numbers (recorded in the report)."""
+  name: str = "full"
+  # The tiny T5 1.1 (gated GELU); the byte vocabulary has 259 ids, padded to 384.
+  emb_dim: int = 128
+  num_heads: int = 4
+  head_dim: int = 32
+  mlp_dim: int = 256
+  num_layers: int = 2
+  vocab_size: int = 384
+  # Pre-training (full parameters, AdamW, warmup then linear decay).
+  pretrain_steps: int = 300
+  pretrain_batch_size: int = 32
+  pretrain_learning_rate: float = 3e-3
+  pretrain_lengths: tuple[int, int] = (96, 40)
+  # Experts: adapters (reduction factor 4) + layer norms, AdamW, linear decay.
+  reduction_factor: int = 4
+  expert_learning_rate: float = 1e-2
+  expert_batch_size: int = 8
+  prompt_expert_steps: int = 200
+  dataset_expert_steps: int = 200
+  multitask_steps: int = 400
+  task_lengths: tuple[int, int] = (96, 16)
+  num_keys: int = 32
+  # Retrieval and merging.
+  embedder: str = "minilm"
+  num_queries: int = 32
+  merge_top_k: int = 3
+  # Evaluation.
+  eval_split: str = "validation"
+  eval_examples: int = 100
+  bootstrap_samples: int = 1000
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.embedder not in ("minilm", "t5", "bm25"):
+      raise ValueError(f"DemoConfig.embedder must be minilm, t5 or bm25; got {self.embedder!r}.")
+
+  def base_hash(self) -> str:
+    """Hash of what determines the pre-trained base (its cache key)."""
+    fields = ("emb_dim", "num_heads", "head_dim", "mlp_dim", "num_layers", "vocab_size",
+              "pretrain_steps", "pretrain_batch_size", "pretrain_learning_rate",
+              "pretrain_lengths", "seed")
+    blob = json.dumps({f: getattr(self, f) for f in fields} | {"corpus": CORPUS_VERSION},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+FULL = DemoConfig()
+QUICK = DemoConfig(name="quick", pretrain_steps=150, prompt_expert_steps=120,
+                   dataset_expert_steps=120, multitask_steps=240, embedder="t5", eval_examples=50,
+                   bootstrap_samples=200)
+
+
+def t5_config(cfg: DemoConfig):
+  from expert_t5x import network  # pylint: disable=g-import-not-at-top
+  return network.get_config(
+      "tiny", emb_dim=cfg.emb_dim, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+      mlp_dim=cfg.mlp_dim, num_encoder_layers=cfg.num_layers, num_decoder_layers=cfg.num_layers,
+      vocab_size=cfg.vocab_size, dropout_rate=0.0)
+
+
+def default_cache_dir() -> str:
+  from seqio_tasks import settings  # pylint: disable=g-import-not-at-top
+  return os.path.join(settings.cache_dir(), "demo")
+
+
+# -------------------------------------------------------------------------------- progress
+
+
+def _clock(seconds: float) -> str:
+  seconds = max(0, int(round(seconds)))
+  return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class StageProgress:
+  """Prints each stage with an overall progress bar, elapsed time and an ETA.
+
+  Stage costs are estimated in work units (token-steps); the ETA divides the remaining units by the
+  rate measured so far (a prior rate before the first measured stage).
+  """
+
+  def __init__(self, costs: Mapping[str, float], enabled: bool = True,
+               seconds_per_unit: float = 4e-6, stream: Any = None):
+    self.costs = dict(costs)
+    self.total = sum(self.costs.values())
+    self.enabled = enabled
+    self.rate = seconds_per_unit
+    self.stream = stream or sys.stderr
+    self.start = time.perf_counter()
+    self.done_units = 0.0
+    self.timings: dict[str, float] = {}
+    self._stage: Optional[str] = None
+    self._stage_start = 0.0
+
+  def eta(self) -> float:
+    return (self.total - self.done_units) * self.rate
+
+  def line(self, stage: str, index: int) -> str:
+    fraction = self.done_units / self.total if self.total else 1.0
+    width = 24
+    filled = int(round(width * fraction))
+    return (f"[demo {index}/{len(self.costs)}] {stage:<28} |{'#' * filled}{'.' * (width - filled)}| "
+            f"{100 * fraction:3.0f}%  elapsed {_clock(time.perf_counter() - self.start)}  "
+            f"ETA {_clock(self.eta())}")
+
+  def begin(self, stage: str) -> None:
+    self._stage, self._stage_start = stage, time.perf_counter()
+    if self.enabled:
+      print(self.line(stage, list(self.costs).index(stage) + 1), file=self.stream, flush=True)
+
+  def end(self, skipped: bool = False) -> None:
+    stage = self._stage
+    seconds = time.perf_counter() - self._stage_start
+    self.timings[stage] = seconds
+    units = self.costs[stage]
+    self.done_units += units
+    if not skipped and units > 0 and seconds > 1.0:
+      measured = sum(self.timings.values()) / max(self.done_units, 1.0)
+      self.rate = measured
+
+  def finish(self) -> None:
+    if self.enabled:
+      print(f"[demo] done in {_clock(time.perf_counter() - self.start)}", file=self.stream,
+            flush=True)
+
+
+def stage_costs(cfg: DemoConfig, num_prompt_experts: int, num_dataset_experts: int,
+                num_eval_prompts: int, num_heldout: int) -> dict[str, float]:
+  """Work units per stage: tokens x steps for training, tokens x rows for evaluation."""
+  li, lt = cfg.task_lengths
+  row = li + lt
+  frozen = 2.0 / 3.0  # a frozen base needs no weight gradients
+  pre = cfg.pretrain_steps * cfg.pretrain_batch_size * sum(cfg.pretrain_lengths)
+  pe = num_prompt_experts * cfg.prompt_expert_steps * cfg.expert_batch_size * row * frozen
+  de = (num_dataset_experts * cfg.dataset_expert_steps + cfg.multitask_steps) * (
+      cfg.expert_batch_size * row * frozen)
+  entries = 1 + num_prompt_experts + num_dataset_experts + 1
+  ev = (entries * num_eval_prompts + num_heldout * num_heldout) * cfg.eval_examples * row / 3.0
+  return {"setup": 2e6, "pre-train base": pre, "prompt experts": pe,
+          "dataset + multitask experts": de, "library": 1e5, "retrieval": 5e5, "merging": 2e5,
+          "evaluation": ev, "report": 5e5}
+
+
+# ------------------------------------------------------------------------------- stages
+
+
+def _train_fn():
+  from expert_t5x import train  # pylint: disable=g-import-not-at-top
+  return train.train
+
+
+def _trainer_cls(learning_rate: float, warmup_steps: int):
+  from expert_t5x import optimizers, trainer  # pylint: disable=g-import-not-at-top
+  schedule = optimizers.create_learning_rate_scheduler(
+      factors="constant * linear_warmup * linear_decay", base_learning_rate=learning_rate,
+      warmup_steps=warmup_steps, min_learning_rate=0.0)
+  return functools.partial(trainer.Trainer, learning_rate_fn=schedule)
+
+
+def _model(cfg: DemoConfig, expert: bool):
+  from expert_t5x import experts, models, network, optimizers  # pylint: disable=g-import-not-at-top
+  return models.EncoderDecoderModel(
+      network.Transformer(t5_config(cfg)),
+      optimizer_def=optimizers.AdamW(global_norm_clip_threshold=1.0),
+      loss_normalizing_factor="NUM_REAL_TARGET_TOKENS",
+      expert_config=experts.AdapterConfig(reduction_factor=cfg.reduction_factor,
+                                          init_seed=cfg.seed) if expert else None)
+
+
+def _checkpoint_cfg(base_dir: Optional[str]):
+  from expert_t5x import train_checkpoints as tc  # pylint: disable=g-import-not-at-top
+  return tc.CheckpointConfig(save=tc.SaveCheckpointConfig(period=None, keep=1),
+                             restore=tc.RestoreCheckpointConfig(path=base_dir))
+
+
+def pretrain_base(cfg: DemoConfig, cache_dir: str, show_progress: bool = True) -> tuple[str, bool]:
+  """(HF-format base directory, whether it came from the cache)."""
+  from expert_t5x import checkpoints, demo_tasks, train_data  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  base_dir = os.path.join(cache_dir, "bases", cfg.base_hash())
+  if os.path.isfile(os.path.join(base_dir, "config.json")):
+    return base_dir, True
+  run_dir = os.path.join(cache_dir, "runs", cfg.base_hash())
+  li, lt = cfg.pretrain_lengths
+  data = train_data.DatasetConfig(demo_tasks.CORPUS_TASK, {"inputs": li, "targets": lt},
+                                  batch_size=cfg.pretrain_batch_size, seed=cfg.seed)
+  _, state = _train_fn()(
+      model=_model(cfg, expert=False), train_dataset_cfg=data, model_dir=run_dir,
+      total_steps=cfg.pretrain_steps, random_seed=cfg.seed,
+      trainer_cls=_trainer_cls(cfg.pretrain_learning_rate, max(1, cfg.pretrain_steps // 10)),
+      checkpoint_cfg=_checkpoint_cfg(None), num_retrieval_keys=0, eval_before_and_after=False,
+      summarize_config_fn=None, export_dir=os.path.join(run_dir, "delta"),
+      show_progress=show_progress)
+  params = jax.tree.map(np.asarray, state.params)
+  checkpoints.export_hf_t5(params, t5_config(cfg), base_dir, overwrite=True)
+  return base_dir, False
+
+
+def _train_stacked(cfg: DemoConfig, base_dir: str, tasks: Sequence[str], steps: Sequence[int],
+                   model_dir: str, show_progress: bool) -> dict[str, str]:
+  """Trains adapters on `tasks` in one stacked job; {task: exported expert dir}. Skips done work."""
+  from expert_t5x import expert_format, train_data  # pylint: disable=g-import-not-at-top
+  out = {t: os.path.join(model_dir, "experts", t) for t in tasks}
+  if all(expert_format.is_expert_dir(d) for d in out.values()):
+    return out
+  li, lt = cfg.task_lengths
+  data = train_data.DatasetConfig(list(tasks), {"inputs": li, "targets": lt},
+                                  batch_size=cfg.expert_batch_size, seed=cfg.seed)
+  _train_fn()(
+      model=_model(cfg, expert=True), train_dataset_cfg=data, model_dir=model_dir,
+      total_steps=list(steps), random_seed=cfg.seed,
+      trainer_cls=_trainer_cls(cfg.expert_learning_rate, max(1, min(steps) // 20)),
+      checkpoint_cfg=_checkpoint_cfg(base_dir), num_retrieval_keys=cfg.num_keys,
+      key_seed=cfg.seed, eval_before_and_after=False, summarize_config_fn=None,
+      show_progress=show_progress)
+  return out
+
+
+def build_library(root: str, expert_dirs: Mapping[str, str], fingerprint: str):
+  """A library holding `expert_dirs` ({id: dir}); existing entries are kept."""
+  from expert_t5x import library  # pylint: disable=g-import-not-at-top
+  lib = library.Library.init(root, base_fingerprint=fingerprint, exist_ok=True)
+  have = set(lib.ids())
+  for expert_id, path in expert_dirs.items():
+    if library.sanitize_id(expert_id) not in have:
+      lib.add(path, name=expert_id)
+  return lib
+
+
+def make_embedder(cfg: DemoConfig, base_dir: str):
+  """The retrieval embedder: MiniLM (fetched once), the base's T5 encoder, or BM25."""
+  from expert_t5x import embedders  # pylint: disable=g-import-not-at-top
+  if cfg.embedder == "bm25":
+    return embedders.BM25Scorer()
+  if cfg.embedder == "minilm":
+    from seqio_tasks import fetch  # pylint: disable=g-import-not-at-top
+    directory = os.environ.get("EXPERT_T5X_MINILM_DIR") or fetch.minilm_dir()
+    if not os.path.isdir(directory):
+      print("[demo] fetching all-MiniLM-L6-v2 (once; `expert-t5x data fetch minilm`)",
+            file=sys.stderr)
+      directory = fetch.fetch_minilm(log=lambda m: print(m, file=sys.stderr))
+    return embedders.MiniLMEmbedder(directory)
+  from expert_t5x import checkpoints  # pylint: disable=g-import-not-at-top
+  from seqio_tasks import vocab  # pylint: disable=g-import-not-at-top
+  params, config, _ = checkpoints.load_params(base_dir)
+  return embedders.T5EncoderEmbedder(params, config, vocabulary=vocab.DEMO_VOCABULARY,
+                                     max_seq_length=cfg.task_lengths[0])
+
+
+def eval_prompts() -> list[dict[str, Any]]:
+  """The held-out eval prompts with their group and guard mode."""
+  import seqio_tasks  # pylint: disable=g-import-not-at-top
+  out = []
+  for task in seqio_tasks.suite("demo_heldout"):
+    info = seqio_tasks.get_info(task)
+    base, _ = seqio_tasks.demo.resolve(task)
+    seen = not base.heldout_task
+    out.append({"task": task, "dataset": info.eval_dataset or info.dataset, "prompt": info.prompt,
+                "group": "seen_task" if seen else "heldout_task",
+                "guard": "seen" if seen else "zero_shot", "chance": 1.0 / len(base.choices)})
+  return out
+
+
+def retrieve_all(cfg: DemoConfig, lib, embedder, prompts: Sequence[Mapping[str, Any]]
+                 ) -> dict[str, dict[str, Any]]:
+  """RoE for every eval prompt from its unlabeled examples: {task: retrieval result}."""
+  import seqio_tasks  # pylint: disable=g-import-not-at-top
+  from expert_t5x import retrieval  # pylint: disable=g-import-not-at-top
+  retriever = retrieval.Retriever(lib, embedder)
+  out = {}
+  for p in prompts:
+    examples = seqio_tasks.load_examples(p["task"], cfg.eval_split, None)
+    unlabeled = [{k: v for k, v in ex.items() if k not in ("targets", "label_index")}
+                 for ex in examples]
+    out[p["task"]] = retriever.retrieve(unlabeled, guard=p["guard"], num_queries=cfg.num_queries,
+                                        seed=cfg.seed)
+  return out
+
+
+def merge_top_k(cfg: DemoConfig, lib, retrieved: Mapping[str, Mapping[str, Any]], out_dir: str
+                ) -> dict[str, dict[str, Any]]:
+  """Uniform merge of each eval prompt's top-k retrieved experts: {task: {dir, inputs}}."""
+  from expert_t5x import expert_format, merging  # pylint: disable=g-import-not-at-top
+  merged = {}
+  for task, result in retrieved.items():
+    top = [c["expert"] for c in result["candidates"][:cfg.merge_top_k]]
+    path = os.path.join(out_dir, task)
+    if not expert_format.is_expert_dir(path):
+      merging.merge_expert_dirs([lib.expert_dir(e) for e in top], path, "uniform",
+                                input_names=top, overwrite=True)
+    merged[task] = {"dir": path, "inputs": top}
+  return merged
+
+
+# ------------------------------------------------------------------------------ methods
+
+
+def read_outcomes(eval_dir: str):
+  """{(entry id, task): PromptOutcomes} from an evaluation's predictions.jsonl."""
+  from expert_t5x import evaluation, results  # pylint: disable=g-import-not-at-top
+  records: dict[tuple[str, str], list[dict]] = {}
+  for r in results.read_jsonl(os.path.join(eval_dir, results.PREDICTIONS_FILE)):
+    entry = (r["expert_ids"] or [evaluation.BASE_ID])[0]
+    records.setdefault((entry, r["task"]), []).append(r)
+  options = evaluation.ScoringOptions()
+  return {key: evaluation.outcomes_from_records(rs, options)[0] for key, rs in records.items()}
+
+
+def compose_methods(cfg: DemoConfig, prompts: Sequence[Mapping[str, Any]],
+                    selections: Mapping[str, Mapping[str, tuple[str, list[str]]]],
+                    outcomes: Mapping[tuple[str, str], Any]) -> list[dict[str, Any]]:
+  """Aggregates and bootstraps each method from the outcomes of the entry it selects per prompt.
+
+  Args:
+    selections: {method: {eval task: (entry id in `outcomes`, expert ids it stands for)}}.
+    outcomes: {(entry id, task): PromptOutcomes}.
+  """
+  from expert_t5x import aggregation  # pylint: disable=g-import-not-at-top
+  methods = []
+  for group in ("seen_task", "heldout_task"):
+    tasks = [p["task"] for p in prompts if p["group"] == group]
+    if not tasks:
+      continue
+    entries = {}
+    for name, chosen in selections.items():
+      picked = []
+      for t in tasks:
+        entry, _ = chosen[t]
+        o = outcomes[(entry, t)]
+        picked.append(dataclasses.replace(o))
+      entries[name] = picked
+    intervals = (aggregation.bootstrap(entries, cfg.bootstrap_samples, cfg.seed)
+                 if cfg.bootstrap_samples else {})
+    for name, picked in entries.items():
+      summary = aggregation.aggregate(picked)
+      methods.append({
+          "name": name, "group": group, "mean": summary["mean"], "median": summary["median"],
+          "ci": intervals.get(name, {}).get("mean"), "num_prompts": len(picked),
+          "prompts": {o.task: {"accuracy": o.accuracy, "num_examples": int(o.correct.size),
+                               "entry": selections[name][o.task][0],
+                               "experts": selections[name][o.task][1]} for o in picked}})
+  return methods
+
+
+# ------------------------------------------------------------------------------ pipeline
+
+
+def _machine() -> str:
+  cores = os.cpu_count()
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:
+    pass
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  import jax  # pylint: disable=g-import-not-at-top
+  return (f"{cpu}, {cores} cores usable, {platform.system()} {platform.release()}, Python "
+          f"{platform.python_version()}, jax {jax.__version__} on {jax.default_backend()}")
+
+
+def _setup_sentences(cfg: DemoConfig, num_pe: int, num_de: int) -> list[str]:
+  return [
+      f"A tiny T5 (d={cfg.emb_dim}, {cfg.num_layers}+{cfg.num_layers} layers, byte vocabulary) "
+      f"was pre-trained for {cfg.pretrain_steps} steps on a synthetic span-corruption corpus "
+      f"without any task data, then {num_pe} prompt experts, {num_de} dataset experts and one "
+      f"multitask adapter (reduction factor {cfg.reduction_factor}; "
+      f"{cfg.prompt_expert_steps}/{cfg.dataset_expert_steps}/{cfg.multitask_steps} steps of "
+      f"batch {cfg.expert_batch_size}) were trained on synthetic keyword, overlap and length "
+      "tasks.",
+      f"Held-out prompts of those tasks and two held-out tasks were answered by rank "
+      f"classification ({cfg.eval_examples} validation examples each) with experts retrieved "
+      f"from {cfg.num_queries} unlabeled queries ({cfg.embedder} embedder), a uniform merge of "
+      f"the top {cfg.merge_top_k}, and the baselines.",
+  ]
+
+
+def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
+             show_progress: bool = True) -> dict[str, Any]:
+  """Runs every stage into `out_dir`; returns the summary (also written as summary.json)."""
+  out_dir = os.path.abspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  from expert_t5x import demo_tasks  # pylint: disable=g-import-not-at-top
+  pe_tasks = demo_tasks.expert_train_tasks()
+  de_tasks = demo_tasks.dataset_tasks()
+  heldout = [p["task"] for p in _heldout_prompts_lazy()]
+  train_eval = [t + "_score_eval" for t in pe_tasks]
+  progress = StageProgress(stage_costs(cfg, len(pe_tasks), len(de_tasks),
+                                       len(train_eval) + len(heldout), len(heldout)),
+                           enabled=show_progress)
+
+  progress.begin("setup")
+  import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
+  from expert_t5x import evaluation, report  # pylint: disable=g-import-not-at-top
+  demo_tasks.register()
+  prompts = eval_prompts()
+  cache_dir = cache_dir or default_cache_dir()
+  progress.end()
+
+  progress.begin("pre-train base")
+  base_dir, cached = pretrain_base(cfg, cache_dir, show_progress)
+  progress.end(skipped=cached)
+  base = evaluation.load_base(base_dir)
+
+  progress.begin("prompt experts")
+  pe_dirs = _train_stacked(cfg, base_dir, pe_tasks, [cfg.prompt_expert_steps] * len(pe_tasks),
+                           os.path.join(out_dir, "experts", "prompt"), show_progress)
+  progress.end()
+
+  progress.begin("dataset + multitask experts")
+  other = list(de_tasks) + [demo_tasks.MULTITASK_MIXTURE]
+  other_dirs = _train_stacked(
+      cfg, base_dir, other, [cfg.dataset_expert_steps] * len(de_tasks) + [cfg.multitask_steps],
+      os.path.join(out_dir, "experts", "dataset_multitask"), show_progress)
+  progress.end()
+  de_dirs = {t: other_dirs[t] for t in de_tasks}
+  mt_id, mt_dir = "multitask", other_dirs[demo_tasks.MULTITASK_MIXTURE]
+
+  progress.begin("library")
+  lib = build_library(os.path.join(out_dir, "library"), pe_dirs, base.fingerprint)
+  progress.end()
+
+  progress.begin("retrieval")
+  retrieved = retrieve_all(cfg, lib, make_embedder(cfg, base_dir), prompts)
+  with open(os.path.join(out_dir, RETRIEVAL_FILE), "w", encoding="utf-8") as f:
+    json.dump(retrieved, f, indent=1, default=str)
+  progress.end()
+
+  progress.begin("merging")
+  merged = merge_top_k(cfg, lib, retrieved, os.path.join(out_dir, "merged"))
+  progress.end()
+
+  progress.begin("evaluation")
+  expert_ids = list(pe_tasks) + list(de_tasks) + [mt_id]
+  expert_paths = [pe_dirs[t] for t in pe_tasks] + [de_dirs[t] for t in de_tasks] + [mt_dir]
+  eval_dir = os.path.join(out_dir, "eval")
+  lengths = {"inputs": cfg.task_lengths[0], "targets": cfg.task_lengths[1]}
+  common = dict(base=base, split=cfg.eval_split, max_examples=cfg.eval_examples,
+                feature_lengths=lengths, bootstrap_samples=cfg.bootstrap_samples, seed=cfg.seed,
+                progress=show_progress)
+  results = evaluation.evaluate(tasks=train_eval + heldout, output_dir=eval_dir,
+                                expert_paths=expert_paths, expert_names=expert_ids,
+                                include_base=True, experts_per_pass=len(expert_ids), **common)
+  merged_ids = [f"merged@{t}" for t in heldout]
+  evaluation.evaluate(tasks=heldout, output_dir=os.path.join(out_dir, "eval_merged"),
+                      expert_paths=[merged[t]["dir"] for t in heldout], expert_names=merged_ids,
+                      include_base=False, experts_per_pass=len(merged_ids), **common)
+  progress.end()
+
+  progress.begin("report")
+  outcomes = dict(read_outcomes(eval_dir))
+  outcomes.update(read_outcomes(os.path.join(out_dir, "eval_merged")))
+  summary = summarize(cfg, prompts=prompts, results=results, outcomes=outcomes,
+                      retrieved=retrieved, merged=merged, pe_tasks=pe_tasks, de_tasks=de_tasks,
+                      mt_id=mt_id, timings=progress.timings, base_cached=cached)
+  with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=1)
+  report.write_report(summary, out_dir)
+  progress.end()
+  # The report stage's own time is known only now: rewrite both with it.
+  summary["timings"] = dict(progress.timings)
+  with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=1)
+  report.write_report(summary, out_dir)
+  progress.finish()
+  return summary
+
+
+def _heldout_prompts_lazy() -> list[dict[str, str]]:
+  from seqio_tasks import demo  # pylint: disable=g-import-not-at-top
+  return [{"task": t} for t in demo.heldout_tasks()]
+
+
+def _task_dataset(task: str) -> str:
+  """The demo dataset a prompt task or a `_all_prompts` task belongs to."""
+  from expert_t5x import demo_tasks  # pylint: disable=g-import-not-at-top
+  from seqio_tasks import demo  # pylint: disable=g-import-not-at-top
+  if task.endswith(demo_tasks.ALL_PROMPTS_SUFFIX):
+    return task[:-len(demo_tasks.ALL_PROMPTS_SUFFIX)]
+  return demo.PREFIX + demo.resolve(task)[0].name
+
+
+def summarize(cfg: DemoConfig, *, prompts, results, outcomes, retrieved, merged, pe_tasks,
+              de_tasks, mt_id, timings, base_cached) -> dict[str, Any]:
+  """The summary the report is drawn from (see `expert_t5x.report`)."""
+  from expert_t5x import demo_tasks  # pylint: disable=g-import-not-at-top
+  from seqio_tasks import demo  # pylint: disable=g-import-not-at-top
+  by_entry = {e["id"]: {p["task"]: p for p in e["prompts"]} for e in results["entries"]}
+  prompt_ds = {p["task"]: p["dataset"] for p in prompts}
+  columns = [t + "_score_eval" for t in pe_tasks] + [p["task"] for p in prompts]
+  rows = ["base"] + list(pe_tasks) + list(de_tasks) + [mt_id]
+  dataset_of = {t: _task_dataset(t) for t in list(pe_tasks) + list(de_tasks)}
+  own = {t: [t + "_score_eval"] for t in pe_tasks}
+  own.update({d: [m + "_score_eval" for m in members] for d, members in de_tasks.items()})
+  own[mt_id] = [t + "_score_eval" for t in pe_tasks]
+  own["base"] = []
+
+  experts = []
+  for row in rows:
+    cells = [by_entry[row][t] for t in own[row]]
+    chance = [1.0 / len(demo.resolve(t)[0].choices) for t in own[row]]
+    experts.append({
+        "id": row, "kind": {"base": "base", mt_id: "multitask"}.get(
+            row, "prompt" if row in pe_tasks else "dataset"),
+        "dataset": dataset_of.get(row), "own_prompts": own[row],
+        "own_accuracy": (sum(c["accuracy"] for c in cells) / len(cells)) if cells else None,
+        "own_ci": cells[0].get("ci") if len(cells) == 1 else None,
+        "chance": (sum(chance) / len(chance)) if chance else None})
+  matrix = {"rows": rows, "columns": columns,
+            "accuracy": [[by_entry[r][c]["accuracy"] for c in columns] for r in rows]}
+
+  retrieval_summary = {}
+  for task, r in retrieved.items():
+    votes = {c["expert"]: c["votes"] for c in r["candidates"] if c["votes"]}
+    winner = r["winner"]
+    seen = next(p for p in prompts if p["task"] == task)["group"] == "seen_task"
+    same_votes = sum(v for e, v in votes.items() if dataset_of.get(e) == prompt_ds[task])
+    retrieval_summary[task] = {
+        "guard": r["guard"]["mode"], "winner": winner, "winner_task": dataset_of.get(winner),
+        "same_task": (dataset_of.get(winner) == prompt_ds[task]) if seen else None,
+        "same_task_votes": same_votes, "confidence": r["confidence"], "votes": votes,
+        "total_votes": r["total_votes"], "dataset_level": r["dataset_level"].get("dataset")}
+
+  de_of_dataset = {dataset_of[d]: d for d in de_tasks}
+  oracle = {}
+  for p in prompts:
+    best = max(pe_tasks, key=lambda e: (outcomes[(e, p["task"])].accuracy, -pe_tasks.index(e)))
+    oracle[p["task"]] = (best, [best])
+  selections = {
+      "base": {p["task"]: ("base", []) for p in prompts},
+      "multitask": {p["task"]: (mt_id, [mt_id]) for p in prompts},
+      "RoE (prompt expert)": {t: (r["winner"], [r["winner"]]) for t, r in retrieved.items()},
+      "RoE dataset expert": {
+          t: (de_of_dataset[retrieval_summary[t]["dataset_level"]],
+              [de_of_dataset[retrieval_summary[t]["dataset_level"]]]) for t in retrieved},
+      f"merged top-{cfg.merge_top_k}": {t: (f"merged@{t}", m["inputs"]) for t, m in merged.items()},
+      "oracle (uses labels)": oracle,
+  }
+  methods = compose_methods(cfg, prompts, selections, outcomes)
+
+  margins = []
+  passed = 0
+  for e in experts:
+    if e["kind"] != "prompt":
+      continue
+    ci = e.get("own_ci")
+    lower = ci[0] if ci else e["own_accuracy"]
+    passed += int(lower > 100.0 * e["chance"])
+    margins.append(e["own_accuracy"] - 100.0 * e["chance"])
+  seen_tasks = [t for t, r in retrieval_summary.items() if r["same_task"] is not None]
+  same = sum(int(retrieval_summary[t]["same_task"]) for t in seen_tasks)
+  vote_share = (100.0 * sum(retrieval_summary[t]["same_task_votes"] for t in seen_tasks) /
+                max(1, sum(retrieval_summary[t]["total_votes"] for t in seen_tasks)))
+  chance_share = (100.0 * sum(sum(dataset_of[e] == prompt_ds[t] for e in pe_tasks) / len(pe_tasks)
+                              for t in seen_tasks) / max(1, len(seen_tasks)))
+  checks = {
+      "experts_beat_chance": {"passed": passed, "total": len(pe_tasks),
+                              "rule": "lower bootstrap bound of own-prompt accuracy > chance",
+                              "mean_margin": sum(margins) / max(1, len(margins))},
+      "routing": {"same_task": same, "total": len(seen_tasks), "vote_share": vote_share,
+                  "chance_share": chance_share},
+  }
+  return {
+      "setup": {"sentences": _setup_sentences(cfg, len(pe_tasks), len(de_tasks)),
+                "config": dataclasses.asdict(cfg) | {"base_cached": base_cached,
+                                                    "base_hash": cfg.base_hash(),
+                                                    "corpus_task": demo_tasks.CORPUS_TASK},
+                "machine": _machine()},
+      "experts": experts, "eval_prompts": [dict(p, num_examples=cfg.eval_examples) for p in prompts],
+      "matrix": matrix, "retrieval": retrieval_summary, "methods": methods, "checks": checks,
+      "timings": dict(timings),
+  }
+
+
+# ----------------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="expert-t5x demo",
+      description="Run the whole expert pipeline on synthetic tasks with a tiny T5 on CPU: "
+      "pre-train a base, train prompt/dataset/multitask experts, build a library, retrieve and "
+      "merge experts, evaluate by rank classification, and write a visual report.")
+  p.add_argument("--quick", action="store_true",
+                 help="fewer steps and examples, T5-encoder retrieval (a few minutes)")
+  p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+  p.add_argument("--cache_dir", help="where pre-trained bases are cached (default: "
+                 "$EXPERT_T5X_CACHE/demo or ~/.cache/expert_t5x/demo)")
+  p.add_argument("--embedder", choices=("minilm", "t5", "bm25"),
+                 help="retrieval embedder (default: minilm; t5 with --quick)")
+  p.add_argument("--no_progress", action="store_true", help="no progress bars")
+  return p
+
+
+def demo_main(argv: Optional[Sequence[str]] = None) -> int:
+  """`expert-t5x demo [--quick] [--out DIR]`."""
+  args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+  cfg = QUICK if args.quick else FULL
+  if args.embedder:
+    cfg = dataclasses.replace(cfg, embedder=args.embedder)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  try:
+    summary = run_demo(cfg, args.out, args.cache_dir, show_progress=not args.no_progress)
+  except (ValueError, FileNotFoundError, OSError) as e:
+    if os.environ.get("EXPERT_T5X_TRACEBACK"):
+      raise
+    print(f"expert-t5x demo: error: {e}", file=sys.stderr)
+    return 1
+  out = os.path.abspath(args.out)
+  beat, routing = summary["checks"]["experts_beat_chance"], summary["checks"]["routing"]
+  print(f"Report: {os.path.join(out, 'report.md')} (plots: heatmap.png, retrieval.png, "
+        f"methods.png)\nPrompt experts above chance on their own prompts: "
+        f"{beat['passed']}/{beat['total']}; held-out prompts routed to their task: "
+        f"{routing['same_task']}/{routing['total']}.")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(demo_main())

@@ -1,0 +1,187 @@
+"""`expert-t5x demo`: its corpus, configuration, progress, method composition and an end-to-end run."""
+
+import dataclasses
+import io
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from expert_t5x import aggregation
+from expert_t5x import demo
+from expert_t5x import demo_tasks
+from expert_t5x import report
+
+
+def test_help_exits_zero(capsys):
+  with pytest.raises(SystemExit) as e:
+    demo.demo_main(["--help"])
+  assert e.value.code == 0
+  assert "--quick" in capsys.readouterr().out
+
+
+def test_bad_embedder_is_one_clear_error():
+  with pytest.raises(ValueError, match="embedder must be minilm, t5 or bm25; got 'glove'"):
+    demo.DemoConfig(embedder="glove")
+
+
+def test_corpus_has_no_task_data():
+  """No corpus word is a word of any demo task (fillers, keywords, templates, answer choices)."""
+  from seqio_tasks import demo as demo_source  # pylint: disable=g-import-not-at-top
+  words = set(demo_tasks.corpus_words())
+  assert len(words) > 50
+  task_words = set(demo_source.FILLER) | set(demo_source.POSITIVE) | set(demo_source.NEGATIVE)
+  for task in demo_source.TASKS.values():
+    task_words |= set(task.choices or ())
+    for prompt in task.prompts:
+      task_words |= set(re.findall(r"[a-z]+", prompt.template.lower()))
+  assert not words & task_words
+  for i in range(200):
+    ex = demo_tasks.corpus_example("train", i)
+    assert set(re.sub(r"\[\d\]", " ", ex["inputs"] + " " + ex["targets"]).split()) <= words
+
+
+def test_span_corruption_targets_fill_the_sentinels():
+  """Replacing each sentinel of the input by its target span gives back the original words."""
+  import random  # pylint: disable=g-import-not-at-top
+  for seed in range(50):
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(rng.randint(3, 12))]
+    inputs, targets = demo_tasks.span_corruption(list(words), rng)
+    spans = dict(re.findall(r"\[(\d)\] ((?:w\d+ ?)+)", targets))
+    rebuilt = re.sub(r"\[(\d)\]", lambda m: spans[m.group(1)].strip(), inputs)
+    assert rebuilt.split() == words
+    assert 1 <= len(spans) <= demo_tasks.MAX_SENTINELS
+
+
+def test_corpus_is_deterministic_per_split():
+  a = [demo_tasks.corpus_example("train", i) for i in range(5)]
+  assert a == [demo_tasks.corpus_example("train", i) for i in range(5)]
+  assert a != [demo_tasks.corpus_example("validation", i) for i in range(5)]
+
+
+def test_dataset_tasks_group_the_training_prompts():
+  groups = demo_tasks.dataset_tasks()
+  assert sorted(groups) == ["demo_length_all_prompts", "demo_overlap_all_prompts",
+                            "demo_sentiment_all_prompts", "demo_topic_all_prompts"]
+  assert sum(len(v) for v in groups.values()) == len(demo_tasks.expert_train_tasks()) == 12
+  rows = list(demo_tasks.iter_all_prompts(groups["demo_topic_all_prompts"], "validation"))
+  assert len(rows) == 3 * 200 and {r["prompt"] for r in rows} == {"topic_is", "classify", "about"}
+
+
+def test_base_hash_follows_only_the_pretraining_settings():
+  full = demo.FULL
+  assert full.base_hash() == dataclasses.replace(full, prompt_expert_steps=1).base_hash()
+  assert full.base_hash() != dataclasses.replace(full, pretrain_steps=1).base_hash()
+  assert full.base_hash() != dataclasses.replace(full, emb_dim=256).base_hash()
+
+
+def test_stage_progress_prints_bar_and_uses_the_measured_rate(monkeypatch):
+  clock = [100.0]
+  monkeypatch.setattr(demo.time, "perf_counter", lambda: clock[0])
+  out = io.StringIO()
+  progress = demo.StageProgress({"a": 10.0, "b": 30.0}, stream=out, seconds_per_unit=1.0)
+  progress.begin("a")
+  clock[0] += 20.0  # 10 units in 20 s: 2 s per unit
+  progress.end()
+  progress.begin("b")
+  line = out.getvalue().splitlines()[-1]
+  assert line.startswith("[demo 2/2] b") and " 25%" in line
+  assert "elapsed 0:20" in line and "ETA 1:00" in line  # 30 units x 2 s
+  assert progress.timings == {"a": 20.0}
+
+
+@pytest.mark.tf
+def test_t5_encoder_embedder_takes_a_byte_vocabulary():
+  """The --quick embedder: byte ids (+3 offset, EOS 1) into the base's encoder, unit vectors."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+  from expert_t5x import embedders, models, network  # pylint: disable=g-import-not-at-top
+  config = network.get_config("tiny", vocab_size=300)
+  params = models.EncoderDecoderModel(network.Transformer(config)).get_initial_variables(
+      jax.random.PRNGKey(0), {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4)}
+  )["params"]
+  emb = embedders.T5EncoderEmbedder(params, config, vocabulary=seqio.ByteVocabulary(),
+                                    max_seq_length=6)
+  assert emb.tokenize(["ab", "abcdefgh"]) == [[100, 101, 1], [100, 101, 102, 103, 104, 1]]
+  vectors = emb.embed(["ab", "cd", "ab"])
+  np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(vectors[0], vectors[2], rtol=1e-6)
+  assert not np.allclose(vectors[0], vectors[1])
+  with pytest.raises(ValueError, match="exactly one of vocab_path"):
+    embedders.T5EncoderEmbedder(params, config)
+
+
+def _outcomes(task, dataset, correct):
+  return aggregation.PromptOutcomes(task, dataset, "p", np.arange(len(correct)), np.array(correct))
+
+
+def test_compose_methods_takes_each_prompts_selected_entry():
+  """A method's per-prompt accuracy is its selected entry's; its mean follows the paper's
+  aggregation (mean over a dataset's prompts, then over datasets), computed here by hand."""
+  prompts = [{"task": "a1", "group": "seen_task"}, {"task": "a2", "group": "seen_task"},
+             {"task": "b1", "group": "seen_task"}, {"task": "c1", "group": "heldout_task"}]
+  datasets = {"a1": "a", "a2": "a", "b1": "b", "c1": "c"}
+  table = {"x": {"a1": [1, 1, 0, 0], "a2": [1, 1, 1, 1], "b1": [0, 0, 0, 1], "c1": [1, 0, 0, 0]},
+           "y": {"a1": [1, 1, 1, 0], "a2": [0, 0, 0, 0], "b1": [1, 1, 1, 1], "c1": [1, 1, 0, 0]}}
+  outcomes = {(e, t): _outcomes(t, datasets[t], c) for e, row in table.items()
+              for t, c in row.items()}
+  selections = {"pick": {"a1": ("y", ["y"]), "a2": ("x", ["x"]), "b1": ("y", ["y"]),
+                         "c1": ("x", ["x"])}}
+  cfg = dataclasses.replace(demo.FULL, bootstrap_samples=50)
+  methods = demo.compose_methods(cfg, prompts, selections, outcomes)
+  seen = next(m for m in methods if m["group"] == "seen_task")
+  assert seen["prompts"]["a1"]["accuracy"] == 75.0 and seen["prompts"]["a2"]["accuracy"] == 100.0
+  assert seen["mean"] == pytest.approx(((75.0 + 100.0) / 2 + 100.0) / 2)
+  assert seen["ci"][0] <= seen["mean"] <= seen["ci"][1]
+  held = next(m for m in methods if m["group"] == "heldout_task")
+  assert held["mean"] == 25.0 and held["prompts"]["c1"]["entry"] == "x"
+
+
+@pytest.mark.tf
+@pytest.mark.slow
+def test_end_to_end_tiny_demo(tmp_path):
+  """A --quick-style run on a much smaller config writes every report file, and the numbers agree
+  with the evaluator's own files: results.json's per-prompt accuracies are recomputed from
+  predictions.jsonl, and each method's per-prompt accuracy equals the matrix cell of the expert it
+  selected."""
+  cfg = dataclasses.replace(
+      demo.QUICK, name="test", emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_layers=1,
+      pretrain_steps=2, pretrain_batch_size=4, prompt_expert_steps=2, dataset_expert_steps=2,
+      multitask_steps=3, expert_batch_size=2, num_keys=4, embedder="bm25", num_queries=4,
+      eval_examples=4, bootstrap_samples=20)
+  out = tmp_path / "demo"
+  summary = demo.run_demo(cfg, str(out), cache_dir=str(tmp_path / "cache"), show_progress=False)
+  for name in list(report.PLOT_FILES) + [report.REPORT_FILE, demo.SUMMARY_FILE,
+                                         demo.RETRIEVAL_FILE]:
+    assert (out / name).is_file(), name
+  for eval_dir in ("eval", "eval_merged"):
+    results = json.loads((out / eval_dir / "results.json").read_text())
+    records = [json.loads(line) for line in (out / eval_dir / "predictions.jsonl").open()]
+    for entry in results["entries"]:
+      for p in entry["prompts"]:
+        mine = [r for r in records if r["task"] == p["task"]
+                and (r["expert_ids"] or ["base"])[0] == entry["id"] and r["excluded"] is None]
+        assert len(mine) == p["num_examples"] == cfg.eval_examples
+        assert p["accuracy"] == pytest.approx(100.0 * np.mean([r["pred"] == r["gold"]
+                                                               for r in mine]))
+  matrix = summary["matrix"]
+  cell = {(r, c): matrix["accuracy"][i][j] for i, r in enumerate(matrix["rows"])
+          for j, c in enumerate(matrix["columns"])}
+  for m in summary["methods"]:
+    if m["name"].startswith("merged"):
+      continue
+    for task, p in m["prompts"].items():
+      assert p["accuracy"] == pytest.approx(cell[(p["entry"], task)])
+  oracle = [m for m in summary["methods"] if m["name"].startswith("oracle")]
+  roe = [m for m in summary["methods"] if m["name"] == "RoE (prompt expert)"]
+  for o, r in zip(oracle, roe):
+    assert o["mean"] >= r["mean"]  # the oracle picks the best expert of each prompt
+  # A rerun reuses the cached base and every trained expert.
+  again = demo.run_demo(cfg, str(out), cache_dir=str(tmp_path / "cache"), show_progress=False)
+  assert again["setup"]["config"]["base_cached"] and again["matrix"] == summary["matrix"]
+  text = (out / report.REPORT_FILE).read_text()
+  assert "not the paper's results" in text
+  assert os.path.isdir(out / "library" / "experts")
