@@ -265,26 +265,37 @@ class T5EncoderEmbedder:
     t5_config: its `network.T5Config`.
     vocab_path: the SentencePiece model of the base (spiece.model).
     max_seq_length: truncation length for keys and queries (with EOS).
+    vocabulary: instead of `vocab_path`, a seqio-style vocabulary (`encode(str) -> ids`,
+      `vocab_size`), e.g. the demo's byte vocabulary.
   """
 
   kind = "dense"
 
-  def __init__(self, params: Mapping[str, Any], t5_config: Any, vocab_path: str | os.PathLike[str], *,
-               max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, batch_size: int = 32):
+  def __init__(self, params: Mapping[str, Any], t5_config: Any, vocab_path: str | os.PathLike[str] | None = None,
+               *, max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, batch_size: int = 32, vocabulary: Any = None):
     import jax
-    import sentencepiece as spm
     from expert_t5x import expert_format, network
 
-    vocab_path = os.fspath(vocab_path)
-    if not os.path.isfile(vocab_path):
-      raise FileNotFoundError(f"SentencePiece model '{vocab_path}' not found; pass the base's spiece.model.")
-    self.sp = spm.SentencePieceProcessor(model_file=vocab_path)
+    if (vocab_path is None) == (vocabulary is None):
+      raise ValueError("T5EncoderEmbedder needs exactly one of vocab_path (the base's spiece.model) or "
+                       "vocabulary (an object with encode(), e.g. seqio.ByteVocabulary()).")
+    if vocabulary is not None:
+      self._encode = lambda texts: [list(vocabulary.encode(t)) for t in texts]
+      vocab_id = f"{type(vocabulary).__name__}:{getattr(vocabulary, 'vocab_size', None)}"
+    else:
+      import sentencepiece as spm
+      vocab_path = os.fspath(vocab_path)
+      if not os.path.isfile(vocab_path):
+        raise FileNotFoundError(f"SentencePiece model '{vocab_path}' not found; pass the base's spiece.model.")
+      self.sp = spm.SentencePieceProcessor(model_file=vocab_path)
+      self._encode = lambda texts: self.sp.encode(list(texts))
+      vocab_id = file_io.sha256_file(vocab_path)
     self.max_seq_length = max_seq_length
     self.batch_size = batch_size
     self.dim = t5_config.emb_dim
     self.params = params
     self.identity = "t5enc-" + _identity("t5-encoder-meanpool-l2-v1", expert_format.tree_digest(params),
-                                         file_io.sha256_file(vocab_path), max_seq_length)
+                                         vocab_id, max_seq_length)
     model = network.Transformer(t5_config)
 
     @jax.jit
@@ -296,8 +307,8 @@ class T5EncoderEmbedder:
     self._embed_batch = embed_batch
 
   def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-    """SentencePiece ids with EOS (1), truncated to max_seq_length (EOS kept)."""
-    return [ids[:self.max_seq_length - 1] + [1] for ids in self.sp.encode(list(texts))]
+    """Token ids with EOS (1), truncated to max_seq_length (EOS kept)."""
+    return [list(ids)[:self.max_seq_length - 1] + [1] for ids in self._encode(list(texts))]
 
   def embed(self, texts: Sequence[str]) -> np.ndarray:
     texts = list(texts)
