@@ -54,17 +54,18 @@ class DemoConfig:
   num_layers: int = 2
   vocab_size: int = 384
   # Pre-training (full parameters, AdamW, warmup then linear decay).
-  pretrain_steps: int = 300
+  pretrain_steps: int = 200
   pretrain_batch_size: int = 32
   pretrain_learning_rate: float = 3e-3
   pretrain_lengths: tuple[int, int] = (96, 40)
   # Experts: adapters (reduction factor 4) + layer norms, AdamW, linear decay.
   reduction_factor: int = 4
-  expert_learning_rate: float = 1e-2
+  expert_learning_rate: float = 3e-3
   expert_batch_size: int = 8
-  prompt_expert_steps: int = 200
-  dataset_expert_steps: int = 200
-  multitask_steps: int = 400
+  # Prompt and dataset experts train stacked in one job with one step budget (a stacked job
+  # computes every expert until the longest budget ends); the multitask adapter trains alone.
+  expert_steps: int = 300
+  multitask_steps: int = 600
   task_lengths: tuple[int, int] = (96, 16)
   num_keys: int = 32
   # Retrieval and merging.
@@ -92,9 +93,8 @@ class DemoConfig:
 
 
 FULL = DemoConfig()
-QUICK = DemoConfig(name="quick", pretrain_steps=150, prompt_expert_steps=120,
-                   dataset_expert_steps=120, multitask_steps=240, embedder="t5", eval_examples=50,
-                   bootstrap_samples=200)
+QUICK = DemoConfig(name="quick", pretrain_steps=100, expert_steps=150, multitask_steps=300,
+                   embedder="t5", eval_examples=50, bootstrap_samples=200)
 
 
 def t5_config(cfg: DemoConfig):
@@ -177,13 +177,14 @@ def stage_costs(cfg: DemoConfig, num_prompt_experts: int, num_dataset_experts: i
   row = li + lt
   frozen = 2.0 / 3.0  # a frozen base needs no weight gradients
   pre = cfg.pretrain_steps * cfg.pretrain_batch_size * sum(cfg.pretrain_lengths)
-  pe = num_prompt_experts * cfg.prompt_expert_steps * cfg.expert_batch_size * row * frozen
-  de = (num_dataset_experts * cfg.dataset_expert_steps + cfg.multitask_steps) * (
-      cfg.expert_batch_size * row * frozen)
+  experts = ((num_prompt_experts + num_dataset_experts) * cfg.expert_steps *
+             cfg.expert_batch_size * row * frozen)
+  # One expert alone under-fills even a CPU: count it as two.
+  multitask = 2 * cfg.multitask_steps * cfg.expert_batch_size * row * frozen
   entries = 1 + num_prompt_experts + num_dataset_experts + 1
   ev = (entries * num_eval_prompts + num_heldout * num_heldout) * cfg.eval_examples * row / 3.0
-  return {"setup": 2e6, "pre-train base": pre, "prompt experts": pe,
-          "dataset + multitask experts": de, "library": 1e5, "retrieval": 5e5, "merging": 2e5,
+  return {"setup": 2e6, "pre-train base": pre, "prompt + dataset experts": experts,
+          "multitask adapter": multitask, "library": 1e5, "retrieval": 5e5, "merging": 2e5,
           "evaluation": ev, "report": 5e5}
 
 
@@ -418,7 +419,7 @@ def _setup_sentences(cfg: DemoConfig, num_pe: int, num_de: int) -> list[str]:
       f"was pre-trained for {cfg.pretrain_steps} steps on a synthetic span-corruption corpus "
       f"without any task data, then {num_pe} prompt experts, {num_de} dataset experts and one "
       f"multitask adapter (reduction factor {cfg.reduction_factor}; "
-      f"{cfg.prompt_expert_steps}/{cfg.dataset_expert_steps}/{cfg.multitask_steps} steps of "
+      f"{cfg.expert_steps} steps, multitask {cfg.multitask_steps}, of "
       f"batch {cfg.expert_batch_size}) were trained on synthetic keyword, overlap and length "
       "tasks.",
       f"Held-out prompts of those tasks and two held-out tasks were answered by rank "
@@ -455,19 +456,20 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
   progress.end(skipped=cached)
   base = evaluation.load_base(base_dir)
 
-  progress.begin("prompt experts")
-  pe_dirs = _train_stacked(cfg, base_dir, pe_tasks, [cfg.prompt_expert_steps] * len(pe_tasks),
-                           os.path.join(out_dir, "experts", "prompt"), show_progress)
+  progress.begin("prompt + dataset experts")
+  stacked = list(pe_tasks) + list(de_tasks)
+  expert_dirs = _train_stacked(cfg, base_dir, stacked, [cfg.expert_steps] * len(stacked),
+                               os.path.join(out_dir, "experts", "stacked"), show_progress)
   progress.end()
+  pe_dirs = {t: expert_dirs[t] for t in pe_tasks}
+  de_dirs = {t: expert_dirs[t] for t in de_tasks}
 
-  progress.begin("dataset + multitask experts")
-  other = list(de_tasks) + [demo_tasks.MULTITASK_MIXTURE]
-  other_dirs = _train_stacked(
-      cfg, base_dir, other, [cfg.dataset_expert_steps] * len(de_tasks) + [cfg.multitask_steps],
-      os.path.join(out_dir, "experts", "dataset_multitask"), show_progress)
+  progress.begin("multitask adapter")
+  mt_id = "multitask"
+  mt_dir = _train_stacked(cfg, base_dir, [demo_tasks.MULTITASK_MIXTURE], [cfg.multitask_steps],
+                          os.path.join(out_dir, "experts", "multitask"),
+                          show_progress)[demo_tasks.MULTITASK_MIXTURE]
   progress.end()
-  de_dirs = {t: other_dirs[t] for t in de_tasks}
-  mt_id, mt_dir = "multitask", other_dirs[demo_tasks.MULTITASK_MIXTURE]
 
   progress.begin("library")
   lib = build_library(os.path.join(out_dir, "library"), pe_dirs, base.fingerprint)

@@ -16,7 +16,6 @@ byte vocabulary.
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import re
 from typing import Any, Iterator
@@ -58,8 +57,6 @@ def _task_vocabulary() -> set[str]:
 
 def corpus_words() -> tuple[str, ...]:
   """The corpus lexicon: generic words that no demo task uses."""
-  if os.environ.get("DEMO_CORPUS_ALL_WORDS"):
-    return tuple(dict.fromkeys(_LEXICON.split() + sorted(_task_vocabulary())))
   banned = _task_vocabulary()
   return tuple(w for w in dict.fromkeys(_LEXICON.split()) if w not in banned)
 

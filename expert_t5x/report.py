@@ -120,25 +120,25 @@ def plot_retrieval(summary: Mapping[str, Any], path: str) -> None:
   task_of = {e["id"]: e.get("dataset") or e["id"] for e in summary["experts"]}
   tasks = sorted({task_of.get(x, x) for p in prompts for x in retrieval[p]["votes"]})
   colors = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(tasks)}
-  fig, ax = plt.subplots(figsize=(2.0 + 0.9 * len(prompts), 4.2))
+  fig, ax = plt.subplots(figsize=(2.0 + 0.9 * len(prompts), 4.8))
   for j, prompt in enumerate(prompts):
     bottom = 0
     for expert, votes in sorted(retrieval[prompt]["votes"].items(), key=lambda kv: -kv[1]):
       ax.bar(j, votes, bottom=bottom, color=colors[task_of.get(expert, expert)],
              edgecolor="white", lw=0.5)
       bottom += votes
-    r = retrieval[prompt]
-    ax.text(j, bottom + 0.3, f"{short_name(r['winner'])}\n({r['guard']})", ha="center",
-            va="bottom", fontsize=6)
-  ax.set_xticks(range(len(prompts)), [short_name(p) for p in prompts], rotation=30, ha="right",
-                fontsize=8)
+    ax.text(j, bottom + 0.3, short_name(retrieval[prompt]["winner"]), ha="center",
+            va="bottom", rotation=90, fontsize=7)
+  ax.set_xticks(range(len(prompts)),
+                [f"{short_name(p)}\n({retrieval[p]['guard']})" for p in prompts], rotation=30,
+                ha="right", fontsize=7)
   ax.set_ylabel("votes (one per unlabeled query)")
   ax.set_title("Retrieval of Experts: votes per held-out eval prompt (winner above each bar)")
   handles = [plt.Rectangle((0, 0), 1, 1, color=colors[t]) for t in tasks]
   ax.legend(handles, [short_name(t) for t in tasks], title="voted expert's task", fontsize=7,
             title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   top = max((sum(retrieval[p]["votes"].values()) for p in prompts), default=1)
-  ax.set_ylim(0, top * 1.25 + 1)
+  ax.set_ylim(0, top * 1.8 + 1)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -73,7 +73,7 @@ def test_dataset_tasks_group_the_training_prompts():
 
 def test_base_hash_follows_only_the_pretraining_settings():
   full = demo.FULL
-  assert full.base_hash() == dataclasses.replace(full, prompt_expert_steps=1).base_hash()
+  assert full.base_hash() == dataclasses.replace(full, expert_steps=1).base_hash()
   assert full.base_hash() != dataclasses.replace(full, pretrain_steps=1).base_hash()
   assert full.base_hash() != dataclasses.replace(full, emb_dim=256).base_hash()
 
@@ -149,7 +149,7 @@ def test_end_to_end_tiny_demo(tmp_path):
   selected."""
   cfg = dataclasses.replace(
       demo.QUICK, name="test", emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_layers=1,
-      pretrain_steps=2, pretrain_batch_size=4, prompt_expert_steps=2, dataset_expert_steps=2,
+      pretrain_steps=2, pretrain_batch_size=4, expert_steps=2,
       multitask_steps=3, expert_batch_size=2, num_keys=4, embedder="bm25", num_queries=4,
       eval_examples=4, bootstrap_samples=20)
   out = tmp_path / "demo"
