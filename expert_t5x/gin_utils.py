@@ -164,6 +164,10 @@ def run(main: Callable[[list[str]], None], argv: Optional[Sequence[str]] = None)
   from absl import app  # pylint: disable=g-import-not-at-top
   argv = rewrite_gin_args(list(sys.argv if argv is None else argv))
   wants_help = any(a in ("--help", "-h", "--helpfull", "--helpshort", "-?") for a in argv[1:])
+  if not any(a.startswith(("--verbosity", "-v=", "--v=")) for a in argv[1:]):
+    # orbax logs dozens of INFO lines per checkpoint, drowning the progress bar; --verbosity=0
+    # brings them back.
+    argv.insert(1, "--verbosity=-1")
   try:
     app.run(main, argv=argv)
   except SystemExit as e:
