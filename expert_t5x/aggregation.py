@@ -228,3 +228,45 @@ def accuracy_matrix(entries: Mapping[str, Sequence[PromptOutcomes]],
       if o.task in col:
         acc[i, col[o.task]] = o.accuracy
   return acc, expert_ids, list(prompt_ids)
+
+
+def oracle(acc: np.ndarray, expert_ids: Sequence[str], prompt_ids: Sequence[str],
+           dataset_of: Mapping[str, str]) -> dict:
+  """The oracle (an upper bound that uses labels): the best expert per prompt, then aggregated.
+
+  As the paper's oracle rows: for each eval prompt, the expert of highest accuracy on it (ties to
+  the first in `expert_ids`; NaN cells never win), then the usual aggregation of those
+  accuracies (mean over a dataset's prompts, mean over datasets; median beside it).
+
+  Args:
+    acc: `[E, P]` accuracies in percent (NaN where an expert lacks a prompt), as in matrix.npz.
+    expert_ids: the E expert ids.
+    prompt_ids: the P prompt (task) ids.
+    dataset_of: {prompt id: its dataset}.
+
+  Returns:
+    {'prompts': [{'task', 'dataset', 'expert', 'accuracy'}], 'datasets', 'mean', 'median',
+     'num_datasets', 'num_experts'}; a prompt no expert scored has expert None.
+  """
+  acc = np.asarray(acc, np.float64)
+  if acc.shape != (len(expert_ids), len(prompt_ids)):
+    raise ValueError(f"oracle: acc has shape {acc.shape} but there are {len(expert_ids)} experts "
+                     f"and {len(prompt_ids)} prompts; pass the matrix with its own ids.")
+  missing = [t for t in prompt_ids if t not in dataset_of]
+  if missing:
+    raise KeyError(f"oracle: prompts {missing[:5]} have no dataset; pass dataset_of for every "
+                   "prompt (results.json 'tasks' holds them).")
+  prompts, best_acc = [], {}
+  for j, task in enumerate(prompt_ids):
+    column = acc[:, j]
+    if np.all(np.isnan(column)):
+      prompts.append({"task": task, "dataset": dataset_of[task], "expert": None,
+                      "accuracy": float("nan")})
+      continue
+    best = int(np.nanargmax(column))  # The first maximum: ties go to the earlier expert.
+    best_acc[task] = float(column[best])
+    prompts.append({"task": task, "dataset": dataset_of[task], "expert": expert_ids[best],
+                    "accuracy": best_acc[task]})
+  summary = aggregate_accuracies(best_acc, dataset_of)
+  summary.update({"prompts": prompts, "num_experts": len(expert_ids)})
+  return summary

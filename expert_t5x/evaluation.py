@@ -770,11 +770,81 @@ def load_base(checkpoint_path: Optional[str] = None, model_config: Optional[str]
                    checkpoints.base_fingerprint(params))
 
 
+# ----------------------------------------------------------------------------------- routing
+
+
+@dataclasses.dataclass
+class Routing:
+  """A composed entry whose tasks each use their own expert (RoE, per-prompt merges, oracles).
+
+  Each task is scored only under the expert it was routed to, and each expert once for all of its
+  tasks (one chunk per expert), so the work is one pass per distinct expert, not experts x tasks.
+
+  Attributes:
+    name: the composed entry's id in results (e.g. 'roe', 'merge').
+    routes: {task: id of the expert that evaluates it: an expert id of this run, or 'base'}.
+    expert_ids: {task: the experts recorded as used (default [routes[task]]; a merge's inputs)}.
+    details: {task: JSON-able record kept with the prompt (votes, confidence, ...)}.
+    info: JSON-able settings kept in results['routing'] (embedder, guard mode, ...).
+  """
+  name: str
+  routes: Mapping[str, str]
+  expert_ids: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+  details: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def used(self, task: str) -> list[str]:
+    """The experts recorded for `task` ([] for the base)."""
+    if task in self.expert_ids:
+      return list(self.expert_ids[task])
+    return [] if self.routes[task] == BASE_ID else [self.routes[task]]
+
+  def to_json(self, tasks: Sequence[str]) -> dict[str, Any]:
+    return {"name": self.name, **dict(self.info),
+            "tasks": {t: {"evaluated_as": self.routes[t], "expert_ids": self.used(t),
+                          **dict(self.details.get(t, {}))} for t in tasks}}
+
+
+# (chunk, the tasks it evaluates): the unit of planning.
+Plan = list[tuple[Chunk, list[str]]]
+
+
+def make_plan(specs: Sequence[ExpertSpec], task_names: Sequence[str], include_base: bool,
+              experts_per_pass: int, routing: Optional[Routing] = None) -> Plan:
+  """Every chunk on every task; with `routing`, one chunk per expert on the tasks routed to it."""
+  if routing is None:
+    chunks = ([Chunk([])] if include_base else []) + make_chunks(specs, experts_per_pass)
+    return [(c, list(task_names)) for c in chunks]
+  known = {s.id for s in specs} | {BASE_ID}
+  missing = [t for t in task_names if t not in routing.routes]
+  if missing:
+    raise ValueError(f"Routing {routing.name!r} has no expert for tasks {missing[:5]}; route every "
+                     "evaluated task.")
+  unknown = sorted({routing.routes[t] for t in task_names} - known)
+  if unknown:
+    raise ValueError(f"Routing {routing.name!r} names experts {unknown[:5]} that are not among the "
+                     "evaluated experts; pass their directories too.")
+  if routing.name in known:
+    raise ValueError(f"Routing entry name {routing.name!r} equals an expert id; choose another name.")
+  plan: Plan = []
+  base_tasks = [t for t in task_names if include_base or routing.routes[t] == BASE_ID]
+  if base_tasks:
+    plan.append((Chunk([]), base_tasks))
+  for s in specs:
+    mine = [t for t in task_names if routing.routes[t] == s.id]
+    if mine:
+      plan.append((Chunk([s]), mine))
+  return plan
+
+
 # ---------------------------------------------------------------------------------- evaluate
 
 
-def _entries(specs: Sequence[ExpertSpec], include_base: bool) -> list[str]:
-  return ([BASE_ID] if include_base else []) + [s.id for s in specs]
+def _entries(specs: Sequence[ExpertSpec], include_base: bool,
+             routing: Optional[Routing] = None) -> list[str]:
+  """Result entries: the base (if asked), then each expert, or the one routed entry."""
+  rest = [routing.name] if routing is not None else [s.id for s in specs]
+  return ([BASE_ID] if include_base else []) + rest
 
 
 def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
@@ -786,7 +856,8 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
              generation_max_length: int = 128, bootstrap_samples: int = 1000, seed: int = 0,
              num_partitions: int = 1, allow_base_mismatch: bool = False,
              write_predictions: bool = True, progress: bool = True,
-             task_source: Optional[TaskSource] = None) -> dict[str, Any]:
+             task_source: Optional[TaskSource] = None, routing: Optional[Routing] = None,
+             scorer: Optional[Scorer] = None) -> dict[str, Any]:
   """Evaluates the base and/or experts on tasks; writes shards and the final files; returns
   the results object (also written as results.json).
 
@@ -813,6 +884,10 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
     write_predictions: write predictions.jsonl (large for many experts).
     progress: show a progress bar with rate and ETA.
     task_source: tasks and examples (default: the registered seqio_tasks).
+    routing: evaluate one composed entry instead of every expert on every task: each task only
+      under its routed expert (see `Routing`); the base is then evaluated only where routed to,
+      or everywhere with include_base=True.
+    scorer: a `Scorer` to reuse (same base and options), e.g. one that scored retrieval queries.
   """
   if jax.process_count() > 1:
     raise ValueError(f"Evaluation runs in one process (this job has {jax.process_count()}); on a "
@@ -820,17 +895,18 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
                      "experts or tasks over hosts with one output directory each.")
   feature_lengths = dict(DEFAULT_FEATURE_LENGTHS if feature_lengths is None else feature_lengths)
   specs = load_expert_specs(list(expert_paths), expert_names)
-  include_base = (not specs) if include_base is None else include_base
+  include_base = (not specs and routing is None) if include_base is None else include_base
   check_expert_bases(specs, base.fingerprint, allow_base_mismatch)
   source = task_source or SeqioTaskSource()
   task_names = source.resolve(tasks)
   metas = [source.meta(t) for t in task_names]
-  partitioner = partitioning.PjitPartitioner(num_partitions=num_partitions)
+  partitioner = (scorer.partitioner if scorer is not None
+                 else partitioning.PjitPartitioner(num_partitions=num_partitions))
   if batch_size % partitioner.data_parallel_size:
     raise ValueError(f"batch_size {batch_size} is not a multiple of the data-parallel size "
                      f"{partitioner.data_parallel_size}; use a multiple of it.")
-  chunks = ([Chunk([])] if include_base else []) + make_chunks(specs, experts_per_pass)
-  if not chunks:
+  plan = make_plan(specs, task_names, include_base, experts_per_pass, routing)
+  if not plan:
     raise ValueError("Nothing to evaluate: include_base is False and no expert was given.")
   settings = {"split": split, "max_examples": max_examples, "options": options.to_json(),
               "feature_lengths": feature_lengths, "generation_max_length": generation_max_length,
@@ -849,7 +925,7 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
   todo = []  # (meta, examples, vocabulary, [(chunk, path, header)]) of shards still to compute.
   for meta, examples, vocabulary in loaded:
     pending = []
-    for chunk in chunks:
+    for chunk in (c for c, chunk_tasks in plan if meta.name in chunk_tasks):
       path = _shard_path(output_dir, chunk, meta.name)
       header = _shard_header(meta, chunk, examples, settings)
       if not shard_done(path, header):
@@ -857,7 +933,8 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
     if pending:
       todo.append((meta, examples, vocabulary, pending))
   total = sum(len(ex) * len(c.ids) for _, ex, _, pending in todo for c, _, _ in pending)
-  scorer = Scorer(base.config, base.params, partitioner, options) if todo else None
+  if scorer is None and todo:
+    scorer = Scorer(base.config, base.params, partitioner, options)
   bar = _progress_bar(progress, total)
   try:
     for meta, examples, vocabulary, pending in todo:
@@ -873,10 +950,10 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
   finally:
     if bar is not None:
       bar.close()
-  return assemble(output_dir=output_dir, metas=metas, chunks=chunks,
-                  entries=_entries(specs, include_base), specs=specs, base=base,
+  return assemble(output_dir=output_dir, metas=metas, plan=plan,
+                  entries=_entries(specs, include_base, routing), specs=specs, base=base,
                   settings=settings, options=options, bootstrap_samples=bootstrap_samples,
-                  seed=seed, write_predictions=write_predictions)
+                  seed=seed, write_predictions=write_predictions, routing=routing)
 
 
 def _progress_bar(enabled: bool, total: int):
@@ -930,49 +1007,75 @@ def outcomes_from_records(records: Sequence[Mapping[str, Any]], options: Scoring
                                     np.asarray(ids, np.int64), np.asarray(correct, bool)), excluded
 
 
-def assemble(*, output_dir: str, metas: Sequence[TaskMeta], chunks: Sequence[Chunk],
+def _record_targets(expert_id: str, task: str, entries: Sequence[str],
+                    routing: Optional[Routing]) -> list[str]:
+  """The result entries that a (chunk expert, task)'s records count for."""
+  if routing is None:
+    return [expert_id]
+  out = [BASE_ID] if expert_id == BASE_ID and BASE_ID in entries else []
+  if routing.routes.get(task) == expert_id:
+    out.append(routing.name)
+  return out
+
+
+def assemble(*, output_dir: str, metas: Sequence[TaskMeta], plan: Plan,
              entries: Sequence[str], specs: Sequence[ExpertSpec], base: BaseModel,
              settings: Mapping[str, Any], options: ScoringOptions, bootstrap_samples: int,
-             seed: int, write_predictions: bool) -> dict[str, Any]:
-  """Builds predictions.jsonl, results.json/.csv/.md and matrix.npz from the shards alone."""
-  outcomes: dict[str, list[aggregation.PromptOutcomes]] = {e: [] for e in entries}
+             seed: int, write_predictions: bool, routing: Optional[Routing] = None
+             ) -> dict[str, Any]:
+  """Builds predictions.jsonl, results.json/.csv/.md and matrix.npz from the shards alone.
+
+  With `routing`, the routed entry takes each task's records from its expert's shard; its
+  prediction lines carry `entry` and the experts the task used (`Routing.used`).
+  """
+  outcome_of: dict[tuple[str, str], aggregation.PromptOutcomes] = {}
   excluded: dict[str, dict[str, dict[str, int]]] = {e: {} for e in entries}
-  generation: dict[str, list[dict]] = {e: [] for e in entries}
+  generation_of: dict[tuple[str, str], dict] = {}
   truncation: dict[str, dict[str, int]] = {}
   predictions_path = os.path.join(output_dir, results_lib.PREDICTIONS_FILE)
   tmp_predictions = predictions_path + ".partial"
   out = open(tmp_predictions, "w", encoding="utf-8") if write_predictions else None
   try:
-    for chunk in chunks:
+    for chunk, chunk_tasks in plan:
       # One chunk's shards in memory at a time; records are written entry-major.
+      chunk_metas = [m for m in metas if m.name in chunk_tasks]
       by_entry: dict[tuple[str, str], list[dict]] = {}
-      for m in metas:
+      for m in chunk_metas:
         first, records = read_shard(_shard_path(output_dir, chunk, m.name))
         truncation[m.name] = first.get("stats") or {}
         for r in records:
           by_entry.setdefault(((r["expert_ids"] or [BASE_ID])[0], m.name), []).append(r)
       for expert_id in chunk.ids:
-        for meta in metas:
-          records = by_entry.get((expert_id, meta.name), [])
-          if out is not None:
-            for r in records:
-              out.write(results_lib.dumps(r) + "\n")
-          if meta.scoring:
-            o, ex = outcomes_from_records(records, options)
-            o.task, o.dataset, o.prompt = meta.name, meta.dataset, meta.prompt
-            outcomes[expert_id].append(o)
-            excluded[expert_id][meta.name] = ex
-          else:
-            generation[expert_id].append({
-                "task": meta.name, "dataset": meta.dataset, "prompt": meta.prompt,
-                "num_examples": len(records),
-                "metrics": _generation_metrics([r["gold"] for r in records],
-                                               [r["pred"] for r in records])})
+        for meta in chunk_metas:
+          for entry in _record_targets(expert_id, meta.name, entries, routing):
+            records = by_entry.get((expert_id, meta.name), [])
+            if entry != expert_id:  # The routed entry: record which experts the task used.
+              records = [dict(r, entry=entry, expert_ids=routing.used(meta.name))
+                         for r in records]
+            if out is not None:
+              for r in records:
+                out.write(results_lib.dumps(r) + "\n")
+            if meta.scoring:
+              o, ex = outcomes_from_records(records, options)
+              o.task, o.dataset, o.prompt = meta.name, meta.dataset, meta.prompt
+              outcome_of[(entry, meta.name)] = o
+              excluded[entry][meta.name] = ex
+            else:
+              generation_of[(entry, meta.name)] = {
+                  "task": meta.name, "dataset": meta.dataset, "prompt": meta.prompt,
+                  "num_examples": len(records),
+                  "metrics": _generation_metrics([r["gold"] for r in records],
+                                                 [r["pred"] for r in records])}
   finally:
     if out is not None:
       out.close()
   if out is not None:
     os.replace(tmp_predictions, predictions_path)
+  # Prompts in task order, whatever order the chunks ran in.
+  outcomes = {e: [outcome_of[(e, m.name)] for m in metas if (e, m.name) in outcome_of]
+              for e in entries}
+  generation = {e: [generation_of[(e, m.name)] for m in metas if (e, m.name) in generation_of]
+                for e in entries}
   intervals = (aggregation.bootstrap(outcomes, bootstrap_samples, seed)
                if bootstrap_samples and any(outcomes.values()) else {})
   results = build_results(entries=entries, outcomes=outcomes, excluded=excluded,
@@ -980,15 +1083,24 @@ def assemble(*, output_dir: str, metas: Sequence[TaskMeta], chunks: Sequence[Chu
                           base=base, settings=settings, options=options,
                           bootstrap_samples=bootstrap_samples, seed=seed)
   results["truncation"] = {t: c for t, c in truncation.items() if any(c.values())}
-  results_lib.write_json(os.path.join(output_dir, results_lib.RESULTS_FILE), results)
-  results_lib.write_csv(os.path.join(output_dir, results_lib.CSV_FILE), results)
-  results_lib.write_markdown(os.path.join(output_dir, results_lib.MARKDOWN_FILE), results)
+  if routing is not None:
+    results["routing"] = routing.to_json([m.name for m in metas])
+    for entry in results["entries"]:
+      if entry["id"] == routing.name:
+        entry["expert_ids"] = sorted({e for m in metas for e in routing.used(m.name)})
+        for prompt in entry["prompts"] + entry["generation"]:
+          prompt["expert_ids"] = routing.used(prompt["task"])
   scored = [m.name for m in metas if m.scoring]
-  if len(specs) > 1 and scored:
+  if routing is None and len(specs) > 1 and scored:
     expert_entries = {e: outcomes[e] for e in entries if e != BASE_ID}
     acc, expert_ids, prompt_ids = aggregation.accuracy_matrix(expert_entries, scored)
     results_lib.write_matrix(os.path.join(output_dir, results_lib.MATRIX_FILE), acc, expert_ids,
                              prompt_ids)
+    results["oracle"] = aggregation.oracle(acc, expert_ids, prompt_ids,
+                                           {m.name: m.dataset for m in metas})
+  results_lib.write_json(os.path.join(output_dir, results_lib.RESULTS_FILE), results)
+  results_lib.write_csv(os.path.join(output_dir, results_lib.CSV_FILE), results)
+  results_lib.write_markdown(os.path.join(output_dir, results_lib.MARKDOWN_FILE), results)
   return results
 
 
