@@ -20,7 +20,6 @@ when a checkpoint needs them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from expert_t5x import expert_format
+from expert_t5x import file_io
 
 FINGERPRINT_FILE = "expert_t5x_fingerprint.json"
 HF_CONFIG = "config.json"
@@ -741,13 +741,7 @@ def base_fingerprint(path_or_params: str | os.PathLike[str] | Mapping[str, Any]
 
 def vocab_fingerprint(vocab_path: str | os.PathLike[str] | None) -> str | None:
   """sha256 of a SentencePiece model file (None for None)."""
-  if vocab_path is None:
-    return None
-  digest = hashlib.sha256()
-  with open(vocab_path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
+  return None if vocab_path is None else file_io.sha256_file(vocab_path)
 
 
 __all__ = [

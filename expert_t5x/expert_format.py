@@ -31,6 +31,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from expert_t5x import file_io
+
 SCHEMA_VERSION = 1
 PARAMS_FILE = "params.safetensors"
 METADATA_FILE = "expert.json"
@@ -280,14 +282,6 @@ def _validate_keys(keys: list[Mapping[str, Any]]) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _fsync_path(path: str) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
 def _write_text(path: str, text: str) -> None:
   with open(path, "w", encoding="utf-8") as f:
     f.write(text)
@@ -356,18 +350,18 @@ def save_expert(directory: str | os.PathLike[str],
     params_path = os.path.join(tmp, PARAMS_FILE)
     save_file(flat, params_path, metadata={"format": "np",
                                            "content_hash": content_hash})
-    _fsync_path(params_path)
+    file_io.fsync_path(params_path)
     _write_text(os.path.join(tmp, METADATA_FILE),
                 _to_json(meta, indent=2, sort_keys=True) + "\n")
     if key_list is not None:
       _write_text(os.path.join(tmp, KEYS_FILE),
                   "".join(_to_json(k, sort_keys=True) + "\n" for k in key_list))
-    _fsync_path(tmp)
+    file_io.fsync_path(tmp)
     _move_into_place(tmp, directory, overwrite)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  _fsync_path(parent)
+  file_io.fsync_path(parent)
   return content_hash
 
 
