@@ -66,6 +66,34 @@ def _cross_entropy_bwd(residuals, grads):
 cross_entropy_with_logits.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
+@jax.custom_vjp
+def cross_entropy_with_integer_labels(logits: Array, targets: Array,
+                                      z_loss: float) -> tuple[Array, Array]:
+  """`cross_entropy_with_logits` for one-hot targets given as ids `[...]`, without building the
+  `[..., V]` one-hot: the forward gathers the target logit and the backward's one-hot is a fused
+  comparison. Returns (loss including the z-loss term, z-loss term)."""
+  return _integer_cross_entropy_fwd(logits, targets, z_loss)[0]
+
+
+def _integer_cross_entropy_fwd(logits, targets, z_loss):
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  total_z_loss = z_loss * jnp.square(log_z)
+  return (log_z - picked + total_z_loss, total_z_loss), (logits, targets, z_loss, log_z)
+
+
+def _integer_cross_entropy_bwd(residuals, grads):
+  logits, targets, z_loss, log_z = residuals
+  g = grads[0]
+  softmax = jnp.exp(logits - log_z[..., None])
+  is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
+  dlogits = (softmax * (1.0 + 2.0 * z_loss * log_z[..., None]) - is_target) * g[..., None]
+  return (jnp.asarray(dlogits, logits.dtype), None, jnp.zeros_like(jnp.asarray(z_loss)))
+
+
+cross_entropy_with_integer_labels.defvjp(_integer_cross_entropy_fwd, _integer_cross_entropy_bwd)
+
+
 def compute_weighted_cross_entropy(
     logits: Array, targets: Array, weights: Optional[Array] = None, label_smoothing: float = 0.0,
     z_loss: float = 0.0, loss_normalizing_factor: Optional[float | Array] = None
@@ -84,14 +112,17 @@ def compute_weighted_cross_entropy(
   Returns:
     (total loss, total z-loss, sum of weights), scalars.
   """
-  vocab = logits.shape[-1]
-  confidence = 1.0 - label_smoothing
-  low = label_smoothing / (vocab - 1)
-  normalizing_constant = -(confidence * jnp.log(confidence) +
-                           (vocab - 1) * low * jnp.log(low + 1e-20))
-  soft = jax.nn.one_hot(targets, vocab, dtype=logits.dtype) * (confidence - low) + low
-  loss, z = cross_entropy_with_logits(logits, soft, z_loss)
-  loss = loss - normalizing_constant
+  if label_smoothing == 0.0:
+    loss, z = cross_entropy_with_integer_labels(logits, targets, z_loss)
+  else:
+    vocab = logits.shape[-1]
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab - 1)
+    normalizing_constant = -(confidence * jnp.log(confidence) +
+                             (vocab - 1) * low * jnp.log(low + 1e-20))
+    soft = jax.nn.one_hot(targets, vocab, dtype=logits.dtype) * (confidence - low) + low
+    loss, z = cross_entropy_with_logits(logits, soft, z_loss)
+    loss = loss - normalizing_constant
   if weights is None:
     weights = jnp.ones(targets.shape, logits.dtype)
   loss, z = loss * weights, z * weights
