@@ -13,10 +13,21 @@ Command line (same function, argparse flags)::
     expert-t5x eval --checkpoint_path /ckpt/t5-xl-lm-adapt --tasks t0_eval_score_eval \
       --output_dir /tmp/eval --experts /lib/experts/a /lib/experts/b
 
+Retrieval of Experts from a library (`expert_t5x.roe`): each eval prompt retrieves its expert
+from its own unlabeled examples (or merges the top-k) and is evaluated with it::
+
+    expert-t5x eval --checkpoint_path /ckpt/t5-xl-lm-adapt --tasks t0_eval_score_eval \
+      --output_dir /tmp/roe --library /lib --roe --embedder minilm
+    expert-t5x eval ... --library /lib --merge --merge_top_k 1 3 5   # top-k chosen label-free
+
+The oracle (best expert per prompt, uses labels) of an evaluated expert x prompt matrix::
+
+    expert-t5x eval --oracle /tmp/eval/grid          # or .../matrix.npz
+
 Writes `predictions.jsonl`, `results.json`, `results.csv`, `results.md` and (several experts)
-`matrix.npz` under the output directory; an interrupted run resumes from its shards. With
-`expected` (an anchors file, see `gin/runs/anchors/`), also writes `anchors.md` and fails
-(exit 1) when a number is outside its tolerance.
+`matrix.npz` and its oracle under the output directory; an interrupted run resumes from its
+shards. With `expected` (an anchors file, see `gin/runs/anchors/`), also writes `anchors.md` and
+fails (exit 1) when a number is outside its tolerance.
 """
 
 from __future__ import annotations
@@ -46,7 +57,16 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
              num_partitions: int = 1, dtype: str = "float32", allow_base_mismatch: bool = False,
              write_predictions: bool = True, progress: bool = True,
              vocabulary_path: Optional[str] = None, expected: Optional[str] = None,
-             task_source: Optional[evaluation.TaskSource] = None) -> dict[str, Any]:
+             task_source: Optional[evaluation.TaskSource] = None,
+             library: Optional[str] = None, roe: bool = False, merge: bool = False,
+             embedder: str = "minilm", minilm_dir: Optional[str] = None,
+             retrieval_max_seq_length: int = 256, text_format: str = "label_instance",
+             num_queries: int = 32, retrieval_seed: int = 0, votes_per_query: int = 1,
+             guard: str = "zero_shot", abstain_threshold: float = 0.0, fallback: str = "base",
+             merge_method: str = "uniform", merge_top_k: int | Sequence[int] = 3,
+             merge_lam: Optional[float] | Sequence[Optional[float]] = None,
+             merge_params: Optional[Mapping[str, Any]] = None, adapter_reference: str = "auto",
+             previous_results: Optional[str] = None) -> dict[str, Any]:
   """Loads the base and experts, evaluates, writes the result files; returns results.json's object.
 
   Args:
@@ -73,15 +93,54 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
       spiece.model when the vocabulary is not configured otherwise).
     expected: an anchors JSON file to compare with (pass/fail table in anchors.md).
     task_source: tasks (default: the registered seqio_tasks).
+    library: an expert library; with `roe` or `merge`, each prompt is evaluated with the
+      experts retrieved for it (`expert_t5x.roe`) instead of `expert_paths`.
+    roe: evaluate each prompt with its top-voted expert (the paper's RoE).
+    merge: evaluate each prompt with a merge of its top-k retrieved experts.
+    embedder, minilm_dir, retrieval_max_seq_length, text_format, num_queries, retrieval_seed,
+    votes_per_query, guard, abstain_threshold, fallback: retrieval settings (`roe.RoEConfig`;
+      guard 'zero_shot' for held-out suites, 'seen' for seen-task RoE, or 'off').
+    merge_method, merge_top_k, merge_lam, merge_params, adapter_reference: merge settings; several
+      top-k or λ values are chosen per prompt label-free (lowest mean choice entropy).
+    previous_results: an earlier routed run's results.json: routing changes are reported.
   """
   options = evaluation.ScoringOptions(scoring=scoring, logit_vocab_limit=logit_vocab_limit,
                                       gold_not_in_choices=gold_not_in_choices)
   paths = list(expert_paths or [])
   if expert_list_file:
     paths += evaluation.read_expert_list(expert_list_file)
+  if roe or merge:
+    if roe and merge:
+      raise ValueError("Pass one of roe (--roe) or merge (--merge), not both.")
+    if not library:
+      raise ValueError("RoE and merge evaluation need an expert library (--library LIB).")
+    if paths:
+      raise ValueError("RoE and merge evaluation use the library's experts; drop expert_paths "
+                       "(--experts / --expert_list).")
+  elif library:
+    raise ValueError("A library is only used with roe (--roe) or merge (--merge); pass one, or "
+                     "evaluate expert directories with --experts.")
   base = evaluation.load_base(checkpoint_path, model_config, random_init_seed, dtype,
                               config_overrides)
   _configure_vocabulary(vocabulary_path, checkpoint_path, task_source)
+  if roe or merge:
+    from expert_t5x import roe as roe_lib  # pylint: disable=g-import-not-at-top
+    config = roe_lib.RoEConfig(
+        mode="roe" if roe else "merge", embedder=embedder, minilm_dir=minilm_dir,
+        max_seq_length=retrieval_max_seq_length, text_format=text_format,
+        num_queries=num_queries, seed=retrieval_seed, votes_per_query=votes_per_query,
+        guard=guard, abstain_threshold=abstain_threshold, fallback=fallback,
+        merge_method=merge_method, merge_top_k=merge_top_k, merge_lam=merge_lam,
+        merge_params=dict(merge_params or {}), adapter_reference=adapter_reference)
+    results = roe_lib.evaluate(
+        library=library, tasks=mixture_or_task_name, output_dir=output_dir, base=base,
+        config=config, task_source=task_source, split=split, max_examples=max_examples,
+        batch_size=batch_size, options=options, feature_lengths=task_feature_lengths,
+        include_base=bool(include_base), num_partitions=num_partitions,
+        allow_base_mismatch=allow_base_mismatch, previous_results=previous_results,
+        generation_max_length=generation_max_length, bootstrap_samples=bootstrap_samples,
+        seed=seed, write_predictions=write_predictions, progress=progress)
+    return _finish(results, output_dir, expected)
   results = evaluation.evaluate(
       tasks=mixture_or_task_name, output_dir=output_dir, base=base, expert_paths=paths,
       expert_names=expert_names, include_base=include_base, split=split,
@@ -90,6 +149,11 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
       generation_max_length=generation_max_length, bootstrap_samples=bootstrap_samples,
       seed=seed, num_partitions=num_partitions, allow_base_mismatch=allow_base_mismatch,
       write_predictions=write_predictions, progress=progress, task_source=task_source)
+  return _finish(results, output_dir, expected)
+
+
+def _finish(results: dict[str, Any], output_dir: str, expected: Optional[str]) -> dict[str, Any]:
+  """Logs each entry's means and compares with an anchors file when given."""
   for entry in results["entries"]:
     logging.info("%s: mean %.2f, median %.2f over %d datasets", entry["id"],
                  entry["overall"]["mean"] or float("nan"),
@@ -221,6 +285,37 @@ def _parser() -> argparse.ArgumentParser:
   pr.add_argument("--bootstrap_samples", type=int, default=1000)
   pr.add_argument("--seed", type=int, default=0, help="bootstrap seed")
   pr.add_argument("--expected", help="anchors JSON to compare with (exit 1 when outside tolerance)")
+  rl = p.add_argument_group("retrieval of experts (with --library)")
+  rl.add_argument("--library", help="expert library to retrieve from (with --roe or --merge)")
+  rl.add_argument("--roe", action="store_true",
+                  help="evaluate each prompt with its top-voted expert (the paper's RoE)")
+  rl.add_argument("--merge", action="store_true",
+                  help="evaluate each prompt with a merge of its top-k retrieved experts")
+  rl.add_argument("--embedder", default="minilm", choices=("minilm", "t5", "bm25"),
+                  help="t5 = the evaluated base's encoder")
+  rl.add_argument("--minilm_dir", help="all-MiniLM-L6-v2 sentence-transformers directory")
+  rl.add_argument("--retrieval_max_seq_length", type=int, default=256)
+  rl.add_argument("--text_format", default="label_instance", help="key/query text format")
+  rl.add_argument("--num_queries", type=int, default=32, help="unlabeled queries per prompt (Q)")
+  rl.add_argument("--retrieval_seed", type=int, default=0, help="seed of the query permutation")
+  rl.add_argument("--votes_per_query", type=int, default=1)
+  rl.add_argument("--guard", default="zero_shot", choices=("zero_shot", "seen", "off"),
+                  help="contamination guard: zero_shot for held-out suites, seen for seen tasks")
+  rl.add_argument("--abstain_threshold", type=float, default=0.0,
+                  help="abstain below this vote share and use --fallback")
+  rl.add_argument("--fallback", default="base", choices=("base", "merge"))
+  rl.add_argument("--merge_method", default="uniform",
+                  choices=("uniform", "weighted", "task_arithmetic", "ties", "dare"))
+  rl.add_argument("--merge_top_k", type=int, nargs="+", default=[3],
+                  help="k; several values are chosen per prompt label-free")
+  rl.add_argument("--merge_lam", type=float, nargs="+",
+                  help="λ (task_arithmetic, ties, dare); several values are chosen label-free")
+  rl.add_argument("--merge_density", type=float, help="TIES density")
+  rl.add_argument("--merge_drop", type=float, help="DARE drop probability")
+  rl.add_argument("--merge_seed", type=int, help="DARE mask seed")
+  rl.add_argument("--adapter_reference", default="auto", choices=("auto", "init", "zero"))
+  rl.add_argument("--previous_results",
+                  help="an earlier --roe/--merge results.json: report routing changes")
   rt = p.add_argument_group("runtime")
   rt.add_argument("--batch_size", type=int, default=32)
   rt.add_argument("--num_partitions", type=int, default=1)
@@ -234,6 +329,8 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if any(a.startswith("--gin_file") for a in argv):
     return gin_main(["expert-t5x eval"] + argv)
+  if any(a == "--oracle" or a.startswith("--oracle=") for a in argv):
+    return oracle_main(argv)
   args = _parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:
@@ -253,7 +350,18 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         num_partitions=args.num_partitions, dtype=args.dtype,
         allow_base_mismatch=args.allow_base_mismatch, write_predictions=not args.no_predictions,
         progress=not args.no_progress, vocabulary_path=args.vocabulary_path,
-        expected=args.expected)
+        expected=args.expected, library=args.library, roe=args.roe, merge=args.merge,
+        embedder=args.embedder, minilm_dir=args.minilm_dir,
+        retrieval_max_seq_length=args.retrieval_max_seq_length, text_format=args.text_format,
+        num_queries=args.num_queries, retrieval_seed=args.retrieval_seed,
+        votes_per_query=args.votes_per_query, guard=args.guard,
+        abstain_threshold=args.abstain_threshold, fallback=args.fallback,
+        merge_method=args.merge_method, merge_top_k=args.merge_top_k,
+        merge_lam=args.merge_lam if args.merge_lam else None,
+        merge_params={k: v for k, v in (("density", args.merge_density),
+                                        ("drop", args.merge_drop), ("seed", args.merge_seed))
+                      if v is not None},
+        adapter_reference=args.adapter_reference, previous_results=args.previous_results)
   except (ValueError, KeyError, FileNotFoundError) as e:
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"expert-t5x eval: {message}", file=sys.stderr)
@@ -262,6 +370,65 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
   if results.get("anchors"):
     print(results["anchors"]["markdown"])
     return 0 if results["anchors"]["passed"] else 1
+  return 0
+
+
+# ---------------------------------------------------------------------------------- oracle
+
+
+def oracle(path: str) -> dict[str, Any]:
+  """The oracle of an evaluated expert x prompt matrix (an eval directory or its matrix.npz).
+
+  Datasets come from the results.json beside the matrix.
+  """
+  from expert_t5x import aggregation  # pylint: disable=g-import-not-at-top
+  from expert_t5x import results as results_lib  # pylint: disable=g-import-not-at-top
+  matrix = os.path.join(path, results_lib.MATRIX_FILE) if os.path.isdir(path) else path
+  results_path = os.path.join(os.path.dirname(matrix), results_lib.RESULTS_FILE)
+  for needed in (matrix, results_path):
+    if not os.path.isfile(needed):
+      raise FileNotFoundError(f"'{needed}' not found; --oracle takes the output directory (or "
+                              "matrix.npz) of an evaluation of several experts.")
+  acc, expert_ids, prompt_ids = results_lib.read_matrix(matrix)
+  tasks = results_lib.read_results(results_path)["tasks"]
+  out = aggregation.oracle(acc, expert_ids, prompt_ids, {t["name"]: t["dataset"] for t in tasks})
+  out["matrix"] = os.path.abspath(matrix)
+  return out
+
+
+def oracle_markdown(result: Mapping[str, Any]) -> str:
+  """The oracle as a Markdown table: per prompt its best expert, then the dataset means."""
+  def fmt(x):
+    return "n/a" if x is None or x != x else f"{x:.2f}"
+  lines = ["| prompt | dataset | best expert | accuracy |", "|---|---|---|---:|"]
+  lines += [f"| {p['task']} | {p['dataset']} | {p['expert']} | {fmt(p['accuracy'])} |"
+            for p in result["prompts"]]
+  lines += ["", "| dataset | mean | median |", "|---|---:|---:|"]
+  lines += [f"| {d} | {fmt(v['mean'])} | {fmt(v['median'])} |"
+            for d, v in result["datasets"].items()]
+  lines += ["", f"Oracle over {result['num_experts']} experts (uses labels: an upper bound): mean "
+            f"{fmt(result['mean'])}, median {fmt(result['median'])} over "
+            f"{result['num_datasets']} datasets.", ""]
+  return "\n".join(lines)
+
+
+def oracle_main(argv: Sequence[str]) -> int:
+  """`expert-t5x eval --oracle DIR_OR_MATRIX [--output oracle.json]`."""
+  p = argparse.ArgumentParser(prog="expert-t5x eval --oracle",
+                              description="Best expert per prompt of an evaluated matrix.npz.")
+  p.add_argument("--oracle", required=True, help="eval output directory or its matrix.npz")
+  p.add_argument("--output", help="also write the oracle as JSON here")
+  args = p.parse_args(argv)
+  try:
+    result = oracle(args.oracle)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"expert-t5x eval --oracle: {message}", file=sys.stderr)
+    return 2
+  if args.output:
+    from expert_t5x import results as results_lib  # pylint: disable=g-import-not-at-top
+    results_lib.write_json(args.output, result)
+  print(oracle_markdown(result))
   return 0
 
 

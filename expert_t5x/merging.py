@@ -496,19 +496,30 @@ def select_label_free(candidates: Sequence[Any], score_fn: Callable[[Any], np.nd
 # ----------------------------------------------------------------------------
 
 
+def adapter_init_params(metas: Sequence[Mapping[str, Any]], base_params: Mapping[str, Any],
+                        t5_config: Any = None) -> dict[str, Any] | None:
+  """θ_init of adapter inputs (recomputed from their config and init seed), else None.
+
+  Args:
+    metas: the inputs' metadata (`expert.json`); the first one's config is used.
+    base_params: the base parameters the adapters were initialised against.
+    t5_config: the base's `network.T5Config` (default: the recorded base config name).
+  """
+  if metas[0]["type"] != "adapter":
+    return None
+  from expert_t5x import experts  # heavy; only for task-vector merges of adapters
+  if t5_config is None:
+    from expert_t5x import network
+    t5_config = network.get_config(metas[0]["base"]["config_name"])
+  return experts.init_expert(experts.config_from_json(metas[0]["config"]), t5_config, base_params)
+
+
 def _load_base(path: str | None, need_init: bool, metas: Sequence[Mapping[str, Any]]):
   if path is None:
     return None, None
   from expert_t5x import checkpoints  # heavy; only when --base is given
   base, t5_config, _ = checkpoints.load_params(path)
-  init = None
-  if need_init and metas[0]["type"] == "adapter":
-    from expert_t5x import experts
-    if t5_config is None:
-      from expert_t5x import network
-      t5_config = network.get_config(metas[0]["base"]["config_name"])
-    init = experts.init_expert(experts.config_from_json(metas[0]["config"]), t5_config, base)
-  return base, init
+  return base, (adapter_init_params(metas, base, t5_config) if need_init else None)
 
 
 def _resolve_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:

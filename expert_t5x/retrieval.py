@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from expert_t5x import embedders as embedders_lib
 from expert_t5x import file_io
 from expert_t5x import library as library_lib
 
@@ -378,28 +379,48 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   return file_io.read_jsonl(path, RetrievalError)
 
 
-def make_embedder(name: str, args: argparse.Namespace) -> Any:
-  """Builds the embedder named on the command line."""
-  from expert_t5x import embedders
+EMBEDDERS = ("minilm", "t5", "bm25")
+
+
+def make_embedder(name: str, *, minilm_dir: str | None = None,
+                  max_seq_length: int = embedders_lib.DEFAULT_MAX_SEQ_LENGTH,
+                  base_path: str | None = None, base_config: str = "xl", vocab_path: str | None = None,
+                  t5_base: tuple[Any, Any, Any] | None = None) -> Any:
+  """Builds an embedder by name.
+
+  Args:
+    name: 'minilm', 't5' or 'bm25'.
+    minilm_dir: sentence-transformers directory of all-MiniLM-L6-v2 (default: $EXPERT_T5X_MINILM_DIR,
+      else where `expert-t5x data fetch minilm` puts it).
+    max_seq_length: truncation of keys and queries.
+    base_path, base_config, vocab_path: the t5 embedder's base checkpoint, its config name if the
+      checkpoint does not record one, and its spiece.model.
+    t5_base: instead, an already loaded base for the t5 embedder: (params, T5Config, vocabulary
+      object with encode()).
+  """
   if name == "bm25":
-    return embedders.BM25Scorer()
+    return embedders_lib.BM25Scorer()
   if name == "minilm":
-    directory = args.minilm_dir or os.environ.get("EXPERT_T5X_MINILM_DIR")
+    directory = minilm_dir or os.environ.get("EXPERT_T5X_MINILM_DIR")
     if not directory:
       from seqio_tasks import fetch  # where `expert-t5x data fetch minilm` puts it
       directory = fetch.minilm_dir()
     if not os.path.isdir(directory):
       raise RetrievalError(f"all-MiniLM-L6-v2 not found at '{directory}'; run `expert-t5x data fetch minilm`, "
                            f"or pass --minilm-dir (a sentence-transformers directory).")
-    return embedders.MiniLMEmbedder(directory, max_seq_length=args.max_seq_length)
+    return embedders_lib.MiniLMEmbedder(directory, max_seq_length=max_seq_length)
   if name == "t5":
-    if not args.base or not args.vocab:
+    if t5_base is not None:
+      params, t5_config, vocabulary = t5_base
+      return embedders_lib.T5EncoderEmbedder(params, t5_config, vocabulary=vocabulary,
+                                             max_seq_length=max_seq_length)
+    if not base_path or not vocab_path:
       raise RetrievalError("The t5 embedder needs --base CHECKPOINT and --vocab spiece.model.")
     from expert_t5x import checkpoints, network
-    params, t5_config, info = checkpoints.load_params(args.base)
-    t5_config = t5_config or network.get_config(args.base_config)
-    return embedders.T5EncoderEmbedder(params, t5_config, args.vocab, max_seq_length=args.max_seq_length)
-  raise RetrievalError(f"Unknown embedder {name!r}; expected minilm, t5 or bm25.")
+    params, t5_config, _ = checkpoints.load_params(base_path)
+    t5_config = t5_config or network.get_config(base_config)
+    return embedders_lib.T5EncoderEmbedder(params, t5_config, vocab_path, max_seq_length=max_seq_length)
+  raise RetrievalError(f"Unknown embedder {name!r}; expected one of {EMBEDDERS}.")
 
 
 def promptsource_lookup(templates_dir: str | None = None) -> TemplateLookup:
@@ -422,7 +443,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="JSONL of canonical eval examples (inputs, answer_choices, dataset, subset, prompt, task); "
                       "one retrieval per task")
   p.add_argument("--task", action="append", help="only these tasks of the queries file")
-  p.add_argument("--embedder", choices=("minilm", "t5", "bm25"), default="minilm")
+  p.add_argument("--embedder", choices=EMBEDDERS, default="minilm")
   p.add_argument("--minilm-dir", help="sentence-transformers directory of all-MiniLM-L6-v2")
   p.add_argument("--base", help="base checkpoint (t5 embedder)")
   p.add_argument("--base-config", default="xl", help="T5 config name if the checkpoint does not record it")
@@ -453,8 +474,10 @@ def retrieve_main(argv: Sequence[str] | None = None) -> int:
     if missing:
       raise RetrievalError(f"Tasks {missing} are not in '{args.queries}'; it has {sorted(by_task)[:5]}...")
     lookup = promptsource_lookup(args.templates_dir) if args.text_format.startswith("choice") else None
-    retriever = Retriever(library_lib.Library(args.library), make_embedder(args.embedder, args),
-                          text_format=args.text_format, lookup=lookup)
+    embedder = make_embedder(args.embedder, minilm_dir=args.minilm_dir, max_seq_length=args.max_seq_length,
+                             base_path=args.base, base_config=args.base_config, vocab_path=args.vocab)
+    retriever = Retriever(library_lib.Library(args.library), embedder, text_format=args.text_format,
+                          lookup=lookup)
     results = []
     for t in tasks:
       res = retriever.retrieve(by_task[t], guard=args.guard, num_queries=args.num_queries, seed=args.seed,

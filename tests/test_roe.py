@@ -1,0 +1,244 @@
+"""Evaluation with Retrieval of Experts on the synthetic demo tasks and a tiny random base.
+
+A library of three random adapter experts whose retrieval keys come from three distinct demo
+tasks (sentiment, topic, overlap); the eval prompts are those tasks' held-out prompts. Checked:
+routing to each prompt's own task (BM25 and the base's T5 encoder), the guard modes, the routed
+entry against the plain evaluator's expert x prompt matrix, the oracle against a numpy argmax of
+that matrix, label-free top-k selection against entropies recomputed from plain predictions,
+and the continual check (old experts' evaluations bitwise unchanged after adding experts)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from expert_t5x import eval as eval_entry
+from expert_t5x import evaluation
+from expert_t5x import expert_format
+from expert_t5x import experts as experts_lib
+from expert_t5x import library as library_lib
+from expert_t5x import merging
+from expert_t5x import results
+from expert_t5x import roe
+
+pytestmark = pytest.mark.tf  # The demo tasks are read through seqio.
+
+DEMO_VOCAB = 512  # The demo's byte vocabulary (259 ids) fits in the tiny model's 512.
+# (dataset task, training prompt of the expert's keys, held-out eval prompt)
+TASKS = (("sentiment", "review", "tone"), ("topic", "topic_is", "category"),
+         ("overlap", "follows", "supported"))
+EVAL = [f"demo_{t}_{held}_score_eval" for t, _, held in TASKS]
+OWN = {f"demo_{t}_{held}_score_eval": f"demo_{t}_{train}" for t, train, held in TASKS}
+COMMON = dict(split="validation", max_examples=8, batch_size=8, bootstrap_samples=20,
+              progress=False)
+BASE_FLAGS = ["--model_config", "tiny", "--vocab_size", str(DEMO_VOCAB), "--random_init_seed", "0",
+              "--max_examples", "8", "--batch_size", "8", "--bootstrap_samples", "20",
+              "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def base():
+  return evaluation.load_base(model_config="tiny", random_init_seed=0,
+                              config_overrides={"vocab_size": DEMO_VOCAB})
+
+
+def _save_expert(root, base, task, prompt, seed):
+  """A random adapter expert (non-zero up-projection, so experts differ) keyed by a demo task."""
+  from seqio_tasks import demo  # pylint: disable=g-import-not-at-top
+  name = f"demo_{task}_{prompt}"
+  cfg = experts_lib.AdapterConfig(reduction_factor=4, zero_init_up=False, init_seed=seed)
+  tree = experts_lib.init_expert(cfg, base.config, base.params)
+  meta = expert_format.build_metadata(
+      "adapter", experts_lib.config_to_json(cfg), base_fingerprint=base.fingerprint,
+      base_config_name="tiny", provenance=[{"task": name, "dataset": f"demo_{task}", "subset": None,
+                                            "prompt": prompt, "role": "train"}])
+  keys = [dict(ex, task=name) for ex in demo.generate(name, "train", 8)]
+  path = os.path.join(root, name)
+  expert_format.save_expert(path, tree, meta, keys)
+  return path
+
+
+@pytest.fixture(scope="module")
+def experts(base, tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("experts"))
+  paths = [_save_expert(root, base, t, train, i + 1) for i, (t, train, _) in enumerate(TASKS)]
+  paths.append(_save_expert(root, base, "length", "size", 7))  # Added later (continual check).
+  return paths
+
+
+@pytest.fixture(scope="module")
+def lib(experts, tmp_path_factory):
+  lib = library_lib.Library.init(tmp_path_factory.mktemp("lib") / "lib")
+  for path in experts[:3]:
+    lib.add(path)
+  return lib
+
+
+@pytest.fixture(scope="module")
+def matrix_run(base, lib, tmp_path_factory):
+  """Independent of retrieval: every library expert on every eval prompt (the plain evaluator)."""
+  out = tmp_path_factory.mktemp("matrix")
+  ids = lib.ids()
+  res = evaluation.evaluate(tasks=EVAL, output_dir=str(out), base=base,
+                            expert_paths=[lib.expert_dir(i) for i in ids], expert_names=ids,
+                            **COMMON)
+  return out, res, results.read_jsonl(str(out / results.PREDICTIONS_FILE))
+
+
+@pytest.fixture(scope="module")
+def roe_cli_run(base, lib, tmp_path_factory):
+  out = tmp_path_factory.mktemp("roe_cli")
+  rc = eval_entry.cli_main(["--tasks", ",".join(EVAL), "--output_dir", str(out), "--library",
+                            lib.root, "--roe", "--embedder", "bm25", "--guard", "seen",
+                            "--num_queries", "6", *BASE_FLAGS])
+  return rc, out
+
+
+def test_cli_roe_routes_each_prompt_to_its_own_task_and_equals_the_matrix(roe_cli_run,
+                                                                         matrix_run):
+  rc, out = roe_cli_run
+  assert rc == 0
+  res = results.read_results(str(out / results.RESULTS_FILE))
+  routing = res["routing"]
+  assert routing["mode"] == "roe" and routing["guard_mode"] == "seen"
+  assert routing["embedder"].startswith("bm25-") and routing["num_queries"] == 6
+  assert {t: r["expert_ids"] for t, r in routing["tasks"].items()} == {t: [OWN[t]] for t in EVAL}
+  for t, r in routing["tasks"].items():
+    assert r["votes"] == {OWN[t]: 6} and r["confidence"] == 1.0 and len(r["query_indices"]) == 6
+    assert r["guard"] == {"mode": "seen", "excluded": []}
+  retrieved = json.load(open(out / roe.RETRIEVAL_FILE))
+  assert [r["task"] for r in retrieved["results"]] == EVAL
+  # The routed entry equals each prompt's own expert in the plain evaluator's matrix
+  # (a stacked pass over all experts and prompts, no routing involved).
+  [entry] = res["entries"]
+  assert entry["id"] == "roe" and entry["expert_ids"] == sorted(OWN.values())
+  _, matrix_res, matrix_preds = matrix_run
+  acc, expert_ids, prompt_ids = results.read_matrix(str(matrix_run[0] / results.MATRIX_FILE))
+  for p in entry["prompts"]:
+    assert p["expert_ids"] == [OWN[p["task"]]]
+    assert p["accuracy"] == acc[expert_ids.index(OWN[p["task"]]), prompt_ids.index(p["task"])]
+  preds = results.read_jsonl(str(out / results.PREDICTIONS_FILE))
+  assert len(preds) == 3 * 8 and all(r["entry"] == "roe" for r in preds)
+  plain = {(r["expert_ids"][0], r["task"], r["example_id"]): r["choice_scores"]
+           for r in matrix_preds}
+  for r in preds:
+    assert r["expert_ids"] == [OWN[r["task"]]]
+    np.testing.assert_allclose(r["choice_scores"], plain[(OWN[r["task"]], r["task"],
+                                                          r["example_id"])], rtol=1e-5)
+  # One shard directory per routed expert: each expert scored once, on its own prompt only.
+  assert len(os.listdir(out / evaluation.SHARDS_DIR)) == 3
+
+
+def test_oracle_is_the_best_expert_per_prompt(matrix_run, tmp_path, capsys):
+  out, res, _ = matrix_run
+  acc, expert_ids, prompt_ids = results.read_matrix(str(out / results.MATRIX_FILE))
+  oracle = res["oracle"]
+  # Independent: numpy's max per column, then the mean over datasets (one prompt per dataset).
+  want = [float(acc[:, j].max()) for j in range(len(prompt_ids))]
+  assert [p["accuracy"] for p in oracle["prompts"]] == want
+  assert [p["expert"] for p in oracle["prompts"]] == [expert_ids[int(np.argmax(acc[:, j]))]
+                                                        for j in range(len(prompt_ids))]
+  assert oracle["mean"] == pytest.approx(np.mean(want)) and oracle["num_experts"] == 3
+  assert eval_entry.cli_main(["--oracle", str(out), "--output", str(tmp_path / "o.json")]) == 0
+  assert json.load(open(tmp_path / "o.json"))["mean"] == pytest.approx(oracle["mean"])
+  assert "Oracle over 3 experts" in capsys.readouterr().out
+  assert eval_entry.cli_main(["--oracle", str(tmp_path)]) == 2
+  assert "matrix.npz' not found" in capsys.readouterr().err
+
+
+def test_t5_embedder_routes_and_zero_shot_guard_excludes_own_dataset(base, lib, tmp_path):
+  # Under the `label` format a query's text equals its own task's key texts (same choices), so
+  # the base's T5 encoder must route there under `seen`; `zero_shot` must exclude that expert.
+  config = roe.RoEConfig(embedder="t5", text_format="label", guard="seen", num_queries=4)
+  res = roe.evaluate(library=lib.root, tasks=EVAL, output_dir=str(tmp_path / "seen"), base=base,
+                     config=config, **COMMON)
+  assert {t: r["expert_ids"] for t, r in res["routing"]["tasks"].items()} == \
+      {t: [OWN[t]] for t in EVAL}
+  assert res["routing"]["embedder"].startswith("t5enc-")
+  config = roe.RoEConfig(embedder="t5", text_format="label", guard="zero_shot", num_queries=4)
+  res = roe.evaluate(library=lib.root, tasks=EVAL, output_dir=str(tmp_path / "zs"), base=base,
+                     config=config, **COMMON)
+  for t, r in res["routing"]["tasks"].items():
+    assert r["guard"] == {"mode": "zero_shot", "excluded": [OWN[t]]}
+    assert r["expert_ids"] != [OWN[t]]
+
+
+def test_merge_with_label_free_top_k(base, lib, matrix_run, tmp_path):
+  config = roe.RoEConfig(mode="merge", embedder="bm25", guard="seen", num_queries=6,
+                         merge_top_k=(1, 2))
+  out = tmp_path / "merge"
+  res = roe.evaluate(library=lib.root, tasks=EVAL, output_dir=str(out), base=base, config=config,
+                     **COMMON)
+  retrieved = {r["task"]: r for r in json.load(open(out / roe.RETRIEVAL_FILE))["results"]}
+  plain = {(r["expert_ids"][0], r["task"], r["example_id"]): r["choice_scores"]
+           for r in matrix_run[2]}
+  examples_of = {}
+  for t, r in res["routing"]["tasks"].items():
+    table = r["label_free"]["table"]
+    assert [row["top_k"] for row in table] == [1, 2]
+    best = min(table, key=lambda row: row["entropy"])
+    assert r["label_free"]["selected"]["top_k"] == best["top_k"] == r["merge"]["top_k"]
+    ranked = [c["expert"] for c in retrieved[t]["candidates"]]
+    assert r["expert_ids"] == r["merge"]["inputs"] == ranked[:best["top_k"]]
+    # A merge of one expert is that expert, so the top-1 entropy must equal the entropy of the
+    # plain evaluation's choice scores of the same query examples under that expert.
+    if t not in examples_of:
+      examples_of[t] = [p["example_id"] for p in matrix_run[2] if p["task"] == t][:8]
+    ids = [examples_of[t][i] for i in r["query_indices"]]
+    scores = np.array([plain[(ranked[0], t, i)] for i in ids])
+    assert table[0]["entropy"] == pytest.approx(merging.mean_choice_entropy(scores), rel=1e-5)
+    recipe = expert_format.read_metadata(out / roe.MERGED_DIR / r["merge"]["id"])["merge"]
+    assert recipe["method"] == "uniform"
+    assert [i["name"] for i in recipe["inputs"]] == r["merge"]["inputs"]
+  assert res["entries"][0]["id"] == "merge" and res["routing"]["merge"]["top_k"] == [1, 2]
+
+
+def test_continual_addition_keeps_old_experts_bitwise_and_reports_routing(base, experts,
+                                                                          tmp_path):
+  lib = library_lib.Library.init(tmp_path / "lib")
+  for path in experts[:2]:  # sentiment and topic only; overlap and length come later.
+    lib.add(path)
+  old = lib.ids()
+
+  def own_eval(out):
+    evaluation.evaluate(tasks=EVAL, output_dir=str(out), base=base,
+                        expert_paths=[lib.expert_dir(i) for i in old], expert_names=old, **COMMON)
+    return (out / results.PREDICTIONS_FILE).read_bytes()
+
+  config = roe.RoEConfig(embedder="bm25", guard="seen", num_queries=6)
+  before = own_eval(tmp_path / "own_before")
+  first = roe.evaluate(library=lib.root, tasks=EVAL, output_dir=str(tmp_path / "roe1"),
+                       base=base, config=config, **COMMON)
+  for path in experts[2:]:
+    lib.add(path)
+  for i in old:
+    lib.verify(i)  # Old experts' files are untouched.
+  assert own_eval(tmp_path / "own_after") == before  # Bitwise-identical predictions.
+  second = roe.evaluate(library=lib.root, tasks=EVAL, output_dir=str(tmp_path / "roe2"),
+                        base=base, config=config,
+                        previous_results=str(tmp_path / "roe1" / results.RESULTS_FILE), **COMMON)
+  changes = second["routing"]["changes"]
+  assert changes["num_compared"] == 3 and second["routing"]["library"]["num_experts"] == 4
+  # Reported, not asserted: every listed change matches the two runs' own routing records.
+  moved = {c["task"]: (c["before"], c["after"]) for c in changes["changed"]}
+  for t in EVAL:
+    pair = (first["routing"]["tasks"][t]["expert_ids"], second["routing"]["tasks"][t]["expert_ids"])
+    assert (t in moved) == (pair[0] != pair[1]) and moved.get(t, pair) == pair
+
+
+def test_bad_settings_fail_with_one_clear_line(base, lib, tmp_path, capsys):
+  with pytest.raises(ValueError, match="merge_lam .* applies to task_arithmetic"):
+    roe.RoEConfig(mode="merge", merge_lam=(0.5, 1.0))
+  with pytest.raises(ValueError, match="guard must be one of"):
+    roe.RoEConfig(guard="sometimes")
+  flags = ["--tasks", EVAL[0], "--output_dir", str(tmp_path / "x"), *BASE_FLAGS]
+  assert eval_entry.cli_main(flags + ["--roe"]) == 2
+  assert "need an expert library" in capsys.readouterr().err
+  assert eval_entry.cli_main(flags + ["--library", lib.root]) == 2
+  assert "only used with roe" in capsys.readouterr().err
+  other = evaluation.load_base(model_config="tiny", random_init_seed=1,
+                               config_overrides={"vocab_size": DEMO_VOCAB})
+  with pytest.raises(ValueError, match="holds experts of base"):
+    roe.evaluate(library=lib.root, tasks=EVAL, output_dir=str(tmp_path / "y"), base=other,
+                 config=roe.RoEConfig(embedder="bm25"), **COMMON)
