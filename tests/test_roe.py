@@ -242,3 +242,24 @@ def test_bad_settings_fail_with_one_clear_line(base, lib, tmp_path, capsys):
   with pytest.raises(ValueError, match="holds experts of base"):
     roe.evaluate(library=lib.root, tasks=EVAL, output_dir=str(tmp_path / "y"), base=other,
                  config=roe.RoEConfig(embedder="bm25"), **COMMON)
+
+
+def test_gin_entry_point_runs_roe(lib, roe_cli_run, tmp_path):
+  # The gin function as `python -m expert_t5x.eval --gin_file=runs/eval_roe.gin` binds it; its
+  # routing must equal the CLI run's (same library, embedder, guard and queries).
+  import gin  # pylint: disable=g-import-not-at-top
+  from expert_t5x import gin_utils  # pylint: disable=g-import-not-at-top
+  eval_entry._GIN_EVALUATE = eval_entry._GIN_EVALUATE or gin.configurable(eval_entry.evaluate)
+  bindings = ["CHECKPOINT_PATH = None", f"EVAL_OUTPUT_DIR = '{tmp_path / 'gin'}'",
+              f"MIXTURE_OR_TASK_NAME = '{','.join(EVAL)}'", "MODEL_CONFIG = 'tiny'",
+              "RANDOM_INIT_SEED = 0", f"CONFIG_OVERRIDES = {{'vocab_size': {DEMO_VOCAB}}}",
+              "MAX_EXAMPLES = 8", "BATCH_SIZE = 8", "BOOTSTRAP_SAMPLES = 20", "PROGRESS = False",
+              f"LIBRARY_PATH = '{lib.root}'", "EMBEDDER = 'bm25'", "GUARD = 'seen'",
+              "NUM_QUERIES = 6"]
+  try:
+    gin_utils.parse_gin_flags([], ["runs/eval_roe.gin"], bindings)
+    res = eval_entry._GIN_EVALUATE()
+  finally:
+    gin.clear_config()
+  cli = results.read_results(str(roe_cli_run[1] / results.RESULTS_FILE))
+  assert res["routing"]["tasks"] == cli["routing"]["tasks"]
