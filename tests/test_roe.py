@@ -194,6 +194,34 @@ def test_merge_with_label_free_top_k(base, lib, matrix_run, tmp_path):
   assert res["entries"][0]["id"] == "merge" and res["routing"]["merge"]["top_k"] == [1, 2]
 
 
+def test_task_arithmetic_merge_with_label_free_lambda(base, lib, tmp_path):
+  # λ chosen per prompt; the chosen merge equals the formula on the inputs' arrays: adapter
+  # tensors θ₀ + λ Σ θᵢ with θ₀ = 0 (the inputs' init seeds differ), layer norms base + λ Σ (sᵢ − base).
+  config = roe.RoEConfig(mode="merge", embedder="bm25", guard="seen", num_queries=4,
+                         merge_method="task_arithmetic", merge_top_k=2, merge_lam=(0.25, 1.0))
+  out = tmp_path / "ta"
+  res = roe.evaluate(library=lib.root, tasks=EVAL[:1], output_dir=str(out), base=base,
+                     config=config, **COMMON)
+  [r] = res["routing"]["tasks"].values()
+  table = r["label_free"]["table"]
+  assert [row["lam"] for row in table] == [0.25, 1.0]
+  lam = min(table, key=lambda row: row["entropy"])["lam"]
+  assert r["merge"]["lam"] == lam and r["merge"]["method"] == "task_arithmetic"
+  merged = expert_format.flatten_params(
+      expert_format.load_expert(out / roe.MERGED_DIR / r["merge"]["id"])[0])
+  inputs = [expert_format.flatten_params(expert_format.load_expert(lib.expert_dir(i))[0])
+            for i in r["merge"]["inputs"]]
+  flat_base = expert_format.flatten_params(base.params)
+  kernel = "encoder/layers_0/mlp_adapter/wi/kernel"
+  kernel = kernel if kernel in merged else sorted(n for n in merged if n.endswith("/kernel"))[0]
+  np.testing.assert_allclose(merged[kernel], lam * (inputs[0][kernel] + inputs[1][kernel]),
+                             rtol=1e-6)
+  scale = sorted(n for n in merged if n.endswith("/scale"))[0]
+  np.testing.assert_allclose(
+      merged[scale], flat_base[scale] + lam * (inputs[0][scale] + inputs[1][scale]
+                                               - 2 * flat_base[scale]), rtol=1e-6, atol=1e-7)
+
+
 def test_continual_addition_keeps_old_experts_bitwise_and_reports_routing(base, experts,
                                                                           tmp_path):
   lib = library_lib.Library.init(tmp_path / "lib")
