@@ -101,8 +101,16 @@ def _load_base(model: models.EncoderDecoderModel, path: Optional[str], seed: int
                        f"model ({len(bad)} mismatches); include the model gin of that size.")
     params = jax.device_put(jax.tree.map(lambda x: np.asarray(x, np.float32), loaded), shardings)
   fingerprint = (checkpoints.base_fingerprint(path) if path is not None else
-                 checkpoints.base_fingerprint(jax.tree.map(np.asarray, params)))
+                 checkpoints.base_fingerprint(to_host(params)))
   return params, axes, shardings, fingerprint, vocab_path
+
+
+def to_host(tree: PyTree) -> PyTree:
+  """Numpy copies of (possibly sharded, multi-host) arrays; every process gets whole values."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.tree.map(np.asarray, tree)
 
 
 def _global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:
@@ -286,7 +294,7 @@ def train(*,
   if full:
     initial = base
   else:
-    host_base = jax.tree.map(np.asarray, base)
+    host_base = to_host(base)
     one = experts_lib.init_expert(expert_config, model.config, host_base)
     initial = experts_lib.stack_experts([one] * len(tasks)) if stacked else one
   tr.compile(jax.eval_shape(lambda: initial), base_sh, base_axes)
@@ -304,7 +312,8 @@ def train(*,
                                       getattr(model.config, "name", None))
 
   def checkpoint_tree(state, consumed):
-    return {**state.state_dict(), "rng": seed_keys,
+    # Host numpy, not a process-local jax.Array: orbax refuses those with several processes.
+    return {**state.state_dict(), "rng": np.asarray(seed_keys),
             "data": {"seed": np.asarray(train_dataset_cfg.seed or 0, np.int64),
                      "batches_consumed": np.asarray(consumed, np.int64)}}
 
@@ -413,13 +422,13 @@ def _export(*, model, state, tasks, stacked, full, base, host_base, cfgs, infos,
             model_dir, export_dir, fingerprint, restore_path, num_keys, key_seed, shard, seeds,
             lengths, eval_before_and_after, before, first_loss, last_loss) -> list[str]:
   """Writes each expert in Expert format v1 (process 0) and prints a summary."""
-  params = jax.tree.map(np.asarray, state.params)
-  steps = np.asarray(state.step)
+  params = to_host(state.params)
+  steps = to_host(state.step)
   out_dirs = []
   for k, task in enumerate(tasks):
     expert = jax.tree.map(lambda x: x[k], params) if stacked else params
     if full:
-      host_base = host_base if host_base is not None else jax.tree.map(np.asarray, base)
+      host_base = host_base if host_base is not None else to_host(base)
       expert = jax.tree.map(lambda p, b: p - b, expert, host_base)
     config = model.expert_config or experts_lib.FullConfig()
     cfg = cfgs[k]
