@@ -66,7 +66,8 @@ class DemoConfig:
   # computes every expert until the longest budget ends); the multitask adapter trains alone.
   expert_steps: int = 300
   multitask_steps: int = 600
-  task_lengths: tuple[int, int] = (96, 16)
+  # Longest demo input: 83 bytes + EOS; longest answer choice: 8 bytes + EOS.
+  task_lengths: tuple[int, int] = (88, 12)
   num_keys: int = 32
   # Retrieval and merging.
   embedder: str = "minilm"
@@ -74,7 +75,8 @@ class DemoConfig:
   merge_top_k: int = 3
   # Evaluation.
   eval_split: str = "validation"
-  eval_examples: int = 100
+  eval_examples: int = 100       # per held-out eval prompt
+  train_eval_examples: int = 40  # per training prompt (the experts' own-prompt check)
   bootstrap_samples: int = 1000
   seed: int = 0
 
@@ -94,7 +96,8 @@ class DemoConfig:
 
 FULL = DemoConfig()
 QUICK = DemoConfig(name="quick", pretrain_steps=100, expert_steps=150, multitask_steps=300,
-                   embedder="t5", eval_examples=50, bootstrap_samples=200)
+                   embedder="t5", eval_examples=50, train_eval_examples=20,
+                   bootstrap_samples=200)
 
 
 def t5_config(cfg: DemoConfig):
@@ -126,13 +129,14 @@ class StageProgress:
   """
 
   def __init__(self, costs: Mapping[str, float], enabled: bool = True,
-               seconds_per_unit: float = 4e-6, stream: Any = None):
+               seconds_per_unit: float = 1.5e-5, stream: Any = None,
+               start: Optional[float] = None):
     self.costs = dict(costs)
     self.total = sum(self.costs.values())
     self.enabled = enabled
     self.rate = seconds_per_unit
     self.stream = stream or sys.stderr
-    self.start = time.perf_counter()
+    self.start = time.perf_counter() if start is None else start
     self.done_units = 0.0
     self.timings: dict[str, float] = {}
     self._stage: Optional[str] = None
@@ -149,8 +153,9 @@ class StageProgress:
             f"{100 * fraction:3.0f}%  elapsed {_clock(time.perf_counter() - self.start)}  "
             f"ETA {_clock(self.eta())}")
 
-  def begin(self, stage: str) -> None:
-    self._stage, self._stage_start = stage, time.perf_counter()
+  def begin(self, stage: str, since: Optional[float] = None) -> None:
+    """Starts `stage` (its clock starts at `since` when given, e.g. before the imports)."""
+    self._stage, self._stage_start = stage, time.perf_counter() if since is None else since
     if self.enabled:
       print(self.line(stage, list(self.costs).index(stage) + 1), file=self.stream, flush=True)
 
@@ -182,7 +187,9 @@ def stage_costs(cfg: DemoConfig, num_prompt_experts: int, num_dataset_experts: i
   # One expert alone under-fills even a CPU: count it as two.
   multitask = 2 * cfg.multitask_steps * cfg.expert_batch_size * row * frozen
   entries = 1 + num_prompt_experts + num_dataset_experts + 1
-  ev = (entries * num_eval_prompts + num_heldout * num_heldout) * cfg.eval_examples * row / 3.0
+  num_train = num_eval_prompts - num_heldout
+  ev = ((entries + num_heldout) * num_heldout * cfg.eval_examples +
+        entries * num_train * cfg.train_eval_examples) * row / 3.0
   return {"setup": 2e6, "pre-train base": pre, "prompt + dataset experts": experts,
           "multitask adapter": multitask, "library": 1e5, "retrieval": 5e5, "merging": 2e5,
           "evaluation": ev, "report": 5e5}
@@ -423,7 +430,8 @@ def _setup_sentences(cfg: DemoConfig, num_pe: int, num_de: int) -> list[str]:
       f"batch {cfg.expert_batch_size}) were trained on synthetic keyword, overlap and length "
       "tasks.",
       f"Held-out prompts of those tasks and two held-out tasks were answered by rank "
-      f"classification ({cfg.eval_examples} validation examples each) with experts retrieved "
+      f"classification ({cfg.eval_examples} validation examples each; {cfg.train_eval_examples} "
+      f"for the training prompts) with experts retrieved "
       f"from {cfg.num_queries} unlabeled queries ({cfg.embedder} embedder), a uniform merge of "
       f"the top {cfg.merge_top_k}, and the baselines.",
   ]
@@ -432,8 +440,10 @@ def _setup_sentences(cfg: DemoConfig, num_pe: int, num_de: int) -> list[str]:
 def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
              show_progress: bool = True) -> dict[str, Any]:
   """Runs every stage into `out_dir`; returns the summary (also written as summary.json)."""
+  start = time.perf_counter()
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
+  # Importing the task registry starts TensorFlow and seqio: part of the setup stage.
   from expert_t5x import demo_tasks  # pylint: disable=g-import-not-at-top
   pe_tasks = demo_tasks.expert_train_tasks()
   de_tasks = demo_tasks.dataset_tasks()
@@ -441,11 +451,11 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
   train_eval = [t + "_score_eval" for t in pe_tasks]
   progress = StageProgress(stage_costs(cfg, len(pe_tasks), len(de_tasks),
                                        len(train_eval) + len(heldout), len(heldout)),
-                           enabled=show_progress)
+                           enabled=show_progress, start=start)
 
-  progress.begin("setup")
+  progress.begin("setup", since=start)
   import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
-  from expert_t5x import evaluation, report  # pylint: disable=g-import-not-at-top
+  from expert_t5x import evaluation, report, train  # pylint: disable=g-import-not-at-top,unused-import
   demo_tasks.register()
   prompts = eval_prompts()
   cache_dir = cache_dir or default_cache_dir()
@@ -490,22 +500,25 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
   expert_paths = [pe_dirs[t] for t in pe_tasks] + [de_dirs[t] for t in de_tasks] + [mt_dir]
   eval_dir = os.path.join(out_dir, "eval")
   lengths = {"inputs": cfg.task_lengths[0], "targets": cfg.task_lengths[1]}
-  common = dict(base=base, split=cfg.eval_split, max_examples=cfg.eval_examples,
-                feature_lengths=lengths, bootstrap_samples=cfg.bootstrap_samples, seed=cfg.seed,
+  common = dict(base=base, split=cfg.eval_split, feature_lengths=lengths, bootstrap_samples=cfg.bootstrap_samples, seed=cfg.seed,
                 progress=show_progress)
-  results = evaluation.evaluate(tasks=train_eval + heldout, output_dir=eval_dir,
-                                expert_paths=expert_paths, expert_names=expert_ids,
-                                include_base=True, experts_per_pass=len(expert_ids), **common)
+  # Held-out prompts: every expert and every merge (one stacked pass); each merge is read only
+  # on its own prompt. Training prompts: fewer examples, for the experts' own-prompt check.
   merged_ids = [f"merged@{t}" for t in heldout]
-  evaluation.evaluate(tasks=heldout, output_dir=os.path.join(out_dir, "eval_merged"),
-                      expert_paths=[merged[t]["dir"] for t in heldout], expert_names=merged_ids,
-                      include_base=False, experts_per_pass=len(merged_ids), **common)
+  results = evaluation.evaluate(
+      tasks=heldout, output_dir=eval_dir, expert_paths=expert_paths +
+      [merged[t]["dir"] for t in heldout], expert_names=expert_ids + merged_ids,
+      include_base=True, max_examples=cfg.eval_examples,
+      experts_per_pass=len(expert_ids) + len(merged_ids), **common)
+  train_results = evaluation.evaluate(
+      tasks=train_eval, output_dir=os.path.join(out_dir, "eval_train"),
+      expert_paths=expert_paths, expert_names=expert_ids, include_base=True,
+      max_examples=cfg.train_eval_examples, experts_per_pass=len(expert_ids), **common)
   progress.end()
 
   progress.begin("report")
   outcomes = dict(read_outcomes(eval_dir))
-  outcomes.update(read_outcomes(os.path.join(out_dir, "eval_merged")))
-  summary = summarize(cfg, prompts=prompts, results=results, outcomes=outcomes,
+  summary = summarize(cfg, prompts=prompts, results=[results, train_results], outcomes=outcomes,
                       retrieved=retrieved, merged=merged, pe_tasks=pe_tasks, de_tasks=de_tasks,
                       mt_id=mt_id, timings=progress.timings, base_cached=cached)
   with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
@@ -540,7 +553,10 @@ def summarize(cfg: DemoConfig, *, prompts, results, outcomes, retrieved, merged,
   """The summary the report is drawn from (see `expert_t5x.report`)."""
   from expert_t5x import demo_tasks  # pylint: disable=g-import-not-at-top
   from seqio_tasks import demo  # pylint: disable=g-import-not-at-top
-  by_entry = {e["id"]: {p["task"]: p for p in e["prompts"]} for e in results["entries"]}
+  by_entry: dict[str, dict[str, Any]] = {}
+  for r in results:
+    for e in r["entries"]:
+      by_entry.setdefault(e["id"], {}).update({p["task"]: p for p in e["prompts"]})
   prompt_ds = {p["task"]: p["dataset"] for p in prompts}
   columns = [t + "_score_eval" for t in pe_tasks] + [p["task"] for p in prompts]
   rows = ["base"] + list(pe_tasks) + list(de_tasks) + [mt_id]

@@ -265,7 +265,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
   lines += ["Configuration:", "", "```json", json.dumps(setup.get("config", {}), indent=2,
                                                          sort_keys=True), "```", ""]
   lines += ["Files: `summary.json` (everything above), `eval/` (the evaluator's predictions.jsonl, "
-            "results.json, matrix.npz), `eval_merged/`, `retrieval.json`, `library/`, `experts/`.",
+            "results.json, matrix.npz; held-out prompts incl. merges), `eval_train/` (training "
+            "prompts), `retrieval.json`, `library/`, `experts/`.",
             ""]
   return "\n".join(lines)
 

@@ -151,29 +151,34 @@ def test_end_to_end_tiny_demo(tmp_path):
       demo.QUICK, name="test", emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_layers=1,
       pretrain_steps=2, pretrain_batch_size=4, expert_steps=2,
       multitask_steps=3, expert_batch_size=2, num_keys=4, embedder="bm25", num_queries=4,
-      eval_examples=4, bootstrap_samples=20)
+      eval_examples=4, train_eval_examples=3, bootstrap_samples=20)
   out = tmp_path / "demo"
   summary = demo.run_demo(cfg, str(out), cache_dir=str(tmp_path / "cache"), show_progress=False)
   for name in list(report.PLOT_FILES) + [report.REPORT_FILE, demo.SUMMARY_FILE,
                                          demo.RETRIEVAL_FILE]:
     assert (out / name).is_file(), name
-  for eval_dir in ("eval", "eval_merged"):
+  for eval_dir, n in (("eval", cfg.eval_examples), ("eval_train", cfg.train_eval_examples)):
     results = json.loads((out / eval_dir / "results.json").read_text())
     records = [json.loads(line) for line in (out / eval_dir / "predictions.jsonl").open()]
     for entry in results["entries"]:
       for p in entry["prompts"]:
         mine = [r for r in records if r["task"] == p["task"]
                 and (r["expert_ids"] or ["base"])[0] == entry["id"] and r["excluded"] is None]
-        assert len(mine) == p["num_examples"] == cfg.eval_examples
+        assert len(mine) == p["num_examples"] == n
         assert p["accuracy"] == pytest.approx(100.0 * np.mean([r["pred"] == r["gold"]
                                                                for r in mine]))
+  results_heldout = json.loads((out / "eval" / "results.json").read_text())
   matrix = summary["matrix"]
   cell = {(r, c): matrix["accuracy"][i][j] for i, r in enumerate(matrix["rows"])
           for j, c in enumerate(matrix["columns"])}
   for m in summary["methods"]:
-    if m["name"].startswith("merged"):
-      continue
     for task, p in m["prompts"].items():
+      if m["name"].startswith("merged"):
+        # A merge is not a matrix row: compare with its evaluated result directly.
+        merged = next(e for e in results_heldout["entries"] if e["id"] == p["entry"])
+        assert p["accuracy"] == pytest.approx(
+            next(q["accuracy"] for q in merged["prompts"] if q["task"] == task))
+        continue
       assert p["accuracy"] == pytest.approx(cell[(p["entry"], task)])
   oracle = [m for m in summary["methods"] if m["name"].startswith("oracle")]
   roe = [m for m in summary["methods"] if m["name"] == "RoE (prompt expert)"]
