@@ -675,17 +675,19 @@ def test_bad_grid_settings_file(tmp_path, monkeypatch):
                     reason="the trainer ships no grid settings file yet")
 def test_shipped_grid_settings_match_the_paper():
   """Compared with the paper's configs as counted in the reference (elm_method.md section 3):
-  lr 3e-4 for two PEs (an app_reviews and a samsum prompt), 10 epochs for the 18 trec PEs and one
-  quartz PE, 512-token inputs for the long-input datasets."""
+  10 epochs for the 18 trec PEs, 512-token inputs for the long-input datasets, the 10k cap for
+  them. The three per-prompt deviations (lr 3e-4 for app_reviews3/samsum7, 10 epochs for
+  quartz3) are known only by config file name, so they are reported as unresolved, not applied."""
   experts = sweep.paper_grid("prompt")
-  lr = [e.dataset for e in experts
-        if e.settings_dict.get(sweep.SETTING_BINDINGS["learning_rate"]) == 3e-4]
-  assert sorted(lr) == ["app_reviews", "samsum"]
   ten = [e for e in experts if e.settings_dict.get("NUM_EPOCHS") == 10]
-  assert len(ten) == 19 and sum(e.dataset == "trec" for e in ten) == 18
-  assert sum(e.dataset == "quartz" for e in ten) == 1
+  assert len(ten) == 18 and all(e.dataset == "trec" for e in ten)
   long_inputs = {"cnn_dailymail", "hotpot_qa", "multi_news", "samsum", "wiki_bio", "wiki_qa", "xsum",
                  "common_gen", "duorc"}
   for e in experts:
     inputs = e.settings_dict.get("TASK_FEATURE_LENGTHS", {}).get("inputs", 256)
     assert (inputs == 512) == (e.dataset in long_inputs), e.id
+  capped = {e.dataset for e in experts if e.settings_dict.get("MAX_EXAMPLES") == 10000}
+  assert capped == long_inputs - {"common_gen", "duorc"}
+  assert sweep.unresolved_grid_prompts() == [
+      "app_reviews:__config_app_reviews3.json__", "quartz:__config_quartz3.json__",
+      "samsum:__config_samsum7.json__"]
