@@ -76,7 +76,7 @@ class DemoConfig:
   # Evaluation.
   eval_split: str = "validation"
   eval_examples: int = 100       # per held-out eval prompt
-  train_eval_examples: int = 40  # per training prompt (the experts' own-prompt check)
+  train_eval_examples: int = 50  # per training prompt (the experts' own-prompt check)
   bootstrap_samples: int = 1000
   seed: int = 0
 
@@ -347,6 +347,32 @@ def merge_top_k(cfg: DemoConfig, lib, retrieved: Mapping[str, Mapping[str, Any]]
   return merged
 
 
+def evaluate_all(cfg: DemoConfig, base, experts: Mapping[str, str],
+                 merged: Mapping[str, Mapping[str, Any]], heldout: Sequence[str],
+                 train_eval: Sequence[str], out_dir: str, show_progress: bool
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(held-out results, training-prompt results) of the evaluator, written under `out_dir`.
+
+  Held-out prompts: the base, every expert and every merge in one stacked pass (a merge is read
+  only on its own prompt). Training prompts: the base and the experts on fewer examples, for the
+  experts' own-prompt check.
+  """
+  from expert_t5x import evaluation  # pylint: disable=g-import-not-at-top
+  ids, paths = list(experts), list(experts.values())
+  merged_ids = [f"merged@{t}" for t in heldout]
+  common = dict(base=base, split=cfg.eval_split, bootstrap_samples=cfg.bootstrap_samples,
+                feature_lengths={"inputs": cfg.task_lengths[0], "targets": cfg.task_lengths[1]},
+                seed=cfg.seed, progress=show_progress, include_base=True)
+  results = evaluation.evaluate(
+      tasks=list(heldout), output_dir=os.path.join(out_dir, "eval"),
+      expert_paths=paths + [merged[t]["dir"] for t in heldout], expert_names=ids + merged_ids,
+      max_examples=cfg.eval_examples, experts_per_pass=len(ids) + len(merged_ids), **common)
+  train_results = evaluation.evaluate(
+      tasks=list(train_eval), output_dir=os.path.join(out_dir, "eval_train"), expert_paths=paths,
+      expert_names=ids, max_examples=cfg.train_eval_examples, experts_per_pass=len(ids), **common)
+  return results, train_results
+
+
 # ------------------------------------------------------------------------------ methods
 
 
@@ -443,11 +469,15 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
   start = time.perf_counter()
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
+  if show_progress:
+    print(f"[demo] {cfg.name} demo into {out_dir}; starting TensorFlow and JAX ...",
+          file=sys.stderr, flush=True)
   # Importing the task registry starts TensorFlow and seqio: part of the setup stage.
   from expert_t5x import demo_tasks  # pylint: disable=g-import-not-at-top
+  from seqio_tasks import demo as demo_source  # pylint: disable=g-import-not-at-top
   pe_tasks = demo_tasks.expert_train_tasks()
   de_tasks = demo_tasks.dataset_tasks()
-  heldout = [p["task"] for p in _heldout_prompts_lazy()]
+  heldout = demo_source.heldout_tasks()
   train_eval = [t + "_score_eval" for t in pe_tasks]
   progress = StageProgress(stage_costs(cfg, len(pe_tasks), len(de_tasks),
                                        len(train_eval) + len(heldout), len(heldout)),
@@ -496,28 +526,13 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
   progress.end()
 
   progress.begin("evaluation")
-  expert_ids = list(pe_tasks) + list(de_tasks) + [mt_id]
-  expert_paths = [pe_dirs[t] for t in pe_tasks] + [de_dirs[t] for t in de_tasks] + [mt_dir]
-  eval_dir = os.path.join(out_dir, "eval")
-  lengths = {"inputs": cfg.task_lengths[0], "targets": cfg.task_lengths[1]}
-  common = dict(base=base, split=cfg.eval_split, feature_lengths=lengths, bootstrap_samples=cfg.bootstrap_samples, seed=cfg.seed,
-                progress=show_progress)
-  # Held-out prompts: every expert and every merge (one stacked pass); each merge is read only
-  # on its own prompt. Training prompts: fewer examples, for the experts' own-prompt check.
-  merged_ids = [f"merged@{t}" for t in heldout]
-  results = evaluation.evaluate(
-      tasks=heldout, output_dir=eval_dir, expert_paths=expert_paths +
-      [merged[t]["dir"] for t in heldout], expert_names=expert_ids + merged_ids,
-      include_base=True, max_examples=cfg.eval_examples,
-      experts_per_pass=len(expert_ids) + len(merged_ids), **common)
-  train_results = evaluation.evaluate(
-      tasks=train_eval, output_dir=os.path.join(out_dir, "eval_train"),
-      expert_paths=expert_paths, expert_names=expert_ids, include_base=True,
-      max_examples=cfg.train_eval_examples, experts_per_pass=len(expert_ids), **common)
+  experts = {**pe_dirs, **de_dirs, mt_id: mt_dir}
+  results, train_results = evaluate_all(cfg, base, experts, merged, heldout, train_eval, out_dir,
+                                        show_progress)
   progress.end()
 
   progress.begin("report")
-  outcomes = dict(read_outcomes(eval_dir))
+  outcomes = dict(read_outcomes(os.path.join(out_dir, "eval")))
   summary = summarize(cfg, prompts=prompts, results=[results, train_results], outcomes=outcomes,
                       retrieved=retrieved, merged=merged, pe_tasks=pe_tasks, de_tasks=de_tasks,
                       mt_id=mt_id, timings=progress.timings, base_cached=cached)
@@ -532,11 +547,6 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
   report.write_report(summary, out_dir)
   progress.finish()
   return summary
-
-
-def _heldout_prompts_lazy() -> list[dict[str, str]]:
-  from seqio_tasks import demo  # pylint: disable=g-import-not-at-top
-  return [{"task": t} for t in demo.heldout_tasks()]
 
 
 def _task_dataset(task: str) -> str:
