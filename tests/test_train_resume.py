@@ -84,6 +84,10 @@ def test_demo_beats_chance(tmp_path):
                          f"--gin.MODEL_DIR='{tmp_path / 'tiny'}'"], capture_output=True, text=True,
                         timeout=900)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  accuracy, chance = map(float, re.search(r"validation: ([\d.]+).*chance ([\d.]+)",
-                                          proc.stdout).groups())
-  assert accuracy > chance + 0.15, proc.stdout
+  # The run reports its first and last step's loss and rank-classification accuracy on the task's
+  # validation split before and after training; chance is the mean of 1 / (number of choices).
+  first_loss, last_loss = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", proc.stdout).groups())
+  accuracy, before, chance = map(float, re.search(
+      r"validation: ([\d.]+) \(before training ([\d.]+)\), chance ([\d.]+)", proc.stdout).groups())
+  assert last_loss < 0.5 * first_loss, proc.stdout
+  assert accuracy > chance + 0.15 and accuracy > before + 0.1, proc.stdout
