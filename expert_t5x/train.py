@@ -535,6 +535,8 @@ def main(argv: Sequence[str]) -> None:
             f"{os.path.join(model_dir, gin_utils.OPERATIVE_CONFIG) if model_dir else 'nowhere'}")
       return
     train_fn()
+    if flags_.coordinator_address or flags_.multiprocess:
+      jax.distributed.shutdown()  # together, before interpreter teardown
   except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
     if os.environ.get("EXPERT_T5X_TRACEBACK"):
       raise

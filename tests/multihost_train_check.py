@@ -135,6 +135,11 @@ def host(coordinator, process_id, workdir):
   with open(os.path.join(workdir, f"keys_host{process_id}.json"), "w") as f:
     json.dump(keys, f)
   _log(f"process {process_id}: done")
+  # Shut the coordination service down together (a barrier), then skip interpreter teardown: the
+  # coordinator's gRPC server can abort in its destructor when process 1 is still disconnecting.
+  jax.distributed.shutdown()
+  sys.stdout.flush()
+  os._exit(0)  # pylint: disable=protected-access
 
 
 def single(workdir):
