@@ -91,6 +91,9 @@ def test_stage_progress_prints_bar_and_uses_the_measured_rate(monkeypatch):
   assert line.startswith("[demo 2/2] b") and " 25%" in line
   assert "elapsed 0:20" in line and "ETA 1:00" in line  # 30 units x 2 s
   assert progress.timings == {"a": 20.0}
+  clock[0] += 0.5
+  progress.end(skipped=True)  # e.g. the cached base: done, but no evidence of speed
+  assert progress.rate == 2.0 and progress.eta() == 0.0
 
 
 @pytest.mark.tf
