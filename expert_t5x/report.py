@@ -216,9 +216,10 @@ def _experts_table(summary: Mapping[str, Any]) -> list[str]:
   lines = ["| expert | kind | trained on | accuracy on its own prompts (%) | chance (%) |",
            "|---|---|---|---:|---:|"]
   for e in summary["experts"]:
+    chance = None if e.get("chance") is None else 100.0 * e["chance"]
     lines.append(f"| {short_name(e['id'])} | {e['kind']} | "
                  f"{', '.join(short_name(t) for t in e.get('own_prompts') or []) or '-'} | "
-                 f"{_fmt(e.get('own_accuracy'))} | {_fmt(100.0 * e['chance'] if e.get('chance') is not None else None)} |")
+                 f"{_fmt(e.get('own_accuracy'))} | {_fmt(chance)} |")
   return lines
 
 
