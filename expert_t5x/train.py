@@ -465,9 +465,9 @@ def _export(*, model, state, tasks, stacked, full, base, host_base, cfgs, infos,
       directory = os.path.join(export_dir or os.path.join(model_dir, "experts"), task)
     if jax.process_index() == 0:
       digest = expert_format.save_expert(directory, expert, metadata, keys, overwrite=True)
-      lines = [f"Trained {config.kind} expert on {task}: {step_k} steps, loss "
-               f"{first_loss:.4f} -> {last_loss:.4f}" if not stacked else
-               f"Trained {config.kind} expert on {task}: {step_k} steps"]
+      lines = [f"Trained {config.kind} expert on {task}: {step_k} steps"]
+      if not stacked and first_loss is not None:  # None: a finished run re-exported on resume.
+        lines[0] += f", loss {first_loss:.4f} -> {last_loss:.4f}"
       if after is not None:
         was = f" (before training {before[0]:.3f})" if before is not None else ""
         lines.append(f"  rank-classification accuracy on validation: "
