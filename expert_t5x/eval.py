@@ -235,12 +235,7 @@ def main(argv: Sequence[str]) -> None:
 def gin_main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the gin entry point with `argv` (program name first)."""
   from expert_t5x import gin_utils  # pylint: disable=g-import-not-at-top
-  gin_utils.define_flags()
-  try:
-    gin_utils.run(main, argv)
-  except SystemExit as e:
-    return int(e.code or 0)
-  return 0
+  return gin_utils.run_for_exit_code(main, argv)
 
 
 # ------------------------------------------------------------------------------------- CLI

@@ -519,16 +519,7 @@ def read_keys(directory: str | os.PathLike[str],
     raise FileNotFoundError(f"Expert '{os.fspath(directory)}' has no "
                             f"{KEYS_FILE}; retrieval keys are written by the "
                             f"trainer (pass keys= to save_expert).")
-  keys = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          keys.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"'{path}' line {line_no} is not valid JSON "
-                           f"({e}).") from e
-  return keys
+  return file_io.read_jsonl(path)
 
 
 def is_expert_dir(directory: str | os.PathLike[str]) -> bool:

@@ -174,3 +174,14 @@ def run(main: Callable[[list[str]], None], argv: Optional[Sequence[str]] = None)
     if wants_help and e.code == 1:
       raise SystemExit(0) from None
     raise
+
+
+def run_for_exit_code(main: Callable[[list[str]], None],
+                      argv: Optional[Sequence[str]] = None) -> int:
+  """`run(main, argv)` for callers that want the exit code instead of SystemExit (the CLI)."""
+  define_flags()
+  try:
+    run(main, argv)
+  except SystemExit as e:
+    return int(e.code or 0)
+  return 0
