@@ -8,8 +8,9 @@ does, and counted.
 
 from __future__ import annotations
 
+import itertools
 import random
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 from seqio_tasks import examples as examples_lib
 from seqio_tasks import settings
@@ -56,16 +57,9 @@ def iter_prompt_examples(*, task: str, dataset: str, subset: Optional[str], prom
   """Canonical examples of one prompt over one split of raw rows."""
   del split
   template = template or template_for(dataset, subset, prompt)
-  stats = examples_lib.ExampleStats()
-  for example_id, row in enumerate(rows_fn(dataset, subset, source_split)):
-    ex, why = render_row(template, row, task=task, example_id=example_id, dataset=dataset,
-                         subset=subset, prompt=prompt, seed=seed)
-    if ex is None:
-      stats.skipped[why] += 1
-      continue
-    stats.add(ex)
-    yield ex
-  stats.report(task, scoring)
+  rows = rows_fn(dataset, subset, source_split)
+  yield from _render_all((itertools.repeat((template, task, prompt))), rows, dataset=dataset,
+                         subset=subset, seed=seed, report_as=task, scoring=scoring)
 
 
 def iter_random_prompt_examples(*, name: str, members: Sequence[tuple[str, str]], dataset: str,
@@ -81,10 +75,19 @@ def iter_random_prompt_examples(*, name: str, members: Sequence[tuple[str, str]]
     seed: drawing seed.
     rows_fn: raw row reader.
   """
-  loaded = [(task, prompt, template_for(dataset, subset, prompt)) for task, prompt in members]
+  loaded = [(template_for(dataset, subset, prompt), task, prompt) for task, prompt in members]
+  picks = (random.Random(f"{seed}/{name}/{example_id}").choice(loaded)
+           for example_id in itertools.count())
+  yield from _render_all(picks, rows_fn(dataset, subset, source_split), dataset=dataset,
+                         subset=subset, seed=seed, report_as=name, scoring=False)
+
+
+def _render_all(picks: Iterator[tuple[Any, str, str]], rows: Iterable[Mapping[str, Any]], *,
+                dataset: str, subset: Optional[str], seed: int, report_as: str,
+                scoring: bool) -> Iterator[dict[str, Any]]:
+  """Renders row i with the i-th (template, task, prompt) of `picks`; counts and reports skips."""
   stats = examples_lib.ExampleStats()
-  for example_id, row in enumerate(rows_fn(dataset, subset, source_split)):
-    task, prompt, template = random.Random(f"{seed}/{name}/{example_id}").choice(loaded)
+  for example_id, (row, (template, task, prompt)) in enumerate(zip(rows, picks)):
     ex, why = render_row(template, row, task=task, example_id=example_id, dataset=dataset,
                          subset=subset, prompt=prompt, seed=seed)
     if ex is None:
@@ -92,4 +95,4 @@ def iter_random_prompt_examples(*, name: str, members: Sequence[tuple[str, str]]
       continue
     stats.add(ex)
     yield ex
-  stats.report(name, False)
+  stats.report(report_as, scoring)
