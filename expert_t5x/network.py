@@ -171,6 +171,17 @@ def _child(tree: ExpertTree, name: str) -> ExpertTree:
   return tree.get(name)
 
 
+def _dot_last(x: Array, kernel: Array) -> Array:
+  """`x [..., in] @ kernel [in, out]` as one 2-D product.
+
+  Flattening the leading axes first keeps the weight gradient a plain 2-D product: with
+  them as separate contracting axes XLA:CPU transposes the activations' gradient for every
+  layer (about a third of a T5 MLP's backward time). On accelerators it is a free bitcast.
+  """
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
+  return y.reshape(x.shape[:-1] + kernel.shape[-1:])
+
+
 def apply_adapter(x: Array, adapter: ExpertTree, expert_index: Optional[Array]) -> Array:
   """Bottleneck adapter with internal residual: x + up(gelu_tanh(down(x))).
 
@@ -185,9 +196,9 @@ def apply_adapter(x: Array, adapter: ExpertTree, expert_index: Optional[Array]) 
   wi_k, wi_b = (_select(adapter["wi"][k], expert_index) for k in ("kernel", "bias"))
   wo_k, wo_b = (_select(adapter["wo"][k], expert_index) for k in ("kernel", "bias"))
   if expert_index is None:
-    h = jnp.einsum("ble,er->blr", x, wi_k.astype(dtype)) + wi_b.astype(dtype)
+    h = _dot_last(x, wi_k.astype(dtype)) + wi_b.astype(dtype)
     h = nn.gelu(h, approximate=True)
-    h = jnp.einsum("blr,re->ble", h, wo_k.astype(dtype)) + wo_b.astype(dtype)
+    h = _dot_last(h, wo_k.astype(dtype)) + wo_b.astype(dtype)
   else:
     h = jnp.einsum("ble,ber->blr", x, wi_k.astype(dtype)) + wi_b[:, None].astype(dtype)
     h = nn.gelu(h, approximate=True)
@@ -203,7 +214,7 @@ def _lora_delta(x: Array, lora: Mapping[str, Any], expert_index: Optional[Array]
   a = _select(lora["lora_a"], expert_index).astype(x.dtype)
   b = _select(lora["lora_b"], expert_index).astype(x.dtype)
   if expert_index is None:
-    return jnp.einsum("blr,ro->blo", jnp.einsum("bli,ir->blr", x, a), b)
+    return _dot_last(_dot_last(x, a), b)
   return jnp.einsum("blr,bro->blo", jnp.einsum("bli,bir->blr", x, a), b)
 
 
@@ -227,7 +238,7 @@ class DenseGeneral(nn.Module):
     out_dim = int(np.prod(features))
     kernel = param_with_axes("kernel", self.kernel_init, (in_dim, out_dim), jnp.float32,
                              axes=self.kernel_axes)
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+    y = _dot_last(x.astype(self.dtype), kernel.astype(self.dtype))
     if lora is not None:
       x_lora = nn.Dropout(self.lora_dropout_rate)(x.astype(self.dtype), deterministic=deterministic)
       y = y + _lora_delta(x_lora, lora, expert_index)
@@ -548,7 +559,9 @@ class Embed(nn.Module):
     return jnp.take(jnp.asarray(self.embedding, self.dtype), inputs.astype(jnp.int32), axis=0)
 
   def attend(self, query: Array) -> Array:
-    return jnp.einsum("...e,ve->...v", query, jnp.asarray(self.embedding, self.dtype))
+    flat = query.reshape(-1, query.shape[-1])
+    logits = jnp.einsum("te,ve->tv", flat, jnp.asarray(self.embedding, self.dtype))
+    return logits.reshape(query.shape[:-1] + logits.shape[-1:])
 
 
 class Encoder(nn.Module):
