@@ -7,7 +7,7 @@ Not a test; results and the machine in bench/RESULTS_merge.md.
 
 Synthetic adapter experts in Expert format v1 are written to a temporary directory (removed at the
 end): their tensor names and shapes are those of `experts.init_expert` for the named T5 1.1 config
-(default: the paper's T5-XL with reduction factor 32, about 101 MiB per expert), their values θ_init
+(default: the paper's T5-XL with reduction factor 32, 97.8 MiB per expert), their values θ_init
 + noise, with layer-norm scales base + noise, so task-vector methods take adapters against θ_init and
 layer norms against the base exactly as on real experts. The base is represented by its layer-norm
 scales only (the only base tensors an adapter merge reads), with shapes from `jax.eval_shape`.
@@ -19,9 +19,9 @@ calls `merging.merge_expert_dirs` on the first k experts and reports the wall ti
 is VmHWM rather than `getrusage(RUSAGE_SELF).ru_maxrss` because Linux carries ru_maxrss over fork
 and exec: every child would report at least the parent's RSS at fork time (~210 MiB here, jax being
 imported to get the base's shapes), hiding the merge. ru_maxrss is still printed in the child's
-JSON line. A sampling thread (every --sample_ms) also records the
-peaks of the anonymous (heap) and file-backed (mapped files) parts of the RSS, which tells whether
-growth comes from arrays the merge allocates or from pages of the memory-mapped inputs.
+JSON line. A sampling thread (every --sample_ms) also records the peaks of the anonymous (heap)
+and file-backed (mapped files) parts of the RSS, which tells whether growth comes from arrays the
+merge allocates or from pages of the memory-mapped inputs.
 Methods use their defaults: TIES with a global (per-expert) threshold at density 0.2, DARE with
 drop 0.9 and linear combination, λ = 1.
 """
