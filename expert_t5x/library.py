@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import fcntl
+import functools
 import json
 import os
 import re
@@ -107,7 +108,12 @@ def normalize_name(value: str | None) -> str | None:
   """Normalises a dataset or subset name for overlap checks: case, spaces and hyphens; None for empty."""
   if value is None:
     return None
-  value = re.sub(r"[\s\-]+", "_", str(value).strip().lower())
+  return _normalize_str(str(value))
+
+
+@functools.lru_cache(maxsize=65536)  # The guard checks every entry's provenance for every eval prompt.
+def _normalize_str(value: str) -> str | None:
+  value = re.sub(r"[\s\-]+", "_", value.strip().lower())
   return None if value in ("", "none", "null") else value
 
 

@@ -7,7 +7,7 @@ majority. Ties go to the expert whose best voted key has the lowest key id, then
 candidate list with vote counts (for top-k merging), a confidence (winner's vote share) with an optional
 abstain threshold and fallback, and a warning when winning votes came from key texts shared by several
 experts (e.g. all generative experts under `label` formats). Instance-level and dataset-expert-level
-variants are provided. Search is a BLAS matrix product per prompt.
+variants are provided. Search is one BLAS matrix product for all prompts that see the same experts.
 
 Key texts (`format_text`), exactly the paper's `get_text_format`:
   instance        "Instance: {inputs}"
@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -225,16 +225,8 @@ def cached_key_embeddings(lib: library_lib.Library, embedder: Any, keys: KeySet)
   return np.concatenate(blocks, axis=0) if blocks else np.zeros((0, 0), np.float32)
 
 
-def score_matrix(embedder: Any, queries: Sequence[str], keys: KeySet,
-                 key_embeddings: np.ndarray | None) -> np.ndarray:
-  """[Q, N] similarities: dot products of unit vectors (dense) or BM25 scores (sparse)."""
-  if getattr(embedder, "kind", "dense") == "sparse":
-    return embedder.scores(queries, keys.texts)
-  return np.asarray(embedder.embed(queries), np.float32) @ key_embeddings.T
-
-
 # ----------------------------------------------------------------------------
-# Retrieval for one eval prompt.
+# Retrieval for eval prompts.
 # ----------------------------------------------------------------------------
 
 
@@ -332,6 +324,7 @@ class Retriever:
     dense = getattr(embedder, "kind", "dense") == "dense"
     self.key_embeddings = cached_key_embeddings(lib, embedder, self.keys) if dense else None
     self.dataset_of, self.dataset_experts = dataset_expert_map(self.entries)
+    self._verdicts: dict[tuple[Any, ...], library_lib.GuardResult] = {}
 
   def _subset_keys(self, allowed: Sequence[str]) -> tuple[KeySet, np.ndarray | None]:
     allowed_set = set(allowed)
@@ -347,27 +340,104 @@ class Retriever:
     return sub, self.key_embeddings[rows]
 
   def retrieve(self, examples: Sequence[Mapping[str, Any]], *, dataset: str | None = None,
-               subset: str | None = None, guard: str = "zero_shot", num_queries: int = DEFAULT_NUM_QUERIES,
-               seed: int = 0, votes_per_query: int = 1, abstain_threshold: float = 0.0,
-               fallback: str = "base") -> dict[str, Any]:
-    """Retrieves for one eval prompt from its (unlabeled) examples; records queries and guard mode."""
-    if not examples:
-      raise RetrievalError("No query examples given; pass the eval prompt's examples.")
-    if dataset is None:
-      dataset, subset = examples[0].get("dataset"), examples[0].get("subset")
-    verdict = library_lib.apply_guard(self.entries, dataset, subset, guard)
-    keys, key_emb = self._subset_keys(verdict.allowed)
-    indices = select_queries(len(examples), num_queries, seed)
-    texts = [format_text(examples[i], self.text_format, self.lookup) for i in indices]
-    scores = score_matrix(self.embedder, texts, keys, key_emb)
-    result = summarize(scores, keys, votes_per_query=votes_per_query, abstain_threshold=abstain_threshold,
-                       fallback=fallback, dataset_experts=self.dataset_of)
-    d = result["dataset_level"]["dataset"]
-    result["dataset_level"]["expert"] = self.dataset_experts.get(d) if d else None
-    result.update({"dataset": dataset, "subset": subset, "guard": verdict.to_json(),
-                   "query_indices": indices, "num_queries": len(indices), "seed": seed,
-                   "votes_per_query": votes_per_query})
-    return result
+               subset: str | None = None, **options: Any) -> dict[str, Any]:
+    """Retrieves for one eval prompt from its (unlabeled) examples; see `retrieve_many`."""
+    return self.retrieve_many([examples], datasets=[(dataset, subset)], **options)[0]
+
+  def retrieve_many(self, prompts: Sequence[Sequence[Mapping[str, Any]]], *,
+                    datasets: Sequence[tuple[str | None, str | None]] | None = None,
+                    guard: str = "zero_shot", num_queries: int = DEFAULT_NUM_QUERIES, seed: int = 0,
+                    votes_per_query: int = 1, abstain_threshold: float = 0.0,
+                    fallback: str = "base") -> list[dict[str, Any]]:
+    """Retrieves for several eval prompts at once; records queries and guard mode in each result.
+
+    All prompts' queries are embedded in one call, and prompts whose guard leaves the same experts share
+    one matrix product against those keys (one large product is several times faster than one per
+    prompt: the keys stream through the cache once, not once per prompt).
+
+    Args:
+      prompts: each eval prompt's (unlabeled) examples.
+      datasets: (dataset, subset) per prompt for the guard (default: from each prompt's first example).
+      guard, num_queries, seed, votes_per_query, abstain_threshold, fallback: as the CLI flags.
+    """
+    plans = []
+    for p, examples in enumerate(prompts):
+      if not examples:
+        raise RetrievalError(f"No query examples given for prompt {p}; pass the eval prompt's examples.")
+      dataset, subset = datasets[p] if datasets else (None, None)
+      if dataset is None:
+        dataset, subset = examples[0].get("dataset"), examples[0].get("subset")
+      verdict = self._guard(dataset, subset, guard)
+      indices = select_queries(len(examples), num_queries, seed)
+      plans.append((dataset, subset, verdict, indices,
+                    [format_text(examples[i], self.text_format, self.lookup) for i in indices]))
+    results: list[Any] = [None] * len(plans)
+    for p, keys, prompt_scores in self._scored([plan[4] for plan in plans],
+                                               [plan[2].allowed for plan in plans]):
+      dataset, subset, verdict, indices, _ = plans[p]
+      result = summarize(prompt_scores, keys, votes_per_query=votes_per_query,
+                         abstain_threshold=abstain_threshold, fallback=fallback,
+                         dataset_experts=self.dataset_of)
+      d = result["dataset_level"]["dataset"]
+      result["dataset_level"]["expert"] = self.dataset_experts.get(d) if d else None
+      result.update({"dataset": dataset, "subset": subset, "guard": verdict.to_json(),
+                     "query_indices": indices, "num_queries": len(indices), "seed": seed,
+                     "votes_per_query": votes_per_query})
+      results[p] = result
+    return results
+
+  def _guard(self, dataset: str | None, subset: str | None, mode: str) -> library_lib.GuardResult:
+    """The guard's verdict, computed once per eval (dataset, subset): prompts of a dataset share it."""
+    key = (dataset, subset, mode)
+    if key not in self._verdicts:
+      self._verdicts[key] = library_lib.apply_guard(self.entries, dataset, subset, mode)
+    return self._verdicts[key]
+
+  def _scored(self, texts: Sequence[Sequence[str]], allowed: Sequence[Sequence[str]]
+              ) -> Iterator[tuple[int, KeySet, np.ndarray]]:
+    """Yields (prompt, key set, [Q, N] scores): one product per distinct allowed set of experts.
+
+    The scores are a view into a buffer that the next chunk overwrites: use them before resuming.
+    """
+    dense = self.key_embeddings is not None
+    flat = [t for ts in texts for t in ts]
+    query_emb = np.asarray(self.embedder.embed(flat), np.float32) if dense and flat else None
+    starts = np.concatenate([[0], np.cumsum([len(ts) for ts in texts])]).astype(np.int64)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for p, ids in enumerate(allowed):
+      groups.setdefault(tuple(sorted(ids)), []).append(p)
+    for ids, members in groups.items():
+      keys, key_emb = self._subset_keys(ids)
+      buffer = None
+      for chunk in _chunks(members, starts, keys.key_expert.size):
+        rows = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in chunk])
+        if dense:
+          if buffer is None or buffer.shape[0] < rows.size:  # Reused: fresh pages cost a pass.
+            buffer = np.empty((rows.size, key_emb.shape[0]), np.float32)
+          block = np.matmul(query_emb[rows], key_emb.T, out=buffer[:rows.size])
+        else:
+          block = np.asarray(self.embedder.scores([flat[r] for r in rows], keys.texts), np.float32)
+        offset = 0
+        for p in chunk:
+          n = int(starts[p + 1] - starts[p])
+          yield p, keys, block[offset:offset + n]
+          offset += n
+
+
+def _chunks(members: Sequence[int], starts: np.ndarray, num_keys: int,
+            max_elements: int = 64 * 2**20) -> list[list[int]]:
+  """Splits prompts into runs whose score block stays under `max_elements` floats (256 MB)."""
+  chunks, current, rows = [], [], 0
+  for p in members:
+    n = int(starts[p + 1] - starts[p])
+    if current and (rows + n) * max(num_keys, 1) > max_elements:
+      chunks.append(current)
+      current, rows = [], 0
+    current.append(p)
+    rows += n
+  if current:
+    chunks.append(current)
+  return chunks
 
 
 # ----------------------------------------------------------------------------
@@ -478,14 +548,13 @@ def retrieve_main(argv: Sequence[str] | None = None) -> int:
                              base_path=args.base, base_config=args.base_config, vocab_path=args.vocab)
     retriever = Retriever(library_lib.Library(args.library), embedder, text_format=args.text_format,
                           lookup=lookup)
-    results = []
-    for t in tasks:
-      res = retriever.retrieve(by_task[t], guard=args.guard, num_queries=args.num_queries, seed=args.seed,
-                               votes_per_query=args.votes_per_query, abstain_threshold=args.abstain_threshold,
-                               fallback=args.fallback)
+    results = retriever.retrieve_many([by_task[t] for t in tasks], guard=args.guard,
+                                      num_queries=args.num_queries, seed=args.seed,
+                                      votes_per_query=args.votes_per_query,
+                                      abstain_threshold=args.abstain_threshold, fallback=args.fallback)
+    for t, res in zip(tasks, results):
       res["task"] = t
       res["prompt"] = by_task[t][0].get("prompt")
-      results.append(res)
   except (RetrievalError, library_lib.LibraryError, FileNotFoundError, ValueError) as e:
     print(f"expert-t5x retrieve: {e}", file=sys.stderr)
     return 1

@@ -312,12 +312,12 @@ def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
   if lookup is None and config.text_format.startswith("choice"):
     lookup = retrieval.promptsource_lookup()
   retriever = retrieval.Retriever(lib, embedder, text_format=config.text_format, lookup=lookup)
-  retrieved = {}
+  results = retriever.retrieve_many(
+      [unlabeled(examples[t]) for t in task_names], guard=config.guard,
+      num_queries=config.num_queries, seed=config.seed, votes_per_query=config.votes_per_query,
+      abstain_threshold=config.abstain_threshold, fallback=config.fallback)
+  retrieved = dict(zip(task_names, results))
   for t in task_names:
-    retrieved[t] = retriever.retrieve(
-        unlabeled(examples[t]), guard=config.guard, num_queries=config.num_queries,
-        seed=config.seed, votes_per_query=config.votes_per_query,
-        abstain_threshold=config.abstain_threshold, fallback=config.fallback)
     retrieved[t]["task"] = t
   os.makedirs(output_dir, exist_ok=True)
   info = dict(config.to_json(), embedder=embedder.identity,

@@ -168,6 +168,37 @@ def test_retriever_end_to_end_with_cache_and_guard(lib, tmp_path):
   assert len(emb2.calls) == 1 and emb2.calls[0][0].endswith("dialogue between speakers example 0")
 
 
+def test_retrieve_many_equals_one_product_per_prompt(lib, monkeypatch):
+  """Batched retrieval (one product per allowed expert set, chunked) vs an independent per-prompt
+  reference: numpy scores of each prompt's queries against its guard's keys, then `summarize`."""
+  emb = HashEmbedder()
+  r = retrieval.Retriever(lib, emb)
+  prompts = [_queries("premise hypothesis entail", ["yes", "no"], dataset="super_glue/rte", n=20),
+             _queries("movie review sentiment", ["positive", "negative"], n=9),
+             _queries("story about people", ["a", "b", "c", "d"], dataset="hellaswag", n=40),
+             _queries("premise hypothesis entail", ["yes", "no"], dataset="super_glue/rte", n=5)]
+  monkeypatch.setattr(retrieval, "_chunks", lambda members, starts, n: [[m] for m in members])
+  chunked = r.retrieve_many(prompts, guard="zero_shot", num_queries=8, seed=3)
+  monkeypatch.undo()
+  emb.calls.clear()
+  batched = r.retrieve_many(prompts, guard="zero_shot", num_queries=8, seed=3)
+  assert len(emb.calls) == 1  # every prompt's queries embedded in one call
+  for rows, got, got_chunked in zip(prompts, batched, chunked):
+    verdict = library_lib.apply_guard(r.entries, rows[0]["dataset"], None, "zero_shot")
+    keys, key_emb = r._subset_keys(verdict.allowed)  # pylint: disable=protected-access
+    idx = retrieval.select_queries(len(rows), 8, 3)
+    q = emb.embed([retrieval.format_text(rows[i]) for i in idx])
+    want = retrieval.summarize(q @ key_emb.T, keys, dataset_experts=r.dataset_of)
+    for res in (got, got_chunked):
+      assert res["query_indices"] == idx
+      assert res["candidates"] == want["candidates"] and res["winner"] == want["winner"]
+  assert batched[0]["winner"] not in ("super_glue_rte_p2", "super_glue_rte_p3")
+  starts = np.array([0, 32, 64, 96])  # 32 queries per prompt; 6,400 floats = two prompts x 100 keys
+  assert retrieval._chunks([0, 1, 2], starts, 100, max_elements=6400) == [[0, 1], [2]]  # pylint: disable=protected-access
+  with pytest.raises(retrieval.RetrievalError, match="prompt 1"):
+    r.retrieve_many([prompts[0], []])
+
+
 def test_retrieve_and_merge_cli_with_bm25(lib, tmp_path, capsys):
   qfile = tmp_path / "q.jsonl"
   rows = _queries("movie review sentiment", ["positive", "negative"]) + _queries(
