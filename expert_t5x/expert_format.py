@@ -427,9 +427,13 @@ class ExpertReader:
   def __init__(self, directory: str | os.PathLike[str]):
     self.directory = os.fspath(directory)
     self.metadata = read_metadata(self.directory)
-    self._file = safe_open(os.path.join(self.directory, PARAMS_FILE),
-                           framework="numpy")
-    self._names = sorted(self._file.keys())
+    path = os.path.join(self.directory, PARAMS_FILE)
+    # Plain reads at header offsets rather than a memory map: a map keeps every
+    # page read resident until it is closed, so a k-way merge would hold all k
+    # experts in RSS.
+    self._index, self._data_start = _read_safetensors_index(path)
+    self._file = open(path, "rb")  # pylint: disable=consider-using-with
+    self._names = sorted(self._index)
 
   def names(self) -> list[str]:
     """Sorted tensor paths."""
@@ -441,17 +445,22 @@ class ExpertReader:
   def shape(self, name: str) -> tuple[int, ...]:
     """Shape of one tensor without reading its data."""
     self._check_name(name)
-    return tuple(self._file.get_slice(name).get_shape())
+    return tuple(self._index[name]["shape"])
 
   def get(self, name: str) -> np.ndarray:
     """Reads one tensor (float32)."""
     self._check_name(name)
-    return self._file.get_tensor(name)
+    info = self._index[name]
+    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
+    begin, end = info["data_offsets"]
+    self._file.seek(self._data_start + begin)
+    data = np.fromfile(self._file, dtype=dtype, count=(end - begin) // dtype.itemsize)
+    return data.reshape(info["shape"]).astype(np.float32, copy=False)
 
   def items(self) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (path, tensor) in sorted order, one tensor in memory at a time."""
     for name in self._names:
-      yield name, self._file.get_tensor(name)
+      yield name, self.get(name)
 
   def params(self) -> dict[str, Any]:
     """All tensors as a nested tree of numpy arrays."""
@@ -466,6 +475,8 @@ class ExpertReader:
                        f"{self.metadata['content_hash']}; write it again.")
 
   def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
     self._file = None
 
   def __enter__(self) -> ExpertReader:
@@ -480,6 +491,46 @@ class ExpertReader:
     if name not in self._names:
       raise KeyError(f"Expert '{self.directory}' has no tensor '{name}'; it has "
                      f"{len(self._names)} tensors, e.g. {self._names[:3]}.")
+
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16}
+
+
+def _read_safetensors_index(path: str) -> tuple[dict[str, Any], int]:
+  """({name: {dtype, shape, data_offsets}}, data start) from a safetensors header.
+
+  The layout: an 8-byte little-endian header length, a JSON header, then the
+  tensors' bytes at `data_offsets` relative to the end of the header.
+  """
+  def damaged(why: str) -> ValueError:
+    return ValueError(f"'{path}' is not a valid safetensors file ({why}); "
+                      f"write the expert again.")
+
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    prefix = f.read(8)
+    if len(prefix) < 8:
+      raise damaged("shorter than its 8-byte header length")
+    header_len = int.from_bytes(prefix, "little")
+    if header_len > size - 8:
+      raise damaged(f"header length {header_len} exceeds the file size {size}")
+    try:
+      header = json.loads(f.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise damaged(f"header is not JSON: {e}") from None
+  header.pop("__metadata__", None)
+  data_size = size - 8 - header_len
+  for name, info in header.items():
+    begin, end = info.get("data_offsets", (0, -1))
+    if info.get("dtype") not in _SAFETENSORS_DTYPES:
+      raise damaged(f"tensor '{name}' has dtype {info.get('dtype')}; expected "
+                    f"one of {sorted(_SAFETENSORS_DTYPES)}")
+    itemsize = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).itemsize
+    if not 0 <= begin <= end <= data_size or \
+        end - begin != itemsize * int(np.prod(info["shape"], dtype=np.int64)):
+      raise damaged(f"tensor '{name}' has offsets {info.get('data_offsets')} "
+                    f"that do not fit its shape or the file")
+  return header, 8 + header_len
 
 
 def load_expert(directory: str | os.PathLike[str],

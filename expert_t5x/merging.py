@@ -16,9 +16,11 @@ store their delta; LoRA uses ΔW = (α/r)·A@B. Linear methods on LoRA experts o
 LoRA (exact: its ΔW equals the merged ΔW); TIES/DARE on LoRA output a `full` delta on the targeted kernels,
 optionally SVD-truncated to rank r′ (the reconstruction error is recorded).
 
-Streaming: tensors are read one at a time from each input (`expert_format.ExpertReader`) and merged with
-running accumulators, in at most three passes over the inputs (TIES: thresholds, sign mass, disjoint
-sum), so peak memory is about one expert (for the global TIES threshold) plus a few tensors, whatever k.
+Streaming: tensors are read one at a time from each input (`expert_format.ExpertReader`, plain reads,
+no memory maps) and merged with running accumulators, in at most three passes over the inputs (TIES:
+thresholds, sign mass, disjoint sum). Each merged tensor is finished (reference added, float32) as soon
+as it is computed, so peak memory is the float32 output plus a few float64 tensors, plus one expert's
+magnitudes in float64 for the global TIES threshold, whatever k (bench/bench_merge.py measures it).
 A merge is saved in Expert format v1 with its recipe (inputs' content hashes, method, parameters,
 references, output hash) in `expert.json["merge"]`; re-running a recipe is bitwise identical.
 """
@@ -68,14 +70,20 @@ def trim_mask(tau: np.ndarray, threshold: float) -> np.ndarray:
   return np.abs(tau) >= threshold
 
 
-def topk_threshold(magnitudes: np.ndarray, density: float) -> float:
-  """The magnitude of the ⌈density·n⌉-th largest entry (0 keeps everything)."""
+def topk_threshold(magnitudes: np.ndarray, density: float, *, overwrite: bool = False) -> float:
+  """The magnitude of the ⌈density·n⌉-th largest entry (0 keeps everything).
+
+  With `overwrite`, `magnitudes` (1-D) is partitioned in place instead of copied.
+  """
   n = magnitudes.size
   keep = min(n, int(math.ceil(density * n)))
   if keep >= n or n == 0:
     return 0.0
   if keep <= 0:
     return math.inf
+  if overwrite:
+    magnitudes.partition(n - keep)
+    return float(magnitudes[n - keep])
   return float(np.partition(magnitudes, n - keep)[n - keep])
 
 
@@ -153,18 +161,31 @@ def _check_params(method: str, k: int, params: Mapping[str, Any]) -> dict[str, A
 
 
 def _global_thresholds(names: Sequence[str], k: int, tau: Callable[[int, str], np.ndarray],
-                       density: float) -> list[float]:
-  # One expert's magnitudes in memory at a time: this pass's peak does not grow with k.
+                       density: float, sizes: Mapping[str, int] | None) -> list[float]:
+  # One expert's magnitudes in one reused float64 buffer, partitioned in place: this pass holds
+  # one expert (in float64) plus one tensor, whatever k. Without `sizes` the first expert's
+  # magnitudes are concatenated (twice that, once).
+  mags = None
+  if sizes is not None:
+    mags = np.empty(sum(int(sizes[n]) for n in names), np.float64)
   out = []
   for i in range(k):
-    mags = np.concatenate([np.abs(np.asarray(tau(i, n), np.float64)).ravel() for n in names])
-    out.append(topk_threshold(mags, density))
+    if mags is None:
+      mags = np.concatenate([np.abs(np.asarray(tau(i, n), np.float64)).ravel() for n in names])
+    else:
+      start = 0
+      for n in names:
+        x = np.asarray(tau(i, n), np.float64).ravel()
+        np.abs(x, out=mags[start:start + x.size])
+        start += x.size
+    out.append(topk_threshold(mags, density, overwrite=True))
   return out
 
 
 def merge_task_vectors(method: str, names: Sequence[str], k: int, tau: Callable[[int, str], np.ndarray],
-                       **params: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """Merges k task vectors tensor by tensor; returns ({name: τ_m float64}, resolved params).
+                       finalize: Callable[[str, np.ndarray], np.ndarray] | None = None,
+                       sizes: Mapping[str, int] | None = None, **params: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Merges k task vectors tensor by tensor; returns ({name: τ_m}, resolved params).
 
   For `uniform`/`weighted` the same formula applies to absolute values (the reference cancels).
 
@@ -173,13 +194,17 @@ def merge_task_vectors(method: str, names: Sequence[str], k: int, tau: Callable[
     names: tensor names to merge.
     k: number of experts.
     tau: (expert index, name) -> that expert's task vector (read lazily).
+    finalize: (name, float64 τ_m) -> the stored tensor (e.g. reference + τ_m in float32), applied as
+      each tensor is merged so that only finished tensors are kept (default: τ_m in float64).
+    sizes: {name: number of entries}, if known without reading (lets TIES' global threshold
+      fill one preallocated buffer).
     **params: weights, lam, density, per_tensor, sign_method, drop, seed, combine.
   """
   p = _check_params(method, k, params)
   out = {}
   thresholds = None
   if method == "ties" and not p["per_tensor"]:
-    thresholds = _global_thresholds(names, k, tau, p["density"])
+    thresholds = _global_thresholds(names, k, tau, p["density"], sizes)
   for name in names:
     getter = lambda i, name=name: tau(i, name)
     if method == "uniform":
@@ -190,7 +215,8 @@ def merge_task_vectors(method: str, names: Sequence[str], k: int, tau: Callable[
       out[name] = p["lam"] * linear_combination(getter, [1.0] * k)
     elif method == "ties":
       if p["per_tensor"]:
-        ths = [topk_threshold(np.abs(np.asarray(getter(i), np.float64)).ravel(), p["density"]) for i in range(k)]
+        ths = [topk_threshold(np.abs(np.asarray(getter(i), np.float64)).ravel(), p["density"],
+                              overwrite=True) for i in range(k)]
       else:
         ths = thresholds
       def trimmed(i, getter=getter, ths=ths):
@@ -205,6 +231,8 @@ def merge_task_vectors(method: str, names: Sequence[str], k: int, tau: Callable[
         out[name] = p["lam"] * linear_combination(dropped, [1.0] * k)
       else:
         out[name] = p["lam"] * elect_and_disjoint_mean(dropped, k, p["sign_method"])
+    if finalize is not None:
+      out[name] = finalize(name, out[name])
   return out, p
 
 
@@ -228,13 +256,13 @@ def merge_pytrees(method: str, trees: Sequence[Mapping[str, Any]], reference: Ma
     x = np.asarray(flats[i][name], np.float64)
     return x if absolute or name not in ref else x - np.asarray(ref[name], np.float64)
 
-  merged, _ = merge_task_vectors(method, names, len(flats), tau, **params)
-  out = {}
-  for name, value in merged.items():
+  def finalize(name: str, value: np.ndarray) -> np.ndarray:
     if not absolute and name in ref:
       value = np.asarray(ref[name], np.float64) + value
-    out[name] = value.astype(np.float32)
-  return expert_format.unflatten_params(out)
+    return value.astype(np.float32)
+
+  merged, _ = merge_task_vectors(method, names, len(flats), tau, finalize, **params)
+  return expert_format.unflatten_params(merged)
 
 
 def _diff(a: Sequence[str], b: Sequence[str]) -> str:
@@ -344,48 +372,52 @@ def merge_expert_dirs(expert_dirs: Sequence[str], output_dir: str, method: str, 
   if not expert_dirs:
     raise MergeError("Merging needs at least one expert directory.")
   readers = [expert_format.ExpertReader(d) for d in expert_dirs]
-  metas = [r.metadata for r in readers]
-  kind = metas[0]["type"]
-  for d, m in zip(expert_dirs, metas):
-    if m["type"] != kind:
-      raise MergeError(f"Cannot merge a {m['type']} expert ('{d}') with {kind} experts; merge one type.")
-    if m["base"]["fingerprint"] != metas[0]["base"]["fingerprint"]:
-      raise MergeError(f"Expert '{d}' has base {m['base']['fingerprint']} but '{expert_dirs[0]}' has "
-                       f"{metas[0]['base']['fingerprint']}; merge experts of one base.")
-  names = readers[0].names()
-  for d, r in zip(expert_dirs, readers):
-    if r.names() != names:
-      raise MergeError(f"Expert '{d}' has tensors {_diff(names, r.names())} that '{expert_dirs[0]}' does not "
-                       f"share; merge experts of one configuration.")
-  k = len(readers)
-  resolved = _check_params(method, k, params)
-  recipe: dict[str, Any] = {
-      "format": RECIPE_FORMAT, "method": method, "params": dict(params), "resolved_params": resolved,
-      "input_type": kind,
-      "inputs": [{"name": n, "content_hash": m["content_hash"]}
-                 for n, m in zip(input_names or list(expert_dirs), metas)],
-      "base_fingerprint": metas[0]["base"]["fingerprint"],
-  }
-  if kind == "lora":
-    flat, config, extra = _merge_lora(readers, names, method, resolved, svd_rank)
-  else:
-    flat, extra = _merge_dense(readers, names, kind, method, resolved, base_params, init_params,
-                               adapter_reference)
-    config = metas[0]["config"]
-  recipe.update(extra)
-  out_type = recipe.get("output_type", kind)
-  provenance = [dict(p, role="merged") for m in metas for p in m["provenance"]]
-  meta = expert_format.build_metadata(
-      out_type, config, base_fingerprint=metas[0]["base"]["fingerprint"],
-      base_config_name=metas[0]["base"]["config_name"], vocab_fingerprint=metas[0]["base"]["vocab_fingerprint"],
-      provenance=provenance, training={"merged_from": [m["content_hash"] for m in metas]})
-  recipe["output_type"] = out_type
-  recipe["output_hash"] = expert_format.digest_items(
-      (n, np.ascontiguousarray(v, np.float32)) for n, v in sorted(flat.items()))
-  meta["merge"] = recipe
-  content_hash = expert_format.save_expert(output_dir, flat, meta, overwrite=overwrite)
-  assert content_hash == recipe["output_hash"]
-  return recipe
+  try:
+    metas = [r.metadata for r in readers]
+    kind = metas[0]["type"]
+    for d, m in zip(expert_dirs, metas):
+      if m["type"] != kind:
+        raise MergeError(f"Cannot merge a {m['type']} expert ('{d}') with {kind} experts; merge one type.")
+      if m["base"]["fingerprint"] != metas[0]["base"]["fingerprint"]:
+        raise MergeError(f"Expert '{d}' has base {m['base']['fingerprint']} but '{expert_dirs[0]}' has "
+                         f"{metas[0]['base']['fingerprint']}; merge experts of one base.")
+    names = readers[0].names()
+    for d, r in zip(expert_dirs, readers):
+      if r.names() != names:
+        raise MergeError(f"Expert '{d}' has tensors {_diff(names, r.names())} that '{expert_dirs[0]}' does not "
+                         f"share; merge experts of one configuration.")
+    k = len(readers)
+    resolved = _check_params(method, k, params)
+    recipe: dict[str, Any] = {
+        "format": RECIPE_FORMAT, "method": method, "params": dict(params), "resolved_params": resolved,
+        "input_type": kind,
+        "inputs": [{"name": n, "content_hash": m["content_hash"]}
+                   for n, m in zip(input_names or list(expert_dirs), metas)],
+        "base_fingerprint": metas[0]["base"]["fingerprint"],
+    }
+    if kind == "lora":
+      flat, config, extra = _merge_lora(readers, names, method, resolved, svd_rank)
+    else:
+      flat, extra = _merge_dense(readers, names, kind, method, resolved, base_params, init_params,
+                                 adapter_reference)
+      config = metas[0]["config"]
+    recipe.update(extra)
+    out_type = recipe.get("output_type", kind)
+    provenance = [dict(p, role="merged") for m in metas for p in m["provenance"]]
+    meta = expert_format.build_metadata(
+        out_type, config, base_fingerprint=metas[0]["base"]["fingerprint"],
+        base_config_name=metas[0]["base"]["config_name"], vocab_fingerprint=metas[0]["base"]["vocab_fingerprint"],
+        provenance=provenance, training={"merged_from": [m["content_hash"] for m in metas]})
+    recipe["output_type"] = out_type
+    recipe["output_hash"] = expert_format.digest_items(
+        (n, np.ascontiguousarray(v, np.float32)) for n, v in sorted(flat.items()))
+    meta["merge"] = recipe
+    content_hash = expert_format.save_expert(output_dir, flat, meta, overwrite=overwrite)
+    assert content_hash == recipe["output_hash"]
+    return recipe
+  finally:
+    for r in readers:  # Nothing stays open (or mapped) after a merge.
+      r.close()
 
 
 def _merge_dense(readers, names, kind, method, p, base_params, init_params, adapter_reference):
@@ -418,11 +450,12 @@ def _merge_dense(readers, names, kind, method, p, base_params, init_params, adap
     r = reference(name)
     return x if r is None else x - r
 
-  merged, _ = merge_task_vectors(method, names, len(readers), tau, **p)
-  flat = {}
-  for name, value in merged.items():
+  def finalize(name: str, value: np.ndarray) -> np.ndarray:
     r = reference(name)
-    flat[name] = (value if r is None else r + value).astype(np.float32)
+    return (value if r is None else r + value).astype(np.float32)
+
+  sizes = {n: int(np.prod(readers[0].shape(n), dtype=np.int64)) for n in names}
+  flat, _ = merge_task_vectors(method, names, len(readers), tau, finalize, sizes, **p)
   return flat, extra
 
 
@@ -447,10 +480,10 @@ def _merge_lora(readers, names, method, p, svd_rank):
     return lora_delta(readers[i].get(f"{m}/lora_a"), readers[i].get(f"{m}/lora_b"), scales[i])
 
   kernels = [f"{m}/kernel" for m in modules]
-  merged, _ = merge_task_vectors(method, kernels, k, tau, **p)
   if svd_rank is None:
-    flat = {n: v.astype(np.float32) for n, v in merged.items()}
+    flat, _ = merge_task_vectors(method, kernels, k, tau, lambda _, v: v.astype(np.float32), **p)
     return flat, {"kind": "full"}, {"output_type": "full", "lora": {"output": "full_delta"}}
+  merged, _ = merge_task_vectors(method, kernels, k, tau, **p)
   flat, errors = {}, {}
   for kernel, delta in merged.items():
     m = kernel[:-len("/kernel")]

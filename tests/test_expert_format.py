@@ -156,6 +156,35 @@ def test_corruption_detected(tmp_path):
     ef.load_expert(tmp_path)
 
 
+def test_reader_matches_safetensors_own_reader(tmp_path):
+  """Our header-offset reader vs the safetensors library's reader on a file it wrote (F32, F64, F16,
+  a scalar, an empty tensor), then damaged headers give one clear error naming the file."""
+  from safetensors import safe_open
+  from safetensors.numpy import save_file
+  path = tmp_path / "e"
+  ef.save_expert(path, _adapter_tree(), _metadata())
+  rng = np.random.default_rng(0)
+  tensors = {"a/kernel": rng.normal(size=(3, 5)).astype(np.float32),
+             "b/scale": rng.normal(size=(7,)),  # float64
+             "c/half": rng.normal(size=(2, 2, 2)).astype(np.float16),
+             "d/scalar": np.array(2.5, np.float32), "e/empty": np.zeros((0, 4), np.float32)}
+  save_file(tensors, str(path / ef.PARAMS_FILE), metadata={"note": "written by safetensors"})
+  with ef.ExpertReader(path) as reader, safe_open(str(path / ef.PARAMS_FILE), "numpy") as want:
+    assert reader.names() == sorted(want.keys())
+    for name in want.keys():
+      got = reader.get(name)
+      assert got.dtype == np.float32 and reader.shape(name) == want.get_tensor(name).shape
+      np.testing.assert_array_equal(got, want.get_tensor(name).astype(np.float32))
+  params = (path / ef.PARAMS_FILE).read_bytes()
+  header_len = int.from_bytes(params[:8], "little")
+  for damaged, why in [(params[:5], "shorter than"), (b"\xff" * 8 + params[8:], "exceeds the file size"),
+                       (params[:8] + b"{" * header_len + params[8 + header_len:], "not JSON"),
+                       (params[:8 + header_len], "do not fit")]:
+    (path / ef.PARAMS_FILE).write_bytes(damaged)
+    with pytest.raises(ValueError, match=f"params.safetensors' is not a valid safetensors file.*{why}"):
+      ef.ExpertReader(path)
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda m: m.pop("provenance"), "missing field"),
     (lambda m: m.update(type="moe"), "type is 'moe'"),

@@ -95,6 +95,16 @@ def test_merging_one_expert_returns_it():
     assert expert_format.tree_digest(out) == expert_format.tree_digest(tree), method
 
 
+def test_topk_threshold_in_place_equals_copy():
+  """In-place partition (the global TIES buffer) vs np.sort's k-th largest magnitude."""
+  mags = np.abs(np.random.default_rng(0).normal(size=1001))
+  for density in (0.01, 0.2, 0.5, 1.0):
+    keep = int(np.ceil(density * mags.size))
+    want = 0.0 if keep >= mags.size else np.sort(mags)[mags.size - keep]
+    buf = mags.copy()
+    assert merging.topk_threshold(mags, density) == merging.topk_threshold(buf, density, overwrite=True) == want
+
+
 def test_streaming_reads_each_tensor_at_most_three_times():
   reads = {}
 
