@@ -1,4 +1,4 @@
-"""Benchmarks all-MiniLM-L6-v2 embedding throughput: expert_t5x's JAX MiniLMEmbedder vs sentence-transformers on CPU.
+"""Benchmarks all-MiniLM-L6-v2 embedding on CPU: expert_t5x's JAX MiniLMEmbedder vs sentence-transformers.
 
   python bench/bench_minilm.py --threads 2 --batch_sizes 32,128 --runs 5
 
