@@ -16,6 +16,7 @@ or LoRA experts stacked in one program (see `expert_t5x.trainer`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -178,11 +179,21 @@ def rank_classification_accuracy(model: models.EncoderDecoderModel, base: PyTree
 
 
 def _provenance(task_name: str) -> list[dict[str, Any]]:
+  """One item per task trained on: a mixture lists each of its tasks, so the library's
+  contamination guard can exclude a multitask expert from evaluations on any of its datasets."""
   try:
     import seqio_tasks  # pylint: disable=g-import-not-at-top
-    info = seqio_tasks.get_info(task_name)
-    return [{"task": task_name, "dataset": info.dataset, "subset": info.subset,
-             "prompt": info.prompt, "role": info.role}]
+    names = [task_name]
+    with contextlib.suppress(Exception):
+      task = train_data.get_task(task_name)
+      if train_data.is_mixture(task):
+        names = [t.name for t in task.tasks]
+    items = []
+    for name in names:
+      info = seqio_tasks.get_info(name)
+      items.append({"task": name, "dataset": info.dataset, "subset": info.subset,
+                    "prompt": info.prompt, "role": info.role})
+    return items
   except Exception:  # pylint: disable=broad-except
     return [{"task": task_name, "dataset": None, "subset": None, "prompt": None, "role": None}]
 

@@ -97,7 +97,8 @@ def get_task(name: str) -> Any:
                      f"that registers it in your gin file.{hint}") from None
 
 
-def _is_mixture(task: Any) -> bool:
+def is_mixture(task: Any) -> bool:
+  """Whether a registry entry is a seqio.Mixture (a mixture of tasks)."""
   import seqio  # pylint: disable=g-import-not-at-top
   return isinstance(task, seqio.Mixture)
 
@@ -165,7 +166,7 @@ def scan_task(cfg: DatasetConfig) -> DataInfo:
   """One pass over the split: counts examples and, with `max_examples`, finds the hash threshold
   that keeps at most that many (all rows of a selected example id are kept together)."""
   task = get_task(cfg.mixture_or_task_name)
-  if _is_mixture(task):
+  if is_mixture(task):
     raise ValueError(f"{cfg.mixture_or_task_name!r} is a mixture: epochs and max_examples need a "
                      "Task; set TRAIN_STEPS explicitly for mixtures.")
   tf = _tf()
@@ -203,7 +204,7 @@ def get_dataset(cfg: DatasetConfig, shard_id: int = 0, num_shards: int = 1,
                      "shards (hosts); choose a multiple.")
   lengths = dict(cfg.task_feature_lengths)
   task = get_task(cfg.mixture_or_task_name)
-  if _is_mixture(task):
+  if is_mixture(task):
     shard_info = seqio.ShardInfo(index=shard_id, num_shards=num_shards)
     ds = task.get_dataset(sequence_length=lengths, split=cfg.split, shuffle=cfg.shuffle,
                           seed=cfg.seed, shard_info=shard_info, num_epochs=None,
@@ -265,7 +266,7 @@ def lookup_examples(cfg: DatasetConfig, example_keys: Sequence[int], task_name: 
   """
   wanted = set(int(k) for k in example_keys)
   task = get_task(cfg.mixture_or_task_name)
-  names = [t.name for t in task.tasks] if _is_mixture(task) else [cfg.mixture_or_task_name]
+  names = [t.name for t in task.tasks] if is_mixture(task) else [cfg.mixture_or_task_name]
   found: dict[int, dict[str, Any]] = {}
   for name in names:
     sub = dataclasses.replace(cfg, mixture_or_task_name=name)

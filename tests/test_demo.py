@@ -32,7 +32,8 @@ def test_corpus_has_no_task_data():
   from seqio_tasks import demo as demo_source  # pylint: disable=g-import-not-at-top
   words = set(demo_tasks.corpus_words())
   assert len(words) > 50
-  task_words = set(demo_source.FILLER) | set(demo_source.POSITIVE) | set(demo_source.NEGATIVE)
+  task_words = (set(demo_source.FILLER) | set(demo_source.POSITIVE) | set(demo_source.NEGATIVE)
+                | set(demo_source.NEGATIONS))
   for task in demo_source.TASKS.values():
     task_words |= set(task.choices or ())
     for prompt in task.prompts:
@@ -69,6 +70,22 @@ def test_dataset_tasks_group_the_training_prompts():
   assert sum(len(v) for v in groups.values()) == len(demo_tasks.expert_train_tasks()) == 12
   rows = list(demo_tasks.iter_all_prompts(groups["demo_topic_all_prompts"], "validation"))
   assert len(rows) == 3 * 200 and {r["prompt"] for r in rows} == {"topic_is", "classify", "about"}
+
+
+@pytest.mark.tf
+def test_multitask_provenance_lists_every_task_of_its_mixture():
+  """A multitask expert's provenance names each mixture task's dataset (the task registry's own
+  metadata), so the library's zero_shot guard excludes it from evaluations on any of them."""
+  from expert_t5x import library as library_lib  # pylint: disable=g-import-not-at-top
+  from expert_t5x import train  # pylint: disable=g-import-not-at-top
+  demo_tasks.register()
+  items = train._provenance(demo_tasks.MULTITASK_MIXTURE)  # pylint: disable=protected-access
+  assert sorted(i["task"] for i in items) == sorted(demo_tasks.expert_train_tasks())
+  assert {i["dataset"] for i in items} == {"demo_sentiment", "demo_topic", "demo_overlap", "demo_length"}
+  entry = {"id": "multitask", "provenance": items}
+  assert library_lib.overlaps(entry, "demo_overlap", None)
+  assert not library_lib.overlaps(entry, "demo_membership", None)
+  assert train._provenance("demo_sentiment_review")[0]["prompt"] == "review"  # pylint: disable=protected-access
 
 
 def test_base_hash_follows_only_the_pretraining_settings():
