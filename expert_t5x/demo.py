@@ -64,8 +64,8 @@ class DemoConfig:
   expert_batch_size: int = 8
   # Prompt and dataset experts train stacked in one job with one step budget (a stacked job
   # computes every expert until the longest budget ends); the multitask adapter trains alone.
-  expert_steps: int = 300
-  multitask_steps: int = 600
+  expert_steps: int = 500
+  multitask_steps: int = 1000
   # Longest demo input: 83 bytes + EOS; longest answer choice: 8 bytes + EOS.
   task_lengths: tuple[int, int] = (88, 12)
   num_keys: int = 32
@@ -459,7 +459,7 @@ def _setup_sentences(cfg: DemoConfig, num_pe: int, num_de: int) -> list[str]:
       f"without any task data, then {num_pe} prompt experts, {num_de} dataset experts and one "
       f"multitask adapter (reduction factor {cfg.reduction_factor}; "
       f"{cfg.expert_steps} steps, multitask {cfg.multitask_steps}, of "
-      f"batch {cfg.expert_batch_size}) were trained on synthetic keyword, overlap and length "
+      f"batch {cfg.expert_batch_size}) were trained on synthetic keyword, negation and length "
       "tasks.",
       f"Held-out prompts of those tasks and two held-out tasks were answered by rank "
       f"classification ({cfg.eval_examples} validation examples each; {cfg.train_eval_examples} "

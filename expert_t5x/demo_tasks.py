@@ -45,7 +45,7 @@ MAX_SENTINELS = 2
 
 def _task_vocabulary() -> set[str]:
   """Every lower-cased word the demo tasks can produce: fillers, keywords, templates, choices."""
-  words = set(demo.FILLER) | set(demo.POSITIVE) | set(demo.NEGATIVE)
+  words = set(demo.FILLER) | set(demo.POSITIVE) | set(demo.NEGATIVE) | set(demo.NEGATIONS)
   for lexicon in demo.TOPICS.values():
     words |= set(lexicon)
   for task in demo.TASKS.values():
