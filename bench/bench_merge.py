@@ -43,6 +43,8 @@ import time
 
 import numpy as np
 
+from bench_common import cpu_model
+
 MIB = 1024 * 1024
 METHODS = ("uniform", "task_arithmetic", "ties", "dare")
 NOISE = 0.01  # std of θ − θ_init; only magnitudes' spread matters to TIES, not the scale
@@ -68,17 +70,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------
 # Machine description.
 # ----------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
 
 
 def load_average() -> str:

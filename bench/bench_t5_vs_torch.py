@@ -16,6 +16,8 @@ import statistics
 import sys
 import time
 
+from bench_common import cpu_model, pin_threads
+
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,19 +32,6 @@ def parse_args(argv=None):
                       help="rate used in the 'with dropout' rows")
   parser.add_argument("--only", choices=("jax", "torch"), default=None)
   return parser.parse_args(argv)
-
-
-def pin_threads(threads: int) -> None:
-  """Pins the process and both runtimes' pools to `threads` cores (before jax/torch import)."""
-  cores = sorted(os.sched_getaffinity(0))
-  if threads > len(cores):
-    sys.exit(f"--threads={threads} but only {len(cores)} cores are available.")
-  os.sched_setaffinity(0, cores[:threads])
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_cpu_multi_thread_eigen=true"
-                             f" intra_op_parallelism_threads={threads}")
-  os.environ["OMP_NUM_THREADS"] = str(threads)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def random_tokens(batch, input_len, target_len, vocab, seed=0):
@@ -126,17 +115,6 @@ def torch_step(config, tokens, dropout, threads):
     loss.backward()
 
   return step
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown CPU"
 
 
 def main(argv=None):
