@@ -21,7 +21,8 @@ import statistics
 import sys
 import time
 
-from bench_t5_vs_torch import cpu_model, pin_threads, time_interleaved
+from bench_common import cpu_model, pin_threads
+from bench_t5_vs_torch import time_interleaved
 
 # The answer-choice lists of a few P3-like prompts, so texts look like the retrieval queries.
 _CHOICES = ("yes, no", "yes, no, maybe", "true, false", "positive, negative", "A, B, C, D")
