@@ -81,6 +81,22 @@ def test_minilm_errors(tmp_path):
   make_tiny_minilm(tmp_path / "m")
   with pytest.raises(ValueError, match="positions"):
     embedders.MiniLMEmbedder(tmp_path / "m", max_seq_length=512)
+  # A sentence-transformers directory with another pooling is refused, not silently mean-pooled.
+  (tmp_path / "m" / "1_Pooling").mkdir()
+  (tmp_path / "m" / "1_Pooling" / "config.json").write_text(json.dumps(
+      {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+  with pytest.raises(ValueError, match=r"selects pooling \['pooling_mode_cls_token'\]"):
+    embedders.MiniLMEmbedder(tmp_path / "m")
+
+
+def test_minilm_batching_does_not_change_embeddings(tmp_path):
+  """Row padding to a power of two and length buckets vs embedding each text alone."""
+  emb = embedders.MiniLMEmbedder(make_tiny_minilm(tmp_path / "m"), max_seq_length=48, batch_size=4)
+  texts = TEXTS + ["Instance: a b c", "y z"]  # 6 texts: one batch of 4, one of 2
+  alone = np.stack([emb.embed([t])[0] for t in texts])
+  np.testing.assert_allclose(emb.embed(texts), alone, atol=1e-6)
+  assert embedders._row_bucket(3, 64) == 4 and embedders._row_bucket(64, 64) == 64  # pylint: disable=protected-access
+  assert embedders._row_bucket(1, 64) == 1 and embedders._row_bucket(40, 48) == 48  # pylint: disable=protected-access
 
 
 @pytest.mark.parity
