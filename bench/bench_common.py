@@ -21,13 +21,12 @@ def cpu_model() -> str:
 
 
 def pin_threads(threads: int) -> None:
-  """Pins the process, XLA's CPU pool and OpenMP pools to `threads` cores (before jax/torch import)."""
+  """Pins the process (hence XLA's CPU pool) and OpenMP pools to `threads` cores (before jax/torch import)."""
   cores = sorted(os.sched_getaffinity(0))
   if threads > len(cores):
     sys.exit(f"--threads={threads} but only {len(cores)} cores are available.")
   os.sched_setaffinity(0, cores[:threads])
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_cpu_multi_thread_eigen=true"
-                             f" intra_op_parallelism_threads={threads}")
+  # XLA:CPU sizes its thread pool from the affinity mask set above (there is no thread-count flag).
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true"
   os.environ["OMP_NUM_THREADS"] = str(threads)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
