@@ -239,7 +239,9 @@ def summarize(scores: np.ndarray, keys: KeySet, *, votes_per_query: int = 1, abs
   v = vote(scores, keys.key_expert, num_experts, votes_per_query)
   votes, ranked = v["votes"], v["ranked"]
   similarity = expert_similarity(scores, keys.offsets)
-  rest = sorted(set(range(num_experts)) - set(ranked), key=lambda e: (-similarity[e], e))
+  # Unvoted experts by (-similarity, id): lexsort's last key is the primary one.
+  rest = [e for e in np.lexsort((np.arange(num_experts), -similarity)).tolist() if votes[e] == 0]
+  vote_list, similarity_list = votes.tolist(), similarity.tolist()
   total = int(votes.sum())
   winner = ranked[0]
   runner_up = votes[ranked[1]] if len(ranked) > 1 else 0
@@ -249,7 +251,7 @@ def summarize(scores: np.ndarray, keys: KeySet, *, votes_per_query: int = 1, abs
   identical = int(np.sum(keys.shared[top] & winning))
   result = {
       "winner": keys.expert_ids[winner],
-      "candidates": [{"expert": keys.expert_ids[e], "votes": int(votes[e]), "similarity": float(similarity[e])}
+      "candidates": [{"expert": keys.expert_ids[e], "votes": vote_list[e], "similarity": similarity_list[e]}
                      for e in ranked + rest],
       "total_votes": total, "confidence": confidence,
       "margin": float(votes[winner] - runner_up) / total,

@@ -99,6 +99,15 @@ def test_summary_confidence_abstention_and_identical_keys():
   assert not retrieval.summarize(scores, keys)["abstained"]
 
 
+def test_unvoted_candidates_ranked_by_similarity_then_id():
+  """Hand-computed: e3 gets every vote; e0, e1, e2 have mean best-key scores 0.2, 0.5, 0.2."""
+  keys = _keyset([["a"], ["b"], ["c"], ["d"]])
+  scores = np.array([[0.2, 0.5, 0.2, 0.9], [0.2, 0.5, 0.2, 0.8]])
+  s = retrieval.summarize(scores, keys)
+  assert [(c["expert"], c["votes"]) for c in s["candidates"]] == [("e3", 2), ("e1", 0), ("e0", 0), ("e2", 0)]
+  assert all(type(c["votes"]) is int and type(c["similarity"]) is float for c in s["candidates"])
+
+
 class HashEmbedder:
   """Bag-of-words hashing embedder with an embed-call log (an independent, transparent dense embedder)."""
   kind = "dense"
