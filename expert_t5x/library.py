@@ -475,7 +475,9 @@ class GuardResult:
     self.excluded = excluded
 
   def to_json(self) -> dict[str, Any]:
-    return {"mode": self.mode, "num_allowed": len(self.allowed), "excluded": self.excluded}
+    # Copies: a retriever shares one verdict among all prompts of a dataset.
+    return {"mode": self.mode, "num_allowed": len(self.allowed),
+            "excluded": [dict(e) for e in self.excluded]}
 
 
 def overlaps(entry: Mapping[str, Any], dataset: str | None, subset: str | None) -> bool:
