@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -122,8 +123,26 @@ def top_keys(scores: np.ndarray, k: int = 1) -> np.ndarray:
   return out
 
 
+def top_key_by_expert(scores: np.ndarray, best: np.ndarray, key_offsets: np.ndarray) -> np.ndarray:
+  """[Q] each query's best key, found through its per-expert maxima `best` [Q, E] (`per_expert_max`).
+
+  Equals `top_keys(scores, 1)[:, 0]` exactly, ties included: keys are ordered by expert, so the lowest
+  key holding the maximum lies in the lowest expert whose maximum it is, and only that expert's keys
+  are searched. This reads Q x (keys per expert) scores instead of all Q x N a second time.
+  """
+  winner = np.argmax(best, axis=1)
+  starts = key_offsets[winner]
+  counts = key_offsets[winner + 1] - starts
+  within = np.arange(int(counts.max()))
+  inside = within[None, :] < counts[:, None]
+  columns = np.where(inside, starts[:, None] + within[None, :], starts[:, None])
+  values = np.take_along_axis(scores, columns, axis=1)
+  values[~inside] = -np.inf
+  return starts + np.argmax(values, axis=1)
+
+
 def vote(scores: np.ndarray, key_expert: np.ndarray, num_experts: int,
-         votes_per_query: int = 1) -> dict[str, Any]:
+         votes_per_query: int = 1, top: np.ndarray | None = None) -> dict[str, Any]:
   """Task-level vote: each query's top keys vote for their experts; ranked by (-votes, best key, expert).
 
   Args:
@@ -131,13 +150,14 @@ def vote(scores: np.ndarray, key_expert: np.ndarray, num_experts: int,
     key_expert: [N] expert index of each key.
     num_experts: number of experts E.
     votes_per_query: keys per query that vote (1 = the paper).
+    top: the [Q, votes_per_query] voting keys when already known (default: `top_keys(scores, ...)`).
 
   Returns:
     {'votes' [E], 'ranked' [expert indices with votes, best first], 'top' [Q, k] key ids,
      'first_key' [E] lowest voted key id per expert (N if none)}.
   """
   key_expert = np.asarray(key_expert)
-  top = top_keys(scores, votes_per_query)
+  top = top_keys(scores, votes_per_query) if top is None else top
   voted_experts = key_expert[top].ravel()
   votes = np.bincount(voted_experts, minlength=num_experts)
   first_key = np.full(num_experts, scores.shape[1], np.int64)
@@ -146,13 +166,21 @@ def vote(scores: np.ndarray, key_expert: np.ndarray, num_experts: int,
   return {"votes": votes, "ranked": ranked, "top": top, "first_key": first_key}
 
 
-def expert_similarity(scores: np.ndarray, key_offsets: np.ndarray) -> np.ndarray:
-  """[E] mean over queries of each expert's best key score (keys of expert e: offsets[e]:offsets[e+1])."""
+def per_expert_max(scores: np.ndarray, key_offsets: np.ndarray) -> np.ndarray:
+  """[Q, E] each query's best key score per expert (keys of expert e: offsets[e]:offsets[e+1]).
+
+  Experts without keys get -inf.
+  """
   starts = key_offsets[:-1]
   nonempty = key_offsets[1:] > starts
   best = np.full((scores.shape[0], len(starts)), -np.inf, np.float32)
   best[:, nonempty] = np.maximum.reduceat(scores, starts[nonempty], axis=1)
-  return best.mean(axis=0)
+  return best
+
+
+def expert_similarity(scores: np.ndarray, key_offsets: np.ndarray) -> np.ndarray:
+  """[E] mean over queries of each expert's best key score (keys of expert e: offsets[e]:offsets[e+1])."""
+  return per_expert_max(scores, key_offsets).mean(axis=0)
 
 
 # ----------------------------------------------------------------------------
@@ -236,12 +264,15 @@ def summarize(scores: np.ndarray, keys: KeySet, *, votes_per_query: int = 1, abs
   if scores.shape[1] == 0:
     raise RetrievalError("No keys to retrieve from (every expert excluded by the guard?).")
   num_experts = len(keys.expert_ids)
-  v = vote(scores, keys.key_expert, num_experts, votes_per_query)
+  best = per_expert_max(scores, keys.offsets)
+  # One vote per query (the paper): find the nearest key through `best` rather than a second full pass.
+  top = top_key_by_expert(scores, best, keys.offsets)[:, None] if votes_per_query == 1 else None
+  v = vote(scores, keys.key_expert, num_experts, votes_per_query, top=top)
   votes, ranked = v["votes"], v["ranked"]
-  similarity = expert_similarity(scores, keys.offsets)
+  similarity = best.mean(axis=0)
   # Unvoted experts by (-similarity, id): lexsort's last key is the primary one.
-  rest = [e for e in np.lexsort((np.arange(num_experts), -similarity)).tolist() if votes[e] == 0]
-  vote_list, similarity_list = votes.tolist(), similarity.tolist()
+  by_similarity = np.lexsort((np.arange(num_experts), -similarity))
+  order = ranked + by_similarity[votes[by_similarity] == 0].tolist()
   total = int(votes.sum())
   winner = ranked[0]
   runner_up = votes[ranked[1]] if len(ranked) > 1 else 0
@@ -251,8 +282,8 @@ def summarize(scores: np.ndarray, keys: KeySet, *, votes_per_query: int = 1, abs
   identical = int(np.sum(keys.shared[top] & winning))
   result = {
       "winner": keys.expert_ids[winner],
-      "candidates": [{"expert": keys.expert_ids[e], "votes": vote_list[e], "similarity": similarity_list[e]}
-                     for e in ranked + rest],
+      "candidates": [{"expert": keys.expert_ids[e], "votes": n, "similarity": sim}
+                     for e, n, sim in zip(order, votes[order].tolist(), similarity[order].tolist())],
       "total_votes": total, "confidence": confidence,
       "margin": float(votes[winner] - runner_up) / total,
       "abstained": confidence < abstain_threshold,
@@ -271,13 +302,16 @@ def summarize(scores: np.ndarray, keys: KeySet, *, votes_per_query: int = 1, abs
 
 
 def dataset_vote(candidates: Sequence[Mapping[str, Any]], dataset_of: Mapping[str, str]) -> dict[str, Any]:
-  """Dataset-expert-level RoE: each prompt expert's votes go to its dataset; ties to the first ranked."""
+  """Dataset-expert-level RoE: each prompt expert's votes go to its dataset; ties to the first ranked.
+
+  `candidates` are in `summarize`'s order: experts with votes first, so the loop stops at the first
+  without.
+  """
   totals: dict[str, int] = {}
-  for c in candidates:
-    if c["votes"]:
-      d = dataset_of.get(c["expert"])
-      if d is not None:
-        totals[d] = totals.get(d, 0) + c["votes"]
+  for c in itertools.takewhile(lambda c: c["votes"], candidates):
+    d = dataset_of.get(c["expert"])
+    if d is not None:
+      totals[d] = totals.get(d, 0) + c["votes"]
   if not totals:
     return {"dataset": None, "votes": {}}
   best = max(totals, key=lambda d: totals[d])  # dict order = candidate rank order breaks ties
@@ -327,6 +361,7 @@ class Retriever:
     self.key_embeddings = cached_key_embeddings(lib, embedder, self.keys) if dense else None
     self.dataset_of, self.dataset_experts = dataset_expert_map(self.entries)
     self._verdicts: dict[tuple[Any, ...], library_lib.GuardResult] = {}
+    self._buffer = np.empty(0, np.float32)
 
   def _subset_keys(self, allowed: Sequence[str]) -> tuple[KeySet, np.ndarray | None]:
     allowed_set = set(allowed)
@@ -388,6 +423,16 @@ class Retriever:
       results[p] = result
     return results
 
+  def _score_buffer(self, rows: int, cols: int) -> np.ndarray:
+    """A [rows, cols] float32 view of one buffer kept between calls (at most `_chunks`' 256 MB).
+
+    Fresh pages cost the kernel a zeroing pass over them (~5% of a full-library search), so the buffer
+    only grows; dropping the retriever frees it.
+    """
+    if self._buffer.size < rows * cols:
+      self._buffer = np.empty(rows * cols, np.float32)
+    return self._buffer[:rows * cols].reshape(rows, cols)
+
   def _guard(self, dataset: str | None, subset: str | None, mode: str) -> library_lib.GuardResult:
     """The guard's verdict, computed once per eval (dataset, subset): prompts of a dataset share it."""
     key = (dataset, subset, mode)
@@ -410,13 +455,10 @@ class Retriever:
       groups.setdefault(tuple(sorted(ids)), []).append(p)
     for ids, members in groups.items():
       keys, key_emb = self._subset_keys(ids)
-      buffer = None
       for chunk in _chunks(members, starts, keys.key_expert.size):
         rows = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in chunk])
         if dense:
-          if buffer is None or buffer.shape[0] < rows.size:  # Reused: fresh pages cost a pass.
-            buffer = np.empty((rows.size, key_emb.shape[0]), np.float32)
-          block = np.matmul(query_emb[rows], key_emb.T, out=buffer[:rows.size])
+          block = np.matmul(query_emb[rows], key_emb.T, out=self._score_buffer(rows.size, key_emb.shape[0]))
         else:
           block = np.asarray(self.embedder.scores([flat[r] for r in rows], keys.texts), np.float32)
         offset = 0

@@ -316,13 +316,13 @@ def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
       [unlabeled(examples[t]) for t in task_names], guard=config.guard,
       num_queries=config.num_queries, seed=config.seed, votes_per_query=config.votes_per_query,
       abstain_threshold=config.abstain_threshold, fallback=config.fallback)
+  library_info = {"path": lib.root, "num_experts": len(retriever.entries), "num_keys": len(retriever.keys.texts)}
+  del retriever  # frees its key embeddings and score buffer before the models load
   retrieved = dict(zip(task_names, results))
   for t in task_names:
     retrieved[t]["task"] = t
   os.makedirs(output_dir, exist_ok=True)
-  info = dict(config.to_json(), embedder=embedder.identity,
-              library={"path": lib.root, "num_experts": len(retriever.entries),
-                       "num_keys": len(retriever.keys.texts)})
+  info = dict(config.to_json(), embedder=embedder.identity, library=library_info)
   results_lib.write_json(os.path.join(output_dir, RETRIEVAL_FILE),
                          dict(info, results=[retrieved[t] for t in task_names]))
 

@@ -77,6 +77,21 @@ def test_vote_known_answers_and_ties():
   assert retrieval.vote(scores, key_expert, 3)["ranked"] == [1, 0, 2]
 
 
+def test_top_key_by_expert_equals_argmax_with_ties_and_empty_experts():
+  """The nearest key found through per-expert maxima vs numpy's argmax over all keys (lowest id among
+  ties), on integer scores with many exact ties and experts of 0..7 keys."""
+  rng = np.random.default_rng(0)
+  counts = rng.integers(0, 8, size=40)
+  counts[0] = 0
+  offsets = np.concatenate([[0], np.cumsum(counts)])
+  scores = rng.integers(0, 4, size=(64, int(offsets[-1]))).astype(np.float32)
+  best = retrieval.per_expert_max(scores, offsets)
+  assert np.all(best[:, counts == 0] == -np.inf)
+  got = retrieval.top_key_by_expert(scores, best, offsets)
+  np.testing.assert_array_equal(got, np.argmax(scores, axis=1))
+  np.testing.assert_array_equal(got, retrieval.top_keys(scores, 1)[:, 0])
+
+
 def _keyset(texts_per_expert):
   ids = [f"e{i}" for i in range(len(texts_per_expert))]
   return retrieval.KeySet(ids, texts_per_expert, [[{}] * len(t) for t in texts_per_expert])
