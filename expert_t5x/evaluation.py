@@ -28,6 +28,7 @@ target is not among them, is counted and reported (`excluded` in predictions), n
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -778,33 +779,53 @@ def load_base(checkpoint_path: Optional[str] = None, model_config: Optional[str]
 
 @dataclasses.dataclass
 class Routing:
-  """A composed entry whose tasks each use their own expert (RoE, per-prompt merges, oracles).
+  """A composed entry whose tasks (or examples) each use their own expert (RoE, merges, oracles).
 
   Each task is scored only under the expert it was routed to, and each expert once for all of its
   tasks (one chunk per expert), so the work is one pass per distinct expert, not experts x tasks.
+  A task routed per example (instance-level RoE) is split: each expert scores only its examples.
 
   Attributes:
     name: the composed entry's id in results (e.g. 'roe', 'merge').
-    routes: {task: id of the expert that evaluates it: an expert id of this run, or 'base'}.
-    expert_ids: {task: the experts recorded as used (default [routes[task]]; a merge's inputs)}.
+    routes: {task: id of the expert that evaluates it (an expert id of this run, or 'base'), or
+      {example_id: expert id} to route each example of the task on its own}.
+    expert_ids: {task: the experts recorded as used (default: those of `routes`; a merge's inputs)}.
     details: {task: JSON-able record kept with the prompt (votes, confidence, ...)}.
     info: JSON-able settings kept in results['routing'] (embedder, guard mode, ...).
   """
   name: str
-  routes: Mapping[str, str]
+  routes: Mapping[str, str | Mapping[Any, str]]
   expert_ids: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
   details: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
   info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def per_example(self, task: str) -> bool:
+    return not isinstance(self.routes[task], str)
+
+  def experts_of(self, task: str) -> list[str]:
+    """The distinct experts (or 'base') that evaluate `task`'s examples."""
+    route = self.routes[task]
+    return [route] if isinstance(route, str) else sorted(set(route.values()))
+
+  def routed_to(self, task: str, expert_id: str, example_id: Any = None) -> bool:
+    """Whether `expert_id` evaluates `task` (per-example routes: its example `example_id`)."""
+    route = self.routes[task]
+    return route == expert_id if isinstance(route, str) else route.get(example_id) == expert_id
 
   def used(self, task: str) -> list[str]:
     """The experts recorded for `task` ([] for the base)."""
     if task in self.expert_ids:
       return list(self.expert_ids[task])
-    return [] if self.routes[task] == BASE_ID else [self.routes[task]]
+    return [e for e in self.experts_of(task) if e != BASE_ID]
 
   def to_json(self, tasks: Sequence[str]) -> dict[str, Any]:
+    def evaluated_as(t):
+      if not self.per_example(t):
+        return self.routes[t]
+      counts = collections.Counter(self.routes[t].values())
+      return {"per_example": {e: counts[e] for e in sorted(counts)}}
     return {"name": self.name, **dict(self.info),
-            "tasks": {t: {"evaluated_as": self.routes[t], "expert_ids": self.used(t),
+            "tasks": {t: {"evaluated_as": evaluated_as(t), "expert_ids": self.used(t),
                           **dict(self.details.get(t, {}))} for t in tasks}}
 
 
@@ -823,18 +844,19 @@ def make_plan(specs: Sequence[ExpertSpec], task_names: Sequence[str], include_ba
   if missing:
     raise ValueError(f"Routing {routing.name!r} has no expert for tasks {missing[:5]}; route every "
                      "evaluated task.")
-  unknown = sorted({routing.routes[t] for t in task_names} - known)
+  experts_of = {t: routing.experts_of(t) for t in task_names}
+  unknown = sorted({e for t in task_names for e in experts_of[t]} - known)
   if unknown:
     raise ValueError(f"Routing {routing.name!r} names experts {unknown[:5]} that are not among the "
                      "evaluated experts; pass their directories too.")
   if routing.name in known:
     raise ValueError(f"Routing entry name {routing.name!r} equals an expert id; choose another name.")
   plan: Plan = []
-  base_tasks = [t for t in task_names if include_base or routing.routes[t] == BASE_ID]
+  base_tasks = [t for t in task_names if include_base or BASE_ID in experts_of[t]]
   if base_tasks:
     plan.append((Chunk([]), base_tasks))
   for s in specs:
-    mine = [t for t in task_names if routing.routes[t] == s.id]
+    mine = [t for t in task_names if s.id in experts_of[t]]
     if mine:
       plan.append((Chunk([s]), mine))
   return plan
@@ -930,12 +952,13 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
     pending = []
     for chunk in (c for c, chunk_tasks in plan if meta.name in chunk_tasks):
       path = _shard_path(output_dir, chunk, meta.name)
-      header = _shard_header(meta, chunk, examples, settings)
+      rows = _chunk_rows(routing, include_base, chunk, meta.name, examples)
+      header = _shard_header(meta, chunk, [examples[i] for i in rows], settings)
       if not shard_done(path, header):
-        pending.append((chunk, path, header))
+        pending.append((chunk, path, header, rows))
     if pending:
       todo.append((meta, examples, vocabulary, pending))
-  total = sum(len(ex) * len(c.ids) for _, ex, _, pending in todo for c, _, _ in pending)
+  total = sum(len(rows) * len(c.ids) for _, _, _, pending in todo for c, _, _, rows in pending)
   if scorer is None and todo:
     scorer = Scorer(base.config, base.params, partitioner, options)
   bar = _progress_bar(progress, total)
@@ -946,9 +969,14 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
       # Tokenized once per task, whatever the number of expert chunks.
       encoded, counts = encode_examples(examples, vocabulary, feature_lengths, meta.scoring)
       _log_truncation(meta.name, counts)
-      for chunk, path, header in pending:
-        records = run_shard(scorer, meta, chunk, examples, encoded, vocabulary, batch_size,
-                            generation_max_length, bar)
+      for chunk, path, header, rows in pending:
+        if len(rows) < len(examples):  # routed per example: this expert's examples, renumbered
+          records = run_shard(scorer, meta, chunk, [examples[i] for i in rows],
+                              [dataclasses.replace(encoded[i], index=j) for j, i in enumerate(rows)],
+                              vocabulary, batch_size, generation_max_length, bar)
+        else:
+          records = run_shard(scorer, meta, chunk, examples, encoded, vocabulary, batch_size,
+                              generation_max_length, bar)
         _write_shard(path, header, counts, records)
   finally:
     if bar is not None:
@@ -957,6 +985,15 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
                   entries=_entries(specs, include_base, routing), specs=specs, base=base,
                   settings=settings, options=options, bootstrap_samples=bootstrap_samples,
                   seed=seed, write_predictions=write_predictions, routing=routing)
+
+
+def _chunk_rows(routing: Optional[Routing], include_base: bool, chunk: Chunk, task: str,
+                examples: Sequence[Mapping[str, Any]]) -> list[int]:
+  """Indices of the examples of `task` that `chunk` scores: all of them, unless the task is routed
+  per example (then those routed to the chunk's expert; the base with include_base scores all)."""
+  if routing is None or not routing.per_example(task) or (include_base and chunk.ids == [BASE_ID]):
+    return list(range(len(examples)))
+  return [i for i, ex in enumerate(examples) if routing.routed_to(task, chunk.ids[0], ex["example_id"])]
 
 
 def _progress_bar(enabled: bool, total: int):
@@ -1016,7 +1053,7 @@ def _record_targets(expert_id: str, task: str, entries: Sequence[str],
   if routing is None:
     return [expert_id]
   out = [BASE_ID] if expert_id == BASE_ID and BASE_ID in entries else []
-  if routing.routes.get(task) == expert_id:
+  if task in routing.routes and expert_id in routing.experts_of(task):
     out.append(routing.name)
   return out
 
@@ -1035,6 +1072,20 @@ def assemble(*, output_dir: str, metas: Sequence[TaskMeta], plan: Plan,
   excluded: dict[str, dict[str, dict[str, int]]] = {e: {} for e in entries}
   generation_of: dict[tuple[str, str], dict] = {}
   truncation: dict[str, dict[str, int]] = {}
+  split_tasks: dict[tuple[str, str], tuple[TaskMeta, list[dict]]] = {}  # routed per example
+
+  def summarize_records(entry: str, meta: TaskMeta, records: Sequence[Mapping[str, Any]]) -> None:
+    if meta.scoring:
+      o, ex = outcomes_from_records(records, options)
+      o.task, o.dataset, o.prompt = meta.name, meta.dataset, meta.prompt
+      outcome_of[(entry, meta.name)] = o
+      excluded[entry][meta.name] = ex
+    else:
+      generation_of[(entry, meta.name)] = {
+          "task": meta.name, "dataset": meta.dataset, "prompt": meta.prompt,
+          "num_examples": len(records),
+          "metrics": _generation_metrics([r["gold"] for r in records], [r["pred"] for r in records])}
+
   predictions_path = os.path.join(output_dir, results_lib.PREDICTIONS_FILE)
   tmp_predictions = predictions_path + ".partial"
   out = open(tmp_predictions, "w", encoding="utf-8") if write_predictions else None
@@ -1052,26 +1103,24 @@ def assemble(*, output_dir: str, metas: Sequence[TaskMeta], plan: Plan,
         for meta in chunk_metas:
           for entry in _record_targets(expert_id, meta.name, entries, routing):
             records = by_entry.get((expert_id, meta.name), [])
-            if entry != expert_id:  # The routed entry: record which experts the task used.
+            if entry != expert_id and routing.per_example(meta.name):
+              # Each example records its own expert; the task is summarised once all are in.
+              records = [dict(r, entry=entry) for r in records
+                         if routing.routed_to(meta.name, expert_id, r["example_id"])]
+              split_tasks.setdefault((entry, meta.name), (meta, []))[1].extend(records)
+            elif entry != expert_id:  # The routed entry: record which experts the task used.
               records = [dict(r, entry=entry, expert_ids=routing.used(meta.name))
                          for r in records]
             if out is not None:
               for r in records:
                 out.write(results_lib.dumps(r) + "\n")
-            if meta.scoring:
-              o, ex = outcomes_from_records(records, options)
-              o.task, o.dataset, o.prompt = meta.name, meta.dataset, meta.prompt
-              outcome_of[(entry, meta.name)] = o
-              excluded[entry][meta.name] = ex
-            else:
-              generation_of[(entry, meta.name)] = {
-                  "task": meta.name, "dataset": meta.dataset, "prompt": meta.prompt,
-                  "num_examples": len(records),
-                  "metrics": _generation_metrics([r["gold"] for r in records],
-                                                 [r["pred"] for r in records])}
+            if (entry, meta.name) not in split_tasks:
+              summarize_records(entry, meta, records)
   finally:
     if out is not None:
       out.close()
+  for (entry, _), (meta, records) in split_tasks.items():
+    summarize_records(entry, meta, records)
   if out is not None:
     os.replace(tmp_predictions, predictions_path)
   # Prompts in task order, whatever order the chunks ran in.

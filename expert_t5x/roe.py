@@ -7,7 +7,9 @@ roe=True)` in gin, run the paper's protocol (reference/elm_method §6-7) end to 
    permutation of its eval examples (labels are stripped before retrieval), vote for library
    experts through `retrieval.Retriever` (instance-level nearest keys, task-level majority, the
    contamination guard). The full results go to `retrieval.json`.
-2. **Route.** `roe`: the prompt uses its top-voted expert (the fallback when abstaining). `merge`:
+2. **Route.** `roe`: the prompt uses its top-voted expert (the fallback when abstaining), or with
+   `level` 'dataset' that expert's dataset expert, or with 'instance' each example its own nearest
+   key's expert (every example is then a query). `merge`:
    its top-k candidates are merged by `merging.merge_expert_dirs` (uniform by default) into
    `merged/<id>/`, reused by reruns. Given several top-k or λ values, the setting whose merge has
    the lowest mean entropy of softmax(choice scores) on the same queries is chosen per prompt
@@ -42,6 +44,9 @@ from expert_t5x import results as results_lib
 from expert_t5x import retrieval
 
 MODES = ("roe", "merge")
+# Whose expert a prompt's examples use (the paper's retrieval variants): the task-level vote's winner (the paper's
+# RoE), its dataset's expert (DE-level), or each example's own nearest key's expert (instance-level).
+LEVELS = ("task", "dataset", "instance")
 FALLBACKS = ("base", "merge")
 RETRIEVAL_FILE = "retrieval.json"
 MERGED_DIR = "merged"
@@ -56,6 +61,10 @@ class RoEConfig:
 
   Attributes:
     mode: 'roe' (the top-voted expert) or 'merge' (a merge of the top-k candidates).
+    level: with 'roe': 'task' (the prompt's vote winner), 'dataset' (the winner's dataset expert,
+      an expert trained on several prompts of one dataset; the winner itself where the library has
+      none, recorded) or 'instance' (every eval example retrieves for itself: its nearest key's
+      expert evaluates it; all examples are queries).
     embedder: 'minilm', 't5' (the evaluated base's encoder) or 'bm25'.
     minilm_dir: all-MiniLM-L6-v2 sentence-transformers directory (default: the fetched copy).
     max_seq_length: truncation of keys and queries.
@@ -72,6 +81,7 @@ class RoEConfig:
     adapter_reference: task-vector reference of adapter inputs ('auto', 'init', 'zero').
   """
   mode: str = "roe"
+  level: str = "task"
   embedder: str = "minilm"
   minilm_dir: Optional[str] = None
   max_seq_length: int = 256
@@ -93,6 +103,12 @@ class RoEConfig:
     self.merge_lam = _as_tuple(self.merge_lam)
     checks = [
         (self.mode in MODES, f"mode must be one of {MODES}; got {self.mode!r}."),
+        (self.level in LEVELS, f"level must be one of {LEVELS}; got {self.level!r}."),
+        (self.level == "task" or self.mode == "roe",
+         f"level {self.level!r} routes to single experts; use it with mode 'roe', not 'merge'."),
+        (self.level != "instance" or (self.abstain_threshold == 0.0 and self.votes_per_query == 1),
+         "level 'instance' has no vote to abstain from and uses each example's nearest key; drop "
+         "abstain_threshold and votes_per_query."),
         (self.embedder in retrieval.EMBEDDERS,
          f"embedder must be one of {retrieval.EMBEDDERS}; got {self.embedder!r}."),
         (self.text_format in retrieval.TEXT_FORMATS,
@@ -121,7 +137,8 @@ class RoEConfig:
     return self.mode == "merge" or self.fallback == "merge"
 
   def to_json(self) -> dict[str, Any]:
-    out = {"mode": self.mode, "embedder_name": self.embedder, "max_seq_length": self.max_seq_length,
+    out = {"mode": self.mode, "level": self.level, "embedder_name": self.embedder,
+           "max_seq_length": self.max_seq_length,
            "text_format": self.text_format, "num_queries": self.num_queries, "seed": self.seed,
            "votes_per_query": self.votes_per_query, "guard_mode": self.guard,
            "abstain_threshold": self.abstain_threshold, "fallback": self.fallback,
@@ -312,9 +329,12 @@ def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
   if lookup is None and config.text_format.startswith("choice"):
     lookup = retrieval.promptsource_lookup()
   retriever = retrieval.Retriever(lib, embedder, text_format=config.text_format, lookup=lookup)
+  # Instance-level: every example is a query (the seeded permutation then covers them all).
+  num_queries = (max(len(examples[t]) for t in task_names) if config.level == "instance"
+                 else config.num_queries)
   results = retriever.retrieve_many(
       [unlabeled(examples[t]) for t in task_names], guard=config.guard,
-      num_queries=config.num_queries, seed=config.seed, votes_per_query=config.votes_per_query,
+      num_queries=num_queries, seed=config.seed, votes_per_query=config.votes_per_query,
       abstain_threshold=config.abstain_threshold, fallback=config.fallback)
   library_info = {"path": lib.root, "num_experts": len(retriever.entries), "num_keys": len(retriever.keys.texts)}
   del retriever  # frees its key embeddings and score buffer before the models load
@@ -338,7 +358,14 @@ def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
   for t in task_names:
     result, detail = retrieved[t], compact(retrieved[t])
     selected = result["selected"]  # The winner, or the fallback when abstaining.
-    if selected == evaluation.BASE_ID:
+    if config.level == "instance":
+      routes[t] = instance_routes(result, examples[t])
+      dirs.update({e: lib.expert_dir(e) for e in set(routes[t].values())})
+      detail.pop("query_indices")  # every example; its expert is in predictions.jsonl
+    elif config.level == "dataset" and selected == result["winner"]:
+      routes[t] = dataset_expert(result, detail)
+      dirs[routes[t]] = lib.expert_dir(routes[t])
+    elif selected == evaluation.BASE_ID:
       routes[t] = evaluation.BASE_ID
     elif config.mode == "roe" and selected != "merge":
       routes[t], dirs[selected] = selected, lib.expert_dir(selected)
@@ -362,6 +389,29 @@ def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
       batch_size=batch_size, options=options, feature_lengths=feature_lengths,
       num_partitions=num_partitions, allow_base_mismatch=allow_base_mismatch,
       task_source=source, routing=routing, scorer=scorer, **evaluate_kwargs)
+
+
+def instance_routes(result: Mapping[str, Any], examples: Sequence[Mapping[str, Any]]
+                    ) -> dict[Any, str]:
+  """{example_id: the expert of its nearest key}: instance-level RoE from a retrieval whose queries
+  were all of the prompt's examples."""
+  if len(result["query_indices"]) != len(examples):
+    raise ValueError(f"Instance-level routing needs every example as a query; the retrieval has "
+                     f"{len(result['query_indices'])} of {len(examples)}.")
+  return {examples[i]["example_id"]: expert
+          for i, expert in zip(result["query_indices"], result["instance_level"])}
+
+
+def dataset_expert(result: Mapping[str, Any], detail: dict[str, Any]) -> str:
+  """DE-level RoE: the dataset expert of the vote's dataset (votes of prompt experts pooled by
+  dataset), else the task-level winner, with the reason recorded in `detail`."""
+  level = result["dataset_level"]
+  if level.get("expert"):
+    return level["expert"]
+  why = (f"the library has no dataset expert for {level['dataset']!r}" if level["dataset"]
+         else "no voted expert records a dataset")
+  detail["dataset_level_fallback"] = f"{why}; used the task-level winner"
+  return result["winner"]
 
 
 def _choose_merge(config: RoEConfig, merges: _Merges, result: Mapping[str, Any],

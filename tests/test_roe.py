@@ -147,6 +147,112 @@ def test_oracle_is_the_best_expert_per_prompt(matrix_run, tmp_path, capsys):
   assert "matrix.npz' not found" in capsys.readouterr().err
 
 
+def _example_order(matrix_preds, task):
+  first = matrix_preds[0]["expert_ids"]
+  return [r["example_id"] for r in matrix_preds if r["task"] == task and r["expert_ids"] == first]
+
+
+def _routed_accuracy(matrix_preds, task, expert_of):
+  """Percent correct of `task` when example i is scored by expert_of[i], read from the plain
+  evaluator's predictions of every expert on every example."""
+  plain = {(r["expert_ids"][0], r["example_id"]): r for r in matrix_preds if r["task"] == task}
+  hits = [plain[(e, i)]["pred"] == plain[(e, i)]["gold"] for i, e in expert_of.items()]
+  return 100.0 * float(np.mean(hits))
+
+
+def test_per_example_routing_scores_each_example_under_its_own_expert(base, lib, matrix_run,
+                                                                     tmp_path):
+  """A hand-made per-example Routing vs the plain evaluator's predictions of every expert on every
+  example: accuracies, each record's expert and scores, one shard per used expert, resume."""
+  _, _, matrix_preds = matrix_run
+  ids = lib.ids()
+  order = {t: _example_order(matrix_preds, t) for t in EVAL}
+  routes = {EVAL[0]: {e: ids[i % 3] for i, e in enumerate(order[EVAL[0]])},  # all three experts
+            EVAL[1]: OWN[EVAL[1]],  # a whole-task route beside per-example ones
+            EVAL[2]: {e: ids[0] if i < 2 else ids[2] for i, e in enumerate(order[EVAL[2]])}}
+  routing = evaluation.Routing(name="instance", routes=routes)
+  kwargs = dict(tasks=EVAL, base=base, expert_paths=[lib.expert_dir(i) for i in ids],
+                expert_names=ids, routing=routing, **COMMON)
+  res = evaluation.evaluate(output_dir=str(tmp_path), **kwargs)
+  [entry] = res["entries"]
+  acc = {p["task"]: p["accuracy"] for p in entry["prompts"]}
+  assert acc[EVAL[0]] == pytest.approx(_routed_accuracy(matrix_preds, EVAL[0], routes[EVAL[0]]))
+  assert acc[EVAL[1]] == pytest.approx(_routed_accuracy(
+      matrix_preds, EVAL[1], {i: OWN[EVAL[1]] for i in order[EVAL[1]]}))
+  assert acc[EVAL[2]] == pytest.approx(_routed_accuracy(matrix_preds, EVAL[2], routes[EVAL[2]]))
+  assert all(p["num_examples"] == 8 for p in entry["prompts"])
+  tasks = res["routing"]["tasks"]
+  assert tasks[EVAL[0]]["evaluated_as"] == {"per_example": {ids[0]: 3, ids[1]: 3, ids[2]: 2}}
+  assert tasks[EVAL[0]]["expert_ids"] == ids and tasks[EVAL[1]]["evaluated_as"] == OWN[EVAL[1]]
+  plain = {(r["expert_ids"][0], r["task"], r["example_id"]): r["choice_scores"]
+           for r in matrix_preds}
+  preds = results.read_jsonl(str(tmp_path / results.PREDICTIONS_FILE))
+  assert len(preds) == 3 * 8
+  for r in preds:
+    route = routes[r["task"]]
+    expert = route if isinstance(route, str) else route[r["example_id"]]
+    if r["task"] != EVAL[1]:
+      assert r["expert_ids"] == [expert]  # each example records its own expert
+    np.testing.assert_allclose(r["choice_scores"], plain[(expert, r["task"], r["example_id"])],
+                               rtol=1e-5)
+  assert len(os.listdir(tmp_path / evaluation.SHARDS_DIR)) == 3  # one pass per used expert
+  again = evaluation.evaluate(output_dir=str(tmp_path), **kwargs)  # resumed: every shard done
+  assert again["entries"][0]["prompts"] == entry["prompts"]
+
+
+def test_cli_instance_level_roe_routes_every_example_by_its_nearest_key(base, lib, matrix_run,
+                                                                       tmp_path):
+  out = tmp_path / "instance"
+  assert eval_entry.cli_main(["--tasks", ",".join(EVAL), "--output_dir", str(out), "--library",
+                              lib.root, "--roe", "--roe_level", "instance", "--embedder", "bm25",
+                              "--guard", "seen", *BASE_FLAGS]) == 0
+  res = results.read_results(str(out / results.RESULTS_FILE))
+  assert res["routing"]["level"] == "instance"
+  retrieved = {r["task"]: r for r in json.load(open(out / roe.RETRIEVAL_FILE))["results"]}
+  _, _, matrix_preds = matrix_run
+  acc = {p["task"]: p["accuracy"] for p in res["entries"][0]["prompts"]}
+  for t in EVAL:
+    r = retrieved[t]
+    assert sorted(r["query_indices"]) == list(range(8))  # every example is a query
+    order = _example_order(matrix_preds, t)
+    expert_of = {order[i]: e for i, e in zip(r["query_indices"], r["instance_level"])}
+    counts = {e: list(expert_of.values()).count(e) for e in sorted(set(expert_of.values()))}
+    assert res["routing"]["tasks"][t]["evaluated_as"] == {"per_example": counts}
+    assert acc[t] == pytest.approx(_routed_accuracy(matrix_preds, t, expert_of))
+
+
+def test_dataset_level_roe_uses_the_dataset_expert_or_records_why_not(base, experts, tmp_path):
+  from seqio_tasks import demo  # pylint: disable=g-import-not-at-top
+  lib = library_lib.Library.init(tmp_path / "lib")
+  for path in experts[:3]:
+    lib.add(path)
+  # A dataset expert of demo_sentiment: trained on two of its prompts (its keys from one of them).
+  cfg = experts_lib.AdapterConfig(reduction_factor=4, zero_init_up=False, init_seed=9)
+  meta = expert_format.build_metadata(
+      "adapter", experts_lib.config_to_json(cfg), base_fingerprint=base.fingerprint,
+      base_config_name="tiny",
+      provenance=[{"task": f"demo_sentiment_{p}", "dataset": "demo_sentiment", "subset": None,
+                   "prompt": p, "role": "train"} for p in ("review", "tone")])
+  keys = [dict(ex, task="demo_sentiment_review") for ex in demo.generate("demo_sentiment_review",
+                                                                         "train", 8)]
+  expert_format.save_expert(tmp_path / "sentiment_de", experts_lib.init_expert(
+      cfg, base.config, base.params), meta, keys)
+  de_id = lib.add(str(tmp_path / "sentiment_de"), name="sentiment_de")["id"]
+  config = roe.RoEConfig(level="dataset", embedder="bm25", guard="seen", num_queries=6)
+  res = roe.evaluate(library=lib.root, tasks=EVAL, output_dir=str(tmp_path / "de"), base=base,
+                     config=config, **COMMON)
+  tasks = res["routing"]["tasks"]
+  assert tasks[EVAL[0]]["expert_ids"] == [de_id] and de_id != tasks[EVAL[0]]["winner"]
+  assert "dataset_level_fallback" not in tasks[EVAL[0]]
+  for t in EVAL[1:]:  # no dataset expert for topic or overlap: the task-level winner, recorded
+    assert tasks[t]["expert_ids"] == [tasks[t]["winner"]]
+    assert "no dataset expert for" in tasks[t]["dataset_level_fallback"]
+  with pytest.raises(ValueError, match="level 'dataset' routes to single experts"):
+    roe.RoEConfig(mode="merge", level="dataset")
+  with pytest.raises(ValueError, match="level 'instance' has no vote to abstain"):
+    roe.RoEConfig(level="instance", abstain_threshold=0.5)
+
+
 def test_t5_embedder_routes_and_zero_shot_guard_excludes_own_dataset(base, lib, tmp_path):
   # Under the `label` format a query's text equals its own task's key texts (same choices), so
   # the base's T5 encoder must route there under `seen`; `zero_shot` must exclude that expert.
