@@ -946,6 +946,12 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
     vocabulary = source.vocabulary(meta.name)
     check_vocabulary(meta.name, vocabulary, base.config.vocab_size, options, known_vocabs)
     loaded.append((meta, source.examples(meta.name, split, max_examples), vocabulary))
+    if routing is not None and routing.per_example(meta.name):
+      unrouted = [ex["example_id"] for ex in loaded[-1][1]
+                  if ex["example_id"] not in routing.routes[meta.name]]
+      if unrouted:
+        raise ValueError(f"Routing {routing.name!r} routes task {meta.name!r} per example but not "
+                         f"its examples {unrouted[:5]}; route every example (or the whole task).")
   os.makedirs(output_dir, exist_ok=True)
   todo = []  # (meta, examples, vocabulary, [(chunk, path, header)]) of shards still to compute.
   for meta, examples, vocabulary in loaded:

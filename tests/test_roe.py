@@ -198,6 +198,9 @@ def test_per_example_routing_scores_each_example_under_its_own_expert(base, lib,
   assert len(os.listdir(tmp_path / evaluation.SHARDS_DIR)) == 3  # one pass per used expert
   again = evaluation.evaluate(output_dir=str(tmp_path), **kwargs)  # resumed: every shard done
   assert again["entries"][0]["prompts"] == entry["prompts"]
+  routes[EVAL[2]].pop(order[EVAL[2]][-1])
+  with pytest.raises(ValueError, match=f"routes task '{EVAL[2]}' per example but not its examples"):
+    evaluation.evaluate(output_dir=str(tmp_path / "partial"), **kwargs)
 
 
 def test_cli_instance_level_roe_routes_every_example_by_its_nearest_key(base, lib, matrix_run,
