@@ -171,6 +171,15 @@ def hf_module_to_t5x(module: str) -> str:
                      f"'encoder.block.0.layer.0.SelfAttention.q'.")
 
 
+def _pattern_value(patterns: Mapping[str, Any], module: str) -> Any:
+  """A PEFT per-module override (alpha_pattern): the first pattern, in file order, that matches the
+  whole module name or a dotted suffix of it ('k' matches '...SelfAttention.k', not '...block...q')."""
+  for pattern, value in patterns.items():
+    if re.match(rf"(.*\.)?({pattern})$", module):
+      return value
+  return None
+
+
 def convert_peft_lora(state: Mapping[str, np.ndarray],
                       adapter_config: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """Maps PEFT LoRA tensors to `<module>/lora_a [in, r]`, `<module>/lora_b [r, out]`; returns (flat, config)."""
@@ -198,9 +207,9 @@ def convert_peft_lora(state: Mapping[str, np.ndarray],
     if set(ab) != {"A", "B"}:
       raise ImportError_(f"LoRA module '{module}' has only lora_{''.join(ab)}; both A and B are needed.")
     scale = base_scale
-    for pattern, a in alpha_pattern.items():
-      if re.search(pattern, module):
-        scale = float(a) / (math.sqrt(rank) if adapter_config.get("use_rslora") else rank)
+    a = _pattern_value(alpha_pattern, module)
+    if a is not None:
+      scale = float(a) / (math.sqrt(rank) if adapter_config.get("use_rslora") else rank)
     path = hf_module_to_t5x(module)
     # Fold the PEFT scale into B so that the stored expert has scale 1 (alpha = rank).
     flat[f"{path}/lora_a"] = ab["A"].T

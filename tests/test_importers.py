@@ -143,6 +143,25 @@ def test_import_peft_lora_delta_w_matches_peft(tmp_path, rslora):
   assert all(any(re.search(t, m) for t in meta["config"]["targets"]) for m in modules)
 
 
+def test_peft_alpha_pattern_matches_module_suffixes_first_pattern_first(tmp_path):
+  """alpha_pattern as PEFT resolves it (hand-computed): a pattern matches the whole module name or
+  a dotted suffix of it, and the first matching pattern in the file wins. 'k' matches no module
+  here (it must not match 'block' inside a q projection's name)."""
+  patterns = {"k": 64, "SelfAttention.v": 2, "v": 32}
+  state = peft_fixture(tmp_path / "peft", r=4, alpha=8, extra_config={"alpha_pattern": patterns})
+  flat, _ = importers.convert_peft_lora(
+      {k: v for k, v in state.items()},
+      json.load(open(tmp_path / "peft" / "adapter_config.json")))
+  for hf, ours, scale in [
+      ("encoder.block.0.layer.0.SelfAttention.q", "encoder/layers_0/attention/query", 8 / 4),
+      ("encoder.block.0.layer.0.SelfAttention.v", "encoder/layers_0/attention/value", 2 / 4),
+      ("decoder.block.1.layer.1.EncDecAttention.v", "decoder/layers_1/encoder_decoder_attention/value",
+       32 / 4),
+      ("encoder.block.1.layer.1.DenseReluDense.wo", "encoder/layers_1/mlp/wo", 8 / 4)]:
+    want = scale * state[f"base_model.model.{hf}.lora_B.weight"].astype(np.float64)
+    np.testing.assert_allclose(flat[f"{ours}/lora_b"], want.T, rtol=1e-6)
+
+
 def test_import_peft_lora_errors(tmp_path, capsys):
   peft_fixture(tmp_path / "p1", extra_config={"rank_pattern": {"q": 8}})
   with pytest.raises(importers.ImportError_, match="rank_pattern"):
