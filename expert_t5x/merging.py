@@ -291,6 +291,15 @@ def lora_modules(names: Sequence[str]) -> list[str]:
   return mods
 
 
+def _shape_key(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The part of a tensor's shape that merged inputs must share: LoRA factors may differ in rank."""
+  if name.endswith("/lora_a"):
+    return shape[:-1]
+  if name.endswith("/lora_b"):
+    return shape[1:]
+  return shape
+
+
 def lora_delta(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
   """ΔW = (α/r) A @ B, A [in, r], B [r, out] -> [in, out] (float64)."""
   return scale * (np.asarray(a, np.float64) @ np.asarray(b, np.float64))
@@ -300,7 +309,8 @@ def concat_lora(factors: Sequence[tuple[np.ndarray, np.ndarray]], coefficients: 
                 scales: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
   """Exact linear LoRA merge by rank concatenation: A = [A₁…A_k], B = [c₁s₁B₁; …; c_k s_k B_k].
 
-  With scale 1 (alpha = rank = Σ rᵢ), A @ B = Σ cᵢ sᵢ Aᵢ Bᵢ, the merged ΔW.
+  A @ B = Σ cᵢ sᵢ Aᵢ Bᵢ: with the inputs' scales folded in (`scales` = αᵢ/rᵢ) that is the merged ΔW
+  at scale 1; with `scales` all 1 (inputs of one α/r), it is ΔW / (α/r).
   """
   a = np.concatenate([np.asarray(f[0], np.float64) for f in factors], axis=1)
   b = np.concatenate([c * s * np.asarray(f[1], np.float64) for f, c, s in zip(factors, coefficients, scales)],
@@ -386,6 +396,10 @@ def merge_expert_dirs(expert_dirs: Sequence[str], output_dir: str, method: str, 
       if r.names() != names:
         raise MergeError(f"Expert '{d}' has tensors {_diff(names, r.names())} that '{expert_dirs[0]}' does not "
                          f"share; merge experts of one configuration.")
+      for n in names:  # Equal names with other shapes (e.g. another adapter width) would broadcast.
+        if _shape_key(n, r.shape(n)) != _shape_key(n, readers[0].shape(n)):
+          raise MergeError(f"Expert '{d}' has '{n}' of shape {r.shape(n)} but '{expert_dirs[0]}' has "
+                           f"{readers[0].shape(n)}; merge experts of one configuration.")
     k = len(readers)
     resolved = _check_params(method, k, params)
     recipe: dict[str, Any] = {
@@ -467,12 +481,17 @@ def _merge_lora(readers, names, method, p, svd_rank):
   if method in LINEAR_METHODS:
     coeffs = {"uniform": [1.0 / k] * k, "weighted": p.get("weights"),
               "task_arithmetic": [p.get("lam", 1.0)] * k}[method]
+    rank = sum(int(c["rank"]) for c in configs)
+    # Inputs of one (rank, alpha) keep their scale: alpha' = k·alpha over rank k·r gives the same
+    # alpha'/rank', so B only takes the coefficients (and merging one expert returns it bitwise).
+    # Otherwise the scales fold into B and the output has scale 1 (alpha' = rank').
+    shared = all((c["rank"], c["alpha"]) == (configs[0]["rank"], configs[0]["alpha"]) for c in configs)
+    alpha = float(configs[0]["alpha"]) * k if shared else float(rank)
     flat = {}
     for m in modules:
       factors = [(r.get(f"{m}/lora_a"), r.get(f"{m}/lora_b")) for r in readers]
-      flat[f"{m}/lora_a"], flat[f"{m}/lora_b"] = concat_lora(factors, coeffs, scales)
-    rank = sum(int(c["rank"]) for c in configs)
-    config = dict(configs[0], rank=rank, alpha=float(rank))  # scale 1: ΔW = A @ B exactly
+      flat[f"{m}/lora_a"], flat[f"{m}/lora_b"] = concat_lora(factors, coeffs, [1.0] * k if shared else scales)
+    config = dict(configs[0], rank=rank, alpha=alpha)
     return flat, config, {"lora": {"output": "concatenated_rank", "rank": rank, "coefficients": coeffs}}
 
   def tau(i: int, kernel: str) -> np.ndarray:
@@ -633,6 +652,15 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _check_recipe_inputs(path: str, recipe: Mapping[str, Any], metas: Sequence[Mapping[str, Any]]) -> None:
+  """A recipe reruns only on the inputs it names (by content hash, in order)."""
+  want = [i.get("content_hash") for i in recipe.get("inputs", [])]
+  got = [m["content_hash"] for m in metas]
+  if want and want != got:
+    raise MergeError(f"--recipe {path}: the inputs' content hashes {[h[:12] for h in got]} differ from the "
+                     f"recipe's {[h[:12] for h in want if h]}; pass the experts the recipe was made from.")
+
+
 def merge_main(argv: Sequence[str] | None = None) -> int:
   """Entry point of `expert-t5x merge`."""
   args = _parser().parse_args(argv)
@@ -652,10 +680,16 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
       if args.per_tensor:
         params["per_tensor"] = True
     metas = [expert_format.read_metadata(d) for d in dirs]
+    if args.recipe:
+      _check_recipe_inputs(args.recipe, recipe, metas)
     base, init = _load_base(args.base, method not in ("uniform", "weighted") and ref != "zero", metas)
+    wanted = recipe.get("output_hash") if args.recipe else None
     recipe = merge_expert_dirs(dirs, args.output, method, base_params=base, init_params=init,
                                adapter_reference=ref, svd_rank=svd_rank, input_names=names,
                                overwrite=args.overwrite, **params)
+    if wanted and recipe["output_hash"] != wanted:
+      raise MergeError(f"--recipe {args.recipe}: the merge in {args.output} has hash "
+                       f"{recipe['output_hash'][:12]}, not the recipe's {wanted[:12]}; it was not reproduced.")
   except (MergeError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
     print(f"expert-t5x merge: {e}", file=sys.stderr)
     return 1

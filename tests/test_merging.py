@@ -148,6 +148,40 @@ def test_concatenated_rank_lora_equals_merged_delta_w(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_lora_inputs_of_one_rank_and_alpha_keep_their_scale(tmp_path):
+  """Merging one LoRA expert (alpha != rank) returns it bitwise; k inputs of one (rank, alpha) give
+  rank k·r, alpha k·α, and ΔW = Σ cᵢ (α/r) AᵢBᵢ recomputed here in float64."""
+  d0, p0, _ = _lora_expert(tmp_path / "a", 0, rank=2, alpha=16.0)
+  merging.merge_expert_dirs([d0], str(tmp_path / "one"), "uniform")
+  assert expert_format.read_metadata(tmp_path / "one")["content_hash"] == \
+      expert_format.read_metadata(d0)["content_hash"]
+  d1, p1, s = _lora_expert(tmp_path / "b", 1, rank=2, alpha=16.0)
+  merging.merge_expert_dirs([d0, d1], str(tmp_path / "two"), "task_arithmetic", lam=0.5)
+  merged, meta = expert_format.load_expert(tmp_path / "two")
+  assert (meta["config"]["rank"], meta["config"]["alpha"]) == (4, 32.0)
+  flat = expert_format.flatten_params(merged)
+  m = "encoder/layers_0/attention/query"
+  want = sum(0.5 * s * p[f"{m}/lora_a"].astype(np.float64) @ p[f"{m}/lora_b"] for p in (p0, p1))
+  got = 32.0 / 4 * flat[f"{m}/lora_a"].astype(np.float64) @ flat[f"{m}/lora_b"]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_experts_of_other_tensor_shapes_are_refused(tmp_path):
+  """Adapters of reduction factors 2 and 4 share tensor names, not shapes (numpy would broadcast
+  (4, 1) into (4, 2)); LoRA factors of other ranks stay mergeable (the concatenation test above)."""
+  d0 = _adapter_expert(tmp_path / "a", 0)[0]
+  params = {"encoder/layers_0/mlp_adapter/wi/kernel": np.ones((4, 1)),
+            "encoder/layers_0/mlp_adapter/wi/bias": np.ones((1,)),
+            "encoder/layers_0/pre_mlp_layer_norm/scale": np.ones((4,))}
+  meta = expert_format.build_metadata(
+      "adapter", {"kind": "adapter", "reduction_factor": 4, "init_seed": 0}, base_fingerprint=BASE,
+      base_config_name="tiny",
+      provenance=[{"task": "t9", "dataset": "d9", "subset": None, "prompt": "p", "role": "train"}])
+  expert_format.save_expert(tmp_path / "b", params, meta)
+  with pytest.raises(merging.MergeError, match=r"has 'encoder/layers_0/mlp_adapter/wi/bias' of shape \(1,\)"):
+    merging.merge_expert_dirs([d0, str(tmp_path / "b")], str(tmp_path / "m"), "uniform")
+
+
 def test_ties_on_lora_gives_full_delta_and_svd_records_error(tmp_path):
   inputs = [_lora_expert(tmp_path / f"l{i}", i) for i in range(2)]
   dirs = [d for d, _, _ in inputs]
@@ -234,6 +268,11 @@ def test_cli_recipe_rerun_is_bitwise_identical(tmp_path, capsys):
   assert merging.merge_main(["--recipe", str(tmp_path / "r.json"), "--experts", dirs[0],
                              "--output", str(tmp_path / "m3")]) == 1
   assert "were not found" in capsys.readouterr().err
+  # A rerun that does not reproduce the recipe's output hash fails with one line.
+  json.dump(dict(recipe, output_hash="0" * 64), open(tmp_path / "bad.json", "w"))
+  assert merging.merge_main(["--recipe", str(tmp_path / "bad.json"), "--experts", *dirs,
+                             "--output", str(tmp_path / "m4")]) == 1
+  assert "it was not reproduced" in capsys.readouterr().err
   with pytest.raises(SystemExit) as e:
     merging.merge_main(["--help"])
   assert e.value.code == 0
