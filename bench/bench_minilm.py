@@ -2,9 +2,8 @@
 
   python bench/bench_minilm.py --threads 2 --batch_sizes 32,128 --runs 5
 
-Needs the weights (`expert-t5x data fetch minilm`) and sentence-transformers, which the project does
-not depend on: `pip install sentence-transformers==6.2.0 scikit-learn==1.9.1 threadpoolctl==3.8.0
-narwhals==2.29.0` (these pins change no installed package's version).
+Needs the weights (`expert-t5x data fetch minilm`) and sentence-transformers, which only the `parity`
+extra installs (`pip install -e ".[parity]"`; the embedder itself never imports it).
 
 Both sides load the same local sentence-transformers directory (never a hub download), truncate at
 the same `--max_seq_length` (256, the project's default) and embed the same deterministic texts:

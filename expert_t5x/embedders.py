@@ -173,10 +173,16 @@ def _check_mean_pooling(directory: str) -> None:
     return
   with open(path, encoding="utf-8") as f:
     pooling = json.load(f)
-  modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode_") and v)
-  if modes != ["pooling_mode_mean_tokens"]:
-    raise ValueError(f"'{path}' selects pooling {modes}; this embedder implements only "
-                     f"pooling_mode_mean_tokens (all-MiniLM-L6-v2's). Use a mean-pooling model.")
+  mode = pooling.get("pooling_mode")
+  if mode is not None:  # sentence-transformers >= 6 writes the mode's name ("mean", or a list)
+    modes = sorted([mode] if isinstance(mode, str) else mode)
+    mean = modes == ["mean"]
+  else:  # earlier versions: one boolean per mode
+    modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode_") and v)
+    mean = modes == ["pooling_mode_mean_tokens"]
+  if not mean:
+    raise ValueError(f"'{path}' selects pooling {modes}; this embedder implements only mean pooling "
+                     f"(all-MiniLM-L6-v2's). Use a mean-pooling model.")
 
 
 @dataclasses.dataclass(frozen=True)

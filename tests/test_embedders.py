@@ -87,6 +87,10 @@ def test_minilm_errors(tmp_path):
       {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
   with pytest.raises(ValueError, match=r"selects pooling \['pooling_mode_cls_token'\]"):
     embedders.MiniLMEmbedder(tmp_path / "m")
+  # sentence-transformers >= 6 names the mode instead ({"pooling_mode": "cls"}).
+  (tmp_path / "m" / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "cls"}))
+  with pytest.raises(ValueError, match=r"selects pooling \['cls'\]"):
+    embedders.MiniLMEmbedder(tmp_path / "m")
 
 
 def test_minilm_batching_does_not_change_embeddings(tmp_path):
@@ -186,3 +190,24 @@ def test_t5_encoder_embedder_masked_mean(tmp_path):
     hidden = np.asarray(model.apply({"params": params}, ids, enable_dropout=False, method=model.encode))
     ref = hidden[0].mean(axis=0)
     np.testing.assert_allclose(row, ref / np.linalg.norm(ref), atol=2e-5)
+
+
+@pytest.mark.parity
+def test_minilm_matches_sentence_transformers(tmp_path):
+  """Compares with sentence-transformers itself: a random tiny BERT run through its Transformer,
+  mean Pooling and Normalize modules, saved by `SentenceTransformer.save` (its own directory
+  layout, which our embedder then loads): same token ids, cosine >= 0.9999."""
+  st = pytest.importorskip("sentence_transformers")
+  from sentence_transformers.sentence_transformer import modules as st_modules  # pylint: disable=g-import-not-at-top
+  source = make_tiny_minilm(tmp_path / "bert")
+  modules = [st_modules.Transformer(source, max_seq_length=48), st_modules.Pooling(32, "mean"),
+             st_modules.Normalize()]
+  model = st.SentenceTransformer(modules=modules, device="cpu")
+  model.save(str(tmp_path / "st"))
+  ref = model.encode(TEXTS, convert_to_numpy=True, batch_size=2)
+  emb = embedders.MiniLMEmbedder(str(tmp_path / "st"), max_seq_length=48)
+  ours = emb.embed(TEXTS)
+  features = model.tokenize(TEXTS)
+  want_ids = [row[m.bool()].tolist() for row, m in zip(features["input_ids"], features["attention_mask"])]
+  assert [e.ids for e in emb.tokenize(TEXTS)] == want_ids
+  assert (ours * ref).sum(-1).min() >= 0.9999 and np.abs(ours - ref).max() <= 1e-5
