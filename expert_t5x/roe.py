@@ -119,6 +119,8 @@ class RoEConfig:
         (self.merge_method in merging.METHODS,
          f"merge_method must be one of {merging.METHODS}; got {self.merge_method!r}."),
         (self.num_queries >= 1, f"num_queries must be >= 1; got {self.num_queries}."),
+        (0.0 <= self.abstain_threshold <= 1.0,
+         f"abstain_threshold is a vote share in [0, 1]; got {self.abstain_threshold}."),
         (bool(self.merge_top_k) and all(isinstance(k, int) and k >= 1 for k in self.merge_top_k),
          f"merge_top_k must be one or more integers >= 1; got {self.merge_top_k}."),
         (bool(self.merge_lam), "merge_lam must hold at least one value (None for the default)."),

@@ -256,6 +256,37 @@ def test_dataset_level_roe_uses_the_dataset_expert_or_records_why_not(base, expe
     roe.RoEConfig(level="instance", abstain_threshold=0.5)
 
 
+def test_abstaining_prompts_use_the_fallback(base, lib, tmp_path):
+  """Prompts whose winner has less than the threshold's vote share use the fallback: the base
+  (accuracy equal to a plain base-only evaluation) or a merge of their top-k candidates; the
+  others use their winner. Under zero_shot with BM25 the fixture's shares are 5/6, 5/6 and 4/6."""
+  plain = evaluation.evaluate(tasks=EVAL, output_dir=str(tmp_path / "plain"), base=base, **COMMON)
+  base_acc = {p["task"]: p["accuracy"] for p in plain["entries"][0]["prompts"]}
+  for fallback in ("base", "merge"):
+    config = roe.RoEConfig(embedder="bm25", guard="zero_shot", num_queries=6, abstain_threshold=0.75,
+                           fallback=fallback, merge_top_k=2)
+    out = tmp_path / fallback
+    res = roe.evaluate(library=lib.root, tasks=EVAL, output_dir=str(out), base=base, config=config,
+                       **COMMON)
+    retrieved = {r["task"]: r for r in json.load(open(out / roe.RETRIEVAL_FILE))["results"]}
+    acc = {p["task"]: p["accuracy"] for p in res["entries"][0]["prompts"]}
+    tasks = res["routing"]["tasks"]
+    assert {r["abstained"] for r in tasks.values()} == {True, False}  # the fixture has both cases
+    for t, r in tasks.items():
+      assert r["abstained"] == (r["confidence"] < 0.75)
+      if not r["abstained"]:
+        assert r["evaluated_as"] == r["winner"] and r["expert_ids"] == [r["winner"]]
+      elif fallback == "base":
+        assert r["evaluated_as"] == evaluation.BASE_ID and r["expert_ids"] == []
+        assert acc[t] == base_acc[t]
+      else:
+        top2 = [c["expert"] for c in retrieved[t]["candidates"][:2]]
+        assert r["expert_ids"] == r["merge"]["inputs"] == top2
+        assert r["evaluated_as"] == r["merge"]["id"] and (out / roe.MERGED_DIR / r["merge"]["id"]).is_dir()
+  with pytest.raises(ValueError, match="abstain_threshold is a vote share"):
+    roe.RoEConfig(abstain_threshold=1.5)
+
+
 def test_t5_embedder_routes_and_zero_shot_guard_excludes_own_dataset(base, lib, tmp_path):
   # Under the `label` format a query's text equals its own task's key texts (same choices), so
   # the base's T5 encoder must route there under `seen`; `zero_shot` must exclude that expert.
