@@ -312,8 +312,13 @@ def _parser() -> argparse.ArgumentParser:
   rl.add_argument("--merge_lam", type=float, nargs="+",
                   help="λ (task_arithmetic, ties, dare); several values are chosen label-free")
   rl.add_argument("--merge_density", type=float, help="TIES density")
+  rl.add_argument("--merge_per_tensor", action="store_true",
+                  help="TIES: trim per tensor instead of per expert")
+  rl.add_argument("--merge_sign_method", choices=("mass", "count"), help="TIES sign election")
   rl.add_argument("--merge_drop", type=float, help="DARE drop probability")
   rl.add_argument("--merge_seed", type=int, help="DARE mask seed")
+  rl.add_argument("--merge_combine", choices=("linear", "ties"),
+                  help="DARE: combine linearly or TIES-style")
   rl.add_argument("--adapter_reference", default="auto", choices=("auto", "init", "zero"))
   rl.add_argument("--previous_results",
                   help="an earlier --roe/--merge results.json: report routing changes")
@@ -361,7 +366,10 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         merge_method=args.merge_method, merge_top_k=args.merge_top_k,
         merge_lam=args.merge_lam if args.merge_lam else None,
         merge_params={k: v for k, v in (("density", args.merge_density),
-                                        ("drop", args.merge_drop), ("seed", args.merge_seed))
+                                        ("per_tensor", args.merge_per_tensor or None),
+                                        ("sign_method", args.merge_sign_method),
+                                        ("drop", args.merge_drop), ("seed", args.merge_seed),
+                                        ("combine", args.merge_combine))
                       if v is not None},
         adapter_reference=args.adapter_reference, previous_results=args.previous_results)
   except (ValueError, KeyError, FileNotFoundError) as e:

@@ -334,6 +334,19 @@ def test_merge_with_label_free_top_k(base, lib, matrix_run, tmp_path):
   assert res["entries"][0]["id"] == "merge" and res["routing"]["merge"]["top_k"] == [1, 2]
 
 
+def test_cli_merge_passes_every_merge_option(lib, tmp_path):
+  """`eval --merge` flags reach the merge: the merged experts' recipes hold them."""
+  out = tmp_path / "ties"
+  assert eval_entry.cli_main(["--tasks", EVAL[0], "--output_dir", str(out), "--library", lib.root,
+                              "--merge", "--embedder", "bm25", "--guard", "seen", "--num_queries", "4",
+                              "--merge_method", "ties", "--merge_top_k", "2", "--merge_density", "0.5",
+                              "--merge_per_tensor", "--merge_sign_method", "count", *BASE_FLAGS]) == 0
+  [r] = results.read_results(str(out / results.RESULTS_FILE))["routing"]["tasks"].values()
+  recipe = expert_format.read_metadata(out / roe.MERGED_DIR / r["merge"]["id"])["merge"]
+  assert recipe["method"] == "ties" and len(recipe["inputs"]) == 2
+  assert recipe["params"] == {"density": 0.5, "per_tensor": True, "sign_method": "count"}
+
+
 def test_task_arithmetic_merge_with_label_free_lambda(base, lib, tmp_path):
   # λ chosen per prompt; the chosen merge equals the formula on the inputs' arrays: adapter
   # tensors θ₀ + λ Σ θᵢ with θ₀ = 0 (the inputs' init seeds differ), layer norms base + λ Σ (sᵢ − base).
