@@ -245,8 +245,10 @@ def oracle(acc: np.ndarray, expert_ids: Sequence[str], prompt_ids: Sequence[str]
     dataset_of: {prompt id: its dataset}.
 
   Returns:
-    {'prompts': [{'task', 'dataset', 'expert', 'accuracy'}], 'datasets', 'mean', 'median',
-     'num_datasets', 'num_experts'}; a prompt no expert scored has expert None.
+    {'prompts': [{'task', 'dataset', 'expert', 'accuracy', 'candidates'}], 'datasets', 'mean',
+     'median', 'num_datasets', 'num_experts'}; a prompt no expert scored has expert None.
+    `candidates` ranks the experts that scored the prompt by accuracy (ties: `expert_ids` order) as
+    [{'expert', 'accuracy'}], the format `expert-t5x merge --retrieval` reads: the oracle top-k merge.
   """
   acc = np.asarray(acc, np.float64)
   if acc.shape != (len(expert_ids), len(prompt_ids)):
@@ -261,12 +263,16 @@ def oracle(acc: np.ndarray, expert_ids: Sequence[str], prompt_ids: Sequence[str]
     column = acc[:, j]
     if np.all(np.isnan(column)):
       prompts.append({"task": task, "dataset": dataset_of[task], "expert": None,
-                      "accuracy": float("nan")})
+                      "accuracy": float("nan"), "candidates": []})
       continue
     best = int(np.nanargmax(column))  # The first maximum: ties go to the earlier expert.
     best_acc[task] = float(column[best])
+    scored = [i for i in range(len(expert_ids)) if not np.isnan(column[i])]
+    ranked = sorted(scored, key=lambda i: -column[i])  # stable: ties keep expert order
     prompts.append({"task": task, "dataset": dataset_of[task], "expert": expert_ids[best],
-                    "accuracy": best_acc[task]})
+                    "accuracy": best_acc[task],
+                    "candidates": [{"expert": expert_ids[i], "accuracy": float(column[i])}
+                                   for i in ranked]})
   summary = aggregate_accuracies(best_acc, dataset_of)
   summary.update({"prompts": prompts, "num_experts": len(expert_ids)})
   return summary

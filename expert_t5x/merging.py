@@ -615,8 +615,10 @@ def _candidate_dirs(args) -> list[tuple[str, str]]:
 
 
 def _ranked_from_retrieval(path: str, task: str | None) -> list[str]:
+  """Ranked expert ids of one task: a retrieval file's candidates (by votes) or an oracle file's
+  (`expert-t5x eval --oracle --output`, by accuracy)."""
   data = json.load(open(path, encoding="utf-8"))
-  results = data.get("results", [data])
+  results = data.get("results") or data.get("prompts") or [data]
   if task is not None:
     results = [r for r in results if r.get("task") == task]
   if len(results) != 1:
@@ -631,7 +633,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--experts", nargs="+", help="expert directories")
   p.add_argument("--library", help="expert library (with --ids, --retrieval or --recipe)")
   p.add_argument("--ids", nargs="+", help="library expert ids")
-  p.add_argument("--retrieval", help="retrieval JSON from `expert-t5x retrieve`: merge its top-k candidates")
+  p.add_argument("--retrieval", help="retrieval JSON from `expert-t5x retrieve` (or an oracle JSON from "
+                 "`expert-t5x eval --oracle --output`): merge its top-k candidates")
   p.add_argument("--task", help="which task of the retrieval file")
   p.add_argument("--top-k", type=int, default=3)
   p.add_argument("--recipe", help="re-run a recipe (a recipe JSON or a merged expert's expert.json)")

@@ -130,7 +130,7 @@ def test_cli_roe_routes_each_prompt_to_its_own_task_and_equals_the_matrix(roe_cl
   assert len(os.listdir(out / evaluation.SHARDS_DIR)) == 3
 
 
-def test_oracle_is_the_best_expert_per_prompt(matrix_run, tmp_path, capsys):
+def test_oracle_is_the_best_expert_per_prompt(matrix_run, lib, tmp_path, capsys):
   out, res, _ = matrix_run
   acc, expert_ids, prompt_ids = results.read_matrix(str(out / results.MATRIX_FILE))
   oracle = res["oracle"]
@@ -140,9 +140,19 @@ def test_oracle_is_the_best_expert_per_prompt(matrix_run, tmp_path, capsys):
   assert [p["expert"] for p in oracle["prompts"]] == [expert_ids[int(np.argmax(acc[:, j]))]
                                                         for j in range(len(prompt_ids))]
   assert oracle["mean"] == pytest.approx(np.mean(want)) and oracle["num_experts"] == 3
+  # Candidates: experts by accuracy, ties in expert order (numpy's stable argsort of -acc).
+  for j, p in enumerate(oracle["prompts"]):
+    order = np.argsort(-acc[:, j], kind="stable")
+    assert [c["expert"] for c in p["candidates"]] == [expert_ids[i] for i in order]
   assert eval_entry.cli_main(["--oracle", str(out), "--output", str(tmp_path / "o.json")]) == 0
   assert json.load(open(tmp_path / "o.json"))["mean"] == pytest.approx(oracle["mean"])
   assert "Oracle over 3 experts" in capsys.readouterr().out
+  # The oracle top-k merge: `merge --retrieval` reads the oracle file's candidates.
+  prompt = oracle["prompts"][0]
+  assert merging.merge_main(["--library", lib.root, "--retrieval", str(tmp_path / "o.json"), "--task",
+                             prompt["task"], "--top-k", "2", "--output", str(tmp_path / "om")]) == 0
+  recipe = expert_format.read_metadata(tmp_path / "om")["merge"]
+  assert [i["name"] for i in recipe["inputs"]] == [c["expert"] for c in prompt["candidates"][:2]]
   assert eval_entry.cli_main(["--oracle", str(tmp_path)]) == 2
   assert "matrix.npz' not found" in capsys.readouterr().err
 
