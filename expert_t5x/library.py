@@ -145,9 +145,9 @@ def _keys_hash(expert_dir: str) -> str | None:
 def _check_local(root: str) -> None:
   if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", root):
     raise LibraryError(
-        f"Library path '{root}' is an object-store URL. Object stores have no atomic rename or flock, so "
-        f"libraries there are single-writer; build the library on a local/POSIX filesystem and copy it "
-        f"there with one writer.")
+        f"Library path '{root}' is an object-store URL; object stores have no atomic rename or flock, and "
+        f"libraries there are not supported yet: copy the library to a local or network (POSIX) "
+        f"filesystem and use it there.")
 
 
 # ----------------------------------------------------------------------------
@@ -318,7 +318,7 @@ class Library:
         "num_keys": len(expert_format.read_keys(expert_dir, missing_ok=True)),
     }
     self._commit_entry(entry)
-    self._check_base_after_commit(entry)
+    self._check_after_commit(entry)
     self.rebuild_index()
     return entry
 
@@ -385,15 +385,26 @@ class Library:
         os.unlink(tmp)
     file_io.fsync_path(directory)
 
-  def _check_base_after_commit(self, entry: Mapping[str, Any]) -> None:
-    # Two first adds of different bases can race past the pre-check; the earliest entry wins.
+  def _check_after_commit(self, entry: Mapping[str, Any]) -> None:
+    """Concurrent adds can race past `_check_compatible` (two first experts of different bases, or one
+    expert under two names); the earliest entry by (added_at, id) wins and the later one withdraws."""
     pinned = self.base_fingerprint()
     if pinned and entry["base"]["fingerprint"] != pinned:
-      os.unlink(os.path.join(self._entries_dir(), f"{entry['id']}.json"))
-      if not os.path.isabs(entry["path"]):
-        shutil.rmtree(os.path.join(self.root, entry["path"]), ignore_errors=True)
+      self._withdraw(entry)
       raise LibraryError(f"Expert '{entry['id']}' was trained on base {entry['base']['fingerprint'][:16]}..., "
                          f"but this library's base is {pinned[:16]}...; add it to a library of that base.")
+    same = sorted((e for e in self.entries() if e["content_hash"] == entry["content_hash"]),
+                  key=lambda e: (e["added_at"], e["id"]))
+    if same and same[0]["id"] != entry["id"]:
+      self._withdraw(entry)
+      raise LibraryError(f"Expert '{entry['id']}' is identical (same content hash) to '{same[0]['id']}' "
+                         f"already in the library (added concurrently).")
+
+  def _withdraw(self, entry: Mapping[str, Any]) -> None:
+    os.unlink(os.path.join(self._entries_dir(), f"{entry['id']}.json"))
+    file_io.fsync_path(self._entries_dir())
+    if not os.path.isabs(entry["path"]):
+      shutil.rmtree(os.path.join(self.root, entry["path"]), ignore_errors=True)
 
   def remove(self, expert_id: str) -> dict[str, Any]:
     """Removes an expert (entry first, so readers never see an entry without its files)."""

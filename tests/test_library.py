@@ -75,7 +75,7 @@ def test_refuses_other_base_duplicates_and_bad_input(tmp_path):
     lib.add(tmp_path)
   with pytest.raises(library_lib.LibraryError, match="not an expert library"):
     library_lib.Library(tmp_path)
-  with pytest.raises(library_lib.LibraryError, match="single-writer"):
+  with pytest.raises(library_lib.LibraryError, match="object-store URL.*not supported yet"):
     library_lib.Library("gs://bucket/lib")
 
 
@@ -111,12 +111,32 @@ def test_corrupted_expert_is_refused_and_library_stays_usable(tmp_path):
     lib.verify(entries[0]["id"])
 
 
-def _concurrent_add(root, expert, barrier):
+def _concurrent_add(root, expert, barrier, name=None):
   def hook(stage):
     if stage == "after_read":
       barrier.wait(timeout=60)  # both writers have read the library before either commits
   library_lib.fault_hook = hook
-  library_lib.Library(root).add(expert)
+  library_lib.Library(root).add(expert, name=name)
+
+
+def test_one_expert_added_twice_at_once_under_two_names_is_kept_once(tmp_path):
+  """Both writers pass the duplicate pre-check (the barrier holds them after reading); after
+  committing, the later entry withdraws, so the library holds the expert once."""
+  root = str(tmp_path / "lib")
+  library_lib.Library.init(root)
+  expert = make_expert(tmp_path / "e", 0, "ds")
+  ctx = multiprocessing.get_context("spawn")
+  barrier = ctx.Barrier(2)
+  procs = [ctx.Process(target=_concurrent_add, args=(root, expert, barrier, name)) for name in ("a", "b")]
+  for p in procs:
+    p.start()
+  for p in procs:
+    p.join(120)
+  assert sorted(p.exitcode for p in procs) == [0, 1]
+  lib = library_lib.Library(root)
+  assert len(lib.ids()) == 1 and lib.rebuild_index()["num_experts"] == 1
+  lib.verify(lib.ids()[0])
+  assert sorted(os.listdir(os.path.join(root, library_lib.EXPERTS_DIR))) == lib.ids()
 
 
 def test_two_processes_adding_at_once_lose_nothing(tmp_path):
@@ -196,6 +216,8 @@ def test_cli(tmp_path, capsys):
   assert "1 overlapping" in capsys.readouterr().out
   assert library_lib.library_main(["show", root, "nope"]) == 1
   assert "No expert 'nope'" in capsys.readouterr().err
+  assert library_lib.library_main(["init", "gs://bucket/lib", "--base-fingerprint", BASE]) == 1
+  assert "object-store URL" in capsys.readouterr().err
   assert library_lib.library_main(["remove", root, "super_glue_rte_p"]) == 0
   assert library_lib.library_main(["index", root]) == 0
   with pytest.raises(SystemExit) as e:
