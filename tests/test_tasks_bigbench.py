@@ -104,3 +104,40 @@ def test_real_bigbench_files_when_cached():
       got = examples.load_examples(f"bigbench_{task}{fmt}", "validation", max_examples=50)
       assert got and all(0 <= e["label_index"] < len(e["answer_choices"]) for e in got)
     assert set(bigbench.list_subtasks(task)) == set(bigbench.SUBTASKS.get(task, ()))
+
+
+def _keyed_expert(path, dataset, rows, seed):
+  """A tiny adapter expert whose retrieval keys are `rows` (provenance: `dataset`)."""
+  from expert_t5x import expert_format  # pylint: disable=g-import-not-at-top
+  meta = expert_format.build_metadata(
+      "adapter", {"kind": "adapter", "init_seed": 0}, base_fingerprint="bb-test", base_config_name="tiny",
+      provenance=[{"task": dataset, "dataset": dataset, "subset": None, "prompt": "p", "role": "train"}])
+  keys = [dict(r, targets=None, example_id=i, task=dataset, dataset=dataset, subset=None, prompt="p")
+          for i, r in enumerate(rows)]
+  expert_format.save_expert(path, {"encoder/x/kernel": np.full((2, 2), seed, np.float32)}, meta, keys)
+  return str(path)
+
+
+def test_roe_on_bigbench_examples(root, tmp_path):
+  """Retrieval for a BIG-bench eval task from its own loaded examples (labels stripped): under `seen`
+  the expert keyed by the very same examples wins (identical texts, BM25), under `zero_shot` the
+  guard excludes it by the task's dataset; `choice` formats (no promptsource template) fail with one
+  line naming the prompt."""
+  from expert_t5x import library as library_lib  # pylint: disable=g-import-not-at-top
+  from expert_t5x import retrieval, roe  # pylint: disable=g-import-not-at-top
+  queries = roe.unlabeled(examples.load_examples("bigbench_winowhy", "validation"))
+  assert queries[0]["dataset"] == "bigbench_winowhy" and "targets" not in queries[0]
+  lib = library_lib.Library.init(tmp_path / "lib")
+  own = lib.add(_keyed_expert(tmp_path / "own", "bigbench_winowhy", queries, 1))["id"]
+  other = lib.add(_keyed_expert(tmp_path / "other", "arithmetic", [
+      {"inputs": f"\nQ: {a}+{a}?\n choice: {2 * a}\n choice: {a}\nA: ", "answer_choices": [str(2 * a), str(a)]}
+      for a in range(1, 5)], 2))["id"]
+  retriever = retrieval.Retriever(lib, retrieval.make_embedder("bm25"))
+  seen = retriever.retrieve(queries, guard="seen", num_queries=3)
+  assert seen["winner"] == own and seen["votes_per_query"] == 1
+  assert seen["dataset"] == "bigbench_winowhy" and seen["guard"]["mode"] == "seen"
+  zero = retriever.retrieve(queries, guard="zero_shot", num_queries=3)
+  assert zero["winner"] == other
+  assert [x["id"] for x in zero["guard"]["excluded"]] == [own]
+  with pytest.raises(retrieval.RetrievalError, match="prompt 'elm'.*Use a label format"):
+    retrieval.format_text(queries[0], "choice_instance")
