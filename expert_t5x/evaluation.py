@@ -953,7 +953,7 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
         raise ValueError(f"Routing {routing.name!r} routes task {meta.name!r} per example but not "
                          f"its examples {unrouted[:5]}; route every example (or the whole task).")
   os.makedirs(output_dir, exist_ok=True)
-  todo = []  # (meta, examples, vocabulary, [(chunk, path, header)]) of shards still to compute.
+  todo = []  # (meta, examples, vocabulary, [(chunk, path, header, rows)]) of shards still to compute.
   for meta, examples, vocabulary in loaded:
     pending = []
     for chunk in (c for c, chunk_tasks in plan if meta.name in chunk_tasks):

@@ -15,8 +15,8 @@ One evaluation directory holds (schema version `SCHEMA_VERSION`; later stages re
   then also holds `oracle` (the best expert per prompt and its aggregate, `aggregation.oracle`).
 * Routed runs (`eval --roe` / `--merge`, `evaluation.Routing`): one composed entry whose prompts
   list their `expert_ids`; its prediction lines add `entry` and carry the experts their prompt
-  used (routed per example: their example's expert); results.json adds `routing` (settings, and per prompt the experts, votes, confidence,
-  guard). Both are additions: schema version 1 readers ignore them.
+  used (routed per example: their example's expert); results.json adds `routing` (settings, and
+  per prompt the experts, votes, confidence, guard). Both are additions: schema version 1 readers ignore them.
 
 Every file is written to a temporary name and renamed, so a crash never leaves a partial file.
 """

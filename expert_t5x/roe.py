@@ -44,8 +44,9 @@ from expert_t5x import results as results_lib
 from expert_t5x import retrieval
 
 MODES = ("roe", "merge")
-# Whose expert a prompt's examples use (the paper's retrieval variants): the task-level vote's winner (the paper's
-# RoE), its dataset's expert (DE-level), or each example's own nearest key's expert (instance-level).
+# Whose expert a prompt's examples use (the paper's retrieval variants): the task-level vote's
+# winner (the paper's RoE), its dataset's expert (DE-level), or each example's own nearest key's
+# expert (instance-level).
 LEVELS = ("task", "dataset", "instance")
 FALLBACKS = ("base", "merge")
 RETRIEVAL_FILE = "retrieval.json"
@@ -144,8 +145,9 @@ class RoEConfig:
            "text_format": self.text_format, "num_queries": self.num_queries, "seed": self.seed,
            "votes_per_query": self.votes_per_query, "guard_mode": self.guard,
            "abstain_threshold": self.abstain_threshold, "fallback": self.fallback,
-           "queries": "the first Q of a seeded permutation of each prompt's eval examples, "
-                      "labels unread"}
+           "queries": ("every eval example (instance-level), labels unread" if self.level == "instance"
+                       else "the first Q of a seeded permutation of each prompt's eval examples, "
+                            "labels unread")}
     if self.merges:
       out["merge"] = {"method": self.merge_method, "top_k": list(self.merge_top_k),
                       "lam": list(self.merge_lam), "params": dict(self.merge_params),
@@ -338,7 +340,8 @@ def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
       [unlabeled(examples[t]) for t in task_names], guard=config.guard,
       num_queries=num_queries, seed=config.seed, votes_per_query=config.votes_per_query,
       abstain_threshold=config.abstain_threshold, fallback=config.fallback)
-  library_info = {"path": lib.root, "num_experts": len(retriever.entries), "num_keys": len(retriever.keys.texts)}
+  library_info = {"path": lib.root, "num_experts": len(retriever.entries),
+                  "num_keys": len(retriever.keys.texts)}
   del retriever  # frees its key embeddings and score buffer before the models load
   retrieved = dict(zip(task_names, results))
   for t in task_names:
