@@ -11,9 +11,12 @@ A library is a directory:
 Concurrency on POSIX filesystems: an `add` writes only files whose names it owns (a temporary expert copy
 renamed to `experts/<id>`, then an entry linked to `entries/<id>.json`, which fails if the id exists), so
 two processes adding experts at once lose nothing and a crash at any point leaves either no entry or a
-complete one. Readers list `entries/` and ignore temporary files. The manifest is rebuilt under an
-exclusive `flock`. Object stores have neither rename nor flock: libraries there are single-writer, and
-this module refuses URL paths with an error that says so.
+complete one; the base and duplicate checks run again under the writers' exclusive `flock` just before
+the link. Readers list `entries/` and ignore temporary files (and never lock). The manifest is rebuilt
+under the same `flock`. Object stores (`gs://`, `s3://`; TensorFlow's file systems) have neither rename nor
+flock: a library there is single-writer. It is used through a local working copy (under the cache
+directory) that follows the POSIX protocol and uploads what it writes, expert files before the entry
+that names them; reads download entries eagerly and expert files when first needed.
 
 The contamination guard decides which experts may serve an evaluation task: `zero_shot` excludes experts
 whose provenance shares the normalised (dataset, subset) with the task, `seen` excludes nothing (the
@@ -23,16 +26,18 @@ paper's seen-task RoE), `off` disables the check. The mode is recorded in every 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from expert_t5x import file_io
@@ -142,12 +147,72 @@ def _keys_hash(expert_dir: str) -> str | None:
   return file_io.sha256_file(path) if os.path.isfile(path) else None
 
 
-def _check_local(root: str) -> None:
-  if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", root):
-    raise LibraryError(
-        f"Library path '{root}' is an object-store URL; object stores have no atomic rename or flock, and "
-        f"libraries there are not supported yet: copy the library to a local or network (POSIX) "
-        f"filesystem and use it there.")
+def is_url(root: str) -> bool:
+  """Whether a library path is an object-store URL (gs://, s3://, ...) rather than a POSIX path."""
+  return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", root))
+
+
+def _working_copy_dir(url: str) -> str:
+  """The local working copy of an object-store library: $EXPERT_T5X_CACHE (else ~/.cache/expert_t5x)
+  /libraries/<hash of the URL>."""
+  cache = os.environ.get("EXPERT_T5X_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "expert_t5x")
+  return os.path.join(cache, "libraries", hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16])
+
+
+class _Remote:
+  """An object-store library's files, mirrored into a local working copy (single writer)."""
+
+  def __init__(self, url: str):
+    from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top  # only object stores need TF's file systems
+    self.gfile, self.url, self.local = gfile, url.rstrip("/"), _working_copy_dir(url)
+
+  def remote(self, rel: str) -> str:
+    return f"{self.url}/{rel}"
+
+  def pull(self, rel: str, *, fresh: bool = False) -> bool:
+    """Downloads one file unless the working copy has it at the same size (files other than the
+    manifest never change once written; `fresh` always downloads); False when the remote lacks it."""
+    src, dst = self.remote(rel), os.path.join(self.local, rel)
+    if not self.gfile.exists(src):
+      return False
+    if not fresh and os.path.isfile(dst) and os.path.getsize(dst) == self.gfile.stat(src).length:
+      return True
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    self.gfile.copy(src, dst + ".part", overwrite=True)
+    os.replace(dst + ".part", dst)
+    return True
+
+  def pull_dir(self, rel: str, *, mirror: bool = False) -> None:
+    """Downloads a remote directory's files; `mirror` also drops local files the remote lacks."""
+    src = self.remote(rel)
+    names = [n.rstrip("/") for n in self.gfile.listdir(src)] if self.gfile.isdir(src) else []
+    for name in names:
+      self.pull(f"{rel}/{name}")
+    local = os.path.join(self.local, rel)
+    os.makedirs(local, exist_ok=True)
+    if mirror:
+      for name in set(os.listdir(local)) - set(names):
+        if not name.startswith("."):
+          os.unlink(os.path.join(local, name))
+
+  def push(self, rel: str) -> None:
+    dst = self.remote(rel)
+    self.gfile.makedirs(dst.rsplit("/", 1)[0])
+    if self.gfile.exists(dst):  # only the manifest is ever rewritten; some file systems append on overwrite
+      self.gfile.remove(dst)
+    self.gfile.copy(os.path.join(self.local, rel), dst)
+
+  def push_dir(self, rel: str) -> None:
+    for name in sorted(os.listdir(os.path.join(self.local, rel))):
+      if os.path.isfile(os.path.join(self.local, rel, name)):
+        self.push(f"{rel}/{name}")
+
+  def delete(self, rel: str) -> None:
+    path = self.remote(rel)
+    if self.gfile.isdir(path):
+      self.gfile.rmtree(path)
+    elif self.gfile.exists(path):
+      self.gfile.remove(path)
 
 
 # ----------------------------------------------------------------------------
@@ -166,10 +231,18 @@ class Library:
 
   def __init__(self, root: str | os.PathLike[str]):
     root = os.fspath(root)
-    _check_local(root)
-    self.root = os.path.abspath(root)
+    self.url, self.remote, found = root, None, True
+    if is_url(root):
+      self.remote = _Remote(root)
+      found = self.remote.pull(LIBRARY_FILE)
+      if found:
+        self.remote.pull_dir(ENTRIES_DIR, mirror=True)
+        self.remote.pull(MANIFEST_FILE, fresh=True)
+        for sub in (EXPERTS_DIR, EMBEDDINGS_DIR):
+          os.makedirs(os.path.join(self.remote.local, sub), exist_ok=True)
+    self.root = os.path.abspath(self.remote.local if self.remote else root)
     path = os.path.join(self.root, LIBRARY_FILE)
-    if not os.path.isfile(path):
+    if not found or not os.path.isfile(path):
       raise LibraryError(f"'{root}' is not an expert library ({LIBRARY_FILE} is missing); create one with "
                          f"`expert-t5x library init {root}`.")
     self.info = _read_json(path, "Library file")
@@ -184,7 +257,8 @@ class Library:
            base_config_name: str | None = None, exist_ok: bool = False) -> Library:
     """Creates an empty library. Without a base fingerprint, the first added expert pins the base."""
     root = os.fspath(root)
-    _check_local(root)
+    if is_url(root):
+      return cls._init_remote(root, base_fingerprint, base_config_name, exist_ok)
     path = os.path.join(root, LIBRARY_FILE)
     if os.path.exists(path):
       if exist_ok:
@@ -209,6 +283,20 @@ class Library:
     lib = cls(root)
     lib.rebuild_index()
     return lib
+
+  @classmethod
+  def _init_remote(cls, url: str, base_fingerprint: str | None, base_config_name: str | None,
+                   exist_ok: bool) -> Library:
+    remote = _Remote(url)
+    if remote.gfile.exists(remote.remote(LIBRARY_FILE)):
+      if exist_ok:
+        return cls(url)
+      raise LibraryError(f"Library '{url}' already exists; use it as is or choose a new location.")
+    shutil.rmtree(remote.local, ignore_errors=True)  # a stale working copy of an earlier library there
+    cls.init(remote.local, base_fingerprint=base_fingerprint, base_config_name=base_config_name)
+    remote.push(MANIFEST_FILE)
+    remote.push(LIBRARY_FILE)  # last: the library exists once library.json does
+    return cls(url)
 
   # -- reading ----------------------------------------------------------------
 
@@ -248,12 +336,20 @@ class Library:
     return _read_json(path, "Entry")
 
   def expert_dir(self, expert_id: str) -> str:
-    """Absolute path of an expert's Expert-format directory."""
+    """Absolute path of an expert's Expert-format directory (object stores: downloaded first)."""
     path = self.get(expert_id)["path"]
-    return path if os.path.isabs(path) else os.path.join(self.root, path)
+    if os.path.isabs(path):
+      return path
+    if self.remote is not None:
+      self.remote.pull_dir(path)
+    return os.path.join(self.root, path)
 
   def keys(self, expert_id: str) -> list[dict[str, Any]]:
     """The expert's retrieval keys (`keys.jsonl`), in file order."""
+    path = self.get(expert_id)["path"]
+    if self.remote is not None and not os.path.isabs(path):
+      self.remote.pull(f"{path}/{expert_format.KEYS_FILE}")  # only the keys, not the weights
+      return expert_format.read_keys(os.path.join(self.root, path))
     return expert_format.read_keys(self.expert_dir(expert_id))
 
   def base_fingerprint(self) -> str | None:
@@ -293,6 +389,9 @@ class Library:
       raise LibraryError(f"'{expert_dir}' is not an expert directory (expected {expert_format.PARAMS_FILE} "
                          f"and {expert_format.METADATA_FILE}); write experts with the trainer or "
                          f"`expert-t5x import`.")
+    if self.remote is not None and not copy:
+      raise LibraryError(f"'{self.url}' is on an object store, which holds copies of its experts; add "
+                         f"'{expert_dir}' without --no-copy.")
     try:
       reader = expert_format.ExpertReader(expert_dir)
       if verify:
@@ -317,8 +416,19 @@ class Library:
         "merge": meta.get("merge"), "keys_hash": _keys_hash(expert_dir),
         "num_keys": len(expert_format.read_keys(expert_dir, missing_ok=True)),
     }
-    self._commit_entry(entry)
-    self._check_after_commit(entry)
+    with self._locked():
+      # Checked again under the writers' lock: concurrent adds pass the check above together (one
+      # expert under two names, or first experts of two bases); the later one fails here.
+      try:
+        self._check_compatible(meta, expert_id, self.entries())
+      except LibraryError:
+        if copy and not any(e["path"] == rel for e in self.entries()):
+          shutil.rmtree(os.path.join(self.root, rel), ignore_errors=True)
+        raise
+      self._commit_entry(entry)
+    if self.remote is not None:  # the expert's files before the entry that names them
+      self.remote.push_dir(rel)
+      self.remote.push(f"{ENTRIES_DIR}/{expert_id}.json")
     self.rebuild_index()
     return entry
 
@@ -385,30 +495,12 @@ class Library:
         os.unlink(tmp)
     file_io.fsync_path(directory)
 
-  def _check_after_commit(self, entry: Mapping[str, Any]) -> None:
-    """Concurrent adds can race past `_check_compatible` (two first experts of different bases, or one
-    expert under two names); the earliest entry by (added_at, id) wins and the later one withdraws."""
-    pinned = self.base_fingerprint()
-    if pinned and entry["base"]["fingerprint"] != pinned:
-      self._withdraw(entry)
-      raise LibraryError(f"Expert '{entry['id']}' was trained on base {entry['base']['fingerprint'][:16]}..., "
-                         f"but this library's base is {pinned[:16]}...; add it to a library of that base.")
-    same = sorted((e for e in self.entries() if e["content_hash"] == entry["content_hash"]),
-                  key=lambda e: (e["added_at"], e["id"]))
-    if same and same[0]["id"] != entry["id"]:
-      self._withdraw(entry)
-      raise LibraryError(f"Expert '{entry['id']}' is identical (same content hash) to '{same[0]['id']}' "
-                         f"already in the library (added concurrently).")
-
-  def _withdraw(self, entry: Mapping[str, Any]) -> None:
-    os.unlink(os.path.join(self._entries_dir(), f"{entry['id']}.json"))
-    file_io.fsync_path(self._entries_dir())
-    if not os.path.isabs(entry["path"]):
-      shutil.rmtree(os.path.join(self.root, entry["path"]), ignore_errors=True)
-
   def remove(self, expert_id: str) -> dict[str, Any]:
     """Removes an expert (entry first, so readers never see an entry without its files)."""
     entry = self.get(expert_id)
+    if self.remote is not None:
+      self.remote.delete(f"{ENTRIES_DIR}/{expert_id}.json")
+      self.remote.delete(entry["path"])
     os.unlink(os.path.join(self._entries_dir(), f"{expert_id}.json"))
     file_io.fsync_path(self._entries_dir())
     if not os.path.isabs(entry["path"]):
@@ -423,22 +515,30 @@ class Library:
       gc: also delete copied expert directories that have no entry and temporary files of crashed writers
         (only when no other writer is running).
     """
+    with self._locked():
+      entries, damaged = self.entries(with_damaged=True)
+      removed = self._gc(entries) if gc else []
+      manifest = {
+          "format": LIBRARY_FORMAT, "updated": _now(), "base_fingerprint": self.base_fingerprint(),
+          "num_experts": len(entries), "num_keys": sum(e["num_keys"] for e in entries),
+          "experts": [{k: e[k] for k in ("id", "name", "type", "content_hash", "num_keys", "path")}
+                      for e in entries],
+          "damaged_entries": damaged, "removed_orphans": removed,
+      }
+      _atomic_write_json(os.path.join(self.root, MANIFEST_FILE), manifest)
+    if self.remote is not None:
+      self.remote.push(MANIFEST_FILE)
+    return manifest
+
+  @contextlib.contextmanager
+  def _locked(self) -> Iterator[None]:
+    """The writers' exclusive flock (entry commits and index rebuilds; readers never take it)."""
     with open(os.path.join(self.root, LOCK_FILE), "a+") as lock:
       fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
       try:
-        entries, damaged = self.entries(with_damaged=True)
-        removed = self._gc(entries) if gc else []
-        manifest = {
-            "format": LIBRARY_FORMAT, "updated": _now(), "base_fingerprint": self.base_fingerprint(),
-            "num_experts": len(entries), "num_keys": sum(e["num_keys"] for e in entries),
-            "experts": [{k: e[k] for k in ("id", "name", "type", "content_hash", "num_keys", "path")}
-                        for e in entries],
-            "damaged_entries": damaged, "removed_orphans": removed,
-        }
-        _atomic_write_json(os.path.join(self.root, MANIFEST_FILE), manifest)
+        yield
       finally:
         fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-    return manifest
 
   def _gc(self, entries: Sequence[Mapping[str, Any]]) -> list[str]:
     used = {os.path.normpath(e["path"]) for e in entries}
@@ -556,7 +656,7 @@ def _print_json(obj: Any) -> None:
 
 def _cmd_init(args: argparse.Namespace) -> int:
   lib = Library.init(args.library, base_fingerprint=args.base_fingerprint, base_config_name=args.base_config)
-  print(f"Created library {lib.root}" + (f" (base {args.base_fingerprint})" if args.base_fingerprint else
+  print(f"Created library {lib.url}" + (f" (base {args.base_fingerprint})" if args.base_fingerprint else
                                         " (the first added expert pins the base)"))
   return 0
 
@@ -673,6 +773,9 @@ def _parser() -> argparse.ArgumentParser:
 def library_main(argv: Sequence[str] | None = None) -> int:
   """Entry point of `expert-t5x library`."""
   args = _parser().parse_args(argv)
+  if is_url(getattr(args, "library", "") or "") and args.fn in (_cmd_init, _cmd_add, _cmd_remove, _cmd_index):
+    print(f"expert-t5x library: '{args.library}' is on an object store (no atomic rename or flock): "
+          f"it is single-writer, so run no other writer on it at the same time.", file=sys.stderr)
   try:
     return args.fn(args)
   except (LibraryError, FileNotFoundError, ValueError) as e:

@@ -75,8 +75,6 @@ def test_refuses_other_base_duplicates_and_bad_input(tmp_path):
     lib.add(tmp_path)
   with pytest.raises(library_lib.LibraryError, match="not an expert library"):
     library_lib.Library(tmp_path)
-  with pytest.raises(library_lib.LibraryError, match="object-store URL.*not supported yet"):
-    library_lib.Library("gs://bucket/lib")
 
 
 def test_first_expert_pins_base(tmp_path):
@@ -216,10 +214,41 @@ def test_cli(tmp_path, capsys):
   assert "1 overlapping" in capsys.readouterr().out
   assert library_lib.library_main(["show", root, "nope"]) == 1
   assert "No expert 'nope'" in capsys.readouterr().err
-  assert library_lib.library_main(["init", "gs://bucket/lib", "--base-fingerprint", BASE]) == 1
-  assert "object-store URL" in capsys.readouterr().err
   assert library_lib.library_main(["remove", root, "super_glue_rte_p"]) == 0
   assert library_lib.library_main(["index", root]) == 0
   with pytest.raises(SystemExit) as e:
     library_lib.library_main(["--help"])
   assert e.value.code == 0
+
+
+@pytest.mark.tf
+def test_object_store_library_is_single_writer_through_a_working_copy(tmp_path, monkeypatch, capsys):
+  """A library on TensorFlow's in-memory file system (ram://: an object store, no flock or atomic
+  rename): the CLI says it is single-writer; a reader with its own working copy (another machine)
+  sees every expert, downloads keys without weights, verifies content hashes, and sees removals."""
+  monkeypatch.setenv("EXPERT_T5X_CACHE", str(tmp_path / "writer"))
+  url = f"ram://{tmp_path.name}/lib"
+  assert library_lib.library_main(["init", url, "--base-fingerprint", BASE]) == 0
+  assert "single-writer" in capsys.readouterr().err
+  assert library_lib.library_main(["add", url, make_expert(tmp_path / "a", 0, "super_glue", "rte", "p")]) == 0
+  writer = library_lib.Library(url)
+  writer.add(make_expert(tmp_path / "b", 1, "dream"))
+  with pytest.raises(library_lib.LibraryError, match="without --no-copy"):
+    writer.add(make_expert(tmp_path / "c", 2, "quail"), copy=False)
+  monkeypatch.setenv("EXPERT_T5X_CACHE", str(tmp_path / "reader"))
+  reader = library_lib.Library(url)
+  ids = reader.ids()
+  assert ids == writer.ids() == ["dream_no_prompt_text", "super_glue_rte_p"]
+  assert reader.root != writer.root and reader.manifest()["num_experts"] == 2
+  assert reader.keys(ids[0]) == writer.keys(ids[0]) and len(reader.keys(ids[0])) == 3
+  weights = os.path.join(reader.root, library_lib.EXPERTS_DIR, ids[0], expert_format.PARAMS_FILE)
+  assert not os.path.exists(weights)  # keys only, so far
+  reader.verify(ids[0])  # downloads the expert and recomputes its content hash
+  assert os.path.isfile(weights)
+  reader.remove(ids[0])
+  monkeypatch.setenv("EXPERT_T5X_CACHE", str(tmp_path / "writer"))
+  assert library_lib.Library(url).ids() == ["super_glue_rte_p"]  # the writer's copy follows
+  with pytest.raises(library_lib.LibraryError, match="not an expert library"):
+    library_lib.Library(f"ram://{tmp_path.name}/nothing")
+  with pytest.raises(library_lib.LibraryError, match="already exists"):
+    library_lib.Library.init(url)
