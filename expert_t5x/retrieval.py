@@ -156,14 +156,26 @@ def vote(scores: np.ndarray, key_expert: np.ndarray, num_experts: int,
     {'votes' [E], 'ranked' [expert indices with votes, best first], 'top' [Q, k] key ids,
      'first_key' [E] lowest voted key id per expert (N if none)}.
   """
-  key_expert = np.asarray(key_expert)
   top = top_keys(scores, votes_per_query) if top is None else top
-  voted_experts = key_expert[top].ravel()
-  votes = np.bincount(voted_experts, minlength=num_experts)
-  first_key = np.full(num_experts, scores.shape[1], np.int64)
-  np.minimum.at(first_key, voted_experts, top.ravel())
-  ranked = sorted(np.nonzero(votes)[0].tolist(), key=lambda e: (-votes[e], first_key[e], e))
-  return {"votes": votes, "ranked": ranked, "top": top, "first_key": first_key}
+  votes, first_key = _vote_counts(top, np.asarray(key_expert), np.zeros(len(top), np.int64), 1, num_experts,
+                                  scores.shape[1])
+  return {"votes": votes[0], "ranked": _ranked(votes[0], first_key[0]), "top": top, "first_key": first_key[0]}
+
+
+def _vote_counts(top: np.ndarray, key_expert: np.ndarray, prompt_of_row: np.ndarray, num_prompts: int,
+                 num_experts: int, num_keys: int) -> tuple[np.ndarray, np.ndarray]:
+  """([P, E] votes, [P, E] lowest voted key id, N if none) of several prompts' queries at once."""
+  cell = (prompt_of_row[:, None] * num_experts + key_expert[top]).ravel()
+  votes = np.bincount(cell, minlength=num_prompts * num_experts).reshape(num_prompts, num_experts)
+  first_key = np.full(num_prompts * num_experts, num_keys, np.int64)
+  np.minimum.at(first_key, cell, top.ravel())
+  return votes, first_key.reshape(num_prompts, num_experts)
+
+
+def _ranked(votes: np.ndarray, first_key: np.ndarray) -> list[int]:
+  """Experts with votes by (-votes, lowest voted key, expert id): lexsort's last key is the primary."""
+  voted = np.flatnonzero(votes)
+  return voted[np.lexsort((voted, first_key[voted], -votes[voted]))].tolist()
 
 
 def per_expert_max(scores: np.ndarray, key_offsets: np.ndarray) -> np.ndarray:
@@ -179,8 +191,9 @@ def per_expert_max(scores: np.ndarray, key_offsets: np.ndarray) -> np.ndarray:
 
 
 def expert_similarity(scores: np.ndarray, key_offsets: np.ndarray) -> np.ndarray:
-  """[E] mean over queries of each expert's best key score (keys of expert e: offsets[e]:offsets[e+1])."""
-  return per_expert_max(scores, key_offsets).mean(axis=0)
+  """[E] mean over queries of each expert's best key score (keys of expert e: offsets[e]:offsets[e+1]);
+  `summarize` reports it as each candidate's `similarity`."""
+  return np.add.reduceat(per_expert_max(scores, key_offsets).astype(np.float64), [0], axis=0)[0] / len(scores)
 
 
 # ----------------------------------------------------------------------------
@@ -258,47 +271,66 @@ def cached_key_embeddings(lib: library_lib.Library, embedder: Any, keys: KeySet)
 # ----------------------------------------------------------------------------
 
 
-def summarize(scores: np.ndarray, keys: KeySet, *, votes_per_query: int = 1, abstain_threshold: float = 0.0,
-              fallback: str = "base", dataset_experts: Mapping[str, str] | None = None) -> dict[str, Any]:
-  """Task-level decision, ranked candidates and diagnostics from a [Q, N] score matrix."""
+def summarize(scores: np.ndarray, keys: KeySet, **options: Any) -> dict[str, Any]:
+  """Task-level decision, ranked candidates and diagnostics from one prompt's [Q, N] score matrix."""
+  return summarize_many(scores, keys, np.array([0, scores.shape[0]]), **options)[0]
+
+
+def summarize_many(scores: np.ndarray, keys: KeySet, starts: np.ndarray, *, votes_per_query: int = 1,
+                   abstain_threshold: float = 0.0, fallback: str = "base",
+                   dataset_experts: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+  """`summarize` for P prompts whose queries are rows starts[p]:starts[p+1] of one [R, N] matrix.
+
+  The per-expert maxima, nearest keys, vote counts, similarities and similarity order are computed
+  for all prompts in a few array operations; only the result records are built per prompt.
+  """
   if scores.shape[1] == 0:
     raise RetrievalError("No keys to retrieve from (every expert excluded by the guard?).")
-  num_experts = len(keys.expert_ids)
-  best = per_expert_max(scores, keys.offsets)
+  num_prompts, num_experts = len(starts) - 1, len(keys.expert_ids)
+  counts = np.diff(starts)
+  best = per_expert_max(scores, keys.offsets)  # [R, E]
   # One vote per query (the paper): find the nearest key through `best` rather than a second full pass.
-  top = top_key_by_expert(scores, best, keys.offsets)[:, None] if votes_per_query == 1 else None
-  v = vote(scores, keys.key_expert, num_experts, votes_per_query, top=top)
-  votes, ranked = v["votes"], v["ranked"]
-  similarity = best.mean(axis=0)
-  # Unvoted experts by (-similarity, id): lexsort's last key is the primary one.
-  by_similarity = np.lexsort((np.arange(num_experts), -similarity))
-  order = ranked + by_similarity[votes[by_similarity] == 0].tolist()
-  total = int(votes.sum())
-  winner = ranked[0]
-  runner_up = votes[ranked[1]] if len(ranked) > 1 else 0
-  confidence = float(votes[winner]) / total
-  top = v["top"]
-  winning = keys.key_expert[top] == winner
-  identical = int(np.sum(keys.shared[top] & winning))
-  result = {
-      "winner": keys.expert_ids[winner],
-      "candidates": [{"expert": keys.expert_ids[e], "votes": n, "similarity": sim}
-                     for e, n, sim in zip(order, votes[order].tolist(), similarity[order].tolist())],
-      "total_votes": total, "confidence": confidence,
-      "margin": float(votes[winner] - runner_up) / total,
-      "abstained": confidence < abstain_threshold,
-      "identical_key_votes": identical,
-      "instance_level": [keys.expert_ids[e] for e in keys.key_expert[top[:, 0]]],
-  }
-  result["selected"] = fallback if result["abstained"] else result["winner"]
-  if identical:
-    sharing = sorted({keys.expert_ids[e] for k in top[winning] for e in range(num_experts)
-                      if keys.shared[k] and keys.texts[k] in keys.texts_per_expert[e]})
-    result["warning"] = (f"{identical} of the winner's {int(votes[winner])} votes came from key texts shared "
-                         f"with other experts ({', '.join(sharing[:5])}); those votes cannot discriminate.")
-  if dataset_experts is not None:
-    result["dataset_level"] = dataset_vote(result["candidates"], dataset_experts)
-  return result
+  top = (top_key_by_expert(scores, best, keys.offsets)[:, None] if votes_per_query == 1
+         else top_keys(scores, votes_per_query))
+  votes, first_key = _vote_counts(top, keys.key_expert, np.repeat(np.arange(num_prompts), counts),
+                                  num_prompts, num_experts, scores.shape[1])
+  # Mean over each prompt's queries of each expert's best key score (float64 sums of the float32 maxima).
+  similarity = np.add.reduceat(best.astype(np.float64), starts[:-1], axis=0) / counts[:, None]
+  # Unvoted experts by (-similarity, id), every prompt at once: lexsort's last key is the primary one.
+  by_similarity = np.lexsort((np.broadcast_to(np.arange(num_experts), similarity.shape), -similarity))
+  voted_expert = keys.key_expert[top]
+  results = []
+  for p in range(num_prompts):
+    v, rows = votes[p], slice(starts[p], starts[p + 1])
+    ranked = _ranked(v, first_key[p])
+    order = ranked + by_similarity[p][v[by_similarity[p]] == 0].tolist()
+    total = int(counts[p]) * top.shape[1]
+    winner = ranked[0]
+    runner_up = v[ranked[1]] if len(ranked) > 1 else 0
+    confidence = float(v[winner]) / total
+    winning = voted_expert[rows] == winner
+    identical = int(np.sum(keys.shared[top[rows]] & winning))
+    result = {
+        "winner": keys.expert_ids[winner],
+        "candidates": [{"expert": keys.expert_ids[e], "votes": n, "similarity": sim}
+                       for e, n, sim in zip(order, v[order].tolist(), similarity[p, order].tolist())],
+        "total_votes": total, "confidence": confidence,
+        "margin": float(v[winner] - runner_up) / total,
+        "abstained": confidence < abstain_threshold,
+        "identical_key_votes": identical,
+        "instance_level": [keys.expert_ids[e] for e in voted_expert[rows, 0].tolist()],
+    }
+    result["selected"] = fallback if result["abstained"] else result["winner"]
+    if identical:
+      sharing = sorted({keys.expert_ids[e] for k in top[rows][winning] for e in range(num_experts)
+                        if keys.shared[k] and keys.texts[k] in keys.texts_per_expert[e]})
+      result["warning"] = (f"{identical} of the winner's {int(v[winner])} votes came from key texts "
+                           f"shared with other experts ({', '.join(sharing[:5])}); those votes cannot "
+                           f"discriminate.")
+    if dataset_experts is not None:
+      result["dataset_level"] = dataset_vote(result["candidates"], dataset_experts)
+    results.append(result)
+  return results
 
 
 def dataset_vote(candidates: Sequence[Mapping[str, Any]], dataset_of: Mapping[str, str]) -> dict[str, Any]:
@@ -409,18 +441,19 @@ class Retriever:
       plans.append((dataset, subset, verdict, indices,
                     [format_text(examples[i], self.text_format, self.lookup) for i in indices]))
     results: list[Any] = [None] * len(plans)
-    for p, keys, prompt_scores in self._scored([plan[4] for plan in plans],
-                                               [plan[2].allowed for plan in plans]):
-      dataset, subset, verdict, indices, _ = plans[p]
-      result = summarize(prompt_scores, keys, votes_per_query=votes_per_query,
-                         abstain_threshold=abstain_threshold, fallback=fallback,
-                         dataset_experts=self.dataset_of)
-      d = result["dataset_level"]["dataset"]
-      result["dataset_level"]["expert"] = self.dataset_experts.get(d) if d else None
-      result.update({"dataset": dataset, "subset": subset, "guard": verdict.to_json(),
-                     "query_indices": indices, "num_queries": len(indices), "seed": seed,
-                     "votes_per_query": votes_per_query})
-      results[p] = result
+    for chunk, keys, block, starts in self._scored([plan[4] for plan in plans],
+                                                   [plan[2].allowed for plan in plans]):
+      summaries = summarize_many(block, keys, starts, votes_per_query=votes_per_query,
+                                 abstain_threshold=abstain_threshold, fallback=fallback,
+                                 dataset_experts=self.dataset_of)
+      for p, result in zip(chunk, summaries):
+        dataset, subset, verdict, indices, _ = plans[p]
+        d = result["dataset_level"]["dataset"]
+        result["dataset_level"]["expert"] = self.dataset_experts.get(d) if d else None
+        result.update({"dataset": dataset, "subset": subset, "guard": verdict.to_json(),
+                       "query_indices": indices, "num_queries": len(indices), "seed": seed,
+                       "votes_per_query": votes_per_query})
+        results[p] = result
     return results
 
   def _score_buffer(self, rows: int, cols: int) -> np.ndarray:
@@ -441,8 +474,9 @@ class Retriever:
     return self._verdicts[key]
 
   def _scored(self, texts: Sequence[Sequence[str]], allowed: Sequence[Sequence[str]]
-              ) -> Iterator[tuple[int, KeySet, np.ndarray]]:
-    """Yields (prompt, key set, [Q, N] scores): one product per distinct allowed set of experts.
+              ) -> Iterator[tuple[list[int], KeySet, np.ndarray, np.ndarray]]:
+    """Yields (prompts, key set, [R, N] scores, [P + 1] row starts of the prompts' queries): one product
+    per distinct allowed set of experts, chunked.
 
     The scores are a view into a buffer that the next chunk overwrites: use them before resuming.
     """
@@ -461,11 +495,7 @@ class Retriever:
           block = np.matmul(query_emb[rows], key_emb.T, out=self._score_buffer(rows.size, key_emb.shape[0]))
         else:
           block = np.asarray(self.embedder.scores([flat[r] for r in rows], keys.texts), np.float32)
-        offset = 0
-        for p in chunk:
-          n = int(starts[p + 1] - starts[p])
-          yield p, keys, block[offset:offset + n]
-          offset += n
+        yield chunk, keys, block, np.concatenate([[0], np.cumsum([starts[p + 1] - starts[p] for p in chunk])])
 
 
 def _chunks(members: Sequence[int], starts: np.ndarray, num_keys: int,
