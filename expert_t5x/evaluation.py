@@ -583,8 +583,17 @@ class Scorer:
 # -------------------------------------------------------------------------------- shard work
 
 
-def _shard_path(output_dir: str, chunk: Chunk, task: str) -> str:
-  return os.path.join(output_dir, SHARDS_DIR, chunk.key, task + ".jsonl")
+def _shard_path(output_dir: str, chunk: Chunk, task: str, subset: str = "") -> str:
+  return os.path.join(output_dir, SHARDS_DIR, chunk.key, task + subset + ".jsonl")
+
+
+def _routed_subset(routing: Optional[Routing], include_base: bool, chunk: Chunk, task: str) -> str:
+  """'' when `chunk` scores every example of `task`; else (a task routed per example) a tag of the
+  example ids routed to its expert, so another routing writes its own shard instead of clashing."""
+  if routing is None or not routing.per_example(task) or (include_base and chunk.ids == [BASE_ID]):
+    return ""
+  ids = sorted(str(i) for i, e in routing.routes[task].items() if e == chunk.ids[0])
+  return "@" + hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:12]
 
 
 def _shard_header(task: TaskMeta, chunk: Chunk, examples: Sequence[Mapping[str, Any]],
@@ -957,8 +966,10 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
   for meta, examples, vocabulary in loaded:
     pending = []
     for chunk in (c for c, chunk_tasks in plan if meta.name in chunk_tasks):
-      path = _shard_path(output_dir, chunk, meta.name)
-      rows = _chunk_rows(routing, include_base, chunk, meta.name, examples)
+      subset = _routed_subset(routing, include_base, chunk, meta.name)
+      path = _shard_path(output_dir, chunk, meta.name, subset)
+      rows = (list(range(len(examples))) if not subset else
+              [i for i, ex in enumerate(examples) if routing.routed_to(meta.name, chunk.ids[0], ex["example_id"])])
       header = _shard_header(meta, chunk, [examples[i] for i in rows], settings)
       if not shard_done(path, header):
         pending.append((chunk, path, header, rows))
@@ -991,15 +1002,6 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
                   entries=_entries(specs, include_base, routing), specs=specs, base=base,
                   settings=settings, options=options, bootstrap_samples=bootstrap_samples,
                   seed=seed, write_predictions=write_predictions, routing=routing)
-
-
-def _chunk_rows(routing: Optional[Routing], include_base: bool, chunk: Chunk, task: str,
-                examples: Sequence[Mapping[str, Any]]) -> list[int]:
-  """Indices of the examples of `task` that `chunk` scores: all of them, unless the task is routed
-  per example (then those routed to the chunk's expert; the base with include_base scores all)."""
-  if routing is None or not routing.per_example(task) or (include_base and chunk.ids == [BASE_ID]):
-    return list(range(len(examples)))
-  return [i for i, ex in enumerate(examples) if routing.routed_to(task, chunk.ids[0], ex["example_id"])]
 
 
 def _progress_bar(enabled: bool, total: int):
@@ -1101,7 +1103,8 @@ def assemble(*, output_dir: str, metas: Sequence[TaskMeta], plan: Plan,
       chunk_metas = [m for m in metas if m.name in chunk_tasks]
       by_entry: dict[tuple[str, str], list[dict]] = {}
       for m in chunk_metas:
-        first, records = read_shard(_shard_path(output_dir, chunk, m.name))
+        first, records = read_shard(_shard_path(
+            output_dir, chunk, m.name, _routed_subset(routing, BASE_ID in entries, chunk, m.name)))
         truncation[m.name] = first.get("stats") or {}
         for r in records:
           by_entry.setdefault(((r["expert_ids"] or [BASE_ID])[0], m.name), []).append(r)

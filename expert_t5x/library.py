@@ -169,17 +169,27 @@ class _Remote:
   def remote(self, rel: str) -> str:
     return f"{self.url}/{rel}"
 
-  def pull(self, rel: str, *, fresh: bool = False) -> bool:
-    """Downloads one file unless the working copy has it at the same size (files other than the
-    manifest never change once written; `fresh` always downloads); False when the remote lacks it."""
+  def pull(self, rel: str) -> bool:
+    """Downloads one file unless the working copy holds the same version (same size and modification
+    time: a removed and re-added expert is a new version; file systems without modification times
+    always download); False when the remote lacks it."""
     src, dst = self.remote(rel), os.path.join(self.local, rel)
     if not self.gfile.exists(src):
       return False
-    if not fresh and os.path.isfile(dst) and os.path.getsize(dst) == self.gfile.stat(src).length:
+    stat = self.gfile.stat(src)
+    if stat.mtime_nsec and os.path.isfile(dst) and (
+        (os.stat(dst).st_size, os.stat(dst).st_mtime_ns) == (stat.length, stat.mtime_nsec)):
       return True
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    self.gfile.copy(src, dst + ".part", overwrite=True)
-    os.replace(dst + ".part", dst)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", dir=os.path.dirname(dst))
+    os.close(fd)  # a name of our own: processes sharing the working copy never write one file
+    try:
+      self.gfile.copy(src, tmp, overwrite=True)
+      os.utime(tmp, ns=(stat.mtime_nsec, stat.mtime_nsec))
+      os.replace(tmp, dst)
+    finally:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
     return True
 
   def pull_dir(self, rel: str, *, mirror: bool = False) -> None:
@@ -237,7 +247,7 @@ class Library:
       found = self.remote.pull(LIBRARY_FILE)
       if found:
         self.remote.pull_dir(ENTRIES_DIR, mirror=True)
-        self.remote.pull(MANIFEST_FILE, fresh=True)
+        self.remote.pull(MANIFEST_FILE)
         for sub in (EXPERTS_DIR, EMBEDDINGS_DIR):
           os.makedirs(os.path.join(self.remote.local, sub), exist_ok=True)
     self.root = os.path.abspath(self.remote.local if self.remote else root)
@@ -341,7 +351,7 @@ class Library:
     if os.path.isabs(path):
       return path
     if self.remote is not None:
-      self.remote.pull_dir(path)
+      self.remote.pull_dir(path, mirror=True)
     return os.path.join(self.root, path)
 
   def keys(self, expert_id: str) -> list[dict[str, Any]]:
@@ -425,8 +435,12 @@ class Library:
         if copy and not any(e["path"] == rel for e in self.entries()):
           shutil.rmtree(os.path.join(self.root, rel), ignore_errors=True)
         raise
+      if copy and not os.path.isdir(os.path.join(self.root, rel)):  # reused, then removed meanwhile
+        raise LibraryError(f"'{rel}' was removed by a concurrent `remove` while adding '{expert_id}'; "
+                           f"add it again.")
       self._commit_entry(entry)
     if self.remote is not None:  # the expert's files before the entry that names them
+      self.remote.delete(rel)  # files a crashed add of this id may have left
       self.remote.push_dir(rel)
       self.remote.push(f"{ENTRIES_DIR}/{expert_id}.json")
     self.rebuild_index()
@@ -497,14 +511,15 @@ class Library:
 
   def remove(self, expert_id: str) -> dict[str, Any]:
     """Removes an expert (entry first, so readers never see an entry without its files)."""
-    entry = self.get(expert_id)
-    if self.remote is not None:
-      self.remote.delete(f"{ENTRIES_DIR}/{expert_id}.json")
-      self.remote.delete(entry["path"])
-    os.unlink(os.path.join(self._entries_dir(), f"{expert_id}.json"))
-    file_io.fsync_path(self._entries_dir())
-    if not os.path.isabs(entry["path"]):
-      shutil.rmtree(os.path.join(self.root, entry["path"]), ignore_errors=True)
+    with self._locked():  # an add of the same id waits: it must not reuse files being deleted
+      entry = self.get(expert_id)
+      if self.remote is not None:
+        self.remote.delete(f"{ENTRIES_DIR}/{expert_id}.json")
+        self.remote.delete(entry["path"])
+      os.unlink(os.path.join(self._entries_dir(), f"{expert_id}.json"))
+      file_io.fsync_path(self._entries_dir())
+      if not os.path.isabs(entry["path"]):
+        shutil.rmtree(os.path.join(self.root, entry["path"]), ignore_errors=True)
     self.rebuild_index()
     return entry
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -655,13 +657,14 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _check_recipe_inputs(path: str, recipe: Mapping[str, Any], metas: Sequence[Mapping[str, Any]]) -> None:
-  """A recipe reruns only on the inputs it names (by content hash, in order)."""
-  want = [i.get("content_hash") for i in recipe.get("inputs", [])]
-  got = [m["content_hash"] for m in metas]
-  if want and want != got:
-    raise MergeError(f"--recipe {path}: the inputs' content hashes {[h[:12] for h in got]} differ from the "
-                     f"recipe's {[h[:12] for h in want if h]}; pass the experts the recipe was made from.")
+def _replace_if_reproduced(merged: str, output: str, got: str, wanted: str, recipe_path: str) -> None:
+  if got != wanted:
+    shutil.rmtree(merged, ignore_errors=True)
+    raise MergeError(f"--recipe {recipe_path}: the merge has hash {got[:12]}, not the recipe's {wanted[:12]}; it "
+                     f"was not reproduced ('{output}' is unchanged).")
+  if os.path.exists(output):
+    shutil.rmtree(output)
+  os.rename(merged, output)
 
 
 def merge_main(argv: Sequence[str] | None = None) -> int:
@@ -683,16 +686,17 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
       if args.per_tensor:
         params["per_tensor"] = True
     metas = [expert_format.read_metadata(d) for d in dirs]
-    if args.recipe:
-      _check_recipe_inputs(args.recipe, recipe, metas)
     base, init = _load_base(args.base, method not in ("uniform", "weighted") and ref != "zero", metas)
     wanted = recipe.get("output_hash") if args.recipe else None
-    recipe = merge_expert_dirs(dirs, args.output, method, base_params=base, init_params=init,
+    if wanted and os.path.exists(args.output) and not args.overwrite:
+      raise MergeError(f"'{args.output}' exists; pass --overwrite or another --output.")
+    # A rerun is checked before it replaces anything: merged beside the output, moved in if reproduced.
+    target = f"{args.output.rstrip(os.sep)}.rerun-{os.getpid()}" if wanted else args.output
+    recipe = merge_expert_dirs(dirs, target, method, base_params=base, init_params=init,
                                adapter_reference=ref, svd_rank=svd_rank, input_names=names,
                                overwrite=args.overwrite, **params)
-    if wanted and recipe["output_hash"] != wanted:
-      raise MergeError(f"--recipe {args.recipe}: the merge in {args.output} has hash "
-                       f"{recipe['output_hash'][:12]}, not the recipe's {wanted[:12]}; it was not reproduced.")
+    if wanted:
+      _replace_if_reproduced(target, args.output, recipe["output_hash"], wanted, args.recipe)
   except (MergeError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
     print(f"expert-t5x merge: {e}", file=sys.stderr)
     return 1

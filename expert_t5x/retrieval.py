@@ -276,24 +276,38 @@ def summarize(scores: np.ndarray, keys: KeySet, **options: Any) -> dict[str, Any
   return summarize_many(scores, keys, np.array([0, scores.shape[0]]), **options)[0]
 
 
-def summarize_many(scores: np.ndarray, keys: KeySet, starts: np.ndarray, *, votes_per_query: int = 1,
-                   abstain_threshold: float = 0.0, fallback: str = "base",
-                   dataset_experts: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-  """`summarize` for P prompts whose queries are rows starts[p]:starts[p+1] of one [R, N] matrix.
+def reduce_scores(scores: np.ndarray, keys: KeySet, votes_per_query: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """What a summary needs of an [R, N] score matrix: [R, E] per-expert maxima and [R, k] voting keys.
 
-  The per-expert maxima, nearest keys, vote counts, similarities and similarity order are computed
-  for all prompts in a few array operations; only the result records are built per prompt.
+  Rows are independent, so a matrix may be reduced in row blocks and the results concatenated.
   """
   if scores.shape[1] == 0:
     raise RetrievalError("No keys to retrieve from (every expert excluded by the guard?).")
-  num_prompts, num_experts = len(starts) - 1, len(keys.expert_ids)
-  counts = np.diff(starts)
-  best = per_expert_max(scores, keys.offsets)  # [R, E]
+  best = per_expert_max(scores, keys.offsets)
   # One vote per query (the paper): find the nearest key through `best` rather than a second full pass.
   top = (top_key_by_expert(scores, best, keys.offsets)[:, None] if votes_per_query == 1
          else top_keys(scores, votes_per_query))
+  return best, top
+
+
+def summarize_many(scores: np.ndarray, keys: KeySet, starts: np.ndarray, *, votes_per_query: int = 1,
+                   **options: Any) -> list[dict[str, Any]]:
+  """`summarize` for P prompts whose queries are rows starts[p]:starts[p+1] of one [R, N] matrix."""
+  return summarize_reduced(*reduce_scores(scores, keys, votes_per_query), keys, starts, **options)
+
+
+def summarize_reduced(best: np.ndarray, top: np.ndarray, keys: KeySet, starts: np.ndarray, *,
+                      abstain_threshold: float = 0.0, fallback: str = "base",
+                      dataset_experts: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+  """Per-prompt results from `reduce_scores`' output for P prompts (rows starts[p]:starts[p+1]).
+
+  Vote counts, similarities and the similarity order are computed for all prompts in a few array
+  operations; only the result records are built per prompt.
+  """
+  num_prompts, num_experts = len(starts) - 1, len(keys.expert_ids)
+  counts = np.diff(starts)
   votes, first_key = _vote_counts(top, keys.key_expert, np.repeat(np.arange(num_prompts), counts),
-                                  num_prompts, num_experts, scores.shape[1])
+                                  num_prompts, num_experts, keys.key_expert.size)
   # Mean over each prompt's queries of each expert's best key score (float64 sums of the float32 maxima).
   similarity = np.add.reduceat(best.astype(np.float64), starts[:-1], axis=0) / counts[:, None]
   # Unvoted experts by (-similarity, id), every prompt at once: lexsort's last key is the primary one.
@@ -441,12 +455,12 @@ class Retriever:
       plans.append((dataset, subset, verdict, indices,
                     [format_text(examples[i], self.text_format, self.lookup) for i in indices]))
     results: list[Any] = [None] * len(plans)
-    for chunk, keys, block, starts in self._scored([plan[4] for plan in plans],
-                                                   [plan[2].allowed for plan in plans]):
-      summaries = summarize_many(block, keys, starts, votes_per_query=votes_per_query,
-                                 abstain_threshold=abstain_threshold, fallback=fallback,
-                                 dataset_experts=self.dataset_of)
-      for p, result in zip(chunk, summaries):
+    for members, keys, best, top in self._reduced([plan[4] for plan in plans],
+                                                  [plan[2].allowed for plan in plans], votes_per_query):
+      starts = np.concatenate([[0], np.cumsum([len(plans[p][4]) for p in members])])
+      summaries = summarize_reduced(best, top, keys, starts, abstain_threshold=abstain_threshold,
+                                    fallback=fallback, dataset_experts=self.dataset_of)
+      for p, result in zip(members, summaries):
         dataset, subset, verdict, indices, _ = plans[p]
         d = result["dataset_level"]["dataset"]
         result["dataset_level"]["expert"] = self.dataset_experts.get(d) if d else None
@@ -457,7 +471,7 @@ class Retriever:
     return results
 
   def _score_buffer(self, rows: int, cols: int) -> np.ndarray:
-    """A [rows, cols] float32 view of one buffer kept between calls (at most `_chunks`' 256 MB).
+    """A [rows, cols] float32 view of one buffer kept between calls (at most `MAX_SCORES` floats).
 
     Fresh pages cost the kernel a zeroing pass over them (~5% of a full-library search), so the buffer
     only grows; dropping the retriever frees it.
@@ -473,12 +487,13 @@ class Retriever:
       self._verdicts[key] = library_lib.apply_guard(self.entries, dataset, subset, mode)
     return self._verdicts[key]
 
-  def _scored(self, texts: Sequence[Sequence[str]], allowed: Sequence[Sequence[str]]
-              ) -> Iterator[tuple[list[int], KeySet, np.ndarray, np.ndarray]]:
-    """Yields (prompts, key set, [R, N] scores, [P + 1] row starts of the prompts' queries): one product
-    per distinct allowed set of experts, chunked.
+  def _reduced(self, texts: Sequence[Sequence[str]], allowed: Sequence[Sequence[str]], votes_per_query: int
+               ) -> Iterator[tuple[list[int], KeySet, np.ndarray, np.ndarray]]:
+    """Yields (prompts, key set, [R, E] per-expert maxima, [R, k] voting keys) per distinct allowed set
+    of experts, the rows being those prompts' queries in order.
 
-    The scores are a view into a buffer that the next chunk overwrites: use them before resuming.
+    Each set's queries are scored by one BLAS product per block of rows (at most `MAX_SCORES` floats,
+    so memory stays bounded however many queries a prompt has) and reduced at once.
     """
     dense = self.key_embeddings is not None
     flat = [t for ts in texts for t in ts]
@@ -489,29 +504,21 @@ class Retriever:
       groups.setdefault(tuple(sorted(ids)), []).append(p)
     for ids, members in groups.items():
       keys, key_emb = self._subset_keys(ids)
-      for chunk in _chunks(members, starts, keys.key_expert.size):
-        rows = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in chunk])
+      rows = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in members])
+      step = max(1, MAX_SCORES // max(keys.key_expert.size, 1))
+      parts = []
+      for block_rows in (rows[i:i + step] for i in range(0, rows.size, step)):
         if dense:
-          block = np.matmul(query_emb[rows], key_emb.T, out=self._score_buffer(rows.size, key_emb.shape[0]))
+          block = np.matmul(query_emb[block_rows], key_emb.T,
+                            out=self._score_buffer(block_rows.size, key_emb.shape[0]))
         else:
-          block = np.asarray(self.embedder.scores([flat[r] for r in rows], keys.texts), np.float32)
-        yield chunk, keys, block, np.concatenate([[0], np.cumsum([starts[p + 1] - starts[p] for p in chunk])])
+          block = np.asarray(self.embedder.scores([flat[r] for r in block_rows], keys.texts), np.float32)
+        parts.append(reduce_scores(block, keys, votes_per_query))
+      yield members, keys, np.concatenate([b for b, _ in parts]), np.concatenate([t for _, t in parts])
 
 
-def _chunks(members: Sequence[int], starts: np.ndarray, num_keys: int,
-            max_elements: int = 64 * 2**20) -> list[list[int]]:
-  """Splits prompts into runs whose score block stays under `max_elements` floats (256 MB)."""
-  chunks, current, rows = [], [], 0
-  for p in members:
-    n = int(starts[p + 1] - starts[p])
-    if current and (rows + n) * max(num_keys, 1) > max_elements:
-      chunks.append(current)
-      current, rows = [], 0
-    current.append(p)
-    rows += n
-  if current:
-    chunks.append(current)
-  return chunks
+# Floats of one block of query-key scores (256 MB): the product's working memory.
+MAX_SCORES = 64 * 2**20
 
 
 # ----------------------------------------------------------------------------

@@ -137,7 +137,8 @@ class RoEConfig:
 
   @property
   def merges(self) -> bool:
-    return self.mode == "merge" or self.fallback == "merge"
+    """Whether any prompt may be merged (a merge fallback needs a threshold to abstain below)."""
+    return self.mode == "merge" or (self.fallback == "merge" and self.abstain_threshold > 0)
 
   def to_json(self) -> dict[str, Any]:
     out = {"mode": self.mode, "level": self.level, "embedder_name": self.embedder,
@@ -340,7 +341,7 @@ def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
       [unlabeled(examples[t]) for t in task_names], guard=config.guard,
       num_queries=num_queries, seed=config.seed, votes_per_query=config.votes_per_query,
       abstain_threshold=config.abstain_threshold, fallback=config.fallback)
-  library_info = {"path": lib.root, "num_experts": len(retriever.entries),
+  library_info = {"path": lib.url if lib.remote else lib.root, "num_experts": len(retriever.entries),
                   "num_keys": len(retriever.keys.texts)}
   del retriever  # frees its key embeddings and score buffer before the models load
   retrieved = dict(zip(task_names, results))

@@ -247,7 +247,16 @@ def test_object_store_library_is_single_writer_through_a_working_copy(tmp_path, 
   assert os.path.isfile(weights)
   reader.remove(ids[0])
   monkeypatch.setenv("EXPERT_T5X_CACHE", str(tmp_path / "writer"))
-  assert library_lib.Library(url).ids() == ["super_glue_rte_p"]  # the writer's copy follows
+  writer = library_lib.Library(url)
+  assert writer.ids() == ["super_glue_rte_p"]  # the writer's copy follows
+  # Removed and re-added under the same id with other weights: a reader's older copy is refreshed.
+  old_hash = writer.get("super_glue_rte_p")["content_hash"]
+  writer.remove("super_glue_rte_p")
+  writer.add(make_expert(tmp_path / "a2", 7, "super_glue", "rte", "p"))
+  monkeypatch.setenv("EXPERT_T5X_CACHE", str(tmp_path / "reader"))
+  reader = library_lib.Library(url)
+  assert reader.get("super_glue_rte_p")["content_hash"] not in (None, old_hash)
+  reader.verify("super_glue_rte_p")
   with pytest.raises(library_lib.LibraryError, match="not an expert library"):
     library_lib.Library(f"ram://{tmp_path.name}/nothing")
   with pytest.raises(library_lib.LibraryError, match="already exists"):

@@ -1,6 +1,7 @@
 """Tests for merging: every formula against small arrays computed by hand (values written in the tests)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -272,7 +273,14 @@ def test_cli_recipe_rerun_is_bitwise_identical(tmp_path, capsys):
   json.dump(dict(recipe, output_hash="0" * 64), open(tmp_path / "bad.json", "w"))
   assert merging.merge_main(["--recipe", str(tmp_path / "bad.json"), "--experts", *dirs,
                              "--output", str(tmp_path / "m4")]) == 1
-  assert "it was not reproduced" in capsys.readouterr().err
+  assert "was not reproduced" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "m4") and not any(".rerun-" in n for n in os.listdir(tmp_path))
+  # A reproduced rerun replaces an existing output only with --overwrite.
+  assert merging.merge_main(["--recipe", str(tmp_path / "r.json"), "--experts", *dirs, "--output", out1]) == 1
+  assert "exists; pass --overwrite" in capsys.readouterr().err
+  assert merging.merge_main(["--recipe", str(tmp_path / "r.json"), "--experts", *dirs, "--output", out1,
+                             "--overwrite"]) == 0
+  assert expert_format.read_metadata(out1)["content_hash"] == h1
   with pytest.raises(SystemExit) as e:
     merging.merge_main(["--help"])
   assert e.value.code == 0

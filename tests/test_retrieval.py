@@ -193,15 +193,16 @@ def test_retriever_end_to_end_with_cache_and_guard(lib, tmp_path):
 
 
 def test_retrieve_many_equals_one_product_per_prompt(lib, monkeypatch):
-  """Batched retrieval (one product per allowed expert set, chunked) vs an independent per-prompt
-  reference: numpy scores of each prompt's queries against its guard's keys, then `summarize`."""
+  """Batched retrieval (one product per allowed expert set, in row blocks) vs an independent per-prompt
+  reference: numpy scores of each prompt's queries against its guard's keys, then `summarize`. With
+  3-row blocks every prompt's queries are split over several products."""
   emb = HashEmbedder()
   r = retrieval.Retriever(lib, emb)
   prompts = [_queries("premise hypothesis entail", ["yes", "no"], dataset="super_glue/rte", n=20),
              _queries("movie review sentiment", ["positive", "negative"], n=9),
              _queries("story about people", ["a", "b", "c", "d"], dataset="hellaswag", n=40),
              _queries("premise hypothesis entail", ["yes", "no"], dataset="super_glue/rte", n=5)]
-  monkeypatch.setattr(retrieval, "_chunks", lambda members, starts, n: [[m] for m in members])
+  monkeypatch.setattr(retrieval, "MAX_SCORES", 3 * len(r.keys.texts))
   chunked = r.retrieve_many(prompts, guard="zero_shot", num_queries=8, seed=3)
   monkeypatch.undo()
   emb.calls.clear()
@@ -213,12 +214,15 @@ def test_retrieve_many_equals_one_product_per_prompt(lib, monkeypatch):
     idx = retrieval.select_queries(len(rows), 8, 3)
     q = emb.embed([retrieval.format_text(rows[i]) for i in idx])
     want = retrieval.summarize(q @ key_emb.T, keys, dataset_experts=r.dataset_of)
-    for res in (got, got_chunked):
-      assert res["query_indices"] == idx
-      assert res["candidates"] == want["candidates"] and res["winner"] == want["winner"]
+    assert got["candidates"] == want["candidates"] and got["winner"] == want["winner"]
+    # Products of 3-row blocks may round the last bit differently (another BLAS kernel): the same
+    # votes and ranking, similarities equal to float32 precision.
+    assert [(c["expert"], c["votes"]) for c in got_chunked["candidates"]] == \
+        [(c["expert"], c["votes"]) for c in want["candidates"]]
+    np.testing.assert_allclose([c["similarity"] for c in got_chunked["candidates"]],
+                               [c["similarity"] for c in want["candidates"]], rtol=1e-6)
+    assert got["query_indices"] == got_chunked["query_indices"] == idx
   assert batched[0]["winner"] not in ("super_glue_rte_p2", "super_glue_rte_p3")
-  starts = np.array([0, 32, 64, 96])  # 32 queries per prompt; 6,400 floats = two prompts x 100 keys
-  assert retrieval._chunks([0, 1, 2], starts, 100, max_elements=6400) == [[0, 1], [2]]  # pylint: disable=protected-access
   with pytest.raises(retrieval.RetrievalError, match="prompt 1"):
     r.retrieve_many([prompts[0], []])
 

@@ -208,6 +208,11 @@ def test_per_example_routing_scores_each_example_under_its_own_expert(base, lib,
   assert len(os.listdir(tmp_path / evaluation.SHARDS_DIR)) == 3  # one pass per used expert
   again = evaluation.evaluate(output_dir=str(tmp_path), **kwargs)  # resumed: every shard done
   assert again["entries"][0]["prompts"] == entry["prompts"]
+  # Another per-example routing in the same directory writes its own shards (no clash with the old).
+  routes[EVAL[0]] = {e: ids[(i + 1) % 3] for i, e in enumerate(order[EVAL[0]])}
+  moved = evaluation.evaluate(output_dir=str(tmp_path), **kwargs)
+  assert moved["entries"][0]["prompts"][0]["accuracy"] == pytest.approx(
+      _routed_accuracy(matrix_preds, EVAL[0], routes[EVAL[0]]))
   routes[EVAL[2]].pop(order[EVAL[2]][-1])
   with pytest.raises(ValueError, match=f"routes task '{EVAL[2]}' per example but not its examples"):
     evaluation.evaluate(output_dir=str(tmp_path / "partial"), **kwargs)
