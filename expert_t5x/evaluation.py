@@ -587,6 +587,19 @@ def _shard_path(output_dir: str, chunk: Chunk, task: str, subset: str = "") -> s
   return os.path.join(output_dir, SHARDS_DIR, chunk.key, task + subset + ".jsonl")
 
 
+def _check_example_routes(routing: Routing, task: str, examples: Sequence[Mapping[str, Any]]) -> None:
+  """A per-example routing must route exactly the examples evaluated."""
+  ids = [ex["example_id"] for ex in examples]
+  unrouted = [i for i in ids if i not in routing.routes[task]]
+  if unrouted:
+    raise ValueError(f"Routing {routing.name!r} routes task {task!r} per example but not its examples "
+                     f"{unrouted[:5]}; route every example (or the whole task).")
+  unknown = sorted(set(routing.routes[task]) - set(ids), key=str)
+  if unknown:
+    raise ValueError(f"Routing {routing.name!r} routes examples {unknown[:5]} that task {task!r} does not "
+                     f"have here (another split or max_examples?); route only the evaluated examples.")
+
+
 def _routed_subset(routing: Optional[Routing], include_base: bool, chunk: Chunk, task: str) -> str:
   """'' when `chunk` scores every example of `task`; else (a task routed per example) a tag of the
   example ids routed to its expert, so another routing writes its own shard instead of clashing."""
@@ -956,11 +969,7 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
     check_vocabulary(meta.name, vocabulary, base.config.vocab_size, options, known_vocabs)
     loaded.append((meta, source.examples(meta.name, split, max_examples), vocabulary))
     if routing is not None and routing.per_example(meta.name):
-      unrouted = [ex["example_id"] for ex in loaded[-1][1]
-                  if ex["example_id"] not in routing.routes[meta.name]]
-      if unrouted:
-        raise ValueError(f"Routing {routing.name!r} routes task {meta.name!r} per example but not "
-                         f"its examples {unrouted[:5]}; route every example (or the whole task).")
+      _check_example_routes(routing, meta.name, loaded[-1][1])
   os.makedirs(output_dir, exist_ok=True)
   todo = []  # (meta, examples, vocabulary, [(chunk, path, header, rows)]) of shards still to compute.
   for meta, examples, vocabulary in loaded:

@@ -43,7 +43,8 @@ from expert_t5x import expert_format
 
 METHODS = ("uniform", "weighted", "task_arithmetic", "ties", "dare")
 LINEAR_METHODS = ("uniform", "weighted", "task_arithmetic")
-RECIPE_FORMAT = 1
+# 2: linear merges of LoRA inputs of one (rank, alpha) keep alpha/rank instead of folding it into B.
+RECIPE_FORMAT = 2
 
 Getter = Callable[[int], np.ndarray]  # expert index -> that expert's task vector for one tensor
 
@@ -657,11 +658,12 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _replace_if_reproduced(merged: str, output: str, got: str, wanted: str, recipe_path: str) -> None:
+def _replace_if_reproduced(merged: str, output: str, got: str, wanted: str, recipe_path: str,
+                           hint: str = "") -> None:
   if got != wanted:
     shutil.rmtree(merged, ignore_errors=True)
     raise MergeError(f"--recipe {recipe_path}: the merge has hash {got[:12]}, not the recipe's {wanted[:12]}; it "
-                     f"was not reproduced ('{output}' is unchanged).")
+                     f"was not reproduced ('{output}' is unchanged){hint}.")
   if os.path.exists(output):
     shutil.rmtree(output)
   os.rename(merged, output)
@@ -688,6 +690,7 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
     metas = [expert_format.read_metadata(d) for d in dirs]
     base, init = _load_base(args.base, method not in ("uniform", "weighted") and ref != "zero", metas)
     wanted = recipe.get("output_hash") if args.recipe else None
+    old_format = bool(args.recipe) and recipe.get("format", 1) < RECIPE_FORMAT
     if wanted and os.path.exists(args.output) and not args.overwrite:
       raise MergeError(f"'{args.output}' exists; pass --overwrite or another --output.")
     # A rerun is checked before it replaces anything: merged beside the output, moved in if reproduced.
@@ -696,7 +699,9 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
                                adapter_reference=ref, svd_rank=svd_rank, input_names=names,
                                overwrite=args.overwrite, **params)
     if wanted:
-      _replace_if_reproduced(target, args.output, recipe["output_hash"], wanted, args.recipe)
+      _replace_if_reproduced(target, args.output, recipe["output_hash"], wanted, args.recipe,
+                             " (the recipe is of an earlier format, whose merges may differ bitwise)"
+                             if old_format else "")
   except (MergeError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
     print(f"expert-t5x merge: {e}", file=sys.stderr)
     return 1

@@ -274,6 +274,10 @@ def test_cli_recipe_rerun_is_bitwise_identical(tmp_path, capsys):
   assert merging.merge_main(["--recipe", str(tmp_path / "bad.json"), "--experts", *dirs,
                              "--output", str(tmp_path / "m4")]) == 1
   assert "was not reproduced" in capsys.readouterr().err
+  json.dump(dict(recipe, output_hash="0" * 64, format=1), open(tmp_path / "old.json", "w"))
+  assert merging.merge_main(["--recipe", str(tmp_path / "old.json"), "--experts", *dirs,
+                             "--output", str(tmp_path / "m5")]) == 1
+  assert "of an earlier format" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "m4") and not any(".rerun-" in n for n in os.listdir(tmp_path))
   # A reproduced rerun replaces an existing output only with --overwrite.
   assert merging.merge_main(["--recipe", str(tmp_path / "r.json"), "--experts", *dirs, "--output", out1]) == 1

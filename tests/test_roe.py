@@ -213,6 +213,10 @@ def test_per_example_routing_scores_each_example_under_its_own_expert(base, lib,
   moved = evaluation.evaluate(output_dir=str(tmp_path), **kwargs)
   assert moved["entries"][0]["prompts"][0]["accuracy"] == pytest.approx(
       _routed_accuracy(matrix_preds, EVAL[0], routes[EVAL[0]]))
+  routes[EVAL[2]]["not-an-example"] = ids[0]
+  with pytest.raises(ValueError, match=f"that task '{EVAL[2]}' does not have here"):
+    evaluation.evaluate(output_dir=str(tmp_path / "extra"), **kwargs)
+  routes[EVAL[2]].pop("not-an-example")
   routes[EVAL[2]].pop(order[EVAL[2]][-1])
   with pytest.raises(ValueError, match=f"routes task '{EVAL[2]}' per example but not its examples"):
     evaluation.evaluate(output_dir=str(tmp_path / "partial"), **kwargs)
