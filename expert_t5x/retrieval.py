@@ -193,7 +193,12 @@ def per_expert_max(scores: np.ndarray, key_offsets: np.ndarray) -> np.ndarray:
 def expert_similarity(scores: np.ndarray, key_offsets: np.ndarray) -> np.ndarray:
   """[E] mean over queries of each expert's best key score (keys of expert e: offsets[e]:offsets[e+1]);
   `summarize` reports it as each candidate's `similarity`."""
-  return np.add.reduceat(per_expert_max(scores, key_offsets).astype(np.float64), [0], axis=0)[0] / len(scores)
+  return _mean_per_prompt(per_expert_max(scores, key_offsets), np.array([0, len(scores)]))[0]
+
+
+def _mean_per_prompt(best: np.ndarray, starts: np.ndarray) -> np.ndarray:
+  """[P, E] mean over each prompt's rows (starts[p]:starts[p+1]) of [R, E] maxima, summed in float64."""
+  return np.add.reduceat(best.astype(np.float64), starts[:-1], axis=0) / np.diff(starts)[:, None]
 
 
 # ----------------------------------------------------------------------------
@@ -271,11 +276,6 @@ def cached_key_embeddings(lib: library_lib.Library, embedder: Any, keys: KeySet)
 # ----------------------------------------------------------------------------
 
 
-def summarize(scores: np.ndarray, keys: KeySet, **options: Any) -> dict[str, Any]:
-  """Task-level decision, ranked candidates and diagnostics from one prompt's [Q, N] score matrix."""
-  return summarize_many(scores, keys, np.array([0, scores.shape[0]]), **options)[0]
-
-
 def reduce_scores(scores: np.ndarray, keys: KeySet, votes_per_query: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """What a summary needs of an [R, N] score matrix: [R, E] per-expert maxima and [R, k] voting keys.
 
@@ -290,10 +290,10 @@ def reduce_scores(scores: np.ndarray, keys: KeySet, votes_per_query: int = 1) ->
   return best, top
 
 
-def summarize_many(scores: np.ndarray, keys: KeySet, starts: np.ndarray, *, votes_per_query: int = 1,
-                   **options: Any) -> list[dict[str, Any]]:
-  """`summarize` for P prompts whose queries are rows starts[p]:starts[p+1] of one [R, N] matrix."""
-  return summarize_reduced(*reduce_scores(scores, keys, votes_per_query), keys, starts, **options)
+def summarize(scores: np.ndarray, keys: KeySet, *, votes_per_query: int = 1, **options: Any) -> dict[str, Any]:
+  """Task-level decision, ranked candidates and diagnostics from one prompt's [Q, N] score matrix."""
+  best, top = reduce_scores(scores, keys, votes_per_query)
+  return summarize_reduced(best, top, keys, np.array([0, scores.shape[0]]), **options)[0]
 
 
 def summarize_reduced(best: np.ndarray, top: np.ndarray, keys: KeySet, starts: np.ndarray, *,
@@ -308,8 +308,7 @@ def summarize_reduced(best: np.ndarray, top: np.ndarray, keys: KeySet, starts: n
   counts = np.diff(starts)
   votes, first_key = _vote_counts(top, keys.key_expert, np.repeat(np.arange(num_prompts), counts),
                                   num_prompts, num_experts, keys.key_expert.size)
-  # Mean over each prompt's queries of each expert's best key score (float64 sums of the float32 maxima).
-  similarity = np.add.reduceat(best.astype(np.float64), starts[:-1], axis=0) / counts[:, None]
+  similarity = _mean_per_prompt(best, starts)
   # Unvoted experts by (-similarity, id), every prompt at once: lexsort's last key is the primary one.
   by_similarity = np.lexsort((np.broadcast_to(np.arange(num_experts), similarity.shape), -similarity))
   voted_expert = keys.key_expert[top]
