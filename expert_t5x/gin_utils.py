@@ -22,7 +22,7 @@ Public API: `define_flags`, `run`, `rewrite_gin_args`, `shipped_gin_dir`, `defau
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import logging
 import os
 import sys
@@ -42,11 +42,14 @@ class GinParseOnly(Exception):
 def shipped_gin_dir() -> str:
   """The folder holding the shipped gin files (installed package or source tree)."""
   try:
-    path = importlib.resources.files("expert_t5x.gin_configs")
-    if path.is_dir():
-      return str(path)
-  except (ModuleNotFoundError, TypeError):
-    pass
+    spec = importlib.util.find_spec("expert_t5x.gin_configs")
+  except (ModuleNotFoundError, ValueError):
+    spec = None
+  # The spec's search locations are real folders for a regular, namespace or editable package
+  # (`importlib.resources.files` gives a MultiplexedPath for a namespace one, not a path).
+  for location in (spec.submodule_search_locations or []) if spec else []:
+    if os.path.isdir(location):
+      return location
   return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
 
