@@ -60,7 +60,8 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
              vocabulary_path: Optional[str] = None, expected: Optional[str] = None,
              task_source: Optional[evaluation.TaskSource] = None,
              library: Optional[str] = None, roe: bool = False, merge: bool = False,
-             roe_level: str = "task", embedder: str = "minilm", minilm_dir: Optional[str] = None,
+             roe_level: str = "task", dataset_rule: str = "winner", embedder: str = "minilm",
+             minilm_dir: Optional[str] = None,
              retrieval_max_seq_length: int = 256, text_format: str = "label_instance",
              num_queries: int = 32, retrieval_seed: int = 0, votes_per_query: int = 1,
              guard: str = "zero_shot", abstain_threshold: float = 0.0, fallback: str = "base",
@@ -99,6 +100,8 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
     roe: evaluate each prompt with its top-voted expert (the paper's RoE).
     roe_level: with roe: 'task' (the vote winner), 'dataset' (its dataset's expert) or 'instance'
       (each example with its own nearest key's expert); `roe.LEVELS`.
+    dataset_rule: with roe_level 'dataset': 'winner' (the paper: the dataset of the task-level
+      winner) or 'pooled' (the dataset whose prompt experts got the most votes together).
     merge: evaluate each prompt with a merge of its top-k retrieved experts.
     embedder, minilm_dir, retrieval_max_seq_length, text_format, num_queries, retrieval_seed,
     votes_per_query, guard, abstain_threshold, fallback: retrieval settings (`roe.RoEConfig`;
@@ -129,7 +132,8 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
   if roe or merge:
     from expert_t5x import roe as roe_lib  # pylint: disable=g-import-not-at-top
     config = roe_lib.RoEConfig(
-        mode="roe" if roe else "merge", level=roe_level, embedder=embedder, minilm_dir=minilm_dir,
+        mode="roe" if roe else "merge", level=roe_level, dataset_rule=dataset_rule,
+        embedder=embedder, minilm_dir=minilm_dir,
         max_seq_length=retrieval_max_seq_length, text_format=text_format,
         num_queries=num_queries, seed=retrieval_seed, votes_per_query=votes_per_query,
         guard=guard, abstain_threshold=abstain_threshold, fallback=fallback,
@@ -292,6 +296,9 @@ def _parser() -> argparse.ArgumentParser:
   rl.add_argument("--roe_level", default="task", choices=("task", "dataset", "instance"),
                   help="with --roe: the prompt's vote winner (task), its dataset expert (dataset) "
                        "or each example's nearest key's expert (instance)")
+  rl.add_argument("--dataset_rule", default="winner", choices=("winner", "pooled"),
+                  help="with --roe_level dataset: the vote winner's dataset (the paper) or the "
+                       "dataset with the most votes pooled over its prompt experts")
   rl.add_argument("--embedder", default="minilm", choices=("minilm", "t5", "bm25"),
                   help="t5 = the evaluated base's encoder")
   rl.add_argument("--minilm_dir", help="all-MiniLM-L6-v2 sentence-transformers directory")
@@ -357,7 +364,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         allow_base_mismatch=args.allow_base_mismatch, write_predictions=not args.no_predictions,
         progress=not args.no_progress, vocabulary_path=args.vocabulary_path,
         expected=args.expected, library=args.library, roe=args.roe, merge=args.merge,
-        roe_level=args.roe_level,
+        roe_level=args.roe_level, dataset_rule=args.dataset_rule,
         embedder=args.embedder, minilm_dir=args.minilm_dir,
         retrieval_max_seq_length=args.retrieval_max_seq_length, text_format=args.text_format,
         num_queries=args.num_queries, retrieval_seed=args.retrieval_seed,
