@@ -89,7 +89,10 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
     scoring: 'sum' (the paper), 'mean' or 'per_char'.
     logit_vocab_limit: e.g. 32100 to normalise over the paper's code's 32100 logits.
     gold_not_in_choices: 'exclude' or 'count_wrong'.
-    task_feature_lengths: {'inputs': N, 'targets': M or None}.
+    task_feature_lengths: {'inputs': N, 'targets': M or None}. Without 'inputs' (or None), the
+      paper's choice for the run (`evaluation.paper_input_length`): 256, its prompt-expert configs'
+      length, when experts are evaluated or retrieved (`expert_paths`, `roe`); else 512 (the base
+      alone, merges; T0-3B's). The long-input PEs used 512 (gin `runs/input_length_512.gin`).
     dtype: activation dtype, 'float32' or 'bfloat16'.
     vocabulary_path: the SentencePiece model of the T5 tasks (default: the checkpoint's own
       spiece.model when the vocabulary is not configured otherwise).
@@ -126,6 +129,8 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
   elif library:
     raise ValueError("A library is only used with roe (--roe) or merge (--merge); pass one, or "
                      "evaluate expert directories with --experts.")
+  task_feature_lengths = dict(task_feature_lengths or {"targets": None})
+  task_feature_lengths.setdefault("inputs", evaluation.paper_input_length(experts=bool(paths) or roe))
   base = evaluation.load_base(checkpoint_path, model_config, random_init_seed, dtype,
                               config_overrides)
   _configure_vocabulary(vocabulary_path, checkpoint_path, task_source)
@@ -281,7 +286,9 @@ def _parser() -> argparse.ArgumentParser:
   pr.add_argument("--scoring", default="sum", choices=("sum", "mean", "per_char"))
   pr.add_argument("--logit_vocab_limit", type=int, help="e.g. 32100 (the paper's code)")
   pr.add_argument("--gold_not_in_choices", default="exclude", choices=("exclude", "count_wrong"))
-  pr.add_argument("--max_input_length", type=int, default=512)
+  pr.add_argument("--max_input_length", type=int,
+                  help="default: the paper's per run, 256 (its PE configs) when evaluating or "
+                       "retrieving experts, else 512 (base, merges)")
   pr.add_argument("--max_target_length", type=int, help="truncate choices/targets (default: no)")
   pr.add_argument("--generation_max_length", type=int, default=128)
   pr.add_argument("--bootstrap_samples", type=int, default=1000)
@@ -357,7 +364,8 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         split=args.split, max_examples=args.max_examples, batch_size=args.batch_size,
         experts_per_pass=args.experts_per_pass, scoring=args.scoring,
         logit_vocab_limit=args.logit_vocab_limit, gold_not_in_choices=args.gold_not_in_choices,
-        task_feature_lengths={"inputs": args.max_input_length, "targets": args.max_target_length},
+        task_feature_lengths=dict({"targets": args.max_target_length}, **(
+            {"inputs": args.max_input_length} if args.max_input_length else {})),
         generation_max_length=args.generation_max_length,
         bootstrap_samples=args.bootstrap_samples, seed=args.seed,
         num_partitions=args.num_partitions, dtype=args.dtype,

@@ -53,6 +53,12 @@ SHARDS_DIR = "shards"
 BASE_ID = "base"
 GOLD_POLICIES = ("exclude", "count_wrong")
 DEFAULT_FEATURE_LENGTHS = {"inputs": 512, "targets": None}
+# The paper's input lengths (`max_source_length`; its code evaluates a run with the config it
+# trained with): 256 in the prompt-expert configs (228 of the 296 PEs, hence its per-expert unseen,
+# seen and RoE numbers, RoE being a lookup of those), 512 elsewhere (T0-3B, the 68 long-input PEs
+# of cnn_dailymail, common_gen, duorc, hotpot_qa, multi_news, samsum, wiki_bio, wiki_qa and xsum,
+# the RoE merge configs, the continual cT0 configs).
+PAPER_INPUT_LENGTHS = {"pe_256": 256, "long_512": 512}
 MIN_BUCKET = 8
 
 
@@ -1210,6 +1216,7 @@ def build_results(*, entries, outcomes, excluded, generation, intervals, metas, 
                     "resample": "example ids per dataset with replacement, shared by its prompts"},
       "split": settings["split"], "max_examples": settings["max_examples"],
       "feature_lengths": settings["feature_lengths"],
+      "input_length": input_length_record(settings["feature_lengths"].get("inputs")),
       "generation": {"decoding": "greedy", "max_length": settings["generation_max_length"],
                      "metrics": ["exact_match", "rougeL", "bleu"]}})
   return {
@@ -1223,6 +1230,18 @@ def build_results(*, entries, outcomes, excluded, generation, intervals, metas, 
       "exclusions": totals,
       "entries": entry_objs,
   }
+
+
+def paper_input_length(*, experts: bool) -> int:
+  """The paper's input length for a run: its PE configs' 256 when experts are evaluated one by one
+  (or retrieved), else 512 (the base alone, T0-3B, merges)."""
+  return PAPER_INPUT_LENGTHS["pe_256" if experts else "long_512"]
+
+
+def input_length_record(tokens: Optional[int]) -> dict[str, Any]:
+  """What results record of the input length: the tokens and which of the paper's settings it is."""
+  setting = next((name for name, n in PAPER_INPUT_LENGTHS.items() if n == tokens), None)
+  return {"tokens": tokens, "paper_setting": setting}
 
 
 def _config_json(config: network.T5Config) -> dict[str, Any]:
