@@ -50,7 +50,8 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
              config_overrides: Optional[Mapping[str, Any]] = None,
              expert_paths: Sequence[str] = (), expert_list_file: Optional[str] = None,
              expert_names: Optional[Sequence[str]] = None, include_base: Optional[bool] = None,
-             split: str = "validation", max_examples: Optional[int] = None, batch_size: int = 32,
+             split: str = "validation", max_examples: Optional[int] = None,
+             example_subset: str = "first", batch_size: int = 32,
              experts_per_pass: int = 8, scoring: str = "sum",
              logit_vocab_limit: Optional[int] = None, gold_not_in_choices: str = "exclude",
              task_feature_lengths: Optional[Mapping[str, Optional[int]]] = None,
@@ -86,6 +87,9 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
     split, max_examples, batch_size, experts_per_pass, generation_max_length, bootstrap_samples,
     seed, num_partitions, allow_base_mismatch, write_predictions, progress: see
       `evaluation.evaluate`.
+    example_subset: 'first' (the first `max_examples`) or 'paper' (the paper's evaluation subset:
+      the first `max_examples`, 300 by default, of torch.randperm with seed 42 over the split,
+      after the paper's row slice where it took one; `seqio_tasks.seen_eval`). Recorded.
     scoring: 'sum' (the paper), 'mean' or 'per_char'.
     logit_vocab_limit: e.g. 32100 to normalise over the paper's code's 32100 logits.
     gold_not_in_choices: 'exclude' or 'count_wrong'.
@@ -134,6 +138,11 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
   base = evaluation.load_base(checkpoint_path, model_config, random_init_seed, dtype,
                               config_overrides)
   _configure_vocabulary(vocabulary_path, checkpoint_path, task_source)
+  if task_source is None:
+    task_source = evaluation.SeqioTaskSource(example_subset)
+  elif example_subset != getattr(task_source, "example_subset", "first"):
+    raise ValueError(f"example_subset {example_subset!r} applies to the registered tasks; a given "
+                     "task_source selects its own examples (pass it the subset, or drop one).")
   if roe or merge:
     from expert_t5x import roe as roe_lib  # pylint: disable=g-import-not-at-top
     config = roe_lib.RoEConfig(
@@ -282,7 +291,12 @@ def _parser() -> argparse.ArgumentParser:
                   help="evaluate experts trained on another base")
   pr = p.add_argument_group("protocol")
   pr.add_argument("--split", default="validation")
-  pr.add_argument("--max_examples", type=int, help="first N examples of each task")
+  pr.add_argument("--max_examples", type=int,
+                  help="first N examples of each task (with --example_subset paper: N of the "
+                       "paper's subset, 300 by default)")
+  pr.add_argument("--example_subset", default="first", choices=("first", "paper"),
+                  help="first: the first --max_examples; paper: the paper's evaluation subset "
+                       "(first 300 of torch.randperm with seed 42, ELM's seen_eval_300)")
   pr.add_argument("--scoring", default="sum", choices=("sum", "mean", "per_char"))
   pr.add_argument("--logit_vocab_limit", type=int, help="e.g. 32100 (the paper's code)")
   pr.add_argument("--gold_not_in_choices", default="exclude", choices=("exclude", "count_wrong"))
@@ -361,7 +375,8 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         config_overrides={"vocab_size": args.vocab_size} if args.vocab_size else None,
         expert_paths=args.experts, expert_list_file=args.expert_list,
         expert_names=args.expert_names, include_base=True if args.include_base else None,
-        split=args.split, max_examples=args.max_examples, batch_size=args.batch_size,
+        split=args.split, max_examples=args.max_examples, example_subset=args.example_subset,
+        batch_size=args.batch_size,
         experts_per_pass=args.experts_per_pass, scoring=args.scoring,
         logit_vocab_limit=args.logit_vocab_limit, gold_not_in_choices=args.gold_not_in_choices,
         task_feature_lengths=dict({"targets": args.max_target_length}, **(

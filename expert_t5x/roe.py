@@ -182,6 +182,7 @@ class CachedTaskSource:
   def __init__(self, source: evaluation.TaskSource):
     self._source = source
     self._examples: dict[tuple, list[dict]] = {}
+    self.example_subset = getattr(source, "example_subset", "first")  # recorded in results
 
   def resolve(self, spec):
     return self._source.resolve(spec)
