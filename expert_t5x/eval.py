@@ -50,7 +50,8 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
              config_overrides: Optional[Mapping[str, Any]] = None,
              expert_paths: Sequence[str] = (), expert_list_file: Optional[str] = None,
              expert_names: Optional[Sequence[str]] = None, include_base: Optional[bool] = None,
-             split: str = "validation", max_examples: Optional[int] = None, batch_size: int = 32,
+             split: str = "validation", max_examples: Optional[int] = None,
+             example_subset: str = "first", batch_size: int = 32,
              experts_per_pass: int = 8, scoring: str = "sum",
              logit_vocab_limit: Optional[int] = None, gold_not_in_choices: str = "exclude",
              task_feature_lengths: Optional[Mapping[str, Optional[int]]] = None,
@@ -60,7 +61,8 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
              vocabulary_path: Optional[str] = None, expected: Optional[str] = None,
              task_source: Optional[evaluation.TaskSource] = None,
              library: Optional[str] = None, roe: bool = False, merge: bool = False,
-             roe_level: str = "task", embedder: str = "minilm", minilm_dir: Optional[str] = None,
+             roe_level: str = "task", dataset_rule: str = "winner", embedder: str = "minilm",
+             minilm_dir: Optional[str] = None,
              retrieval_max_seq_length: int = 256, text_format: str = "label_instance",
              num_queries: int = 32, retrieval_seed: int = 0, votes_per_query: int = 1,
              guard: str = "zero_shot", abstain_threshold: float = 0.0, fallback: str = "base",
@@ -85,10 +87,16 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
     split, max_examples, batch_size, experts_per_pass, generation_max_length, bootstrap_samples,
     seed, num_partitions, allow_base_mismatch, write_predictions, progress: see
       `evaluation.evaluate`.
+    example_subset: 'first' (the first `max_examples`) or 'paper' (the paper's evaluation subset:
+      the first `max_examples`, 300 by default, of torch.randperm with seed 42 over the split,
+      after the paper's row slice where it took one; `seqio_tasks.seen_eval`). Recorded.
     scoring: 'sum' (the paper), 'mean' or 'per_char'.
     logit_vocab_limit: e.g. 32100 to normalise over the paper's code's 32100 logits.
     gold_not_in_choices: 'exclude' or 'count_wrong'.
-    task_feature_lengths: {'inputs': N, 'targets': M or None}.
+    task_feature_lengths: {'inputs': N, 'targets': M or None}. Without 'inputs' (or None), the
+      paper's choice for the run (`evaluation.paper_input_length`): 256, its prompt-expert configs'
+      length, when experts are evaluated or retrieved (`expert_paths`, `roe`); else 512 (the base
+      alone, merges; T0-3B's). The long-input PEs used 512 (gin `runs/input_length_512.gin`).
     dtype: activation dtype, 'float32' or 'bfloat16'.
     vocabulary_path: the SentencePiece model of the T5 tasks (default: the checkpoint's own
       spiece.model when the vocabulary is not configured otherwise).
@@ -99,6 +107,8 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
     roe: evaluate each prompt with its top-voted expert (the paper's RoE).
     roe_level: with roe: 'task' (the vote winner), 'dataset' (its dataset's expert) or 'instance'
       (each example with its own nearest key's expert); `roe.LEVELS`.
+    dataset_rule: with roe_level 'dataset': 'winner' (the paper: the dataset of the task-level
+      winner) or 'pooled' (the dataset whose prompt experts got the most votes together).
     merge: evaluate each prompt with a merge of its top-k retrieved experts.
     embedder, minilm_dir, retrieval_max_seq_length, text_format, num_queries, retrieval_seed,
     votes_per_query, guard, abstain_threshold, fallback: retrieval settings (`roe.RoEConfig`;
@@ -123,13 +133,21 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
   elif library:
     raise ValueError("A library is only used with roe (--roe) or merge (--merge); pass one, or "
                      "evaluate expert directories with --experts.")
+  task_feature_lengths = dict(task_feature_lengths or {"targets": None})
+  task_feature_lengths.setdefault("inputs", evaluation.paper_input_length(experts=bool(paths) or roe))
   base = evaluation.load_base(checkpoint_path, model_config, random_init_seed, dtype,
                               config_overrides)
   _configure_vocabulary(vocabulary_path, checkpoint_path, task_source)
+  if task_source is None:
+    task_source = evaluation.SeqioTaskSource(example_subset)
+  elif example_subset != getattr(task_source, "example_subset", "first"):
+    raise ValueError(f"example_subset {example_subset!r} applies to the registered tasks; a given "
+                     "task_source selects its own examples (pass it the subset, or drop one).")
   if roe or merge:
     from expert_t5x import roe as roe_lib  # pylint: disable=g-import-not-at-top
     config = roe_lib.RoEConfig(
-        mode="roe" if roe else "merge", level=roe_level, embedder=embedder, minilm_dir=minilm_dir,
+        mode="roe" if roe else "merge", level=roe_level, dataset_rule=dataset_rule,
+        embedder=embedder, minilm_dir=minilm_dir,
         max_seq_length=retrieval_max_seq_length, text_format=text_format,
         num_queries=num_queries, seed=retrieval_seed, votes_per_query=votes_per_query,
         guard=guard, abstain_threshold=abstain_threshold, fallback=fallback,
@@ -273,11 +291,18 @@ def _parser() -> argparse.ArgumentParser:
                   help="evaluate experts trained on another base")
   pr = p.add_argument_group("protocol")
   pr.add_argument("--split", default="validation")
-  pr.add_argument("--max_examples", type=int, help="first N examples of each task")
+  pr.add_argument("--max_examples", type=int,
+                  help="first N examples of each task (with --example_subset paper: N of the "
+                       "paper's subset, 300 by default)")
+  pr.add_argument("--example_subset", default="first", choices=("first", "paper"),
+                  help="first: the first --max_examples; paper: the paper's evaluation subset "
+                       "(first 300 of torch.randperm with seed 42, ELM's seen_eval_300)")
   pr.add_argument("--scoring", default="sum", choices=("sum", "mean", "per_char"))
   pr.add_argument("--logit_vocab_limit", type=int, help="e.g. 32100 (the paper's code)")
   pr.add_argument("--gold_not_in_choices", default="exclude", choices=("exclude", "count_wrong"))
-  pr.add_argument("--max_input_length", type=int, default=512)
+  pr.add_argument("--max_input_length", type=int,
+                  help="default: the paper's per run, 256 (its PE configs) when evaluating or "
+                       "retrieving experts, else 512 (base, merges)")
   pr.add_argument("--max_target_length", type=int, help="truncate choices/targets (default: no)")
   pr.add_argument("--generation_max_length", type=int, default=128)
   pr.add_argument("--bootstrap_samples", type=int, default=1000)
@@ -292,6 +317,9 @@ def _parser() -> argparse.ArgumentParser:
   rl.add_argument("--roe_level", default="task", choices=("task", "dataset", "instance"),
                   help="with --roe: the prompt's vote winner (task), its dataset expert (dataset) "
                        "or each example's nearest key's expert (instance)")
+  rl.add_argument("--dataset_rule", default="winner", choices=("winner", "pooled"),
+                  help="with --roe_level dataset: the vote winner's dataset (the paper) or the "
+                       "dataset with the most votes pooled over its prompt experts")
   rl.add_argument("--embedder", default="minilm", choices=("minilm", "t5", "bm25"),
                   help="t5 = the evaluated base's encoder")
   rl.add_argument("--minilm_dir", help="all-MiniLM-L6-v2 sentence-transformers directory")
@@ -347,17 +375,19 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         config_overrides={"vocab_size": args.vocab_size} if args.vocab_size else None,
         expert_paths=args.experts, expert_list_file=args.expert_list,
         expert_names=args.expert_names, include_base=True if args.include_base else None,
-        split=args.split, max_examples=args.max_examples, batch_size=args.batch_size,
+        split=args.split, max_examples=args.max_examples, example_subset=args.example_subset,
+        batch_size=args.batch_size,
         experts_per_pass=args.experts_per_pass, scoring=args.scoring,
         logit_vocab_limit=args.logit_vocab_limit, gold_not_in_choices=args.gold_not_in_choices,
-        task_feature_lengths={"inputs": args.max_input_length, "targets": args.max_target_length},
+        task_feature_lengths=dict({"targets": args.max_target_length}, **(
+            {"inputs": args.max_input_length} if args.max_input_length else {})),
         generation_max_length=args.generation_max_length,
         bootstrap_samples=args.bootstrap_samples, seed=args.seed,
         num_partitions=args.num_partitions, dtype=args.dtype,
         allow_base_mismatch=args.allow_base_mismatch, write_predictions=not args.no_predictions,
         progress=not args.no_progress, vocabulary_path=args.vocabulary_path,
         expected=args.expected, library=args.library, roe=args.roe, merge=args.merge,
-        roe_level=args.roe_level,
+        roe_level=args.roe_level, dataset_rule=args.dataset_rule,
         embedder=args.embedder, minilm_dir=args.minilm_dir,
         retrieval_max_seq_length=args.retrieval_max_seq_length, text_format=args.text_format,
         num_queries=args.num_queries, retrieval_seed=args.retrieval_seed,

@@ -53,6 +53,12 @@ SHARDS_DIR = "shards"
 BASE_ID = "base"
 GOLD_POLICIES = ("exclude", "count_wrong")
 DEFAULT_FEATURE_LENGTHS = {"inputs": 512, "targets": None}
+# The paper's input lengths (`max_source_length`; its code evaluates a run with the config it
+# trained with): 256 in the prompt-expert configs (228 of the 296 PEs, hence its per-expert unseen,
+# seen and RoE numbers, RoE being a lookup of those), 512 elsewhere (T0-3B, the 68 long-input PEs
+# of cnn_dailymail, common_gen, duorc, hotpot_qa, multi_news, samsum, wiki_bio, wiki_qa and xsum,
+# the RoE merge configs, the continual cT0 configs).
+PAPER_INPUT_LENGTHS = {"pe_256": 256, "long_512": 512}
 MIN_BUCKET = 8
 
 
@@ -122,11 +128,20 @@ class TaskSource(Protocol):
 
 
 class SeqioTaskSource:
-  """Tasks registered by `seqio_tasks` (imports TensorFlow/seqio on first use)."""
+  """Tasks registered by `seqio_tasks` (imports TensorFlow/seqio on first use).
 
-  def __init__(self):
+  `example_subset`: 'first' (the first `max_examples`) or 'paper' (the paper's evaluation subset:
+  the first `max_examples`, 300 by default, of torch's seed-42 permutation; `seqio_tasks.seen_eval`).
+  """
+
+  def __init__(self, example_subset: str = "first"):
     import seqio_tasks  # pylint: disable=g-import-not-at-top
+    from seqio_tasks import seen_eval  # pylint: disable=g-import-not-at-top
+    if example_subset not in seen_eval.SUBSETS:
+      raise ValueError(f"example_subset {example_subset!r} is not one of {seen_eval.SUBSETS}; use "
+                       "'first' (the first max_examples) or 'paper' (the paper's 300, seed 42).")
     self._tasks = seqio_tasks
+    self.example_subset = example_subset
 
   def resolve(self, spec: str | Sequence[str]) -> list[str]:
     from seqio_tasks import mixtures  # pylint: disable=g-import-not-at-top
@@ -145,7 +160,7 @@ class SeqioTaskSource:
                     scoring=bool(info.has_choices))
 
   def examples(self, task: str, split: str, max_examples: Optional[int]) -> list[dict]:
-    return self._tasks.load_examples(task, split, max_examples)
+    return self._tasks.load_examples(task, split, max_examples, subset=self.example_subset)
 
   def vocabulary(self, task: str) -> Vocabulary:
     import seqio  # pylint: disable=g-import-not-at-top
@@ -959,6 +974,9 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
               "feature_lengths": feature_lengths, "generation_max_length": generation_max_length,
               "base_fingerprint": base.fingerprint, "model_vocab_size": base.config.vocab_size,
               "dtype": jnp.dtype(base.config.dtype).name}
+  subset = getattr(source, "example_subset", "first")
+  if subset != "first":  # only then in shard headers, so earlier runs still resume
+    settings["example_subset"] = subset
   known_vocabs = {"the base checkpoint": base.vocab_fingerprint}
   known_vocabs.update({f"expert {s.id!r}": (s.metadata.get("base") or {}).get("vocab_fingerprint")
                        for s in specs})
@@ -1209,7 +1227,9 @@ def build_results(*, entries, outcomes, excluded, generation, intervals, metas, 
                     list(aggregation.PERCENTILES),
                     "resample": "example ids per dataset with replacement, shared by its prompts"},
       "split": settings["split"], "max_examples": settings["max_examples"],
+      "example_subset": settings.get("example_subset", "first"),
       "feature_lengths": settings["feature_lengths"],
+      "input_length": input_length_record(settings["feature_lengths"].get("inputs")),
       "generation": {"decoding": "greedy", "max_length": settings["generation_max_length"],
                      "metrics": ["exact_match", "rougeL", "bleu"]}})
   return {
@@ -1223,6 +1243,18 @@ def build_results(*, entries, outcomes, excluded, generation, intervals, metas, 
       "exclusions": totals,
       "entries": entry_objs,
   }
+
+
+def paper_input_length(*, experts: bool) -> int:
+  """The paper's input length for a run: its PE configs' 256 when experts are evaluated one by one
+  (or retrieved), else 512 (the base alone, T0-3B, merges)."""
+  return PAPER_INPUT_LENGTHS["pe_256" if experts else "long_512"]
+
+
+def input_length_record(tokens: Optional[int]) -> dict[str, Any]:
+  """What results record of the input length: the tokens and which of the paper's settings it is."""
+  setting = next((name for name, n in PAPER_INPUT_LENGTHS.items() if n == tokens), None)
+  return {"tokens": tokens, "paper_setting": setting}
 
 
 def _config_json(config: network.T5Config) -> dict[str, Any]:

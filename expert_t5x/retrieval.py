@@ -9,13 +9,17 @@ abstain threshold and fallback, and a warning when winning votes came from key t
 experts (e.g. all generative experts under `label` formats). Instance-level and dataset-expert-level
 variants are provided. Search is one BLAS matrix product for all prompts that see the same experts.
 
-Key texts (`format_text`), exactly the paper's `get_text_format`:
+Key texts (`format_text`), exactly the paper's `get_text_format` (retrieval/make_index.py for keys,
+retrieval/run_retrieval.py for queries):
   instance        "Instance: {inputs}"
-  label           "Answer Choices: {', '.join(answer_choices)}"     ("(none)" when there are no choices)
-  choice          "Answer Choices: {raw promptsource answer_choices expression}"
+  label           "Answer Choices: {', '.join(answer_choices)}"     (empty when there are no choices)
+  choice          "Answer Choices: {raw promptsource answer_choices expression}"   ("None" when the
+                  template has none: the paper formats Python's None)
   label_instance  "Answer Choices: {labels}, Instance: {inputs}"    (default)
   choice_instance "Answer Choices: {choices}, Instance: {inputs}"
   *_new           the same without prefixes, "</s>" joining choices and instance.
+Experts without answer choices (generative prompts) thus all share the key text prefix
+"Answer Choices: , Instance: " under `label_instance`, as in the paper.
 """
 
 from __future__ import annotations
@@ -40,7 +44,11 @@ TEXT_FORMATS = ("instance", "label", "choice", "label_instance", "choice_instanc
                 "label_new", "choice_new", "label_instance_new", "choice_instance_new")
 DEFAULT_TEXT_FORMAT = "label_instance"
 DEFAULT_NUM_QUERIES = 32
-NO_CHOICES = "(none)"
+# Dataset-expert-level RoE: which dataset's expert a prompt uses. 'winner' (the paper,
+# run_task_32.py: `picked_expert.split('@')[0]`): the dataset of the task-level vote's winner;
+# 'pooled': the dataset whose prompt experts got the most votes together.
+DATASET_RULES = ("winner", "pooled")
+DEFAULT_DATASET_RULE = "winner"
 
 # (dataset, subset, prompt) -> the template's raw answer_choices expression (None if it has none).
 TemplateLookup = Callable[[str | None, str | None, str | None], str | None]
@@ -56,8 +64,8 @@ class RetrievalError(ValueError):
 
 
 def _labels(row: Mapping[str, Any]) -> str:
-  choices = row.get("answer_choices")
-  return ", ".join(str(c) for c in choices) if choices else NO_CHOICES
+  # The paper: `label_list = '' if label_list == None else ", ".join(label_list)`.
+  return ", ".join(str(c) for c in row.get("answer_choices") or ())
 
 
 def _raw_choices(row: Mapping[str, Any], lookup: TemplateLookup | None) -> str:
@@ -74,7 +82,8 @@ def _raw_choices(row: Mapping[str, Any], lookup: TemplateLookup | None) -> str:
     raise RetrievalError(f"Text format 'choice*' needs the raw answer_choices expression of prompt "
                          f"{row.get('prompt')!r}: keys/queries lack 'answer_choices_template' and no "
                          f"template lookup was given. Use a label format (e.g. label_instance).")
-  return raw if raw else NO_CHOICES
+  # The paper formats the template's `answer_choices` as is: None (no choices) becomes "None".
+  return f"{raw}"
 
 
 def format_text(row: Mapping[str, Any], text_format: str = DEFAULT_TEXT_FORMAT,
@@ -298,7 +307,8 @@ def summarize(scores: np.ndarray, keys: KeySet, *, votes_per_query: int = 1, **o
 
 def summarize_reduced(best: np.ndarray, top: np.ndarray, keys: KeySet, starts: np.ndarray, *,
                       abstain_threshold: float = 0.0, fallback: str = "base",
-                      dataset_experts: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+                      dataset_experts: Mapping[str, str] | None = None,
+                      dataset_rule: str = DEFAULT_DATASET_RULE) -> list[dict[str, Any]]:
   """Per-prompt results from `reduce_scores`' output for P prompts (rows starts[p]:starts[p+1]).
 
   Vote counts, similarities and the similarity order are computed for all prompts in a few array
@@ -341,26 +351,32 @@ def summarize_reduced(best: np.ndarray, top: np.ndarray, keys: KeySet, starts: n
                            f"shared with other experts ({', '.join(sharing[:5])}); those votes cannot "
                            f"discriminate.")
     if dataset_experts is not None:
-      result["dataset_level"] = dataset_vote(result["candidates"], dataset_experts)
+      result["dataset_level"] = dataset_vote(result["candidates"], dataset_experts, dataset_rule)
     results.append(result)
   return results
 
 
-def dataset_vote(candidates: Sequence[Mapping[str, Any]], dataset_of: Mapping[str, str]) -> dict[str, Any]:
-  """Dataset-expert-level RoE: each prompt expert's votes go to its dataset; ties to the first ranked.
+def dataset_vote(candidates: Sequence[Mapping[str, Any]], dataset_of: Mapping[str, str],
+                 rule: str = DEFAULT_DATASET_RULE) -> dict[str, Any]:
+  """Dataset-expert-level RoE: the dataset whose expert the prompt uses, by `rule` (`DATASET_RULES`).
 
-  `candidates` are in `summarize`'s order: experts with votes first, so the loop stops at the first
-  without.
+  'winner' (the paper) takes the dataset of the top-ranked candidate, the task-level winner;
+  'pooled' sums each prompt expert's votes per dataset (ties to the first ranked). Both record the
+  pooled totals. `candidates` are in `summarize`'s order: experts with votes first, so the loop
+  stops at the first without.
   """
+  if rule not in DATASET_RULES:
+    raise RetrievalError(f"Unknown dataset rule {rule!r}; expected one of {DATASET_RULES}.")
   totals: dict[str, int] = {}
   for c in itertools.takewhile(lambda c: c["votes"], candidates):
     d = dataset_of.get(c["expert"])
     if d is not None:
       totals[d] = totals.get(d, 0) + c["votes"]
-  if not totals:
-    return {"dataset": None, "votes": {}}
-  best = max(totals, key=lambda d: totals[d])  # dict order = candidate rank order breaks ties
-  return {"dataset": best, "votes": totals}
+  if rule == "winner":
+    best = dataset_of.get(candidates[0]["expert"]) if candidates and candidates[0]["votes"] else None
+  else:
+    best = max(totals, key=lambda d: totals[d]) if totals else None  # dict order breaks ties
+  return {"rule": rule, "dataset": best, "votes": totals}
 
 
 def _entry_dataset(entry: Mapping[str, Any]) -> str | None:
@@ -430,7 +446,8 @@ class Retriever:
                     datasets: Sequence[tuple[str | None, str | None]] | None = None,
                     guard: str = "zero_shot", num_queries: int = DEFAULT_NUM_QUERIES, seed: int = 0,
                     votes_per_query: int = 1, abstain_threshold: float = 0.0,
-                    fallback: str = "base") -> list[dict[str, Any]]:
+                    fallback: str = "base", dataset_rule: str = DEFAULT_DATASET_RULE
+                    ) -> list[dict[str, Any]]:
     """Retrieves for several eval prompts at once; records queries and guard mode in each result.
 
     All prompts' queries are embedded in one call, and prompts whose guard leaves the same experts share
@@ -440,8 +457,11 @@ class Retriever:
     Args:
       prompts: each eval prompt's (unlabeled) examples.
       datasets: (dataset, subset) per prompt for the guard (default: from each prompt's first example).
-      guard, num_queries, seed, votes_per_query, abstain_threshold, fallback: as the CLI flags.
+      guard, num_queries, seed, votes_per_query, abstain_threshold, fallback, dataset_rule: as the
+        CLI flags.
     """
+    if dataset_rule not in DATASET_RULES:
+      raise RetrievalError(f"Unknown dataset rule {dataset_rule!r}; expected one of {DATASET_RULES}.")
     plans = []
     for p, examples in enumerate(prompts):
       if not examples:
@@ -458,7 +478,8 @@ class Retriever:
                                                   [plan[2].allowed for plan in plans], votes_per_query):
       starts = np.concatenate([[0], np.cumsum([len(plans[p][4]) for p in members])])
       summaries = summarize_reduced(best, top, keys, starts, abstain_threshold=abstain_threshold,
-                                    fallback=fallback, dataset_experts=self.dataset_of)
+                                    fallback=fallback, dataset_experts=self.dataset_of,
+                                    dataset_rule=dataset_rule)
       for p, result in zip(members, summaries):
         dataset, subset, verdict, indices, _ = plans[p]
         d = result["dataset_level"]["dataset"]
@@ -607,6 +628,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--guard", choices=library_lib.GUARD_MODES, default="zero_shot")
   p.add_argument("--abstain-threshold", type=float, default=0.0, help="abstain below this vote share")
   p.add_argument("--fallback", choices=("base", "merge"), default="base")
+  p.add_argument("--dataset-rule", choices=DATASET_RULES, default=DEFAULT_DATASET_RULE,
+                 help="dataset-level pick: the winner's dataset (the paper) or votes pooled per dataset")
   p.add_argument("--output", help="write results JSON here (default: stdout)")
   return p
 
@@ -631,7 +654,8 @@ def retrieve_main(argv: Sequence[str] | None = None) -> int:
     results = retriever.retrieve_many([by_task[t] for t in tasks], guard=args.guard,
                                       num_queries=args.num_queries, seed=args.seed,
                                       votes_per_query=args.votes_per_query,
-                                      abstain_threshold=args.abstain_threshold, fallback=args.fallback)
+                                      abstain_threshold=args.abstain_threshold, fallback=args.fallback,
+                                      dataset_rule=args.dataset_rule)
     for t, res in zip(tasks, results):
       res["task"] = t
       res["prompt"] = by_task[t][0].get("prompt")
@@ -639,6 +663,7 @@ def retrieve_main(argv: Sequence[str] | None = None) -> int:
     print(f"expert-t5x retrieve: {e}", file=sys.stderr)
     return 1
   out = {"embedder": retriever.embedder.identity, "text_format": args.text_format, "guard_mode": args.guard,
+         "dataset_rule": args.dataset_rule,
          "library": retriever.lib.root, "num_keys": len(retriever.keys.texts), "results": results}
   text = json.dumps(out, indent=2, sort_keys=True)
   if args.output:

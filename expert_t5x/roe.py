@@ -8,7 +8,8 @@ roe=True)` in gin, run the paper's protocol (reference/elm_method §6-7) end to 
    experts through `retrieval.Retriever` (instance-level nearest keys, task-level majority, the
    contamination guard). The full results go to `retrieval.json`.
 2. **Route.** `roe`: the prompt uses its top-voted expert (the fallback when abstaining), or with
-   `level` 'dataset' that expert's dataset expert, or with 'instance' each example its own nearest
+   `level` 'dataset' the dataset expert of that expert's dataset (the paper's rule; votes pooled
+   per dataset with `dataset_rule` 'pooled'), or with 'instance' each example its own nearest
    key's expert (every example is then a query). `merge`:
    its top-k candidates are merged by `merging.merge_expert_dirs` (uniform by default) into
    `merged/<id>/`, reused by reruns. Given several top-k or λ values, the setting whose merge has
@@ -66,6 +67,8 @@ class RoEConfig:
       an expert trained on several prompts of one dataset; the winner itself where the library has
       none, recorded) or 'instance' (every eval example retrieves for itself: its nearest key's
       expert evaluates it; all examples are queries).
+    dataset_rule: with level 'dataset', whose dataset: 'winner' (the paper: the task-level
+      winner's) or 'pooled' (the dataset with the most votes over its prompt experts).
     embedder: 'minilm', 't5' (the evaluated base's encoder) or 'bm25'.
     minilm_dir: all-MiniLM-L6-v2 sentence-transformers directory (default: the fetched copy).
     max_seq_length: truncation of keys and queries.
@@ -83,6 +86,7 @@ class RoEConfig:
   """
   mode: str = "roe"
   level: str = "task"
+  dataset_rule: str = retrieval.DEFAULT_DATASET_RULE
   embedder: str = "minilm"
   minilm_dir: Optional[str] = None
   max_seq_length: int = 256
@@ -105,6 +109,8 @@ class RoEConfig:
     checks = [
         (self.mode in MODES, f"mode must be one of {MODES}; got {self.mode!r}."),
         (self.level in LEVELS, f"level must be one of {LEVELS}; got {self.level!r}."),
+        (self.dataset_rule in retrieval.DATASET_RULES,
+         f"dataset_rule must be one of {retrieval.DATASET_RULES}; got {self.dataset_rule!r}."),
         (self.level == "task" or self.mode == "roe",
          f"level {self.level!r} routes to single experts; use it with mode 'roe', not 'merge'."),
         (self.level != "instance" or (self.abstain_threshold == 0.0 and self.votes_per_query == 1),
@@ -141,7 +147,8 @@ class RoEConfig:
     return self.mode == "merge" or (self.fallback == "merge" and self.abstain_threshold > 0)
 
   def to_json(self) -> dict[str, Any]:
-    out = {"mode": self.mode, "level": self.level, "embedder_name": self.embedder,
+    out = {"mode": self.mode, "level": self.level, "dataset_rule": self.dataset_rule,
+           "embedder_name": self.embedder,
            "max_seq_length": self.max_seq_length,
            "text_format": self.text_format, "num_queries": self.num_queries, "seed": self.seed,
            "votes_per_query": self.votes_per_query, "guard_mode": self.guard,
@@ -175,6 +182,7 @@ class CachedTaskSource:
   def __init__(self, source: evaluation.TaskSource):
     self._source = source
     self._examples: dict[tuple, list[dict]] = {}
+    self.example_subset = getattr(source, "example_subset", "first")  # recorded in results
 
   def resolve(self, spec):
     return self._source.resolve(spec)
@@ -340,7 +348,8 @@ def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
   results = retriever.retrieve_many(
       [unlabeled(examples[t]) for t in task_names], guard=config.guard,
       num_queries=num_queries, seed=config.seed, votes_per_query=config.votes_per_query,
-      abstain_threshold=config.abstain_threshold, fallback=config.fallback)
+      abstain_threshold=config.abstain_threshold, fallback=config.fallback,
+      dataset_rule=config.dataset_rule)
   library_info = {"path": lib.url if lib.remote else lib.root, "num_experts": len(retriever.entries),
                   "num_keys": len(retriever.keys.texts)}
   del retriever  # frees its key embeddings and score buffer before the models load
@@ -409,13 +418,13 @@ def instance_routes(result: Mapping[str, Any], examples: Sequence[Mapping[str, A
 
 
 def dataset_expert(result: Mapping[str, Any], detail: dict[str, Any]) -> str:
-  """DE-level RoE: the dataset expert of the vote's dataset (votes of prompt experts pooled by
-  dataset), else the task-level winner, with the reason recorded in `detail`."""
+  """DE-level RoE: the dataset expert of the vote's dataset (by the retrieval's `dataset_rule`),
+  else the task-level winner, with the reason recorded in `detail`."""
   level = result["dataset_level"]
   if level.get("expert"):
     return level["expert"]
   why = (f"the library has no dataset expert for {level['dataset']!r}" if level["dataset"]
-         else "no voted expert records a dataset")
+         else f"no voted expert records a dataset (rule {level.get('rule')!r})")
   detail["dataset_level_fallback"] = f"{why}; used the task-level winner"
   return result["winner"]
 

@@ -114,16 +114,23 @@ def regroup_score_rows(rows: Iterable[Mapping[str, Any]], *, dataset: str, subse
 
 
 def load_examples(task_name: str, split: str = "validation",
-                  max_examples: Optional[int] = None) -> list[dict[str, Any]]:
+                  max_examples: Optional[int] = None, subset: str = "first"
+                  ) -> list[dict[str, Any]]:
   """The canonical (grouped) examples of a registered task, read without tf.data pipelines.
 
-  `_score_eval` names give the examples of their grouped base task.
+  `_score_eval` names give the examples of their grouped base task. `subset` 'first' keeps the
+  first `max_examples`; 'paper' the paper's evaluation subset (`seen_eval.paper_subset`: the first
+  `max_examples`, 300 by default, of torch's seed-42 permutation).
   """
   from seqio_tasks import provenance  # pylint: disable=g-import-not-at-top
+  from seqio_tasks import seen_eval  # pylint: disable=g-import-not-at-top
   info = provenance.get(task_name)
   if split not in info.splits:
     raise ValueError(f"task {task_name!r} has no split {split!r}; it has {list(info.splits)}.")
   iterator: Iterator[dict[str, Any]] = provenance.examples_fn(task_name)(split)
+  if subset == "paper":
+    return seen_eval.apply_subset(list(iterator), subset, max_examples, info.dataset)
+  seen_eval.apply_subset([], subset, None, None)  # validates the name
   if max_examples is not None:
     iterator = itertools.islice(iterator, max_examples)
   return list(iterator)

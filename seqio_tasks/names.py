@@ -18,6 +18,8 @@ import json
 import re
 from typing import Iterable, Optional, Sequence
 
+from seqio_tasks import seen_eval
+
 SCORE_EVAL_SUFFIX = "_score_eval"
 ALL_PROMPTS_SUFFIX = "_all_prompts"
 RANDOM_PROMPT_SUFFIX = "_random_prompt"
@@ -96,7 +98,10 @@ def train_prompts() -> tuple[PromptSpec, ...]:
   for entry in _read_json("t0_train_296.json"):
     ds, sub = entry["dataset"], entry["subset"]
     for prompt in entry["prompts"]:
-      specs.append(_spec(ds, sub, prompt, "train", dataset_task_prefix(ds, sub), _DEFAULT_SPLITS))
+      # The split the paper evaluated seen tasks on (test, or a train slice, for datasets
+      # without a validation split; `seen_eval`).
+      specs.append(_spec(ds, sub, prompt, "train", dataset_task_prefix(ds, sub),
+                         seen_eval.train_splits(ds)))
   return tuple(specs)
 
 

@@ -18,6 +18,7 @@ from seqio_tasks import metrics
 from seqio_tasks import names
 from seqio_tasks import provenance
 from seqio_tasks import registry
+from seqio_tasks import seen_eval
 from seqio_tasks import vocab
 from seqio_tasks.sources import canonical
 from seqio_tasks.sources import prompted
@@ -34,7 +35,9 @@ def _prompt_source(spec: names.PromptSpec, *, name: str, dir_names, scoring: boo
 
   return canonical.CanonicalSource(name=name, splits=tuple(split_map), python_fn=python_fn,
                                    dataset=spec.dataset, subset=spec.subset, prompt=spec.prompt,
-                                   dir_names=dir_names)
+                                   dir_names=dir_names,
+                                   split_aliases=seen_eval.p3_split_aliases(spec.dataset)
+                                   if spec.role == "train" else None)
 
 
 def _info(spec: names.PromptSpec, name: str, kind: str, **overrides) -> provenance.TaskInfo:

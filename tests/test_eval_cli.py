@@ -67,6 +67,24 @@ def test_cli_on_demo_heldout_writes_consistent_files(demo_run):
   assert acc.shape == (2, len(tasks)) and sorted(prompt_ids) == sorted(tasks)
   assert res["protocol"]["scoring"] == "sum" and res["model"]["base"] == "random:tiny:seed=0"
   assert res["environment"]["packages"]["seqio"]
+  # Experts evaluated: the paper's PE-config input length by default, recorded.
+  assert res["protocol"]["feature_lengths"] == {"inputs": 256, "targets": None}
+  assert res["protocol"]["input_length"] == {"tokens": 256, "paper_setting": "pe_256"}
+
+
+@pytest.mark.tf
+def test_cli_base_alone_defaults_to_512_and_a_given_length_wins(tmp_path):
+  task = "demo_membership_in_list_score_eval"
+  flags = ["--tasks", task, "--model_config", "tiny", "--vocab_size", str(DEMO_VOCAB),
+           "--random_init_seed", "0", "--max_examples", "4", "--batch_size", "4",
+           "--bootstrap_samples", "0", "--no_progress"]
+  assert eval_entry.cli_main([*flags, "--output_dir", str(tmp_path / "a")]) == 0
+  res = results.read_results(str(tmp_path / "a" / results.RESULTS_FILE))
+  assert res["protocol"]["input_length"] == {"tokens": 512, "paper_setting": "long_512"}
+  assert eval_entry.cli_main([*flags, "--output_dir", str(tmp_path / "b"),
+                              "--max_input_length", "100"]) == 0
+  res = results.read_results(str(tmp_path / "b" / results.RESULTS_FILE))
+  assert res["protocol"]["input_length"] == {"tokens": 100, "paper_setting": None}
 
 
 @pytest.mark.tf
@@ -148,11 +166,21 @@ def test_shipped_eval_gin_files_parse():
   eval_entry._GIN_EVALUATE = eval_entry._GIN_EVALUATE or gin.configurable(eval_entry.evaluate)
   for name, extra in (("runs/eval.gin", ["MIXTURE_OR_TASK_NAME = 'demo_heldout'"]),
                       ("runs/anchors/t0_3b.gin", []),
-                      ("runs/infer.gin", ["INFER_INPUTS = ['x']"])):
+                      ("runs/infer.gin", ["INFER_INPUTS = ['x']"]),
+                      (["runs/eval.gin", "runs/eval_input_pe_256.gin"],
+                       ["MIXTURE_OR_TASK_NAME = 'demo_heldout'"]),
+                      (["runs/eval.gin", "runs/eval_input_long_512.gin"],
+                       ["MIXTURE_OR_TASK_NAME = 'demo_heldout'"])):
     bindings = ["CHECKPOINT_PATH = '/ckpt'", "EVAL_OUTPUT_DIR = '/tmp/x'",
                 "INFER_OUTPUT_FILE = '/tmp/x.jsonl'"] + extra
     try:
-      gin_utils.parse_gin_flags([], [name], bindings, finalize=False)
+      gin_utils.parse_gin_flags([], name if isinstance(name, list) else [name], bindings,
+                                finalize=False)
+      want = {"runs/eval_input_pe_256.gin": 256, "runs/eval_input_long_512.gin": 512,
+              "runs/anchors/t0_3b.gin": 512}.get(name[-1] if isinstance(name, list) else name)
+      if want or name == "runs/eval.gin":  # eval.gin: None, the paper's choice per run
+        lengths = gin.query_parameter("TASK_FEATURE_LENGTHS/macro.value")
+        assert (lengths or {}).get("inputs") == want, (name, lengths)
     finally:
       gin.clear_config()
   assert os.path.isfile(eval_entry._resolve_expected("runs/anchors/t0_3b_expected.json"))

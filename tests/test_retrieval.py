@@ -31,8 +31,8 @@ def test_text_formats_as_the_paper():
   assert f("label_instance_new") == "yes, no</s>Is the sky blue?"
   assert f("choice_instance_new") == "Yes ||| No</s>Is the sky blue?"
   generative = dict(ROW, answer_choices=[], answer_choices_template=None)
-  assert f("label", generative) == "Answer Choices: (none)"
-  assert f("choice_instance", generative) == "Answer Choices: (none), Instance: Is the sky blue?"
+  assert f("label", generative) == "Answer Choices: "
+  assert f("choice_instance", generative) == "Answer Choices: None, Instance: Is the sky blue?"
   no_template = {k: v for k, v in ROW.items() if k != "answer_choices_template"}
   assert f("choice", no_template, lookup=lambda d, s, p: "{{a}} ||| {{b}}") == "Answer Choices: {{a}} ||| {{b}}"
 
@@ -44,6 +44,56 @@ def test_text_formats_as_the_paper():
     f("choice", no_template)
   with pytest.raises(retrieval.RetrievalError, match="Unknown text format"):
     f("labels")
+
+
+def _elm_get_text_format(text_format, instance, answer_choice_format, label_list):
+  """ELM's `get_text_format` (retrieval/make_index.py and retrieval/run_retrieval.py, identical in
+  both), copied line for line with `config.text_format` as an argument:
+
+      if label_list==None:
+          label_list = ''
+      else:
+          label_list = ", ".join(label_list)
+      if config.text_format=='instance':
+          text = f"Instance: {instance}"
+      ... (every branch below as written there)
+  """
+  if label_list == None:  # noqa: E711  (the paper's comparison)
+    label_list = ''
+  else:
+    label_list = ", ".join(label_list)
+  return {
+      "instance": f"Instance: {instance}",
+      "label": f"Answer Choices: {label_list}",
+      "choice": f"Answer Choices: {answer_choice_format}",
+      "label_instance": f"Answer Choices: {label_list}, Instance: {instance}",
+      "choice_instance": f"Answer Choices: {answer_choice_format}, Instance: {instance}",
+      "instance_new": f"{instance}",
+      "label_new": f"{label_list}",
+      "choice_new": f"{answer_choice_format}",
+      "label_instance_new": f"{label_list}</s>{instance}",
+      "choice_instance_new": f"{answer_choice_format}</s>{instance}",
+  }[text_format]
+
+
+@pytest.mark.parametrize("text_format", retrieval.TEXT_FORMATS)
+def test_key_and_query_texts_equal_elm_with_and_without_choices(text_format):
+  """Against ELM's formatting code (above). ELM's rows: `label_list = row["labels_list"]`, None when
+  the row has no labels_list (a generative prompt: make_index.py `except: label_list = None`), and
+  `answer_choices_format = promptList.answer_choices`, the template's raw expression, None for a
+  template without answer choices. Ours: `answer_choices` [] and `answer_choices_template` None."""
+  rows = [
+      (ROW, ["yes", "no"], "Yes ||| No"),
+      (dict(ROW, answer_choices=[], answer_choices_template=None), None, None),
+      (dict(ROW, answer_choices=[], answer_choices_template=None), [], None),  # an empty labels_list
+  ]
+  for row, label_list, raw in rows:
+    want = _elm_get_text_format(text_format, row["inputs"], raw, label_list)
+    assert retrieval.format_text(row, text_format) == want
+  # The template lookup path gives the same texts (a generative template's answer_choices is None).
+  bare = {k: v for k, v in rows[1][0].items() if k != "answer_choices_template"}
+  assert retrieval.format_text(bare, text_format, lambda d, s, p: None) == \
+      _elm_get_text_format(text_format, ROW["inputs"], None, None)
 
 
 def test_query_selection_is_seeded_and_recorded():
@@ -121,6 +171,35 @@ def test_unvoted_candidates_ranked_by_similarity_then_id():
   s = retrieval.summarize(scores, keys)
   assert [(c["expert"], c["votes"]) for c in s["candidates"]] == [("e3", 2), ("e1", 0), ("e0", 0), ("e2", 0)]
   assert all(type(c["votes"]) is int and type(c["similarity"]) is float for c in s["candidates"])
+
+
+def _paper_dataset_level(stats, dataset_of):
+  """ELM's run_task_32.py, transcribed: `stats` counts votes per expert in insertion order, the
+  winner is `sorted(stats, key=stats.get, reverse=True)[0]` and its dataset `split('@')[0]`."""
+  picked_expert = sorted(stats, key=stats.get, reverse=True)[0]
+  return dataset_of[picked_expert]
+
+
+def test_dataset_level_rules_disagree_on_a_hand_built_vote():
+  """e0 (dataset X) wins the task-level vote 3-2-2; e1 and e2 (both dataset Y) pool 4 votes. The paper
+  (run_task_32.py) takes the winner's dataset X; the pooled rule takes Y."""
+  keys = _keyset([["a"], ["b"], ["c"]])
+  scores = np.zeros((7, 3))
+  for q, k in enumerate([0, 0, 0, 1, 1, 2, 2]):
+    scores[q, k] = 1.0
+  dataset_of = {"e0": "X", "e1": "Y", "e2": "Y"}
+  winner = retrieval.summarize(scores, keys, dataset_experts=dataset_of)
+  pooled = retrieval.summarize(scores, keys, dataset_experts=dataset_of, dataset_rule="pooled")
+  assert winner["winner"] == pooled["winner"] == "e0"
+  stats = {"e0": 3, "e1": 2, "e2": 2}
+  assert winner["dataset_level"] == {"rule": "winner", "dataset": "X", "votes": {"X": 3, "Y": 4}}
+  assert winner["dataset_level"]["dataset"] == _paper_dataset_level(stats, dataset_of)
+  assert pooled["dataset_level"] == {"rule": "pooled", "dataset": "Y", "votes": {"X": 3, "Y": 4}}
+  # A winner that records no single dataset gives no dataset under the paper's rule.
+  assert retrieval.summarize(scores, keys, dataset_experts={"e1": "Y", "e2": "Y"}
+                             )["dataset_level"]["dataset"] is None
+  with pytest.raises(retrieval.RetrievalError, match="Unknown dataset rule 'votes'"):
+    retrieval.dataset_vote(winner["candidates"], dataset_of, "votes")
 
 
 class HashEmbedder:

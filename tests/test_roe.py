@@ -266,6 +266,11 @@ def test_dataset_level_roe_uses_the_dataset_expert_or_records_why_not(base, expe
   tasks = res["routing"]["tasks"]
   assert tasks[EVAL[0]]["expert_ids"] == [de_id] and de_id != tasks[EVAL[0]]["winner"]
   assert "dataset_level_fallback" not in tasks[EVAL[0]]
+  assert res["routing"]["dataset_rule"] == "winner"  # the paper's rule, recorded
+  assert tasks[EVAL[0]]["dataset_level"]["rule"] == "winner"
+  assert roe.RoEConfig(level="dataset", dataset_rule="pooled").to_json()["dataset_rule"] == "pooled"
+  with pytest.raises(ValueError, match="dataset_rule must be one of"):
+    roe.RoEConfig(level="dataset", dataset_rule="votes")
   for t in EVAL[1:]:  # no dataset expert for topic or overlap: the task-level winner, recorded
     assert tasks[t]["expert_ids"] == [tasks[t]["winner"]]
     assert "no dataset expert for" in tasks[t]["dataset_level_fallback"]

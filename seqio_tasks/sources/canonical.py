@@ -9,7 +9,7 @@ example function (fine for small runs; not checkpointable).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import seqio
 
@@ -24,13 +24,16 @@ class CanonicalSource(seqio.DataSource):
 
   def __init__(self, *, name: str, splits: Sequence[str], python_fn: PythonFn, dataset: str,
                subset: Optional[str], prompt: str, dir_names: Optional[Sequence[str]] = None,
-               tf_fn: Optional[Callable[..., Any]] = None):
+               tf_fn: Optional[Callable[..., Any]] = None,
+               split_aliases: Optional[Mapping[str, str]] = None):
     super().__init__(splits=splits, num_input_examples=None, caching_permitted=True)
     self.name = name
     self._python_fn = python_fn
     self._tf_fn = tf_fn
     self._dir_names = tuple(dir_names or (name,))
     self._meta = dict(dataset=dataset, subset=subset, prompt=prompt)
+    # A split a P3 directory may hold under another name (e.g. seen-task `validation` = `test`).
+    self._aliases = dict(split_aliases or {})
 
   @property
   def supports_arbitrary_sharding(self) -> bool:
@@ -39,23 +42,28 @@ class CanonicalSource(seqio.DataSource):
   def list_shards(self, split: str) -> Sequence[str]:
     return [split]
 
+  def _locate(self, split: str) -> tuple[Optional[str], str]:
+    """(P3-layout directory, its split name) this source reads `split` from; (None, split) if none."""
+    for name in (split, self._aliases.get(split)):
+      for dir_name in self._dir_names if name else ():
+        found = p3.find_task_dir(dir_name)
+        if found and name in p3.available_splits(found):
+          return found, name
+    return None, split
+
   def tfrecord_dir(self, split: str) -> Optional[str]:
     """The P3-layout directory this source reads `split` from, if any."""
-    for dir_name in self._dir_names:
-      found = p3.find_task_dir(dir_name)
-      if found and split in p3.available_splits(found):
-        return found
-    return None
+    return self._locate(split)[0]
 
   def num_input_examples(self, split: str) -> Optional[int]:
-    found = self.tfrecord_dir(split)
-    return p3.num_examples(found, split) if found else None
+    found, name = self._locate(split)
+    return p3.num_examples(found, name) if found else None
 
   def iter_examples(self, split: str) -> Iterator[dict[str, Any]]:
     """Canonical examples in Python (the evaluator's path)."""
-    found = self.tfrecord_dir(split)
+    found, name = self._locate(split)
     if found:
-      yield from p3.iter_canonical(found, split, **self._meta)
+      yield from p3.iter_canonical(found, name, **self._meta)
     else:
       yield from self._python_fn(split)
 
@@ -66,9 +74,9 @@ class CanonicalSource(seqio.DataSource):
     del shuffle, seed, sequence_length, use_cached, num_epochs  # The Task shuffles.
     if split not in self.splits:
       raise ValueError(f"task {self.name!r} has no split {split!r}; it has {list(self.splits)}.")
-    found = self.tfrecord_dir(split)
-    if found and not p3.is_score_rows(found, split):
-      return p3.canonical_dataset(found, split, shard_info=shard_info, **self._meta)
+    found, name = self._locate(split)
+    if found and not p3.is_score_rows(found, name):
+      return p3.canonical_dataset(found, name, shard_info=shard_info, **self._meta)
     ds = self._tf_fn(split, shard_info) if (self._tf_fn is not None and not found) else None
     if ds is None:
       ds = tf.data.Dataset.from_generator(lambda: self.iter_examples(split),

@@ -8,11 +8,11 @@ does, and counted.
 
 from __future__ import annotations
 
-import itertools
 import random
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 from seqio_tasks import examples as examples_lib
+from seqio_tasks import seen_eval
 from seqio_tasks import settings
 from seqio_tasks import templates as templates_lib
 from seqio_tasks.sources import raw
@@ -54,11 +54,11 @@ def iter_prompt_examples(*, task: str, dataset: str, subset: Optional[str], prom
                          template: Optional[templates_lib.PromptTemplate] = None,
                          rows_fn: RowsFn = raw.iter_rows, scoring: bool = False
                          ) -> Iterator[dict[str, Any]]:
-  """Canonical examples of one prompt over one split of raw rows."""
-  del split
+  """Canonical examples of one prompt over one split of raw rows (the paper's row slice where its
+  `validation` is one, `seen_eval.select_rows`)."""
   template = template or template_for(dataset, subset, prompt)
-  rows = rows_fn(dataset, subset, source_split)
-  yield from _render_all((itertools.repeat((template, task, prompt))), rows, dataset=dataset,
+  rows = seen_eval.select_rows(dataset, split, rows_fn(dataset, subset, source_split))
+  yield from _render_all(lambda _: (template, task, prompt), rows, dataset=dataset,
                          subset=subset, seed=seed, report_as=task, scoring=scoring)
 
 
@@ -76,18 +76,20 @@ def iter_random_prompt_examples(*, name: str, members: Sequence[tuple[str, str]]
     rows_fn: raw row reader.
   """
   loaded = [(template_for(dataset, subset, prompt), task, prompt) for task, prompt in members]
-  picks = (random.Random(f"{seed}/{name}/{example_id}").choice(loaded)
-           for example_id in itertools.count())
-  yield from _render_all(picks, rows_fn(dataset, subset, source_split), dataset=dataset,
+  picks = lambda example_id: random.Random(f"{seed}/{name}/{example_id}").choice(loaded)
+  yield from _render_all(picks, enumerate(rows_fn(dataset, subset, source_split)), dataset=dataset,
                          subset=subset, seed=seed, report_as=name, scoring=False)
 
 
-def _render_all(picks: Iterator[tuple[Any, str, str]], rows: Iterable[Mapping[str, Any]], *,
+def _render_all(picks: Callable[[int], tuple[Any, str, str]],
+                rows: Iterable[tuple[int, Mapping[str, Any]]], *,
                 dataset: str, subset: Optional[str], seed: int, report_as: str,
                 scoring: bool) -> Iterator[dict[str, Any]]:
-  """Renders row i with the i-th (template, task, prompt) of `picks`; counts and reports skips."""
+  """Renders each (example id = row position, row) with the (template, task, prompt) of
+  `picks(example_id)`; counts and reports skips."""
   stats = examples_lib.ExampleStats()
-  for example_id, (row, (template, task, prompt)) in enumerate(zip(rows, picks)):
+  for example_id, row in rows:
+    template, task, prompt = picks(example_id)
     ex, why = render_row(template, row, task=task, example_id=example_id, dataset=dataset,
                          subset=subset, prompt=prompt, seed=seed)
     if ex is None:
