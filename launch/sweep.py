@@ -70,7 +70,10 @@ SETTING_BINDINGS = {
     "batch_size": "BATCH_SIZE",
     "task_feature_lengths": "TASK_FEATURE_LENGTHS",
     "max_examples": "MAX_EXAMPLES",
+    "num_microbatches": "NUM_MICROBATCHES",
 }
+_GRID_FIELDS = ("dataset", "subset", "learning_rate", "batch_size", "num_epochs", "max_examples",
+                "inputs_length", "targets_length")
 # A stacked job gives the trainer's MIXTURE_OR_TASK_NAME a list of tasks (one per expert).
 STACKED_TASKS_MACRO = "MIXTURE_OR_TASK_NAME"
 # Where the trainer exports experts under MODEL_DIR: one expert, or one per task of a stacked job.
@@ -92,7 +95,7 @@ def load_grid_settings(path: str | None = None) -> list[GridEntry]:
        "settings": {"learning_rate": 3e-4}}  # names of SETTING_BINDINGS
 
   read from a JSON list (or `{"experts": [...]}`) of such entries, or from the trainer's grid file
-  (`expert_t5x/data/grid.json`: `defaults` <- `datasets[ds]` <- `prompts[ds][prompt]`).
+  (`expert_t5x/data/grid.json`: the paper's settings of every prompt expert and adapter DE).
   Later entries override earlier ones. A missing file means the recipes' defaults everywhere.
   """
   path = path or GRID_SETTINGS_PATH
@@ -103,8 +106,12 @@ def load_grid_settings(path: str | None = None) -> list[GridEntry]:
       data = json.load(f)
     except json.JSONDecodeError as e:
       raise common.LaunchError(f"Grid settings file {path} is not valid JSON ({e}).") from None
-  if isinstance(data, Mapping) and "datasets" in data:
-    data = _entries_from_trainer_grid(data)
+  if isinstance(data, Mapping) and "prompt_experts" in data:
+    try:
+      data = _entries_from_trainer_grid(data)
+    except KeyError as e:
+      raise common.LaunchError(f"Grid settings file {path}: an expert lacks field {e.args[0]!r}; "
+                               f"every entry needs {_GRID_FIELDS}.") from None
   entries = data.get("experts") if isinstance(data, Mapping) else data
   if not isinstance(entries, list) or not all(isinstance(e, Mapping) and "dataset" in e
                                               for e in entries):
@@ -119,46 +126,31 @@ def load_grid_settings(path: str | None = None) -> list[GridEntry]:
   return list(entries)
 
 
-# The trainer's grid file names settings per field; feature lengths become one TASK_FEATURE_LENGTHS.
-_TRAINER_GRID_FIELDS = ("learning_rate", "num_epochs", "batch_size", "max_examples")
+# The trainer's grid file: one entry per expert, its fields -> SETTING_BINDINGS names.
+_TRAINER_GRID_RECIPES = {"prompt_experts": "prompt_expert", "dataset_experts": "dataset_expert_adapter"}
 
 
-def unresolved_grid_prompts(path: str | None = None) -> list[str]:
-  """Per-prompt settings of the trainer's grid that are keyed by the paper repo's config file
-  names (e.g. `__config_quartz3.json__`) because their prompt is not known: they are not applied."""
-  path = path or GRID_SETTINGS_PATH
-  if not os.path.isfile(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    data = json.load(f)
-  prompts = data.get("prompts", {}) if isinstance(data, Mapping) else {}
-  return sorted(f"{ds}:{p}" for ds, table in prompts.items() for p in table
-                if p.startswith("__config_"))
+def _grid_settings(fields: Mapping[str, Any]) -> dict[str, Any]:
+  """One expert of `expert_t5x/data/grid.json` as settings: the paper's per-device batch times its
+  gradient accumulation is the global batch, split into that many microbatches, so the step count
+  `num_epochs x ceil(n / batch)` is the paper's (HF Trainer, one GPU)."""
+  accumulation = fields.get("gradient_accumulation_steps") or 1
+  out = {"learning_rate": fields["learning_rate"], "num_epochs": fields["num_epochs"],
+         "batch_size": fields["batch_size"] * accumulation, "max_examples": fields["max_examples"],
+         "task_feature_lengths": {"inputs": fields["inputs_length"],
+                                  "targets": fields["targets_length"]}}
+  if accumulation > 1:
+    out["num_microbatches"] = accumulation
+  return out
 
 
 def _entries_from_trainer_grid(grid: Mapping[str, Any]) -> list[GridEntry]:
-  """Converts `expert_t5x/data/grid.json` (prompt experts' settings) to settings entries."""
-  defaults = grid.get("defaults", {})
-
-  def settings(fields: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: fields[k] for k in _TRAINER_GRID_FIELDS if k in fields}
-    if "inputs_length" in fields or "targets_length" in fields:
-      out["task_feature_lengths"] = {
-          "inputs": fields.get("inputs_length", defaults.get("inputs_length")),
-          "targets": fields.get("targets_length", defaults.get("targets_length"))}
-    return out
-
+  """Converts `expert_t5x/data/grid.json` (per-expert settings of the paper) to settings entries."""
   entries: list[GridEntry] = []
-  for key, fields in grid.get("datasets", {}).items():
-    dataset, _, subset = key.partition("/")
-    entries.append({"recipe": "prompt_expert", "dataset": dataset, "subset": subset or None,
-                    "settings": settings(fields)})
-  for key, table in grid.get("prompts", {}).items():
-    dataset, _, subset = key.partition("/")
-    for prompt, fields in table.items():
-      if not prompt.startswith("__config_"):  # See unresolved_grid_prompts.
-        entries.append({"recipe": "prompt_expert", "dataset": dataset, "subset": subset or None,
-                        "prompt": prompt, "settings": settings(fields)})
+  for key, recipe in _TRAINER_GRID_RECIPES.items():
+    for fields in grid.get(key, []):
+      entries.append({"recipe": recipe, "dataset": fields["dataset"], "subset": fields["subset"],
+                      "prompt": fields.get("prompt"), "settings": _grid_settings(fields)})
   return entries
 
 
@@ -380,10 +372,6 @@ def select_experts(args: argparse.Namespace) -> list[Expert]:
     if args.grid != "paper":
       raise common.LaunchError(f"--grid={args.grid!r} is unknown; the only grid is 'paper'.")
     experts = paper_grid(args.expert_type)
-    unresolved = unresolved_grid_prompts()
-    if unresolved and args.expert_type == "prompt":
-      print(f"note: per-prompt settings {unresolved} are keyed by the paper's config file names and "
-            "are not applied; set them with --gin for those experts.", file=sys.stderr)
   elif args.suite:
     experts = suite_experts(args.suite, args.expert_type)
   else:

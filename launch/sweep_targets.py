@@ -309,8 +309,30 @@ def run_local(runner: common.Runner, paths: Sequence[str], out=sys.stdout) -> in
   return 0
 
 
+# Short names of the per-expert gin bindings in the settings table.
+_SHORT = {"optimizers.create_learning_rate_scheduler.base_learning_rate": "lr", "BATCH_SIZE": "batch",
+          "NUM_MICROBATCHES": "microbatches", "NUM_EPOCHS": "epochs", "MAX_EXAMPLES": "max_examples"}
+
+
+def settings_lines(jobs: Sequence[Any]) -> list[str]:
+  """One line per expert: its job and the settings it trains with (the recipe's defaults: '-')."""
+  lines = []
+  for job in jobs:
+    for e in job.experts:
+      parts = []
+      for k, v in e.settings_dict.items():
+        if k == "TASK_FEATURE_LENGTHS":
+          parts.append(f"lengths={v['inputs']}/{v['targets']}")
+        else:
+          parts.append(f"{_SHORT.get(k, k)}={v}")
+      lines.append(f"settings\tjob {job.index}\t{e.id}\t{' '.join(parts) or '-'}")
+  return lines
+
+
 def dispatch(args: argparse.Namespace, jobs: Sequence[Any], num_experts: int, skipped: int) -> int:
   print(_summary(args, jobs, num_experts, skipped), flush=True)
+  if args.dry_run or args.target == "list":
+    print("\n".join(settings_lines(jobs)), flush=True)
   if args.target == "list":
     for job in jobs:
       ids = ",".join(e.id for e in job.experts)
