@@ -34,7 +34,8 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
     # Reference implementations, only for parity tests and benchmarks (CPU PyTorch).
-    "parity": ["torch==2.13.0", "transformers==5.23.0", "sentence-transformers==6.2.0"],
+    "parity": ["torch==2.13.0", "transformers==5.23.0", "sentence-transformers==6.2.0",
+               "bert-score==0.3.13"],
     "cuda": ["jax[cuda12]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],
 }

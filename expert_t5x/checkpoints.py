@@ -181,6 +181,10 @@ def _scales_decoder_outputs(hf_config: Mapping[str, Any]) -> bool:
   # same thing as `tie_word_embeddings` (T5 1.0: tied and scaled).
   if "scale_decoder_outputs" in hf_config:
     return bool(hf_config["scale_decoder_outputs"])
+  if hf_config.get("model_type") == "mt5":
+    # mT5 never scales (its lm_head is separate); transformers 5 writes tie_word_embeddings=true
+    # into every mT5 config it saves, while the released ones say false.
+    return False
   return bool(hf_config.get("tie_word_embeddings", True))
 
 

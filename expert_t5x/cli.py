@@ -33,6 +33,8 @@ register("retrieve", "expert_t5x.retrieval", "retrieve_main",
 register("merge", "expert_t5x.merging", "merge_main", "merge experts into a new expert")
 register("demo", "expert_t5x.demo", "demo_main",
          "the whole pipeline on generated tasks with a tiny T5, ending in a visual report")
+register("continual", "expert_t5x.continual", "continual_main",
+         "continual learning: train new (CT0) experts, add them, check seen tasks are unchanged")
 register("import", "expert_t5x.importers", "import_main",
          "convert released experts (paper adapter .pt, PEFT LoRA) to the expert format")
 

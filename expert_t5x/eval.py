@@ -69,7 +69,8 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
              merge_method: str = "uniform", merge_top_k: int | Sequence[int] = 3,
              merge_lam: Optional[float] | Sequence[Optional[float]] = None,
              merge_params: Optional[Mapping[str, Any]] = None, adapter_reference: str = "auto",
-             previous_results: Optional[str] = None) -> dict[str, Any]:
+             previous_results: Optional[str] = None, bertscore_model: Optional[str] = None,
+             bertscore_layers: Optional[int] = None) -> dict[str, Any]:
   """Loads the base and experts, evaluates, writes the result files; returns results.json's object.
 
   Args:
@@ -116,6 +117,8 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
     merge_method, merge_top_k, merge_lam, merge_params, adapter_reference: merge settings; several
       top-k or λ values are chosen per prompt label-free (lowest mean choice entropy).
     previous_results: an earlier routed run's results.json: routing changes are reported.
+    bertscore_model, bertscore_layers: the BERTScore model directory and layer of the tasks scored
+      with it (ct0_target_eval's covid_qa, eli5, empathetic_dialogues, esnli, twitter_top20).
   """
   options = evaluation.ScoringOptions(scoring=scoring, logit_vocab_limit=logit_vocab_limit,
                                       gold_not_in_choices=gold_not_in_choices)
@@ -169,7 +172,8 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
       options=options, feature_lengths=task_feature_lengths,
       generation_max_length=generation_max_length, bootstrap_samples=bootstrap_samples,
       seed=seed, num_partitions=num_partitions, allow_base_mismatch=allow_base_mismatch,
-      write_predictions=write_predictions, progress=progress, task_source=task_source)
+      write_predictions=write_predictions, progress=progress, task_source=task_source,
+      bertscore_model=bertscore_model, bertscore_layers=bertscore_layers)
   return _finish(results, output_dir, expected)
 
 
@@ -307,6 +311,9 @@ def _parser() -> argparse.ArgumentParser:
   pr.add_argument("--generation_max_length", type=int, default=128)
   pr.add_argument("--bootstrap_samples", type=int, default=1000)
   pr.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+  pr.add_argument("--bertscore_model",
+                  help="transformers directory of microsoft/deberta-large-mnli (BERTScore tasks)")
+  pr.add_argument("--bertscore_layers", type=int, help="its hidden layer (default 18)")
   pr.add_argument("--expected", help="anchors JSON to compare with (exit 1 when outside tolerance)")
   rl = p.add_argument_group("retrieval of experts (with --library)")
   rl.add_argument("--library", help="expert library to retrieve from (with --roe or --merge)")
@@ -401,7 +408,8 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
                                         ("drop", args.merge_drop), ("seed", args.merge_seed),
                                         ("combine", args.merge_combine))
                       if v is not None},
-        adapter_reference=args.adapter_reference, previous_results=args.previous_results)
+        adapter_reference=args.adapter_reference, previous_results=args.previous_results,
+        bertscore_model=args.bertscore_model, bertscore_layers=args.bertscore_layers)
   except (ValueError, KeyError, FileNotFoundError) as e:
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"expert-t5x eval: {message}", file=sys.stderr)

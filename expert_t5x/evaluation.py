@@ -113,6 +113,7 @@ class TaskMeta:
   dataset: str    # the dataset it aggregates under (ANLI rounds are three datasets)
   prompt: str
   scoring: bool   # rank classification (True) or generation (False)
+  metrics: tuple[str, ...] = ()  # extra generation metrics the task asks for (e.g. 'BERTScore')
 
 
 class TaskSource(Protocol):
@@ -157,7 +158,7 @@ class SeqioTaskSource:
     info = self._tasks.get_info(task)
     dataset = info.eval_dataset or (f"{info.dataset}_{info.subset}" if info.subset else info.dataset)
     return TaskMeta(name=task, dataset=dataset, prompt=info.prompt or task,
-                    scoring=bool(info.has_choices))
+                    scoring=bool(info.has_choices), metrics=tuple(info.metrics))
 
   def examples(self, task: str, split: str, max_examples: Optional[int]) -> list[dict]:
     return self._tasks.load_examples(task, split, max_examples, subset=self.example_subset)
@@ -919,7 +920,8 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
              num_partitions: int = 1, allow_base_mismatch: bool = False,
              write_predictions: bool = True, progress: bool = True,
              task_source: Optional[TaskSource] = None, routing: Optional[Routing] = None,
-             scorer: Optional[Scorer] = None) -> dict[str, Any]:
+             scorer: Optional[Scorer] = None, bertscore_model: Optional[str] = None,
+             bertscore_layers: Optional[int] = None) -> dict[str, Any]:
   """Evaluates the base and/or experts on tasks; writes shards and the final files; returns
   the results object (also written as results.json).
 
@@ -950,6 +952,9 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
       under its routed expert (see `Routing`); the base is then evaluated only where routed to,
       or everywhere with include_base=True.
     scorer: a `Scorer` to reuse (same base and options), e.g. one that scored retrieval queries.
+    bertscore_model: a transformers model directory for the tasks whose metrics include
+      'BERTScore' (the paper: microsoft/deberta-large-mnli); required when such a task is evaluated.
+    bertscore_layers: its hidden layer (default: bert-score's 18 for deberta-large-mnli).
   """
   if jax.process_count() > 1:
     raise ValueError(f"Evaluation runs in one process (this job has {jax.process_count()}); on a "
@@ -962,6 +967,7 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
   source = task_source or SeqioTaskSource()
   task_names = source.resolve(tasks)
   metas = [source.meta(t) for t in task_names]
+  bertscore = _bertscore_settings(metas, bertscore_model, bertscore_layers)
   partitioner = (scorer.partitioner if scorer is not None
                  else partitioning.PjitPartitioner(num_partitions=num_partitions))
   if batch_size % partitioner.data_parallel_size:
@@ -1028,7 +1034,23 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
   return assemble(output_dir=output_dir, metas=metas, plan=plan,
                   entries=_entries(specs, include_base, routing), specs=specs, base=base,
                   settings=settings, options=options, bootstrap_samples=bootstrap_samples,
-                  seed=seed, write_predictions=write_predictions, routing=routing)
+                  seed=seed, write_predictions=write_predictions, routing=routing,
+                  bertscore=bertscore)
+
+
+def _bertscore_settings(metas: Sequence[TaskMeta], model_dir: Optional[str],
+                        num_layers: Optional[int]) -> Optional[dict[str, Any]]:
+  """{model, num_layers} when a task asks for BERTScore; one clear error when no model is given."""
+  wanted = [m.name for m in metas if not m.scoring and "BERTScore" in m.metrics]
+  if not wanted:
+    return None
+  if not model_dir:
+    raise ValueError(f"{wanted[0]} (and {len(wanted) - 1} more) is scored with BERTScore precision; "
+                     "pass bertscore_model (--bertscore_model DIR): a transformers directory of "
+                     "microsoft/deberta-large-mnli, as the paper used.")
+  from seqio_tasks import bertscore as bertscore_lib  # pylint: disable=g-import-not-at-top
+  layers = bertscore_lib.DEBERTA_LARGE_MNLI_LAYERS if num_layers is None else num_layers
+  return {"model": os.path.abspath(model_dir), "num_layers": int(layers), "tasks": wanted}
 
 
 def _progress_bar(enabled: bool, total: int):
@@ -1050,8 +1072,10 @@ def _log_truncation(task: str, counts: Mapping[str, int]) -> None:
 # ---------------------------------------------------------------------------------- assemble
 
 
-def _generation_metrics(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-  """Exact match, mean ROUGE-L F (stemmed) and corpus BLEU (sacrebleu 'intl'), in percent."""
+def _generation_metrics(targets: Sequence[str], predictions: Sequence[str],
+                        bertscore: Optional[Mapping[str, Any]] = None) -> dict[str, float]:
+  """Exact match, mean ROUGE-L F (stemmed) and corpus BLEU (sacrebleu 'intl'), in percent; with
+  `bertscore` ({model, num_layers}) also the mean BERTScore precision."""
   from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
   import sacrebleu  # pylint: disable=g-import-not-at-top
   if not targets:
@@ -1060,8 +1084,12 @@ def _generation_metrics(targets: Sequence[str], predictions: Sequence[str]) -> d
   rouge_l = np.mean([scorer.score(t, p)["rougeL"].fmeasure for t, p in zip(targets, predictions)])
   bleu = sacrebleu.corpus_bleu(list(predictions), [list(targets)], tokenize="intl").score
   exact = np.mean([t.strip() == p.strip() for t, p in zip(targets, predictions)])
-  return {"exact_match": 100.0 * float(exact), "rougeL": 100.0 * float(rouge_l),
-          "bleu": float(bleu)}
+  out = {"exact_match": 100.0 * float(exact), "rougeL": 100.0 * float(rouge_l), "bleu": float(bleu)}
+  if bertscore:
+    from seqio_tasks import bertscore as bertscore_lib  # pylint: disable=g-import-not-at-top
+    out.update(bertscore_lib.bertscore_precision(targets, predictions, bertscore["model"],
+                                                 bertscore["num_layers"]))
+  return out
 
 
 def outcomes_from_records(records: Sequence[Mapping[str, Any]], options: ScoringOptions
@@ -1096,8 +1124,8 @@ def _record_targets(expert_id: str, task: str, entries: Sequence[str],
 def assemble(*, output_dir: str, metas: Sequence[TaskMeta], plan: Plan,
              entries: Sequence[str], specs: Sequence[ExpertSpec], base: BaseModel,
              settings: Mapping[str, Any], options: ScoringOptions, bootstrap_samples: int,
-             seed: int, write_predictions: bool, routing: Optional[Routing] = None
-             ) -> dict[str, Any]:
+             seed: int, write_predictions: bool, routing: Optional[Routing] = None,
+             bertscore: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
   """Builds predictions.jsonl, results.json/.csv/.md and matrix.npz from the shards alone.
 
   With `routing`, the routed entry takes each task's records from its expert's shard; its
@@ -1119,7 +1147,9 @@ def assemble(*, output_dir: str, metas: Sequence[TaskMeta], plan: Plan,
       generation_of[(entry, meta.name)] = {
           "task": meta.name, "dataset": meta.dataset, "prompt": meta.prompt,
           "num_examples": len(records),
-          "metrics": _generation_metrics([r["gold"] for r in records], [r["pred"] for r in records])}
+          "metrics": _generation_metrics(
+              [r["gold"] for r in records], [r["pred"] for r in records],
+              bertscore if bertscore and meta.name in bertscore["tasks"] else None)}
 
   predictions_path = os.path.join(output_dir, results_lib.PREDICTIONS_FILE)
   tmp_predictions = predictions_path + ".partial"
@@ -1170,6 +1200,8 @@ def assemble(*, output_dir: str, metas: Sequence[TaskMeta], plan: Plan,
                           generation=generation, intervals=intervals, metas=metas, specs=specs,
                           base=base, settings=settings, options=options,
                           bootstrap_samples=bootstrap_samples, seed=seed)
+  if bertscore:
+    results["protocol"]["generation"]["bertscore"] = dict(bertscore)
   results["truncation"] = {t: c for t, c in truncation.items() if any(c.values())}
   if routing is not None:
     results["routing"] = routing.to_json([m.name for m in metas])

@@ -94,11 +94,12 @@ def task_status(name: str) -> tuple[bool, str]:
       return True, f"BIG-bench files in {path}"
     return False, f"missing {path}/task.json: run `expert-t5x data fetch bigbench`"
   if info.source == "continual":
-    missing = continual.missing_files(info.dataset)
+    missing = continual.missing_files(info.dataset, info.prompt)
     if missing:
-      return False, (f"missing {', '.join(missing)}: supply CT0's JSONL rows and a promptsource-"
-                     "format templates.yaml (see docs/tasks.md)")
-    return True, f"local files in {continual.dataset_dir(info.dataset)}"
+      return False, (f"missing {', '.join(missing)}: unzip ELM's additional_data.zip and point "
+                     f"{settings.env_var('CONTINUAL_DIR')} at its ct0_data folder, or supply "
+                     f"{continual.templates_path(info.dataset)} with JSONL rows (docs/tasks.md)")
+    return True, f"local files in {settings.get_path('CONTINUAL_DIR')}"
   # promptsource-backed: P3 / rendered TFRecords, else templates + raw rows.
   dirs = [n for n in (info.name, info.base_task, *info.prompts) if n]
   for d in dirs:

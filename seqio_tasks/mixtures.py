@@ -6,7 +6,8 @@
 | `t0_train_score_eval` | `_score_eval` of the training prompts with answer choices      |
 | `t0_eval_score_eval`  | `_score_eval` of the 113 held-out prompts                      |
 | `bigbench_13`         | the 13 pooled BIG-bench tasks (elm format)                     |
-| `ct0_continual`       | the 10 continual-learning prompt tasks                         |
+| `ct0_continual`       | the 10 continual-learning prompt tasks (trained experts)       |
+| `ct0_target_eval`     | the paper's 16 continual target prompts                        |
 | `demo_train`          | demo training prompts (generation mode)                        |
 | `demo_heldout`        | `_score_eval` of demo held-out prompts and held-out tasks      |
 
@@ -45,12 +46,17 @@ def _ct0_continual() -> list[str]:
   return [continual_tasks.task_name(d, p) for d, p in continual.CT0_PROMPTS]
 
 
+def _ct0_target_eval() -> list[str]:
+  return [continual_tasks.task_name(d, p) for d, p in continual.CT0_TARGET_PROMPTS]
+
+
 SUITES: dict[str, Callable[[], list[str]]] = {
     "t0_train": _t0_train,
     "t0_train_score_eval": _t0_train_score_eval,
     "t0_eval_score_eval": _t0_eval_score_eval,
     "bigbench_13": _bigbench_13,
     "ct0_continual": _ct0_continual,
+    "ct0_target_eval": _ct0_target_eval,
     "demo_train": demo.train_tasks,
     "demo_heldout": demo.heldout_tasks,
 }
