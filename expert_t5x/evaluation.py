@@ -107,6 +107,8 @@ class TaskMeta:
   dataset: str    # the dataset it aggregates under (ANLI rounds are three datasets)
   prompt: str
   scoring: bool   # rank classification (True) or generation (False)
+  # Settings that decided the examples (BIG-bench: format, multiple-gold rule); results record it.
+  data_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class TaskSource(Protocol):
@@ -141,8 +143,9 @@ class SeqioTaskSource:
   def meta(self, task: str) -> TaskMeta:
     info = self._tasks.get_info(task)
     dataset = info.eval_dataset or (f"{info.dataset}_{info.subset}" if info.subset else info.dataset)
+    from seqio_tasks import provenance  # pylint: disable=g-import-not-at-top
     return TaskMeta(name=task, dataset=dataset, prompt=info.prompt or task,
-                    scoring=bool(info.has_choices))
+                    scoring=bool(info.has_choices), data_options=provenance.data_options(task))
 
   def examples(self, task: str, split: str, max_examples: Optional[int]) -> list[dict]:
     return self._tasks.load_examples(task, split, max_examples)
