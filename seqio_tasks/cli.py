@@ -1,9 +1,10 @@
 """`expert-t5x tasks ...` and `expert-t5x data ...`: list, show, check, render tasks; fetch data.
 
     expert-t5x tasks list [--suite S] [--kind K] [--role R] [--source SRC] [--dataset D] [--match TEXT]
-    expert-t5x tasks show NAME [-n N] [--split SPLIT]
+    expert-t5x tasks show NAME [-n N] [--split SPLIT] [--bigbench_multiple_gold {first,skip,error}]
     expert-t5x tasks check [NAME_OR_SUITE ...]
     expert-t5x tasks render NAME_OR_SUITE ... --out DIR [--split SPLIT] [-n N] [--with-token-ids]
+                                                     [--bigbench_multiple_gold R]
     expert-t5x data fetch {promptsource,bigbench,minilm} [--cache DIR]
 """
 
