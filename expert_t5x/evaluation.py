@@ -114,6 +114,8 @@ class TaskMeta:
   prompt: str
   scoring: bool   # rank classification (True) or generation (False)
   metrics: tuple[str, ...] = ()  # extra generation metrics the task asks for (e.g. 'BERTScore')
+  # Settings that decided the examples (BIG-bench: format, multiple-gold rule); results record it.
+  data_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class TaskSource(Protocol):
@@ -157,8 +159,10 @@ class SeqioTaskSource:
   def meta(self, task: str) -> TaskMeta:
     info = self._tasks.get_info(task)
     dataset = info.eval_dataset or (f"{info.dataset}_{info.subset}" if info.subset else info.dataset)
+    from seqio_tasks import provenance  # pylint: disable=g-import-not-at-top
     return TaskMeta(name=task, dataset=dataset, prompt=info.prompt or task,
-                    scoring=bool(info.has_choices), metrics=tuple(info.metrics))
+                    scoring=bool(info.has_choices), metrics=tuple(info.metrics),
+                    data_options=provenance.data_options(task))
 
   def examples(self, task: str, split: str, max_examples: Optional[int]) -> list[dict]:
     return self._tasks.load_examples(task, split, max_examples, subset=self.example_subset)

@@ -2,7 +2,9 @@
 
 Names: `bigbench_<task>` (subtasks pooled) and `bigbench_<task>_<subtask>`; the BIG-bench-format
 variant adds `_bbfmt`. Each is a scoring task (rank classification over `target_scores` keys) with
-one split, `validation` (BIG-bench tasks have no splits).
+one split, `validation` (BIG-bench tasks have no splits). The multiple-gold rule
+(`seqio_tasks.settings.BIGBENCH_MULTIPLE_GOLD`) is read at use and recorded through
+`provenance.data_options`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def register(task: str, subtask: Optional[str], fmt: str) -> str:
                              role="heldout", original_task=True, eval_dataset=f"bigbench_{task}",
                              has_choices=True, splits=SPLITS, format=fmt)
   registry.add_task(info, source, vocabulary=vocab.T5_VOCABULARY, scoring=True)
+  provenance.set_data_options(name, lambda: bigbench.data_options(fmt))
   return name
 
 

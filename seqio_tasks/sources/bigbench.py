@@ -3,18 +3,27 @@
 Directory layout under BIGBENCH_DIR (what `expert-t5x data fetch bigbench` extracts):
 `<dir>/<task>/task.json` and, for tasks with subtasks, `<dir>/<task>/<subtask>/task.json`.
 
-* `elm` (default; the paper's numbers): input = `task_prefix + (example_input_prefix or "\\nQ: ")
-  + input + ("\\n choice: " + "\\n choice: ".join(choices) if append_choices_to_input) +
-  (example_output_prefix or "\\nA: ")`; choices = `target_scores` keys in JSON order; no
-  deduplication; gold = the choice with score 1 (exactly one required).
-* `bigbench` (BIG-bench's own `json_task` formatting; task suffix `_bbfmt`): duplicate examples
-  (by their JSON) dropped; choices appended with `choice_prefix` (default `"\\n  choice: "`) in a
-  permutation of the sorted keys drawn from one `numpy.random.RandomState(seed)` per (sub)task in
-  example order; gold = the first key with the maximal score; the scored choice list is the keys
-  in JSON order.
+* `elm` (default; the paper's numbers): ELM's `retrieval/make_benchmarks.py`. Each prefix is read
+  from the task file with ELM's default, and a value present in the file is used as it is (the
+  empty string included): input = `task_prefix ("") + example_input_prefix ("\\nQ: ") + input +
+  (choice_prefix ("\\n choice: ") + choice_prefix.join(choices) if append_choices_to_input (True))
+  + example_output_prefix ("\\nA: ")`; choices = `target_scores` keys in JSON order; no
+  deduplication; gold = the choice scored 1 (none: an error, as in ELM).
+* `bigbench` (BIG-bench 1.0.0's `bigbench/api/json_task.py`; task suffix `_bbfmt`): duplicate
+  examples (by their JSON) dropped; `default_format_fn` appends `choice_prefix` ("\\n  choice: ")
+  + the choices in `np.random.RandomState(42).permutation(sorted(keys))`, a generator made afresh
+  for every example; input = `task_prefix + example_input_prefix ("\\nQ: ") + ... +
+  example_output_prefix ("\\nA: ")`; gold = the first key with the maximal score; the scored
+  choice list is the keys in JSON order.
 
-Subtasks are pooled under the parent (`bigbench_<task>`) in sorted subtask order, as the paper's
-code does, and are also tasks of their own (`bigbench_<task>_<subtask>`).
+Several top-scored choices (score 1 in `elm`, the maximal score in `bigbench`; one example of
+`hindu_knowledge`) follow the rule `seqio_tasks.settings.BIGBENCH_MULTIPLE_GOLD`
+(`EXPERT_T5X_BIGBENCH_MULTIPLE_GOLD`): `first` (default: the first in JSON order, BIG-bench's gold
+rule), `skip` (left out, counted) or `error`. Either way they are counted in the task's stats, and
+`data_options` gives the rule that evaluation results record.
+
+Subtasks are pooled under the parent (`bigbench_<task>`) in sorted subtask order, as both ELM's
+and BIG-bench's code do, and are also tasks of their own (`bigbench_<task>_<subtask>`).
 """
 
 from __future__ import annotations
@@ -62,57 +71,88 @@ def list_subtasks(task: str, root: Optional[str] = None) -> list[str]:
                 if os.path.exists(os.path.join(base, d, "task.json")))
 
 
-def _format_elm(data: Mapping[str, Any], example: Mapping[str, Any], where: str
-                ) -> tuple[str, list[str], int]:
-  scores = example["target_scores"]
-  choices = list(scores)
-  gold = [i for i, c in enumerate(choices) if scores[c] == 1]
-  if len(gold) != 1:
-    raise ValueError(f"{where}: the elm format needs exactly one choice with score 1, found "
-                     f"{len(gold)}; use the 'bigbench' format for graded scores.")
-  text = data.get("task_prefix", "") + (data.get("example_input_prefix") or "\nQ: ")
-  text += example["input"]
-  if data.get("append_choices_to_input", True):
-    text += "\n choice: " + "\n choice: ".join(choices)
-  text += data.get("example_output_prefix") or "\nA: "
-  return text, choices, gold[0]
+MULTIPLE_GOLD_SETTING = "BIGBENCH_MULTIPLE_GOLD"
 
 
-def _format_bigbench(data: Mapping[str, Any], example: Mapping[str, Any], rng
-                     ) -> tuple[str, list[str], int]:
-  scores = example["target_scores"]
-  choices = list(scores)
-  choice_prefix = data.get("choice_prefix", "\n  choice: ")
+def multiple_gold_rule(rule: Optional[str] = None) -> str:
+  """`rule` when given (checked), else the configured rule (`first` by default)."""
+  if rule is None:
+    return settings.get_option(MULTIPLE_GOLD_SETTING)
+  allowed = ("first", "skip", "error")
+  if rule not in allowed:
+    raise ValueError(f"BIG-bench multiple-gold rule {rule!r} is not one of {allowed}.")
+  return rule
+
+
+def data_options(fmt: str, rule: Optional[str] = None) -> dict[str, str]:
+  """What decides a BIG-bench task's examples besides its files (recorded in eval results)."""
+  return {"format": fmt, "multiple_gold": multiple_gold_rule(rule)}
+
+
+def _gold_indices(fmt: str, scores: Mapping[str, Any], where: str) -> list[int]:
+  """Positions (JSON order) of the top-scored choices: score 1 (ELM) or the maximal score."""
+  values = list(scores.values())
+  if fmt == "elm":
+    gold = [i for i, v in enumerate(values) if v == 1]
+    if not gold:
+      raise ValueError(f"{where}: no choice has score 1, which the elm format needs (ELM's "
+                       "make_benchmarks.py raises too); use the 'bigbench' format (`_bbfmt`).")
+    return gold
+  best, worst = max(values), min(values)
+  if (len(values) == 1 and best == 0) or (len(values) > 1 and best <= worst):
+    raise ValueError(f"{where}: no correct choice (all target_scores equal), as BIG-bench's "
+                     "json_task refuses too.")
+  return [i for i, v in enumerate(values) if v == best]
+
+
+def _format_elm(data: Mapping[str, Any], example: Mapping[str, Any], choices: list[str]) -> str:
+  # ELM make_benchmarks.py: dataset_prompt_setting (the defaults) and bigbench_input (the f-string).
+  task_prefix = data.get("task_prefix", "")
+  input_prefix = data.get("example_input_prefix", "\nQ: ")
+  output_prefix = data.get("example_output_prefix", "\nA: ")
+  choice_prefix = data.get("choice_prefix", "\n choice: ")
+  # Truthiness, as ELM: logic_grid_puzzle's "false" (a string) appends the choices.
+  choices_text = (choice_prefix + choice_prefix.join(choices)
+                  if data.get("append_choices_to_input", True) else "")
+  return f"{task_prefix}{input_prefix}{example['input']}{choices_text}{output_prefix}"
+
+
+def _format_bigbench(data: Mapping[str, Any], example: Mapping[str, Any], choices: list[str],
+                     seed: int) -> str:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  # json_task.default_format_fn: a fresh RandomState(seed) per example permutes the sorted keys.
   text = example["input"]
   if data.get("append_choices_to_input", True):
-    permuted = rng.permutation(sorted(choices))
-    text += choice_prefix + choice_prefix.join(str(c) for c in permuted)
-  best = max(scores.values())
-  gold = next(i for i, c in enumerate(choices) if scores[c] == best)
-  text = (data.get("task_prefix", "") + data.get("example_input_prefix", "\nQ: ") + text
-          + data.get("example_output_prefix", "\nA: "))
-  return text, choices, gold
+    prefix = data.get("choice_prefix", "\n  choice: ")
+    text += prefix + prefix.join(np.random.RandomState(seed=seed).permutation(sorted(choices)))
+  text = data.get("example_input_prefix", "\nQ: ") + text + data.get("example_output_prefix",
+                                                                     "\nA: ")
+  return str(data.get("task_prefix", "")) + text  # JsonTask prepends its task_prefix.
+
+
+def _distinct(items: list[Any]) -> list[Any]:
+  """JsonTask's deduplication: examples with equal `json.dumps` dropped, order kept."""
+  seen, unique = set(), []
+  for ex in items:
+    key = json.dumps(ex)
+    if key not in seen:
+      seen.add(key)
+      unique.append(ex)
+  return unique
 
 
 def iter_task_file(path: str, *, fmt: str, dataset: str, subset: str, prompt: str,
-                   first_id: int = 0, seed: int = DEFAULT_SEED,
+                   first_id: int = 0, seed: int = DEFAULT_SEED, rule: Optional[str] = None,
                    stats: Optional[examples_lib.ExampleStats] = None
                    ) -> Iterator[dict[str, Any]]:
   """Canonical examples of one `task.json` (examples without `target_scores` are counted, skipped)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   if fmt not in FORMATS:
     raise ValueError(f"BIG-bench format {fmt!r} is not one of {FORMATS}.")
+  rule = multiple_gold_rule(rule)
   data = read_task_json(path)
   items = data.get("examples", [])
   if fmt == "bigbench":
-    seen, unique = set(), []
-    for ex in items:
-      key = json.dumps(ex)
-      if key not in seen:
-        seen.add(key)
-        unique.append(ex)
-    items = unique
-  rng = np.random.RandomState(seed)
+    items = _distinct(items)
   stats = stats if stats is not None else examples_lib.ExampleStats()
   example_id = first_id
   for position, ex in enumerate(items):
@@ -120,38 +160,56 @@ def iter_task_file(path: str, *, fmt: str, dataset: str, subset: str, prompt: st
       stats.skipped["no target_scores (not multiple choice)"] += 1
       continue
     where = f"{path} example {position}"
-    text, choices, gold = (_format_elm(data, ex, where) if fmt == "elm"
-                           else _format_bigbench(data, ex, rng))
-    out = examples_lib.make_example(inputs=text, targets=choices[gold], answer_choices=choices,
+    choices = [str(c) for c in ex["target_scores"]]
+    gold = _gold_indices(fmt, ex["target_scores"], where)
+    if len(gold) > 1:
+      why = f"several top-scored choices, multiple_gold rule {rule!r}"
+      if rule == "error":
+        raise ValueError(f"{where}: {len(gold)} choices share the top score "
+                         f"({[choices[i] for i in gold]}); set "
+                         f"seqio_tasks.settings.{MULTIPLE_GOLD_SETTING} (or "
+                         f"${settings.env_var(MULTIPLE_GOLD_SETTING)}) to 'first' or 'skip'.")
+      if rule == "skip":
+        stats.skipped[why] += 1
+        continue
+      stats.kept[why + " (the first kept)"] += 1
+    text = (_format_elm(data, ex, choices) if fmt == "elm"
+            else _format_bigbench(data, ex, choices, seed))
+    out = examples_lib.make_example(inputs=text, targets=choices[gold[0]], answer_choices=choices,
                                     example_id=example_id, dataset=dataset, subset=subset,
-                                    prompt=prompt, label_index=gold)
+                                    prompt=prompt, label_index=gold[0])
     stats.add(out)
     example_id += 1
     yield out
 
 
 def iter_examples(task: str, subtask: Optional[str] = None, *, fmt: str = "elm",
-                  root: Optional[str] = None, seed: int = DEFAULT_SEED
+                  root: Optional[str] = None, seed: int = DEFAULT_SEED, rule: Optional[str] = None,
+                  stats: Optional[examples_lib.ExampleStats] = None
                   ) -> Iterator[dict[str, Any]]:
-  """Canonical examples of a task (subtasks pooled) or of one subtask."""
+  """Canonical examples of a task (subtasks pooled) or of one subtask; `stats` (if given) counts."""
   base = task_dir(task, root)
   dataset, prompt = f"bigbench_{task}", fmt
-  stats = examples_lib.ExampleStats()
+  rule = multiple_gold_rule(rule)
+  stats = stats if stats is not None else examples_lib.ExampleStats()
+  name = f"bigbench_{task}" + (f"_{subtask}" if subtask else "")
   if subtask is not None:
     yield from iter_task_file(os.path.join(base, subtask, "task.json"), fmt=fmt, dataset=dataset,
-                              subset=subtask, prompt=prompt, seed=seed, stats=stats)
+                              subset=subtask, prompt=prompt, seed=seed, rule=rule, stats=stats)
+    stats.report(name, scoring=True)
     return
   subtasks = list_subtasks(task, root)
   parent = os.path.join(base, "task.json")
   next_id = 0
   if not subtasks or (os.path.exists(parent) and "examples" in read_task_json(parent)):
     for ex in iter_task_file(parent, fmt=fmt, dataset=dataset, subset="", prompt=prompt,
-                             seed=seed, stats=stats):
+                             seed=seed, rule=rule, stats=stats):
       next_id = ex["example_id"] + 1
       yield ex
   for sub in subtasks:
     for ex in iter_task_file(os.path.join(base, sub, "task.json"), fmt=fmt, dataset=dataset,
-                             subset=sub, prompt=prompt, first_id=next_id, seed=seed, stats=stats):
+                             subset=sub, prompt=prompt, first_id=next_id, seed=seed, rule=rule,
+                             stats=stats):
       next_id = ex["example_id"] + 1
       yield ex
-  stats.report(f"bigbench_{task}", scoring=True)
+  stats.report(name, scoring=True)
