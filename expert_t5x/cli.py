@@ -34,7 +34,9 @@ register("merge", "expert_t5x.merging", "merge_main", "merge experts into a new 
 register("demo", "expert_t5x.demo", "demo_main",
          "the whole pipeline on generated tasks with a tiny T5, ending in a visual report")
 register("import", "expert_t5x.importers", "import_main",
-         "convert released experts (paper adapter .pt, PEFT LoRA) to the expert format")
+         "convert released experts (paper adapter .pt, PEFT LoRA) or a T5X run to the expert format")
+register("t5x-checkpoint", "expert_t5x.t5x_io", "t5x_checkpoint_main",
+         "write a T5X checkpoint (upstream t5x.train's start) from an HF T5 dir or a base")
 
 
 def _usage() -> str:

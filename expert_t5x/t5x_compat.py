@@ -286,14 +286,13 @@ def expert_config_from_gin_text(text: str) -> experts.ExpertConfig:
         if not field.init:
           continue
         m = re.search(rf"^[\w.]*experts\.{name}\.{field.name}\s*=\s*(.+)$", text, re.M)
-        if m is None:
-          m = _block_binding(text, name, field.name)
-        if m is not None:
-          fields[field.name] = _literal(m)
+        value = m.group(1) if m else _block_binding(text, name, field.name)
+        if value is not None:
+          fields[field.name] = _literal(value)
       break
   if kind is None:
     raise ValueError("The run's config.gin names no experts.AdapterConfig/LoraConfig/FullConfig; "
-                     "was it trained with a gin/t5x/ file? Pass --expert-type to say which.")
+                     "train it with a gin/t5x/ file (t5x_compat.ExpertTransformer.expert_config).")
   return kind(**fields)
 
 
