@@ -22,13 +22,21 @@ REPO = Path(__file__).resolve().parents[1]
 UPSTREAM = Path(os.environ.get("EXPERT_T5X_UPSTREAM_T5X",
                                REPO.parent / "shared" / "third_party" / "python"))
 STEPS = 4
+EXAMPLES = 24  # scored by both evaluators
 
 
 def _upstream_importable() -> bool:
-  code = "import t5x.train, t5x.eval"
-  env = dict(os.environ, PYTHONPATH=f"{UPSTREAM}{os.pathsep}{REPO}")
-  return UPSTREAM.is_dir() and subprocess.run(
-      [sys.executable, "-c", code], env=env, capture_output=True).returncode == 0
+  # In this process (no second TensorFlow start-up); the runs themselves are subprocesses.
+  if not UPSTREAM.is_dir():
+    return False
+  sys.path.insert(0, str(UPSTREAM))
+  try:
+    import t5x  # pylint: disable=unused-import
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
+  finally:
+    sys.path.remove(str(UPSTREAM))
 
 
 pytestmark = pytest.mark.skipif(not _upstream_importable(),
@@ -106,20 +114,22 @@ def test_imported_expert_scores_equal_upstream_eval(run):
   _t5x("t5x.eval", ["--gin_file=t5x/eval.gin", "--gin_file=t5x/demo_model.gin",
                     f"--gin.MIXTURE_OR_TASK_NAME='{task}'",
                     f"--gin.CHECKPOINT_PATH='{model_dir / f'checkpoint_{STEPS}'}'",
-                    f"--gin.EVAL_OUTPUT_DIR='{root / 'upstream_eval'}'"], root)
+                    f"--gin.EVAL_OUTPUT_DIR='{root / 'upstream_eval'}'",
+                    f"--gin.seqio.Evaluator.num_examples={2 * EXAMPLES}"], root)  # 2 choices each
   rows = [json.loads(l) for l in
           open(root / "upstream_eval" / "inference_eval" / f"{task}-{STEPS:06d}.jsonl")]
   upstream = {tuple(r["input"]["idx"]): r["score"] for r in rows}
 
   assert eval_lib.cli_main(["--tasks", task, "--output_dir", str(root / "ours"),
                             "--checkpoint_path", str(run["base"]), "--experts", str(expert_dir),
-                            "--no_progress", "--bootstrap_samples", "0"]) == 0
+                            "--max_examples", str(EXAMPLES), "--no_progress",
+                            "--bootstrap_samples", "0"]) == 0
   ours = {}
   for line in open(root / "ours" / "predictions.jsonl"):
     p = json.loads(line)
     for j, s in enumerate(p["choice_scores"]):
       ours[(p["example_id"], j)] = s
-  assert sorted(ours) == sorted(upstream) and len(ours) >= 100
+  assert sorted(ours) == sorted(upstream) and len(ours) == 2 * EXAMPLES
   np.testing.assert_allclose([ours[k] for k in sorted(ours)],
                              [upstream[k] for k in sorted(ours)], rtol=0, atol=1e-4)
 
@@ -158,13 +168,53 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "t5x", "*.gin"))):
   assert module.configurable.wrapped is t5x_compat.ExpertTransformer, name
   if script == "train" and "dataset_expert.gin" not in name:
     # One schedule: the rate T5X logs is the one AdamW uses.
-    assert (gin.query_parameter("trainer.Trainer.learning_rate_fn").scoped_selector ==
+    assert (gin.query_parameter("t5x.trainer.Trainer.learning_rate_fn").scoped_selector ==
             gin.query_parameter("optax.adamw.learning_rate").scoped_selector ==
             "LEARNING_RATE_SCHEDULE/gin.macro"), name
   print("parsed", name)
+
+# The paper's settings: each upstream file's values equal our own recipe's (gin/experts/).
+import expert_t5x.train
+def settings(path, script_train, pairs):
+  gin.clear_config()
+  __main__.train = script_train
+  gin.parse_config_files_and_bindings([path], required, finalize_config=False)
+  return [query(p) for p in pairs]
+def query(name):
+  value = gin.query_parameter(name if "." in name else name + "/gin.macro.value")
+  while getattr(value, "scoped_selector", "").endswith("gin.macro"):
+    value = gin.query_parameter(value.scoped_selector + ".value")
+  return value
+COMMON = ["BATCH_SIZE", "TASK_FEATURE_LENGTHS", "DROPOUT_RATE", "Z_LOSS", "LABEL_SMOOTHING",
+          "LOSS_NORMALIZING_FACTOR", "RANDOM_SEED", "ACTIVATION_DTYPE"]
+for ours, theirs in [("prompt_expert", "prompt_expert"), ("lora_expert", "lora_expert"),
+                     ("dataset_expert_adapter", "dataset_expert_adapter")]:
+  expert = ["experts.AdapterConfig.reduction_factor", "experts.AdapterConfig.train_layer_norms"]
+  if ours == "lora_expert":
+    expert = [f"experts.LoraConfig.{f}" for f in ("rank", "alpha", "targets", "dropout_rate")]
+  a = settings(f"experts/{ours}.gin", expert_t5x.train.train, COMMON + expert + [
+      "optimizers.AdamW.b1", "optimizers.AdamW.b2", "optimizers.AdamW.eps",
+      "optimizers.AdamW.weight_decay", "optimizers.AdamW.global_norm_clip_threshold",
+      "optimizers.create_learning_rate_scheduler.base_learning_rate"])
+  b = settings(f"t5x/{theirs}.gin", t5x.train.train, COMMON + expert + [
+      "optax.adamw.b1", "optax.adamw.b2", "optax.adamw.eps", "optax.adamw.weight_decay",
+      "optax.clip_by_global_norm.max_norm", "optax.linear_schedule.init_value"])
+  assert a == b, (ours, a, b)
+  assert gin.query_parameter("optax.linear_schedule.end_value") == 0.0
+fields = ["factored", "multiply_by_parameter_scale", "beta1", "decay_rate", "step_offset",
+          "clipping_threshold", "weight_decay_rate", "min_dim_size_to_factor", "epsilon1",
+          "global_norm_clip_threshold"]
+a = settings("experts/dataset_expert.gin", expert_t5x.train.train, COMMON + [
+    f"optimizers.Adafactor.{f}" for f in fields] + [
+    "optimizers.create_learning_rate_scheduler.base_learning_rate", "NUM_MICROBATCHES"])
+b = settings("t5x/dataset_expert.gin", t5x.train.train, COMMON + [
+    f"adafactor.Adafactor.{f}" for f in fields] + [
+    "utils.create_learning_rate_scheduler.base_learning_rate", "t5x.trainer.Trainer.num_microbatches"])
+assert a == b, ("dataset_expert", a, b)
+print("settings equal")
 """
   proc = subprocess.run([sys.executable, "-c", code, str(REPO / "gin")], env=_env(),
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   parsed = proc.stdout.split()
-  assert parsed.count("parsed") == 6, proc.stdout
+  assert parsed.count("parsed") == 6 and "equal" in parsed, proc.stdout
