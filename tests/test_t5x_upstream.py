@@ -175,6 +175,7 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "t5x", "*.gin"))):
 
 # The paper's settings: each upstream file's values equal our own recipe's (gin/experts/).
 import expert_t5x.train
+gin.enter_interactive_mode()  # `train_script.train` is ours, then upstream's, in turn.
 def settings(path, script_train, pairs):
   gin.clear_config()
   __main__.train = script_train
