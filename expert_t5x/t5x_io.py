@@ -36,14 +36,14 @@ def write_t5x_checkpoint(params: Mapping[str, Any], output_dir: str, step: int =
   from expert_t5x import train_checkpoints  # pylint: disable=g-import-not-at-top
   if os.path.exists(os.path.join(output_dir, f"checkpoint_{step}")):
     raise FileExistsError(f"{output_dir}/checkpoint_{step} exists; choose another --output.")
-  target = jax_free_float32(params)
+  target = _float32_tree(params)
   manager = train_checkpoints.CheckpointManager(output_dir, async_save=False)
   manager.save(step, {"target": target, "state": {"step": np.asarray(step, np.int32)}})
   manager.close()
   return os.path.join(output_dir, f"checkpoint_{step}")
 
 
-def jax_free_float32(params: Mapping[str, Any]) -> dict[str, Any]:
+def _float32_tree(params: Mapping[str, Any]) -> dict[str, Any]:
   """A nested dict of float32 numpy arrays."""
   flat = traverse_util.flatten_dict(dict(params))
   return traverse_util.unflatten_dict({k: np.asarray(v, np.float32) for k, v in flat.items()})
