@@ -36,7 +36,9 @@ register("demo", "expert_t5x.demo", "demo_main",
 register("continual", "expert_t5x.continual", "continual_main",
          "continual learning: train new (CT0) experts, add them, check seen tasks are unchanged")
 register("import", "expert_t5x.importers", "import_main",
-         "convert released experts (paper adapter .pt, PEFT LoRA) to the expert format")
+         "convert released experts (paper adapter .pt, PEFT LoRA) or a T5X run to the expert format")
+register("t5x-checkpoint", "expert_t5x.t5x_io", "t5x_checkpoint_main",
+         "write a T5X checkpoint (upstream t5x.train's start) from an HF T5 dir or a base")
 
 
 def _usage() -> str:

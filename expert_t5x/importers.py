@@ -250,10 +250,11 @@ def import_peft_lora(directory: str, output_dir: str, *, base_fingerprint: str |
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="expert-t5x import",
-                              description="Convert released experts (paper adapter .pt, PEFT LoRA) to Expert "
-                                          "format v1.")
-  p.add_argument("kind", choices=("paper-adapter", "peft-lora"))
-  p.add_argument("source", help="adapter_params directory or .pt state dict; or a PEFT adapter directory")
+                              description="Convert released experts (paper adapter .pt, PEFT LoRA) or an upstream "
+                                          "T5X run (t5x.train with gin/t5x/) to Expert format v1.")
+  p.add_argument("kind", choices=("paper-adapter", "peft-lora", "t5x"))
+  p.add_argument("source", help="adapter_params directory or .pt state dict; a PEFT adapter directory; "
+                                "or a t5x.train MODEL_DIR (its latest checkpoint) / checkpoint_<step>")
   p.add_argument("--output", required=True, help="output expert directory")
   p.add_argument("--base-fingerprint", help="fingerprint of the base the expert was trained on")
   p.add_argument("--base", help="base checkpoint; its fingerprint is computed (instead of --base-fingerprint)")
@@ -261,6 +262,9 @@ def _parser() -> argparse.ArgumentParser:
   for field in ("task", "dataset", "subset", "prompt"):
     p.add_argument(f"--{field}", help=f"provenance {field}")
   p.add_argument("--keys", help="keys.jsonl to attach (retrieval keys)")
+  p.add_argument("--num-keys", type=int, default=100,
+                 help="t5x: retrieval keys drawn from the trained task's train split")
+  p.add_argument("--key-seed", type=int, default=0, help="t5x: seed of that draw")
   p.add_argument("--overwrite", action="store_true")
   return p
 
@@ -268,6 +272,8 @@ def _parser() -> argparse.ArgumentParser:
 def import_main(argv: Sequence[str] | None = None) -> int:
   """Entry point of `expert-t5x import`."""
   args = _parser().parse_args(argv)
+  if args.kind == "t5x":
+    return _import_t5x(args)
   try:
     fingerprint = args.base_fingerprint
     if args.base:
@@ -285,6 +291,18 @@ def import_main(argv: Sequence[str] | None = None) -> int:
                       provenance=prov, keys=keys, overwrite=args.overwrite)
   except (ImportError_, ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"expert-t5x import: {e}", file=sys.stderr)
+    return 1
+  print(f"imported {args.source} -> {args.output} ({content_hash[:12]})")
+  return 0
+
+
+def _import_t5x(args: argparse.Namespace) -> int:
+  """The base, task and expert config come from the run's config.gin (--base / --task override)."""
+  from expert_t5x import t5x_io  # pylint: disable=g-import-not-at-top
+  try:
+    content_hash = t5x_io.import_main(args)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f"expert-t5x import t5x: {e}", file=sys.stderr)
     return 1
   print(f"imported {args.source} -> {args.output} ({content_hash[:12]})")
   return 0

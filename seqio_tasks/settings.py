@@ -9,7 +9,9 @@ file system at import.
 from __future__ import annotations
 
 import os
-from typing import Optional
+import sys
+import types
+from typing import Any, Optional
 
 import gin
 
@@ -74,13 +76,36 @@ def get_option(name: str) -> str:
   return default
 
 
-@gin.configurable("settings", module="seqio_tasks")
-def _gin_settings(P3_DIR=None, RAW_DIR=None, PROMPTSOURCE_DIR=None, BIGBENCH_DIR=None,  # pylint: disable=invalid-name
-                  CONTINUAL_DIR=None, BIGBENCH_MULTIPLE_GOLD=None) -> dict[str, Optional[str]]:
+class GinModule(types.ModuleType):
+  """A module that gin can bind as a configurable of the same dotted name.
+
+  `seqio_tasks.settings.P3_DIR = ...` names the module `seqio_tasks.settings` itself: in a
+  `dynamic_registration` gin file (upstream T5X's style) gin resolves `seqio_tasks.settings` to
+  the module object and looks for a configurable registered for that very object. Registering the
+  module (made callable by this class, with the settings as parameters) makes the binding work
+  in both gin styles and in `--gin.` flags.
+  """
+
+
+def register_gin_module(module_name: str, cls: type, name: str) -> Any:
+  """Makes module `module_name` an instance of `cls` (a `GinModule` whose `__call__` takes the
+  settings) and registers it as gin configurable `seqio_tasks.<name>`; returns gin's wrapper."""
+  module = sys.modules[module_name]
+  module.__class__ = cls
+  return gin.external_configurable(module, name, module="seqio_tasks")
+
+
+class _GinSettings(GinModule):
   """Gin's view of the roots and options: bind `seqio_tasks.settings.<NAME> = "..."` in a gin file."""
-  return dict(P3_DIR=P3_DIR, RAW_DIR=RAW_DIR, PROMPTSOURCE_DIR=PROMPTSOURCE_DIR,
-              BIGBENCH_DIR=BIGBENCH_DIR, CONTINUAL_DIR=CONTINUAL_DIR,
-              BIGBENCH_MULTIPLE_GOLD=BIGBENCH_MULTIPLE_GOLD)
+
+  def __call__(self, P3_DIR=None, RAW_DIR=None, PROMPTSOURCE_DIR=None, BIGBENCH_DIR=None,  # pylint: disable=invalid-name
+               CONTINUAL_DIR=None, BIGBENCH_MULTIPLE_GOLD=None) -> dict[str, Optional[str]]:
+    return dict(P3_DIR=P3_DIR, RAW_DIR=RAW_DIR, PROMPTSOURCE_DIR=PROMPTSOURCE_DIR,
+                BIGBENCH_DIR=BIGBENCH_DIR, CONTINUAL_DIR=CONTINUAL_DIR,
+                BIGBENCH_MULTIPLE_GOLD=BIGBENCH_MULTIPLE_GOLD)
+
+
+_gin_settings = register_gin_module(__name__, _GinSettings, "settings")
 
 
 def get_path(name: str) -> Optional[str]:

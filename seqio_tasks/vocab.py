@@ -15,8 +15,9 @@ import os
 import threading
 from typing import Any, Iterable, Optional, Sequence
 
-import gin
 import seqio
+
+from seqio_tasks import settings
 
 VOCAB_ENV = "EXPERT_T5X_VOCAB"
 # T5's default vocabulary: the 32000-piece SentencePiece model plus 100 sentinel ids.
@@ -32,10 +33,14 @@ def set_vocabulary_path(path: Optional[str]) -> None:
   T5_VOCABULARY.reset()
 
 
-@gin.configurable("vocab", module="seqio_tasks")
-def _gin_vocab(VOCABULARY_PATH: Optional[str] = None) -> Optional[str]:  # pylint: disable=invalid-name,redefined-outer-name
+class _GinVocab(settings.GinModule):
   """Gin's view: bind `seqio_tasks.vocab.VOCABULARY_PATH = "/path/spiece.model"`."""
-  return VOCABULARY_PATH
+
+  def __call__(self, VOCABULARY_PATH: Optional[str] = None) -> Optional[str]:  # pylint: disable=invalid-name,redefined-outer-name
+    return VOCABULARY_PATH
+
+
+_gin_vocab = settings.register_gin_module(__name__, _GinVocab, "vocab")
 
 
 def resolve_vocabulary_path() -> str:

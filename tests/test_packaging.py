@@ -36,7 +36,7 @@ def test_model_code_imports_neither_tensorflow_nor_seqio():
 
 
 COMMANDS = [[], ["tasks"], ["data"], ["eval"], ["infer"], ["library"], ["retrieve"], ["merge"],
-            ["import"], ["demo"]]
+            ["import"], ["demo"], ["t5x-checkpoint"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
