@@ -28,7 +28,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from expert_t5x import file_io
 
@@ -288,6 +287,29 @@ def _write_text(path: str, text: str) -> None:
     os.fsync(f.fileno())
 
 
+def _write_safetensors(path: str, flat: Mapping[str, np.ndarray],
+                       metadata: Mapping[str, str]) -> None:
+  """float32 tensors in the safetensors layout with a fixed byte order: tensors and metadata keys
+  sorted, compact JSON padded with spaces to 8 bytes (as the format allows), so equal tensors give
+  equal files. (safetensors' own writer stores `__metadata__` from a hash map, in a per-process
+  order.)"""
+  names = sorted(flat)
+  header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+  offset = 0
+  for name in names:
+    size = flat[name].size * 4
+    header[name] = {"dtype": "F32", "shape": list(flat[name].shape),
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+  text += b" " * (-len(text) % 8)
+  with open(path, "wb") as f:
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
+    for name in names:
+      f.write(np.ascontiguousarray(flat[name], dtype="<f4").tobytes())
+
+
 def _float32_flat(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   flat = flatten_params(params)
   if not flat:
@@ -347,8 +369,7 @@ def save_expert(directory: str | os.PathLike[str],
                          dir=parent)
   try:
     params_path = os.path.join(tmp, PARAMS_FILE)
-    save_file(flat, params_path, metadata={"format": "np",
-                                           "content_hash": content_hash})
+    _write_safetensors(params_path, flat, {"content_hash": content_hash, "format": "np"})
     file_io.fsync_path(params_path)
     _write_text(os.path.join(tmp, METADATA_FILE),
                 _to_json(meta, indent=2, sort_keys=True) + "\n")

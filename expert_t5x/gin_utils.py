@@ -32,6 +32,8 @@ from typing import Callable, Optional, Sequence
 import gin
 from gin import config as gin_config
 
+from expert_t5x import validation
+
 _REQUIRED_SELECTOR = "gin.REQUIRED/gin.constant"
 OPERATIVE_CONFIG = "config.gin"
 
@@ -169,7 +171,7 @@ def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str],
     ValueError: no gin file given, a file not found, or required macros left unset.
   """
   if not gin_files:
-    raise ValueError("No --gin_file given; pass one, e.g. --gin_file=runs/finetune.gin "
+    raise validation.UsageError("No --gin_file given; pass one, e.g. --gin_file=runs/finetune.gin "
                      "(see gin/runs/ for the shipped run configs).")
   gin.clear_config()
   search_paths = default_search_paths(gin_search_paths)
@@ -181,24 +183,25 @@ def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str],
   try:
     _parse_without_sys_path(gin_files, gin_bindings, search_paths)
   except IOError as e:
-    raise ValueError(f"Gin file not found ({e}); searched {search_paths}; "
+    raise validation.UsageError(f"Gin file not found ({e}); searched {search_paths}; "
                      "pass --gin_search_paths=DIR for your own configs.") from None
   except (SyntaxError, tokenize.TokenError) as e:
-    where = f"{e.filename}:{e.lineno}" if isinstance(e, SyntaxError) and e.filename else "a binding"
+    where = f"{e.filename}:{e.lineno}" if isinstance(e, SyntaxError) and e.filename else (
+        f"the binding {e.text.strip()!r}" if getattr(e, "text", None) else "a binding")
     text = str(e.args[0] if e.args else e).splitlines()[0]
-    raise ValueError(f"Gin syntax error in {where} ({text}); gin values are Python literals, "
+    raise validation.UsageError(f"Gin syntax error in {where} ({text}); gin values are Python literals, "
                      "@configurables or %MACROS (strings quoted: 'text'); fix that line.") from None
   finally:
     root.setLevel(level)
   unused = unreferenced_macros(gin_bindings)
   if unused:
-    raise ValueError(f"Unknown gin setting(s) {', '.join(unused)}: no config file uses them; check "
+    raise validation.UsageError(f"Unknown gin setting(s) {', '.join(unused)}: no config file uses them; check "
                      "the spelling against the macros of the gin files (e.g. TRAIN_STEPS, BATCH_SIZE, "
                      "MODEL_DIR).")
   missing = missing_required()
   if missing:
     flags = " ".join(f"--gin.{m}=..." for m in missing)
-    raise ValueError(f"Required gin settings are unset: {', '.join(missing)}; set them, e.g. {flags}")
+    raise validation.UsageError(f"Required gin settings are unset: {', '.join(missing)}; set them, e.g. {flags}")
   if finalize:
     gin.finalize()
 
