@@ -365,8 +365,9 @@ def save_expert(directory: str | os.PathLike[str],
 
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-",
-                         dir=parent)
+  stem = f".{os.path.basename(directory)}.tmp-"
+  file_io.remove_dead_temp_dirs(parent, stem)  # left by a killed export of this directory
+  tmp = tempfile.mkdtemp(prefix=file_io.temp_dir_prefix(stem), dir=parent)
   try:
     params_path = os.path.join(tmp, PARAMS_FILE)
     _write_safetensors(params_path, flat, {"content_hash": content_hash, "format": "np"})
