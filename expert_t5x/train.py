@@ -633,7 +633,7 @@ def main(argv: Sequence[str]) -> None:
     if flags_.coordinator_address or flags_.multiprocess:
       jax.distributed.shutdown()  # together, before interpreter teardown
   except (ValueError, OSError, NonFiniteLossError) as e:
-    raise SystemExit(validation.report("expert_t5x.train", e)) from None
+    raise SystemExit(validation.report("expert_t5x.train: error", e)) from None
 
 
 def _check_train_bound() -> None:

@@ -28,8 +28,11 @@ class DataError(ValueError):
   """A file or directory that is missing, damaged or of the wrong kind (exit code 1)."""
 
 
-def exit_code(error: BaseException) -> int:
-  return USAGE_EXIT if isinstance(error, UsageError) else DATA_EXIT
+def exit_code(error: BaseException, default: int = DATA_EXIT) -> int:
+  """2 for a `UsageError`, 1 for a `DataError`, else `default` (the command's own convention)."""
+  if isinstance(error, UsageError):
+    return USAGE_EXIT
+  return DATA_EXIT if isinstance(error, DataError) else default
 
 
 def one_line(error: BaseException) -> str:
@@ -42,12 +45,12 @@ def one_line(error: BaseException) -> str:
   return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
-def report(prog: str, error: BaseException) -> int:
-  """Prints `prog: error: ...` to stderr (or re-raises under EXPERT_T5X_TRACEBACK) -> exit code."""
+def report(prog: str, error: BaseException, default: int = DATA_EXIT) -> int:
+  """Prints `prog: ...` to stderr (or re-raises under EXPERT_T5X_TRACEBACK) -> exit code."""
   if os.environ.get(TRACEBACK_ENV):
     raise error
-  print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
-  return exit_code(error)
+  print(f"{prog}: {one_line(error)}", file=sys.stderr)
+  return exit_code(error, default)
 
 
 def positive_int(name: str, value: Any, fix: str = "") -> int:
