@@ -338,7 +338,9 @@ def _validate_args(args: argparse.Namespace) -> None:
                "votes_per_query", "retrieval_max_seq_length", "logit_vocab_limit", "vocab_size"):
     if getattr(args, flag, None) is not None:
       validation.positive_int(f"--{flag}", getattr(args, flag))
-  validation.positive_int("--bootstrap_samples", args.bootstrap_samples + 1)  # 0 allowed: none
+  if args.bootstrap_samples < 0:
+    raise validation.UsageError(f"--bootstrap_samples={args.bootstrap_samples} must be >= 0 (0: no "
+                                "confidence intervals).")
   validation.finite("--abstain_threshold", args.abstain_threshold, 0.0, 1.0, "it is a vote share")
   validation.finite_all("--merge_lam", args.merge_lam or [])
   for k in args.merge_top_k or []:

@@ -425,10 +425,14 @@ def read_metadata(directory: str | os.PathLike[str]) -> dict[str, Any]:
   try:
     with open(path, encoding="utf-8") as f:
       metadata = json.load(f)
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"'{path}' is not valid JSON ({e}); the expert directory "
-                     f"is damaged, write it again.") from e
-  validate_metadata(metadata)
+                     f"is damaged, write it again.") from None
+  try:
+    validate_metadata(metadata)
+  except ValueError as e:
+    raise ValueError(f"'{path}': {e} The expert directory is damaged; write it "
+                     f"again.") from None
   return metadata
 
 
@@ -539,9 +543,13 @@ def _read_safetensors_index(path: str) -> tuple[dict[str, Any], int]:
       header = json.loads(f.read(header_len))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise damaged(f"header is not JSON: {e}") from None
+  if not isinstance(header, dict):
+    raise damaged(f"header is a JSON {type(header).__name__}, not an object")
   header.pop("__metadata__", None)
   data_size = size - 8 - header_len
   for name, info in header.items():
+    if not isinstance(info, dict) or not isinstance(info.get("shape"), list):
+      raise damaged(f"tensor '{name}' has no dtype/shape/data_offsets object")
     begin, end = info.get("data_offsets", (0, -1))
     if info.get("dtype") not in _SAFETENSORS_DTYPES:
       raise damaged(f"tensor '{name}' has dtype {info.get('dtype')}; expected "

@@ -470,6 +470,11 @@ class Library:
       except (LibraryError, OSError, UnicodeDecodeError) as e:
         problems.append(f"entries/{name}: {validation.one_line(e)}; fix: restore it from a backup or "
                         f"delete it and add the expert again")
+    used = {os.path.normpath(e["path"]) for e in entries}
+    for name in sorted(os.listdir(os.path.join(self.root, EXPERTS_DIR))):
+      if os.path.join(EXPERTS_DIR, name) not in used and f"{name}.json" not in damaged:
+        problems.append(f"{EXPERTS_DIR}/{name}: no entry names it (an interrupted add or remove); "
+                        f"fix: `expert-t5x library index --gc {self.url}`")
     for entry in entries:
       try:
         self.verify(entry["id"])
@@ -775,6 +780,12 @@ def _print_json(obj: Any) -> None:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+  if args.base_fingerprint is not None and not re.fullmatch(r"[0-9a-f]{64}", args.base_fingerprint):
+    raise validation.UsageError(f"--base-fingerprint {args.base_fingerprint!r} is not a sha256 hex "
+                                f"digest (64 characters 0-9a-f); copy it from an expert's expert.json "
+                                f"base.fingerprint.")
+  if not is_url(args.library):
+    validation.output_dir("library", args.library)
   lib = Library.init(args.library, base_fingerprint=args.base_fingerprint, base_config_name=args.base_config)
   print(f"Created library {lib.url}" + (f" (base {args.base_fingerprint})" if args.base_fingerprint else
                                         " (the first added expert pins the base)"))

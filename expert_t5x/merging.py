@@ -597,8 +597,7 @@ def _load_base(path: str | None, need_init: bool, metas: Sequence[Mapping[str, A
 
 def _resolve_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
   if args.recipe:
-    recipe = json.load(open(args.recipe, encoding="utf-8"))
-    recipe = recipe.get("merge", recipe)
+    recipe = _read_recipe(args.recipe)
     wanted = [i["content_hash"] for i in recipe["inputs"]]
     pool = _candidate_dirs(args)
     by_hash = {}
@@ -693,6 +692,24 @@ def _replace_if_reproduced(merged: str, output: str, got: str, wanted: str, reci
   os.rename(merged, output)
 
 
+def _read_recipe(path: str) -> dict[str, Any]:
+  """A recipe JSON (or a merged expert's expert.json) with the fields a rerun needs."""
+  validation.existing_file("--recipe", path, "a recipe JSON or a merged expert's expert.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      recipe = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise validation.DataError(f"--recipe '{path}' is not valid JSON ({e}); pass a recipe written "
+                               "by `expert-t5x merge --recipe-out`.") from None
+  recipe = recipe.get("merge", recipe) if isinstance(recipe, dict) else recipe
+  if not isinstance(recipe, dict) or not isinstance(recipe.get("method"), str) or \
+      not isinstance(recipe.get("params"), dict) or not isinstance(recipe.get("inputs"), list):
+    raise validation.DataError(f"--recipe '{path}' is not a merge recipe (needs an object with "
+                               "'method', 'params' and 'inputs'); pass one written by "
+                               "`expert-t5x merge --recipe-out` or a merged expert's expert.json.")
+  return recipe
+
+
 def merge_main(argv: Sequence[str] | None = None) -> int:
   """Entry point of `expert-t5x merge`."""
   args = _parser().parse_args(argv)
@@ -707,8 +724,7 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
       validation.output_file("--recipe-out", args.recipe_out)
     method, params, svd_rank, ref = args.method, {}, args.svd_rank, args.adapter_reference
     if args.recipe:
-      recipe = json.load(open(args.recipe, encoding="utf-8"))
-      recipe = recipe.get("merge", recipe)
+      recipe = _read_recipe(args.recipe)
       method, params = recipe["method"], dict(recipe["params"])
       svd_rank = (recipe.get("lora") or {}).get("rank") if (recipe.get("lora") or {}).get("output") == "svd" else None
       ref = (recipe.get("reference") or {}).get("adapter", "auto")

@@ -69,11 +69,15 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path):
   assert meta["training"]["steps"] == 4 and meta["type"] == "adapter"
   keys = expert_format.read_keys(dirs["straight"] / "expert")
   assert 0 < len(keys) <= 4 and all(k["answer_choices"] for k in keys)
+  files = {p.name: p.read_bytes() for p in (dirs["straight"] / "expert").iterdir()}
   for k in ("after_step", "during_save"):
     got, _ = _expert(dirs[k])
     assert sorted(got) == sorted(want)
     for name in want:
       np.testing.assert_array_equal(got[name], want[name], err_msg=f"{k}: {name}")
+    # The files too: params.safetensors bytes are deterministic and expert.json keeps the first
+    # run's first loss and accuracy before training (train_progress.json), so all are equal.
+    assert {p.name: p.read_bytes() for p in (dirs[k] / "expert").iterdir()} == files, k
 
 
 @pytest.mark.slow
