@@ -368,6 +368,7 @@ def save_expert(directory: str | os.PathLike[str],
   stem = f".{os.path.basename(directory)}.tmp-"
   file_io.remove_dead_temp_dirs(parent, stem)  # left by a killed export of this directory
   tmp = tempfile.mkdtemp(prefix=file_io.temp_dir_prefix(stem), dir=parent)
+  os.chmod(tmp, file_io.creation_mode(directory=True))  # the umask's, not mkdtemp's 0700
   try:
     params_path = os.path.join(tmp, PARAMS_FILE)
     _write_safetensors(params_path, flat, {"content_hash": content_hash, "format": "np"})

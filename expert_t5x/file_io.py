@@ -30,6 +30,18 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
     os.close(fd)
 
 
+def creation_mode(directory: bool, group_shared: bool = False) -> int:
+  """The mode a plain `open`/`mkdir` would give under the process umask (`mkstemp` and `mkdtemp`
+  use 0600/0700 instead, which hid library files from a team); `group_shared` adds group
+  read/write (and, for folders, setgid so new files keep the library's group)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  mode = (0o777 if directory else 0o666) & ~umask
+  if group_shared:
+    mode |= (0o2770 if directory else 0o660)
+  return mode
+
+
 def temp_dir_prefix(stem: str) -> str:
   """`stem` + this writer's host and pid: a later run can tell a killed writer's leftovers (pid gone)
   from a live concurrent writer's folder."""

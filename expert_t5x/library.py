@@ -78,9 +78,18 @@ def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def _group_shared(directory: str) -> bool:
+  """A library folder created with `init --group-shared` carries the setgid bit."""
+  try:
+    return bool(os.stat(directory).st_mode & 0o2000)
+  except OSError:
+    return False
+
+
 def _write_temp_json(directory: str, stem: str, obj: Any) -> str:
   """Writes `obj` to a fsynced temporary file in `directory`; returns its path."""
   fd, tmp = tempfile.mkstemp(prefix=f".tmp-{stem}-", suffix=".json", dir=directory)
+  os.chmod(tmp, file_io.creation_mode(False, _group_shared(directory)) & 0o777)
   with os.fdopen(fd, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
     f.write("\n")
@@ -298,8 +307,11 @@ class Library:
 
   @classmethod
   def init(cls, root: str | os.PathLike[str], *, base_fingerprint: str | None = None,
-           base_config_name: str | None = None, exist_ok: bool = False) -> Library:
-    """Creates an empty library. Without a base fingerprint, the first added expert pins the base."""
+           base_config_name: str | None = None, exist_ok: bool = False,
+           group_shared: bool = False) -> Library:
+    """Creates an empty library. Without a base fingerprint, the first added expert pins the base.
+    `group_shared`: folders get group rwx and setgid, so every file written later is group
+    read/write (whatever the writer's umask) and keeps the folder's group."""
     root = os.fspath(root)
     if is_url(root):
       return cls._init_remote(root, base_fingerprint, base_config_name, exist_ok)
@@ -313,6 +325,9 @@ class Library:
                          f"new directory.")
     for sub in (ENTRIES_DIR, EXPERTS_DIR, EMBEDDINGS_DIR):
       os.makedirs(os.path.join(root, sub), exist_ok=True)
+    if group_shared:
+      for folder in (root, *(os.path.join(root, s) for s in (ENTRIES_DIR, EXPERTS_DIR, EMBEDDINGS_DIR))):
+        os.chmod(folder, file_io.creation_mode(True, True))
     info = {"format": LIBRARY_FORMAT, "created": _now(),
             "base": {"fingerprint": base_fingerprint, "config_name": base_config_name}}
     tmp = _write_temp_json(root, LIBRARY_FILE, info)
@@ -588,10 +603,13 @@ class Library:
                          f"`expert-t5x library index --gc {self.root}` to remove orphans, then add again.")
     file_io.remove_dead_temp_dirs(experts, f".tmp-{expert_id}-")  # a killed add's partial copy
     tmp = tempfile.mkdtemp(prefix=file_io.temp_dir_prefix(f".tmp-{expert_id}-"), dir=experts)
+    shared = _group_shared(experts)
+    os.chmod(tmp, file_io.creation_mode(True, shared))
     try:
       for fname in sorted(os.listdir(src)):
         if os.path.isfile(os.path.join(src, fname)):
           shutil.copyfile(os.path.join(src, fname), os.path.join(tmp, fname))
+          os.chmod(os.path.join(tmp, fname), file_io.creation_mode(False, shared))
           with open(os.path.join(tmp, fname), "rb") as f:
             os.fsync(f.fileno())
       file_io.fsync_path(tmp)
@@ -658,7 +676,10 @@ class Library:
   @contextlib.contextmanager
   def _locked(self) -> Iterator[None]:
     """The writers' exclusive flock (entry commits and index rebuilds; readers never take it)."""
-    with open(os.path.join(self.root, LOCK_FILE), "a+") as lock:
+    path = os.path.join(self.root, LOCK_FILE)
+    with open(path, "a+") as lock:
+      if _group_shared(self.root) and os.stat(path).st_uid == os.getuid():
+        os.chmod(path, file_io.creation_mode(False, True) & 0o777)  # other members take it too
       fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
       try:
         yield
@@ -786,7 +807,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
                                 f"base.fingerprint.")
   if not is_url(args.library):
     validation.output_dir("library", args.library)
-  lib = Library.init(args.library, base_fingerprint=args.base_fingerprint, base_config_name=args.base_config)
+  lib = Library.init(args.library, base_fingerprint=args.base_fingerprint, base_config_name=args.base_config,
+                     group_shared=args.group_shared)
   print(f"Created library {lib.url}" + (f" (base {args.base_fingerprint})" if args.base_fingerprint else
                                         " (the first added expert pins the base)"))
   return 0
@@ -881,6 +903,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("library")
   p.add_argument("--base-fingerprint", help="pin the base model (default: the first added expert's base)")
   p.add_argument("--base-config", help="base config name to record (e.g. xl)")
+  p.add_argument("--group-shared", action="store_true",
+                 help="for a team: folders group-writable with setgid, files group read/write "
+                      "(default: modes follow your umask)")
   p.set_defaults(fn=_cmd_init)
   p = sub.add_parser("add", help="add Expert-format directories (copied into the library)")
   p.add_argument("library")

@@ -387,3 +387,23 @@ def test_concurrent_writers_and_a_reader(world, tmp_path):
   assert sorted(added) == [f"n{i}" for i in range(6)]
   assert library_lib.Library(lib.root).check() == []
   assert len(library_lib.Library(lib.root).entries()) == 6 >= seen
+
+
+# ------------------------------------------------------------------------------ permissions
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_library_modes_follow_the_umask_or_the_group_shared_option(world, tmp_path, shared):
+  old = os.umask(0o022)
+  try:
+    lib = library_lib.Library.init(tmp_path / "lib", group_shared=shared)
+    lib.add(world / "a")
+  finally:
+    os.umask(old)
+  file_mode, dir_mode = (0o660, 0o2770) if shared else (0o644, 0o755)
+  for folder, dirs, files in os.walk(lib.root):
+    for d in dirs:
+      got = os.stat(os.path.join(folder, d)).st_mode & 0o7777
+      assert got & dir_mode == dir_mode, (d, oct(got))
+    for f in files:
+      got = os.stat(os.path.join(folder, f)).st_mode & 0o777
+      assert got & file_mode == file_mode, (f, oct(got))
