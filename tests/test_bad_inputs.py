@@ -407,3 +407,57 @@ def test_library_modes_follow_the_umask_or_the_group_shared_option(world, tmp_pa
     for f in files:
       got = os.stat(os.path.join(folder, f)).st_mode & 0o777
       assert got & file_mode == file_mode, (f, oct(got))
+
+
+# ------------------------------------------------------------------------------ training settings
+
+@pytest.mark.parametrize("field,value", [
+    ("total_steps", 0), ("total_steps", -5), ("total_steps", 2.5), ("total_steps", [3, 0]),
+    ("batch_size", 0), ("batch_size", -4), ("period", 0), ("keep", 0), ("max_examples", 0),
+    ("lengths", {"inputs": 0, "targets": 8}), ("model_dir", ""), ("model_dir", None)])
+def test_training_settings_out_of_range_are_usage_errors(tmp_path, field, value):
+  from expert_t5x import train  # pylint: disable=g-import-not-at-top
+  from expert_t5x import train_checkpoints  # pylint: disable=g-import-not-at-top
+  from expert_t5x import train_data  # pylint: disable=g-import-not-at-top
+  from expert_t5x import validation  # pylint: disable=g-import-not-at-top
+  data = train_data.DatasetConfig(
+      mixture_or_task_name="t", task_feature_lengths=value if field == "lengths" else
+      {"inputs": 8, "targets": 8}, batch_size=value if field == "batch_size" else 2,
+      max_examples=value if field == "max_examples" else None)
+  save = train_checkpoints.SaveCheckpointConfig(period=value if field == "period" else None,
+                                                keep=value if field == "keep" else None)
+  model_dir = value if field == "model_dir" else str(tmp_path / "m")
+  with pytest.raises(validation.UsageError) as info:
+    train._validate_settings(data, value if field == "total_steps" else 3, save, model_dir)
+  assert "\n" not in str(info.value)
+  assert not (tmp_path / "m").exists()
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+@pytest.mark.parametrize("how", ["truncate", "bitflip", "delete", "nan"])
+def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capsys, how):
+  from expert_t5x import train_checkpoints  # pylint: disable=g-import-not-at-top
+  manager = train_checkpoints.CheckpointManager(tmp_path, async_save=False)
+  trees = {s: {"w": np.full((64,), float(s), np.float32)} for s in (1, 2, 3)}
+  if how == "nan":
+    trees[3]["w"][5] = np.nan
+  for step, tree in trees.items():
+    manager.save(step, tree)
+  manager.wait()
+  if how != "nan":
+    files = sorted(p for p in (tmp_path / "checkpoint_3").rglob("*") if p.is_file()
+                   and p.stat().st_size > 100 and "d" in p.parts[-2:-1])
+    files = files or sorted(p for p in (tmp_path / "checkpoint_3").rglob("*")
+                            if p.is_file() and p.stat().st_size > 100)
+    _damage(files[0], how)
+  abstract = {"w": np.zeros((64,), np.float32)}
+  import jax  # pylint: disable=g-import-not-at-top
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+  step, tree = manager.restore_newest_intact(abstract)
+  err = capsys.readouterr().err
+  assert step == 2 and np.all(np.asarray(tree["w"]) == 2.0)
+  assert "checkpoint_3" in err and "damaged" in err and "checkpoint_2" in err
+  assert (tmp_path / "damaged_checkpoints" / "checkpoint_3").is_dir()
+  assert manager.latest_step() == 2
+  manager.close()
