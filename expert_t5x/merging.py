@@ -640,14 +640,30 @@ def _candidate_dirs(args) -> list[tuple[str, str]]:
 def _ranked_from_retrieval(path: str, task: str | None) -> list[str]:
   """Ranked expert ids of one task: a retrieval file's candidates (by votes) or an oracle file's
   (`expert-t5x eval --oracle --output`, by accuracy)."""
-  data = json.load(open(path, encoding="utf-8"))
+  validation.existing_file("--retrieval", path, "a retrieval JSON from `expert-t5x retrieve`")
+  damaged = validation.DataError(f"--retrieval '{path}' is not a retrieval or oracle file (expected "
+                                 "{'results': [{'task', 'candidates': [{'expert', ...}]}]}); pass "
+                                 "the --output of `expert-t5x retrieve` or `eval --oracle`.")
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    raise damaged from None
+  if not isinstance(data, dict):
+    raise damaged
   results = data.get("results") or data.get("prompts") or [data]
+  if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+    raise damaged
   if task is not None:
     results = [r for r in results if r.get("task") == task]
   if len(results) != 1:
     raise MergeError(f"Retrieval file '{path}' has {len(results)} results" + (f" for task {task!r}" if task else "")
                      + "; pick one with --task.")
-  return [c["expert"] for c in results[0]["candidates"]]
+  candidates = results[0].get("candidates")
+  if not isinstance(candidates, list) or not all(isinstance(c, dict) and isinstance(c.get("expert"), str)
+                                                 for c in candidates):
+    raise damaged
+  return [c["expert"] for c in candidates]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -53,6 +53,7 @@ def world(tmp_path_factory):
   (root / "notjson.json").write_text("{not json")
   (root / "list.json").write_text("[1, 2]")
   (root / "nofields.json").write_text("{}")
+  (root / "candidates.json").write_text('{"results": [{"task": "t", "candidates": 5}]}')
   (root / "notpickle.pt").write_bytes(b"\x00not a pickle at all")
   bad = root / "bitflip"
   shutil.copytree(b, bad)
@@ -109,6 +110,10 @@ def _cases():
   for v in ("0", "-2"):
     add(2, "merge", "--library", "{lib}", "--retrieval", "{r}/queries.jsonl", "--top-k", v,
         "--output", "{r}/out")
+  for retrieval in ("list.json", "nofields.json", "notjson.json", "adir", "missing.json",
+                    "candidates.json"):
+    add(1, "merge", "--library", "{lib}", "--retrieval", f"{{r}}/{retrieval}", "--output",
+        "{r}/out")
   add(2, "merge", "--experts", "{a}", "{a}", "--output", "{r}/out")
   add(2, "merge", "--experts", "{a}", "{b}", "--output", "{a}")
   add(2, "merge", "--experts", "{a}", "{b}", "--output", "{r}/afile")
