@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
 import sys
 from typing import Sequence
 
@@ -62,7 +63,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   module, function, _ = SUBCOMMANDS[name]
   # TensorFlow (imported by the data commands) otherwise logs its C++ start-up lines.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  return int(getattr(importlib.import_module(module), function)(rest) or 0)
+  try:
+    return int(getattr(importlib.import_module(module), function)(rest) or 0)
+  except (ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
+    # Our one-line errors (`validation.UsageError` exits 2, data errors 1) and the OS's.
+    from expert_t5x import validation  # pylint: disable=g-import-not-at-top
+    return validation.report(f"expert-t5x {name}", e)
+  except (KeyboardInterrupt, SystemExit):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # A bug, not bad input: one line that says how to see the traceback.
+    from expert_t5x import validation  # pylint: disable=g-import-not-at-top
+    if os.environ.get(validation.TRACEBACK_ENV):
+      raise
+    print(f"expert-t5x {name}: internal error ({type(e).__name__}: {validation.one_line(e)}); rerun "
+          f"with {validation.TRACEBACK_ENV}=1 for the traceback and report it.", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -365,6 +365,34 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _validate_args(args: argparse.Namespace) -> None:
+  """Ranges and path kinds of the flags, before anything is loaded or written."""
+  from expert_t5x import validation  # pylint: disable=g-import-not-at-top
+  for flag in ("max_examples", "batch_size", "experts_per_pass", "max_input_length",
+               "max_target_length", "generation_max_length", "num_partitions", "num_queries",
+               "votes_per_query", "retrieval_max_seq_length", "logit_vocab_limit", "vocab_size"):
+    if getattr(args, flag, None) is not None:
+      validation.positive_int(f"--{flag}", getattr(args, flag))
+  if args.bootstrap_samples < 0:
+    raise validation.UsageError(f"--bootstrap_samples={args.bootstrap_samples} must be >= 0 (0: no "
+                                "confidence intervals).")
+  validation.finite("--abstain_threshold", args.abstain_threshold, 0.0, 1.0, "it is a vote share")
+  validation.finite_all("--merge_lam", args.merge_lam or [])
+  for k in args.merge_top_k or []:
+    validation.positive_int("--merge_top_k", k)
+  for flag in ("merge_density", "merge_drop"):
+    if getattr(args, flag) is not None:
+      validation.finite(f"--{flag}", getattr(args, flag), 0.0, 1.0)
+  validation.output_dir("--output_dir", args.output_dir, args.experts or [])
+  for path in args.experts or []:
+    validation.existing_dir("--experts", path, "an expert directory")
+  for flag in ("expert_list", "expected", "vocabulary_path"):
+    if getattr(args, flag) and "://" not in getattr(args, flag):
+      validation.existing_file(f"--{flag}", getattr(args, flag))
+  if args.library and "://" not in args.library:
+    validation.existing_dir("--library", args.library, "an expert library")
+
+
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
   """`expert-t5x eval ...` (argparse flags; `--gin_file` switches to the gin entry point)."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -375,6 +403,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:
+    _validate_args(args)
     results = evaluate(
         mixture_or_task_name=args.tasks, output_dir=args.output_dir,
         checkpoint_path=args.checkpoint_path, model_config=args.model_config,
@@ -410,10 +439,9 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
                       if v is not None},
         adapter_reference=args.adapter_reference, previous_results=args.previous_results,
         bertscore_model=args.bertscore_model, bertscore_layers=args.bertscore_layers)
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    message = e.args[0] if isinstance(e, KeyError) and e.args else e
-    print(f"expert-t5x eval: {message}", file=sys.stderr)
-    return 2
+  except (ValueError, KeyError, OSError) as e:
+    from expert_t5x import validation  # pylint: disable=g-import-not-at-top
+    return validation.report("expert-t5x eval", e, default=2)  # setup errors: 2
   print(open(os.path.join(args.output_dir, "results.md"), encoding="utf-8").read())
   if results.get("anchors"):
     print(results["anchors"]["markdown"])

@@ -28,7 +28,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from expert_t5x import file_io
 
@@ -288,6 +287,29 @@ def _write_text(path: str, text: str) -> None:
     os.fsync(f.fileno())
 
 
+def _write_safetensors(path: str, flat: Mapping[str, np.ndarray],
+                       metadata: Mapping[str, str]) -> None:
+  """float32 tensors in the safetensors layout with a fixed byte order: tensors and metadata keys
+  sorted, compact JSON padded with spaces to 8 bytes (as the format allows), so equal tensors give
+  equal files. (safetensors' own writer stores `__metadata__` from a hash map, in a per-process
+  order.)"""
+  names = sorted(flat)
+  header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+  offset = 0
+  for name in names:
+    size = flat[name].size * 4
+    header[name] = {"dtype": "F32", "shape": list(flat[name].shape),
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+  text += b" " * (-len(text) % 8)
+  with open(path, "wb") as f:
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
+    for name in names:
+      f.write(np.ascontiguousarray(flat[name], dtype="<f4").tobytes())
+
+
 def _float32_flat(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   flat = flatten_params(params)
   if not flat:
@@ -343,12 +365,13 @@ def save_expert(directory: str | os.PathLike[str],
 
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-",
-                         dir=parent)
+  stem = f".{os.path.basename(directory)}.tmp-"
+  file_io.remove_dead_temp_dirs(parent, stem)  # left by a killed export of this directory
+  tmp = tempfile.mkdtemp(prefix=file_io.temp_dir_prefix(stem), dir=parent)
+  os.chmod(tmp, file_io.creation_mode(directory=True))  # the umask's, not mkdtemp's 0700
   try:
     params_path = os.path.join(tmp, PARAMS_FILE)
-    save_file(flat, params_path, metadata={"format": "np",
-                                           "content_hash": content_hash})
+    _write_safetensors(params_path, flat, {"content_hash": content_hash, "format": "np"})
     file_io.fsync_path(params_path)
     _write_text(os.path.join(tmp, METADATA_FILE),
                 _to_json(meta, indent=2, sort_keys=True) + "\n")
@@ -403,10 +426,14 @@ def read_metadata(directory: str | os.PathLike[str]) -> dict[str, Any]:
   try:
     with open(path, encoding="utf-8") as f:
       metadata = json.load(f)
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"'{path}' is not valid JSON ({e}); the expert directory "
-                     f"is damaged, write it again.") from e
-  validate_metadata(metadata)
+                     f"is damaged, write it again.") from None
+  try:
+    validate_metadata(metadata)
+  except ValueError as e:
+    raise ValueError(f"'{path}': {e} The expert directory is damaged; write it "
+                     f"again.") from None
   return metadata
 
 
@@ -517,9 +544,13 @@ def _read_safetensors_index(path: str) -> tuple[dict[str, Any], int]:
       header = json.loads(f.read(header_len))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise damaged(f"header is not JSON: {e}") from None
+  if not isinstance(header, dict):
+    raise damaged(f"header is a JSON {type(header).__name__}, not an object")
   header.pop("__metadata__", None)
   data_size = size - 8 - header_len
   for name, info in header.items():
+    if not isinstance(info, dict) or not isinstance(info.get("shape"), list):
+      raise damaged(f"tensor '{name}' has no dtype/shape/data_offsets object")
     begin, end = info.get("data_offsets", (0, -1))
     if info.get("dtype") not in _SAFETENSORS_DTYPES:
       raise damaged(f"tensor '{name}' has dtype {info.get('dtype')}; expected "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import socket
 import tempfile
 from typing import Any, Callable, IO
 
@@ -26,6 +28,53 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
     os.fsync(fd)
   finally:
     os.close(fd)
+
+
+def creation_mode(directory: bool, group_shared: bool = False) -> int:
+  """The mode a plain `open`/`mkdir` would give under the process umask (`mkstemp` and `mkdtemp`
+  use 0600/0700 instead, which hid library files from a team); `group_shared` adds group
+  read/write (and, for folders, setgid so new files keep the library's group)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  mode = (0o777 if directory else 0o666) & ~umask
+  if group_shared:
+    mode |= (0o2770 if directory else 0o660)
+  return mode
+
+
+def temp_dir_prefix(stem: str) -> str:
+  """`stem` + this writer's host and pid: a later run can tell a killed writer's leftovers (pid gone)
+  from a live concurrent writer's folder."""
+  return f"{stem}{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_dead_temp_dirs(parent: str, stem: str) -> list[str]:
+  """Removes `parent/stem<host>-<pid>-*` folders of writers on this host that no longer run."""
+  host = socket.gethostname()
+  removed = []
+  try:
+    names = os.listdir(parent)
+  except OSError:
+    return removed
+  for name in names:
+    rest = name[len(stem):] if name.startswith(stem) else ""
+    head, sep, tail = rest.partition(f"{host}-")
+    pid = tail.split("-", 1)[0]
+    if not sep or head or not pid.isdigit() or _alive(int(pid)):
+      continue
+    shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    removed.append(name)
+  return removed
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],

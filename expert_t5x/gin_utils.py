@@ -26,10 +26,13 @@ import importlib.util
 import logging
 import os
 import sys
+import tokenize
 from typing import Callable, Optional, Sequence
 
 import gin
 from gin import config as gin_config
+
+from expert_t5x import validation
 
 _REQUIRED_SELECTOR = "gin.REQUIRED/gin.constant"
 OPERATIVE_CONFIG = "config.gin"
@@ -54,15 +57,49 @@ def shipped_gin_dir() -> str:
 
 
 def default_search_paths(user_paths: Sequence[str] = ()) -> list[str]:
-  """User paths first, then the current directory and the shipped gin folder (and its parent, so
-  `gin/runs/finetune.gin` also resolves from the repository root)."""
-  gin_dir = shipped_gin_dir()
-  paths = [p for p in user_paths if p] + [".", gin_dir, os.path.dirname(gin_dir)]
+  """The shipped gin folder first, so a user's `./runs/` or `./experts/` never shadows our
+  `runs/finetune.gin` or `experts/prompt_expert.gin`; then the user's paths and the current
+  directory; then the shipped folder's parent (`gin/runs/finetune.gin` from the repository root)."""
+  gin_dir = os.path.abspath(shipped_gin_dir())
+  paths = [gin_dir] + [p for p in user_paths if p] + [".", os.path.dirname(gin_dir)]
   out = []
   for p in paths:
     if p not in out:
       out.append(p)
   return out
+
+
+def _resolve_gin_file(path: str, search_paths: Sequence[str]) -> str:
+  """A `--gin_file` as an absolute path: absolute or `./`-prefixed paths as given, else the first
+  search path (shipped folder first) holding it; unchanged when none does (gin then reports it)."""
+  if os.path.isabs(path) or "://" in path:
+    return path
+  if path.startswith(("./", "../")):
+    return os.path.abspath(path)
+  for prefix in search_paths:
+    candidate = os.path.join(prefix, path)
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate)
+  return path
+
+
+def _parse_without_sys_path(files: Sequence[str], bindings: Sequence[str],
+                            search_paths: Sequence[str]) -> None:
+  """gin's parse with our search paths only: gin's default '' prefix (the current directory) and its
+  `sys.path` package reader are left out, because `python -m` puts the current directory on
+  `sys.path` and a user's `./runs/` folder would be imported as the package holding
+  `runs/finetune.gin` (a namespace package without a file: TypeError inside gin)."""
+  from gin import resource_reader  # pylint: disable=g-import-not-at-top
+  prefixes = gin_config._LOCATION_PREFIXES  # pylint: disable=protected-access
+  readers = gin_config._FILE_READERS  # pylint: disable=protected-access
+  saved_prefixes, saved_readers = list(prefixes), list(readers)
+  prefixes[:] = list(search_paths)
+  readers[:] = [r for r in readers if r[0] is not resource_reader.system_path_reader]
+  try:
+    gin.parse_config_files_and_bindings([_resolve_gin_file(f, search_paths) for f in files],
+                                        list(bindings), finalize_config=False)
+  finally:
+    prefixes[:], readers[:] = saved_prefixes, saved_readers
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
@@ -77,6 +114,33 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
       arg = f"--gin_bindings={name} = {value}"
     out.append(arg)
   return out
+
+
+def _macro_references(value, out: set[str]) -> None:
+  selector = getattr(value, "_scoped_selector", None)
+  if isinstance(selector, str) and selector.endswith("/gin.macro"):
+    out.add(selector[:-len("/gin.macro")])
+  if isinstance(value, dict):
+    for v in value.values():
+      _macro_references(v, out)
+  elif isinstance(value, (list, tuple, set)):
+    for v in value:
+      _macro_references(v, out)
+
+
+def unreferenced_macros(bindings: Sequence[str]) -> list[str]:
+  """Macros set by `bindings` (`NAME = VALUE`, no dot) that no parsed binding refers to as `%NAME`:
+  a misspelled `--gin.TRAIN_STEP=5` would otherwise train with the default silently."""
+  referenced: set[str] = set()
+  for params in gin_config._CONFIG.values():  # pylint: disable=protected-access
+    for value in params.values():
+      _macro_references(value, referenced)
+  names = []
+  for binding in bindings:
+    name = binding.partition("=")[0].strip()
+    if name.isidentifier() and name not in referenced and name not in names:
+      names.append(name)
+  return names
 
 
 def missing_required() -> list[str]:
@@ -107,27 +171,37 @@ def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str],
     ValueError: no gin file given, a file not found, or required macros left unset.
   """
   if not gin_files:
-    raise ValueError("No --gin_file given; pass one, e.g. --gin_file=runs/finetune.gin "
+    raise validation.UsageError("No --gin_file given; pass one, e.g. --gin_file=runs/finetune.gin "
                      "(see gin/runs/ for the shipped run configs).")
   gin.clear_config()
-  for path in default_search_paths(gin_search_paths):
-    gin.add_config_file_search_path(path)
+  search_paths = default_search_paths(gin_search_paths)
   # gin logs an error line for every search path that lacks a file; only a file found nowhere
   # matters, and that raises.
   root = logging.getLogger()
   level = root.level
   root.setLevel(logging.CRITICAL)
   try:
-    gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), finalize_config=False)
+    _parse_without_sys_path(gin_files, gin_bindings, search_paths)
   except IOError as e:
-    raise ValueError(f"Gin file not found ({e}); searched {default_search_paths(gin_search_paths)}; "
+    raise validation.UsageError(f"Gin file not found ({e}); searched {search_paths}; "
                      "pass --gin_search_paths=DIR for your own configs.") from None
+  except (SyntaxError, tokenize.TokenError) as e:
+    where = f"{e.filename}:{e.lineno}" if isinstance(e, SyntaxError) and e.filename else (
+        f"the binding {e.text.strip()!r}" if getattr(e, "text", None) else "a binding")
+    text = str(e.args[0] if e.args else e).splitlines()[0]
+    raise validation.UsageError(f"Gin syntax error in {where} ({text}); gin values are Python literals, "
+                     "@configurables or %MACROS (strings quoted: 'text'); fix that line.") from None
   finally:
     root.setLevel(level)
+  unused = unreferenced_macros(gin_bindings)
+  if unused:
+    raise validation.UsageError(f"Unknown gin setting(s) {', '.join(unused)}: no config file uses them; check "
+                     "the spelling against the macros of the gin files (e.g. TRAIN_STEPS, BATCH_SIZE, "
+                     "MODEL_DIR).")
   missing = missing_required()
   if missing:
     flags = " ".join(f"--gin.{m}=..." for m in missing)
-    raise ValueError(f"Required gin settings are unset: {', '.join(missing)}; set them, e.g. {flags}")
+    raise validation.UsageError(f"Required gin settings are unset: {', '.join(missing)}; set them, e.g. {flags}")
   if finalize:
     gin.finalize()
 

@@ -102,7 +102,12 @@ def load_pt_state(path: str) -> dict[str, np.ndarray]:
     import torch
   except ImportError as e:
     raise ImportError_("Reading .pt files needs PyTorch (pip install 'expert_t5x[parity]').") from e
-  load = lambda p: torch.load(p, map_location="cpu", weights_only=True)
+  def load(p):
+    try:
+      return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except  (torch raises many types for bad files)
+      raise ValueError(f"'{p}' is not a PyTorch state dict of the paper's adapters "
+                       f"({type(e).__name__}); pass the expert's adapter .pt file or directory.") from None
   if os.path.isdir(path):
     files = sorted(glob.glob(os.path.join(path, "*.pt")))
     if not files:

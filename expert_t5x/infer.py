@@ -205,6 +205,24 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _validate_args(args: Any) -> None:
+  """Ranges and path kinds of the flags, before a model is loaded."""
+  from expert_t5x import validation  # pylint: disable=g-import-not-at-top
+  for flag in ("batch_size", "max_input_length", "max_decode_length", "num_partitions",
+               "logit_vocab_limit", "vocab_size"):
+    if getattr(args, flag) is not None:
+      validation.positive_int(f"--{flag}", getattr(args, flag))
+  if args.input_file:
+    validation.existing_file("--input_file", args.input_file, "a .jsonl or .txt file of inputs")
+  if args.expert:
+    validation.existing_dir("--expert", args.expert, "an expert directory")
+  if args.vocabulary_path and args.vocabulary_path != "bytes" and "://" not in args.vocabulary_path:
+    validation.existing_file("--vocabulary_path", args.vocabulary_path,
+                             "a SentencePiece model (spiece.model), or 'bytes'")
+  if args.output_file:
+    validation.output_file("--output_file", args.output_file, [args.input_file or ""])
+
+
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
   """`expert-t5x infer ...` (`--gin_file` switches to the gin entry point)."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -212,6 +230,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     return gin_main(["expert-t5x infer"] + argv)
   args = _parser().parse_args(argv)
   try:
+    _validate_args(args)
     records = infer(
         output_file=args.output_file, inputs=args.inputs, input_file=args.input_file,
         mode=args.mode, checkpoint_path=args.checkpoint_path, model_config=args.model_config,
@@ -222,10 +241,9 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         max_decode_length=args.max_decode_length, scoring=args.scoring,
         logit_vocab_limit=args.logit_vocab_limit, num_partitions=args.num_partitions,
         dtype=args.dtype, allow_base_mismatch=args.allow_base_mismatch)
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    print(f"expert-t5x infer: {e.args[0] if isinstance(e, KeyError) and e.args else e}",
-          file=sys.stderr)
-    return 2
+  except (ValueError, KeyError, OSError) as e:
+    from expert_t5x import validation  # pylint: disable=g-import-not-at-top
+    return validation.report("expert-t5x infer", e, default=2)  # setup errors: 2
   for record in records:
     print(results_lib.dumps(record))
   return 0

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import datetime
 import fcntl
+import filecmp
 import functools
 import hashlib
 import json
@@ -42,6 +43,7 @@ from typing import Any
 
 from expert_t5x import file_io
 from expert_t5x import expert_format
+from expert_t5x import validation
 
 LIBRARY_FORMAT = 1
 LIBRARY_FILE = "library.json"
@@ -76,9 +78,18 @@ def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def _group_shared(directory: str) -> bool:
+  """A library folder created with `init --group-shared` carries the setgid bit."""
+  try:
+    return bool(os.stat(directory).st_mode & 0o2000)
+  except OSError:
+    return False
+
+
 def _write_temp_json(directory: str, stem: str, obj: Any) -> str:
   """Writes `obj` to a fsynced temporary file in `directory`; returns its path."""
   fd, tmp = tempfile.mkstemp(prefix=f".tmp-{stem}-", suffix=".json", dir=directory)
+  os.chmod(tmp, file_io.creation_mode(False, _group_shared(directory)) & 0o777)
   with os.fdopen(fd, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
     f.write("\n")
@@ -101,6 +112,33 @@ def _read_json(path: str, what: str) -> Any:
       return json.load(f)
   except json.JSONDecodeError as e:
     raise LibraryError(f"{what} '{path}' is not valid JSON ({e}); it is damaged.") from e
+
+
+_ENTRY_FIELDS = {"id": str, "path": str, "type": str, "content_hash": str, "num_keys": int,
+                 "added_at": str, "base": dict, "provenance": list}
+
+
+def check_id(expert_id: Any, flag: str = "expert id") -> str:
+  """An expert id as the library writes them (no '/', no leading '.'): anything else could name a
+  file outside `entries/`."""
+  if not isinstance(expert_id, str) or not _ID_RE.match(expert_id):
+    raise LibraryError(f"{flag} {expert_id!r} is not a valid expert id (letters, digits and ._@+=-, "
+                       f"not starting with '.' or '-'); see `expert-t5x library list` for the ids.")
+  return expert_id
+
+
+def validate_entry(entry: Any, name: str) -> dict[str, Any]:
+  """An entry file's object with the fields readers use, of the right types, else LibraryError."""
+  if not isinstance(entry, dict):
+    raise LibraryError(f"entries/{name} holds a JSON {type(entry).__name__}, not an object")
+  for field, kind in _ENTRY_FIELDS.items():
+    if not isinstance(entry.get(field), kind) or isinstance(entry.get(field), bool):
+      raise LibraryError(f"entries/{name} field '{field}' is {entry.get(field)!r}, expected a "
+                         f"{kind.__name__}")
+  if entry["id"] != name[:-len(".json")]:
+    raise LibraryError(f"entries/{name} records id {entry['id']!r}, not its file name")
+  check_id(entry["id"])
+  return entry
 
 
 def sanitize_id(name: str) -> str:
@@ -239,8 +277,10 @@ class Library:
     for e in lib.entries(): print(e['id'], e['num_keys'])
   """
 
-  def __init__(self, root: str | os.PathLike[str]):
+  def __init__(self, root: str | os.PathLike[str], *, strict: bool = False):
     root = os.fspath(root)
+    self.strict = strict  # refuse (rather than skip with a warning) damaged entries
+    self._warned: set[str] = set()
     self.url, self.remote, found = root, None, True
     if is_url(root):
       self.remote = _Remote(root)
@@ -256,6 +296,9 @@ class Library:
       raise LibraryError(f"'{root}' is not an expert library ({LIBRARY_FILE} is missing); create one with "
                          f"`expert-t5x library init {root}`.")
     self.info = _read_json(path, "Library file")
+    if not isinstance(self.info, dict):
+      raise LibraryError(f"Library file '{path}' holds a JSON {type(self.info).__name__}, not an "
+                         f"object; it is damaged: restore it or `expert-t5x library init` anew.")
     if self.info.get("format") != LIBRARY_FORMAT:
       raise LibraryError(f"Library '{root}' has format {self.info.get('format')!r}; this version reads "
                          f"format {LIBRARY_FORMAT}.")
@@ -264,8 +307,11 @@ class Library:
 
   @classmethod
   def init(cls, root: str | os.PathLike[str], *, base_fingerprint: str | None = None,
-           base_config_name: str | None = None, exist_ok: bool = False) -> Library:
-    """Creates an empty library. Without a base fingerprint, the first added expert pins the base."""
+           base_config_name: str | None = None, exist_ok: bool = False,
+           group_shared: bool = False) -> Library:
+    """Creates an empty library. Without a base fingerprint, the first added expert pins the base.
+    `group_shared`: folders get group rwx and setgid, so every file written later is group
+    read/write (whatever the writer's umask) and keeps the folder's group."""
     root = os.fspath(root)
     if is_url(root):
       return cls._init_remote(root, base_fingerprint, base_config_name, exist_ok)
@@ -279,6 +325,9 @@ class Library:
                          f"new directory.")
     for sub in (ENTRIES_DIR, EXPERTS_DIR, EMBEDDINGS_DIR):
       os.makedirs(os.path.join(root, sub), exist_ok=True)
+    if group_shared:
+      for folder in (root, *(os.path.join(root, s) for s in (ENTRIES_DIR, EXPERTS_DIR, EMBEDDINGS_DIR))):
+        os.chmod(folder, file_io.creation_mode(True, True))
     info = {"format": LIBRARY_FORMAT, "created": _now(),
             "base": {"fingerprint": base_fingerprint, "config_name": base_config_name}}
     tmp = _write_temp_json(root, LIBRARY_FILE, info)
@@ -324,43 +373,82 @@ class Library:
       if name.startswith(".") or not name.endswith(".json"):
         continue  # temporary files of writers in progress or crashed
       try:
-        entry = _read_json(os.path.join(self._entries_dir(), name), "Entry")
-        if entry.get("id") != name[:-len(".json")]:
-          raise LibraryError("id mismatch")
+        entry = validate_entry(_read_json(os.path.join(self._entries_dir(), name), "Entry"), name)
+        self.resolve_path(entry)
         good.append(entry)
-      except (LibraryError, OSError):
+      except (LibraryError, OSError, UnicodeDecodeError) as e:
         damaged.append(name)
+        self._damaged(name, e)
     good.sort(key=lambda e: e["id"])
     return (good, damaged) if with_damaged else good
+
+  def _damaged(self, name: str, error: BaseException) -> None:
+    why = validation.one_line(error)
+    if self.strict:
+      raise LibraryError(f"Damaged entry entries/{name} in '{self.root}' ({why}); refused under "
+                         f"--strict: run `expert-t5x library check {self.url}` for the fix.")
+    if name not in self._warned:
+      self._warned.add(name)
+      print(f"warning: skipped damaged library entry entries/{name} ({why}); see `expert-t5x "
+            f"library check {self.url}`.", file=sys.stderr)
+
+  def resolve_path(self, entry: Mapping[str, Any]) -> str:
+    """The entry's expert directory, refused when a relative path leaves `experts/` (`../x` in a
+    tampered entry would let `remove` delete, and readers read, outside the library). Absolute
+    paths are `--no-copy` references: read, never deleted."""
+    path = entry["path"]
+    if os.path.isabs(path):
+      return path
+    inside = os.path.realpath(os.path.join(self.root, EXPERTS_DIR))
+    full = os.path.realpath(os.path.join(self.root, path))
+    if os.path.dirname(full) != inside:
+      raise LibraryError(f"entry '{entry.get('id')}' path {path!r} leaves {EXPERTS_DIR}/ of the "
+                         f"library; the entry was tampered with: remove entries/{entry.get('id')}.json")
+    return full
 
   def ids(self) -> list[str]:
     return [e["id"] for e in self.entries()]
 
   def get(self, expert_id: str) -> dict[str, Any]:
     """The entry of one expert; a clear error naming known ids if absent."""
+    check_id(expert_id)
     path = os.path.join(self._entries_dir(), f"{expert_id}.json")
-    if not _ID_RE.match(expert_id) or not os.path.isfile(path):
+    if not os.path.isfile(path):
       known = self.ids()
       raise LibraryError(f"No expert '{expert_id}' in library '{self.root}'; it has {len(known)} experts"
                          + (f", e.g. {known[:5]}" if known else "") + " (see `expert-t5x library list`).")
-    return _read_json(path, "Entry")
+    try:
+      entry = validate_entry(_read_json(path, "Entry"), f"{expert_id}.json")
+    except UnicodeDecodeError as e:
+      raise LibraryError(f"Entry '{path}' is not UTF-8 text ({e}); it is damaged.") from None
+    self.resolve_path(entry)
+    return entry
 
   def expert_dir(self, expert_id: str) -> str:
     """Absolute path of an expert's Expert-format directory (object stores: downloaded first)."""
-    path = self.get(expert_id)["path"]
-    if os.path.isabs(path):
-      return path
-    if self.remote is not None:
-      self.remote.pull_dir(path, mirror=True)
-    return os.path.join(self.root, path)
+    entry = self.get(expert_id)
+    full = self.resolve_path(entry)
+    if self.remote is not None and not os.path.isabs(entry["path"]):
+      self.remote.pull_dir(entry["path"], mirror=True)
+    return full
 
   def keys(self, expert_id: str) -> list[dict[str, Any]]:
     """The expert's retrieval keys (`keys.jsonl`), in file order."""
-    path = self.get(expert_id)["path"]
+    entry = self.get(expert_id)
+    path = entry["path"]
     if self.remote is not None and not os.path.isabs(path):
       self.remote.pull(f"{path}/{expert_format.KEYS_FILE}")  # only the keys, not the weights
-      return expert_format.read_keys(os.path.join(self.root, path))
-    return expert_format.read_keys(self.expert_dir(expert_id))
+      keys = expert_format.read_keys(self.resolve_path(entry))
+    else:
+      keys = expert_format.read_keys(self.expert_dir(expert_id))
+    self._check_keys_hash(entry)
+    return keys
+
+  def _check_keys_hash(self, entry: Mapping[str, Any]) -> None:
+    recorded = entry.get("keys_hash")
+    if recorded and _keys_hash(self.resolve_path(entry)) != recorded:
+      raise LibraryError(f"Expert '{entry['id']}' keys.jsonl does not match the sha256 its entry "
+                         f"records; it is damaged: remove the expert and add it again.")
 
   def base_fingerprint(self) -> str | None:
     """The pinned base: from library.json, else from the earliest-added entry."""
@@ -373,11 +461,42 @@ class Library:
   def verify(self, expert_id: str) -> None:
     """Recomputes an expert's content hash and compares it with its entry."""
     entry = self.get(expert_id)
-    reader = expert_format.ExpertReader(self.expert_dir(expert_id))
-    reader.verify()
+    with expert_format.ExpertReader(self.expert_dir(expert_id)) as reader:
+      reader.verify()
     if reader.metadata["content_hash"] != entry["content_hash"]:
       raise LibraryError(f"Expert '{expert_id}' on disk has content hash {reader.metadata['content_hash']} "
                          f"but its entry records {entry['content_hash']}; remove and add it again.")
+    self._check_keys_hash(entry)
+
+  def check(self) -> list[str]:
+    """Every problem found (damaged entries, paths leaving the library, missing or damaged experts
+    and keys), each with its fix; [] when the library is sound."""
+    problems = []
+    saved, self.strict = self.strict, False
+    self._warned.update(os.listdir(self._entries_dir()))  # reported below, not warned
+    try:
+      entries, damaged = self.entries(with_damaged=True)
+    finally:
+      self.strict = saved
+    for name in damaged:
+      try:
+        entry = validate_entry(_read_json(os.path.join(self._entries_dir(), name), "Entry"), name)
+        self.resolve_path(entry)
+      except (LibraryError, OSError, UnicodeDecodeError) as e:
+        problems.append(f"entries/{name}: {validation.one_line(e)}; fix: restore it from a backup or "
+                        f"delete it and add the expert again")
+    used = {os.path.normpath(e["path"]) for e in entries}
+    for name in sorted(os.listdir(os.path.join(self.root, EXPERTS_DIR))):
+      if os.path.join(EXPERTS_DIR, name) not in used and f"{name}.json" not in damaged:
+        problems.append(f"{EXPERTS_DIR}/{name}: no entry names it (an interrupted add or remove); "
+                        f"fix: `expert-t5x library index --gc {self.url}`")
+    for entry in entries:
+      try:
+        self.verify(entry["id"])
+      except (LibraryError, ValueError, OSError, KeyError) as e:
+        problems.append(f"expert '{entry['id']}': {validation.one_line(e)}; fix: `expert-t5x library "
+                        f"remove {self.url} {entry['id']}` and add it again")
+    return problems
 
   # -- writing ----------------------------------------------------------------
 
@@ -469,19 +588,28 @@ class Library:
     final = os.path.join(experts, expert_id)
     if os.path.isdir(final):
       # Left by a crash between copy and entry commit: reuse it only if it is the same expert.
+      # Every file byte-equal to the source (not only expert.json: its tensors may be damaged).
+      names = sorted(f for f in os.listdir(src) if os.path.isfile(os.path.join(src, f)))
       try:
-        same = expert_format.read_metadata(final)["content_hash"] == content_hash
+        same = (expert_format.read_metadata(final)["content_hash"] == content_hash and
+                sorted(os.listdir(final)) == names and
+                all(filecmp.cmp(os.path.join(src, f), os.path.join(final, f), shallow=False)
+                    for f in names))
       except Exception:  # damaged leftovers are not ours to judge further
         same = False
       if same:
         return
       raise LibraryError(f"'{final}' exists without a matching entry (left by an interrupted add?); run "
                          f"`expert-t5x library index --gc {self.root}` to remove orphans, then add again.")
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{expert_id}-", dir=experts)
+    file_io.remove_dead_temp_dirs(experts, f".tmp-{expert_id}-")  # a killed add's partial copy
+    tmp = tempfile.mkdtemp(prefix=file_io.temp_dir_prefix(f".tmp-{expert_id}-"), dir=experts)
+    shared = _group_shared(experts)
+    os.chmod(tmp, file_io.creation_mode(True, shared))
     try:
       for fname in sorted(os.listdir(src)):
         if os.path.isfile(os.path.join(src, fname)):
           shutil.copyfile(os.path.join(src, fname), os.path.join(tmp, fname))
+          os.chmod(os.path.join(tmp, fname), file_io.creation_mode(False, shared))
           with open(os.path.join(tmp, fname), "rb") as f:
             os.fsync(f.fileno())
       file_io.fsync_path(tmp)
@@ -518,8 +646,8 @@ class Library:
         self.remote.delete(entry["path"])
       os.unlink(os.path.join(self._entries_dir(), f"{expert_id}.json"))
       file_io.fsync_path(self._entries_dir())
-      if not os.path.isabs(entry["path"]):
-        shutil.rmtree(os.path.join(self.root, entry["path"]), ignore_errors=True)
+      if not os.path.isabs(entry["path"]):  # resolve_path (in get) kept it inside experts/
+        shutil.rmtree(self.resolve_path(entry), ignore_errors=True)
     self.rebuild_index()
     return entry
 
@@ -548,7 +676,10 @@ class Library:
   @contextlib.contextmanager
   def _locked(self) -> Iterator[None]:
     """The writers' exclusive flock (entry commits and index rebuilds; readers never take it)."""
-    with open(os.path.join(self.root, LOCK_FILE), "a+") as lock:
+    path = os.path.join(self.root, LOCK_FILE)
+    with open(path, "a+") as lock:
+      if _group_shared(self.root) and os.stat(path).st_uid == os.getuid():
+        os.chmod(path, file_io.creation_mode(False, True) & 0o777)  # other members take it too
       fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
       try:
         yield
@@ -556,7 +687,7 @@ class Library:
         fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
   def _gc(self, entries: Sequence[Mapping[str, Any]]) -> list[str]:
-    used = {os.path.normpath(e["path"]) for e in entries}
+    used = {os.path.normpath(e["path"]) for e in entries}  # validated: inside experts/ or absolute
     removed = []
     for sub in (EXPERTS_DIR, ENTRIES_DIR):
       for name in os.listdir(os.path.join(self.root, sub)):
@@ -670,14 +801,21 @@ def _print_json(obj: Any) -> None:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-  lib = Library.init(args.library, base_fingerprint=args.base_fingerprint, base_config_name=args.base_config)
+  if args.base_fingerprint is not None and not re.fullmatch(r"[0-9a-f]{64}", args.base_fingerprint):
+    raise validation.UsageError(f"--base-fingerprint {args.base_fingerprint!r} is not a sha256 hex "
+                                f"digest (64 characters 0-9a-f); copy it from an expert's expert.json "
+                                f"base.fingerprint.")
+  if not is_url(args.library):
+    validation.output_dir("library", args.library)
+  lib = Library.init(args.library, base_fingerprint=args.base_fingerprint, base_config_name=args.base_config,
+                     group_shared=args.group_shared)
   print(f"Created library {lib.url}" + (f" (base {args.base_fingerprint})" if args.base_fingerprint else
                                         " (the first added expert pins the base)"))
   return 0
 
 
 def _cmd_add(args: argparse.Namespace) -> int:
-  lib = Library(args.library)
+  lib = Library(args.library, strict=args.strict)
   if args.name and len(args.experts) > 1:
     raise LibraryError("--name applies to one expert; add experts one at a time to name them.")
   for path in args.experts:
@@ -687,7 +825,7 @@ def _cmd_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-  lib = Library(args.library)
+  lib = Library(args.library, strict=args.strict)
   entries, damaged = lib.entries(with_damaged=True)
   if args.json:
     _print_json({"experts": entries, "damaged_entries": damaged})
@@ -702,8 +840,17 @@ def _cmd_list(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+  lib = Library(args.library, strict=args.strict)
+  problems = lib.check()
+  for line in problems:
+    print(line)
+  print(f"{len(problems)} problem(s)" if problems else "no problems", file=sys.stderr)
+  return 1 if problems else 0
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
-  lib = Library(args.library)
+  lib = Library(args.library, strict=args.strict)
   entry = lib.get(args.id)
   if args.verify:
     lib.verify(args.id)
@@ -713,13 +860,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove(args: argparse.Namespace) -> int:
-  entry = Library(args.library).remove(args.id)
+  entry = Library(args.library, strict=args.strict).remove(args.id)
   print(f"removed {entry['id']}")
   return 0
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-  manifest = Library(args.library).rebuild_index(gc=args.gc)
+  manifest = Library(args.library, strict=args.strict).rebuild_index(gc=args.gc)
   print(f"manifest: {manifest['num_experts']} experts, {manifest['num_keys']} keys"
         + (f", removed {len(manifest['removed_orphans'])} orphans" if args.gc else "")
         + (f", {len(manifest['damaged_entries'])} damaged entries" if manifest["damaged_entries"] else ""))
@@ -732,7 +879,7 @@ def _cmd_report_overlaps(args: argparse.Namespace) -> int:
     evals += load_eval_suite(path)
   if not evals:
     raise LibraryError("report-overlaps needs --eval DATASET[:SUBSET] or --eval-suite FILE.json.")
-  report = Library(args.library).report_overlaps(evals)
+  report = Library(args.library, strict=args.strict).report_overlaps(evals)
   if args.json:
     _print_json(report)
     return 0
@@ -746,11 +893,19 @@ def _cmd_report_overlaps(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="expert-t5x library", description="Manage an expert library.")
+  parser.add_argument("--strict", action="store_true",
+                      help="refuse a damaged entry instead of skipping it with a warning")
   sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("check", help="verify every entry, expert and key file; print each problem and its fix")
+  p.add_argument("library")
+  p.set_defaults(fn=_cmd_check)
   p = sub.add_parser("init", help="create an empty library")
   p.add_argument("library")
   p.add_argument("--base-fingerprint", help="pin the base model (default: the first added expert's base)")
   p.add_argument("--base-config", help="base config name to record (e.g. xl)")
+  p.add_argument("--group-shared", action="store_true",
+                 help="for a team: folders group-writable with setgid, files group read/write "
+                      "(default: modes follow your umask)")
   p.set_defaults(fn=_cmd_init)
   p = sub.add_parser("add", help="add Expert-format directories (copied into the library)")
   p.add_argument("library")
@@ -793,9 +948,8 @@ def library_main(argv: Sequence[str] | None = None) -> int:
           f"it is single-writer, so run no other writer on it at the same time.", file=sys.stderr)
   try:
     return args.fn(args)
-  except (LibraryError, FileNotFoundError, ValueError) as e:
-    print(f"expert-t5x library: {e}", file=sys.stderr)
-    return 1
+  except (LibraryError, OSError, ValueError) as e:
+    return validation.report("expert-t5x library", e)
 
 
 if __name__ == "__main__":

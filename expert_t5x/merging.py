@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from expert_t5x import expert_format
+from expert_t5x import validation
 
 METHODS = ("uniform", "weighted", "task_arithmetic", "ties", "dare")
 LINEAR_METHODS = ("uniform", "weighted", "task_arithmetic")
@@ -133,6 +134,12 @@ def _check_params(method: str, k: int, params: Mapping[str, Any]) -> dict[str, A
   if k < 1:
     raise MergeError("Merging needs at least one expert.")
   p = dict(params)
+  for key in ("lam", "density", "drop"):
+    if p.get(key) is not None:
+      validation.finite(f"--{key}", p[key])
+  if p.get("weights") is not None:
+    # Negative weights are task negation (they subtract an expert); nan/inf would merge to nan.
+    validation.finite_all("--weights", p["weights"])
   if method == "weighted":
     weights = p.get("weights")
     if weights is None or len(weights) != k:
@@ -394,6 +401,17 @@ def merge_expert_dirs(expert_dirs: Sequence[str], output_dir: str, method: str, 
       if m["base"]["fingerprint"] != metas[0]["base"]["fingerprint"]:
         raise MergeError(f"Expert '{d}' has base {m['base']['fingerprint']} but '{expert_dirs[0]}' has "
                          f"{metas[0]['base']['fingerprint']}; merge experts of one base.")
+    hashes = [m["content_hash"] for m in metas]
+    for d, h in zip(expert_dirs, hashes):
+      if hashes.count(h) > 1:
+        raise validation.UsageError(f"Expert '{d}' is given {hashes.count(h)} times (content hash "
+                                    f"{h[:12]}); give each expert once (use --weights to weigh one more).")
+    for d, r in zip(expert_dirs, readers):
+      # The recipe records these hashes, so they must be the tensors' own, not only the claim.
+      try:
+        r.verify()
+      except ValueError as e:
+        raise MergeError(f"Cannot merge: {validation.one_line(e)}") from None
     names = readers[0].names()
     for d, r in zip(expert_dirs, readers):
       if r.names() != names:
@@ -579,8 +597,7 @@ def _load_base(path: str | None, need_init: bool, metas: Sequence[Mapping[str, A
 
 def _resolve_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
   if args.recipe:
-    recipe = json.load(open(args.recipe, encoding="utf-8"))
-    recipe = recipe.get("merge", recipe)
+    recipe = _read_recipe(args.recipe)
     wanted = [i["content_hash"] for i in recipe["inputs"]]
     pool = _candidate_dirs(args)
     by_hash = {}
@@ -594,6 +611,9 @@ def _resolve_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
   pool = _candidate_dirs(args)
   if args.retrieval:
     ranked = _ranked_from_retrieval(args.retrieval, args.task)
+    if args.top_k > len(ranked):
+      raise validation.UsageError(f"--top-k {args.top_k} exceeds the {len(ranked)} experts ranked in "
+                                  f"{args.retrieval}; pass --top-k {len(ranked)} or less.")
     ids = ranked[:args.top_k]
     lib = _library(args)
     return [lib.expert_dir(i) for i in ids], ids
@@ -620,14 +640,30 @@ def _candidate_dirs(args) -> list[tuple[str, str]]:
 def _ranked_from_retrieval(path: str, task: str | None) -> list[str]:
   """Ranked expert ids of one task: a retrieval file's candidates (by votes) or an oracle file's
   (`expert-t5x eval --oracle --output`, by accuracy)."""
-  data = json.load(open(path, encoding="utf-8"))
+  validation.existing_file("--retrieval", path, "a retrieval JSON from `expert-t5x retrieve`")
+  damaged = validation.DataError(f"--retrieval '{path}' is not a retrieval or oracle file (expected "
+                                 "{'results': [{'task', 'candidates': [{'expert', ...}]}]}); pass "
+                                 "the --output of `expert-t5x retrieve` or `eval --oracle`.")
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    raise damaged from None
+  if not isinstance(data, dict):
+    raise damaged
   results = data.get("results") or data.get("prompts") or [data]
+  if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+    raise damaged
   if task is not None:
     results = [r for r in results if r.get("task") == task]
   if len(results) != 1:
     raise MergeError(f"Retrieval file '{path}' has {len(results)} results" + (f" for task {task!r}" if task else "")
                      + "; pick one with --task.")
-  return [c["expert"] for c in results[0]["candidates"]]
+  candidates = results[0].get("candidates")
+  if not isinstance(candidates, list) or not all(isinstance(c, dict) and isinstance(c.get("expert"), str)
+                                                 for c in candidates):
+    raise damaged
+  return [c["expert"] for c in candidates]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -641,8 +677,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--task", help="which task of the retrieval file")
   p.add_argument("--top-k", type=int, default=3)
   p.add_argument("--recipe", help="re-run a recipe (a recipe JSON or a merged expert's expert.json)")
-  p.add_argument("--weights", type=float, nargs="+")
-  p.add_argument("--lam", type=float, help="λ for task_arithmetic, ties and dare (default 1.0)")
+  p.add_argument("--weights", type=float, nargs="+",
+                 help="one finite weight per expert (normalised to sum 1; a negative weight subtracts "
+                      "that expert: task negation; the sum must stay positive)")
+  p.add_argument("--lam", type=float, help="λ for task_arithmetic, ties and dare (default 1.0; finite; a "
+                                           "negative λ negates the task vectors: task negation)")
   p.add_argument("--density", type=float, help="TIES density (default 0.2)")
   p.add_argument("--per-tensor", action="store_true", help="TIES: trim per tensor instead of per expert")
   p.add_argument("--sign-method", choices=("mass", "count"))
@@ -669,15 +708,39 @@ def _replace_if_reproduced(merged: str, output: str, got: str, wanted: str, reci
   os.rename(merged, output)
 
 
+def _read_recipe(path: str) -> dict[str, Any]:
+  """A recipe JSON (or a merged expert's expert.json) with the fields a rerun needs."""
+  validation.existing_file("--recipe", path, "a recipe JSON or a merged expert's expert.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      recipe = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise validation.DataError(f"--recipe '{path}' is not valid JSON ({e}); pass a recipe written "
+                               "by `expert-t5x merge --recipe-out`.") from None
+  recipe = recipe.get("merge", recipe) if isinstance(recipe, dict) else recipe
+  if not isinstance(recipe, dict) or not isinstance(recipe.get("method"), str) or \
+      not isinstance(recipe.get("params"), dict) or not isinstance(recipe.get("inputs"), list):
+    raise validation.DataError(f"--recipe '{path}' is not a merge recipe (needs an object with "
+                               "'method', 'params' and 'inputs'); pass one written by "
+                               "`expert-t5x merge --recipe-out` or a merged expert's expert.json.")
+  return recipe
+
+
 def merge_main(argv: Sequence[str] | None = None) -> int:
   """Entry point of `expert-t5x merge`."""
   args = _parser().parse_args(argv)
   try:
+    if args.top_k is not None:
+      validation.positive_int("--top-k", args.top_k)
+    if args.svd_rank is not None:
+      validation.positive_int("--svd-rank", args.svd_rank, "or leave it out to keep LoRA factors")
     dirs, names = _resolve_inputs(args)
+    validation.output_dir("--output", args.output, dirs)
+    if args.recipe_out:
+      validation.output_file("--recipe-out", args.recipe_out)
     method, params, svd_rank, ref = args.method, {}, args.svd_rank, args.adapter_reference
     if args.recipe:
-      recipe = json.load(open(args.recipe, encoding="utf-8"))
-      recipe = recipe.get("merge", recipe)
+      recipe = _read_recipe(args.recipe)
       method, params = recipe["method"], dict(recipe["params"])
       svd_rank = (recipe.get("lora") or {}).get("rank") if (recipe.get("lora") or {}).get("output") == "svd" else None
       ref = (recipe.get("reference") or {}).get("adapter", "auto")
@@ -702,9 +765,9 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
       _replace_if_reproduced(target, args.output, recipe["output_hash"], wanted, args.recipe,
                              " (the recipe is of an earlier format, whose merges may differ bitwise)"
                              if old_format else "")
-  except (MergeError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-    print(f"expert-t5x merge: {e}", file=sys.stderr)
-    return 1
+  except (MergeError, ValueError, OSError, KeyError, TypeError, AttributeError) as e:
+    # (KeyError/TypeError/AttributeError: a recipe JSON missing fields or of the wrong types.)
+    return validation.report("expert-t5x merge", e)
   if args.recipe_out:
     with open(args.recipe_out, "w", encoding="utf-8") as f:
       json.dump(recipe, f, indent=2, sort_keys=True)

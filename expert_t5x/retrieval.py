@@ -39,6 +39,7 @@ import numpy as np
 from expert_t5x import embedders as embedders_lib
 from expert_t5x import file_io
 from expert_t5x import library as library_lib
+from expert_t5x import validation
 
 TEXT_FORMATS = ("instance", "label", "choice", "label_instance", "choice_instance", "instance_new",
                 "label_new", "choice_new", "label_instance_new", "choice_instance_new")
@@ -634,11 +635,25 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _validate_args(args: argparse.Namespace) -> None:
+  validation.existing_file("--queries", args.queries, "a JSONL file of unlabeled examples")
+  if not library_lib.is_url(args.library):
+    validation.existing_dir("--library", args.library, "an expert library")
+  validation.positive_int("--num-queries", args.num_queries)
+  validation.positive_int("--votes-per-query", args.votes_per_query)
+  validation.positive_int("--max-seq-length", args.max_seq_length)
+  validation.finite("--abstain-threshold", args.abstain_threshold, 0.0, 1.0, "it is a vote share")
+  if args.output:
+    validation.output_file("--output", args.output, [args.queries])
+
+
 def retrieve_main(argv: Sequence[str] | None = None) -> int:
   """Entry point of `expert-t5x retrieve`."""
   args = _parser().parse_args(argv)
   try:
+    _validate_args(args)
     rows = read_jsonl(args.queries)
+    validation.non_empty(f"--queries {args.queries}", rows, "give JSONL rows with an 'inputs' field")
     by_task: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
       by_task.setdefault(str(r.get("task") or f"{r.get('dataset')}@{r.get('prompt')}"), []).append(r)
@@ -659,9 +674,8 @@ def retrieve_main(argv: Sequence[str] | None = None) -> int:
     for t, res in zip(tasks, results):
       res["task"] = t
       res["prompt"] = by_task[t][0].get("prompt")
-  except (RetrievalError, library_lib.LibraryError, FileNotFoundError, ValueError) as e:
-    print(f"expert-t5x retrieve: {e}", file=sys.stderr)
-    return 1
+  except (RetrievalError, library_lib.LibraryError, OSError, ValueError) as e:
+    return validation.report("expert-t5x retrieve", e)
   out = {"embedder": retriever.embedder.identity, "text_format": args.text_format, "guard_mode": args.guard,
          "dataset_rule": args.dataset_rule,
          "library": retriever.lib.root, "num_keys": len(retriever.keys.texts), "results": results}

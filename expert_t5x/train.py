@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -39,6 +40,7 @@ from expert_t5x import partitioning
 from expert_t5x import train_checkpoints
 from expert_t5x import train_data
 from expert_t5x import trainer as trainer_lib
+from expert_t5x import validation
 
 PyTree = Any
 
@@ -261,6 +263,7 @@ def train(*,
   partitioner = partitioner or partitioning.PjitPartitioner()
   random_seed = 0 if random_seed is None else random_seed
   stats_period = stats_period or 1
+  _validate_settings(train_dataset_cfg, total_steps, save_cfg, model_dir)
   os.makedirs(model_dir, exist_ok=True)
   if summarize_config_fn is not None and jax.process_index() == 0:
     with open(os.path.join(model_dir, gin_utils.OPERATIVE_CONFIG), "w", encoding="utf-8") as f:
@@ -328,25 +331,34 @@ def train(*,
             "data": {"seed": np.asarray(train_dataset_cfg.seed or 0, np.int64),
                      "batches_consumed": np.asarray(consumed, np.int64)}}
 
-  latest = manager.latest_step()
   before = None
-  if latest is not None:
+  progress = _read_progress(model_dir)
+  latest, restored = None, None
+  if manager.latest_step() is not None:
     abstract = checkpoint_tree(tr.abstract_state, 0)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
                             if isinstance(x, np.ndarray) else x, abstract)
     rep = partitioner.replicated
     shardings = {**tr.state_sharding.state_dict(), "rng": rep,
                  "data": {"seed": rep, "batches_consumed": rep}}
-    restored = manager.restore(latest, train_checkpoints.abstract_with_shardings(abstract, shardings))
+    latest, restored = manager.restore_newest_intact(
+        train_checkpoints.abstract_with_shardings(abstract, shardings))
+  if latest is not None:
     state = tr.abstract_state.restore_state(restored)
     consumed = int(restored["data"]["batches_consumed"])
     print(f"Resuming from {model_dir}/checkpoint_{latest}.", file=sys.stderr, flush=True)
+    # What the first run measured before its first step (the loss and the accuracy before
+    # training), so a resumed or re-exported expert records the same metadata.
+    if progress.get("validation_accuracy_before") is not None:
+      before = tuple(progress["validation_accuracy_before"])
   else:
+    progress = {}
     state = tr.init_state(initial)
     consumed = 0
     if eval_before_and_after and not stacked and jax.process_count() == 1:
       before = rank_classification_accuracy(model, base, None if full else initial, tasks[0],
                                             lengths, full=full)
+      progress["validation_accuracy_before"] = None if before is None else list(before)
 
   writer = metrics_writer.MetricsWriter(os.path.join(model_dir, "train"), max_steps,
                                         initial_step=consumed, show_progress=show_progress)
@@ -359,8 +371,16 @@ def train(*,
   batch_sharding = tr.batch_sharding()
   flops = metrics_writer.train_flops_per_example(model.config, lengths, full) * global_batch * len(tasks)
   peak = metrics_writer.peak_flops_per_device()
-  first_loss = last_loss = None
+  first_loss = progress.get("first_loss")
+  last_loss = progress.get("losses", {}).get(str(consumed))
+  resumed_at = consumed if latest is not None else None
   step_time = time.perf_counter()
+
+  def save(step):
+    manager.save(step, checkpoint_tree(state, step))
+    progress.setdefault("losses", {})[str(step)] = last_loss
+    progress["first_loss"] = first_loss
+    _write_progress(model_dir, progress)
   preempted = False
 
   with train_checkpoints.PreemptionHandler() as preemption:
@@ -373,10 +393,9 @@ def train(*,
       active = metrics["active"] > 0
       loss = np.where(active, metrics["loss"], np.nan)
       if not np.all(np.isfinite(loss[active] if loss.ndim else loss)):
-        raise NonFiniteLossError(
-            f"Non-finite loss {metrics['loss']} at step {consumed} of {model_dir}; the last good "
-            f"checkpoint ({manager.latest_step()}) is intact. Lower the learning rate or check "
-            "the data.")
+        raise NonFiniteLossError(_non_finite_message(metrics["loss"], consumed, model_dir,
+                                                     resumed_at, manager.latest_step(),
+                                                     restore_cfg.path))
       last_loss = float(np.nanmean(loss))
       first_loss = last_loss if first_loss is None else first_loss
       now = time.perf_counter()
@@ -395,14 +414,14 @@ def train(*,
         writer.log(f"step {consumed}: loss {last_loss:.4f} token accuracy "
                    f"{float(np.mean(metrics['accuracy'])):.3f}")
       if save_cfg.period and consumed % save_cfg.period == 0 and consumed < max_steps:
-        manager.save(consumed, checkpoint_tree(state, consumed))
+        save(consumed)
       manager.fault_hook.after_step(consumed, manager.wait)
       if preemption.requested:
-        manager.save(consumed, checkpoint_tree(state, consumed))
+        save(consumed)
         preempted = True
         break
 
-  manager.save(consumed, checkpoint_tree(state, consumed))
+  save(consumed)
   manager.close()
   writer.close()
   if preempted:
@@ -417,6 +436,70 @@ def train(*,
           lengths=lengths, eval_before_and_after=eval_before_and_after, before=before,
           first_loss=first_loss, last_loss=last_loss)
   return consumed, state
+
+
+def _validate_settings(data_cfg: train_data.DatasetConfig, total_steps: Any,
+                       save_cfg: train_checkpoints.SaveCheckpointConfig, model_dir: Any) -> None:
+  """Gin settings out of range are refused before anything is written."""
+  if not isinstance(model_dir, (str, os.PathLike)) or not os.fspath(model_dir):
+    raise validation.UsageError(f"MODEL_DIR={model_dir!r} must be a folder path; set "
+                                "--gin.MODEL_DIR=\"'runs/NAME'\".")
+  validation.output_dir("MODEL_DIR", os.fspath(model_dir))
+  for steps in (total_steps if isinstance(total_steps, (list, tuple)) else [total_steps]):
+    if steps is not None:
+      validation.positive_int("TRAIN_STEPS", steps, "set --gin.TRAIN_STEPS=N (or None with "
+                              "NUM_EPOCHS)")
+  validation.positive_int("BATCH_SIZE", data_cfg.batch_size, "set --gin.BATCH_SIZE=N")
+  validation.optional_positive_int("NUM_EPOCHS", data_cfg.num_epochs or None)
+  validation.optional_positive_int("MAX_EXAMPLES", data_cfg.max_examples)
+  validation.optional_positive_int("CHECKPOINT_PERIOD", save_cfg.period,
+                                   "use None to save only at the end")
+  validation.optional_positive_int("CHECKPOINTS_TO_KEEP", save_cfg.keep, "use None to keep all")
+  for key, length in dict(data_cfg.task_feature_lengths or {}).items():
+    validation.positive_int(f"TASK_FEATURE_LENGTHS[{key!r}]", length)
+
+
+PROGRESS_JSON = "train_progress.json"
+
+
+def _read_progress(model_dir: str) -> dict[str, Any]:
+  """`MODEL_DIR/train_progress.json`: the first loss, the accuracy before training and the loss at
+  each saved step ({} when absent or damaged: the metrics are then those this run measures)."""
+  path = os.path.join(model_dir, PROGRESS_JSON)
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except FileNotFoundError:
+    return {}
+  except (OSError, ValueError):
+    logging.warning("%s is damaged; the resumed expert's first loss is the first one measured now.",
+                    path)
+    return {}
+  return data if isinstance(data, dict) and isinstance(data.get("losses", {}), dict) else {}
+
+
+def _write_progress(model_dir: str, progress: dict[str, Any]) -> None:
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(model_dir, PROGRESS_JSON)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(progress, f, indent=1, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def _non_finite_message(loss: Any, step: int, model_dir: str, resumed_at: Optional[int],
+                        latest: Optional[int], base_path: Optional[str]) -> str:
+  """Names the likely cause: the restored checkpoint (first step after a resume), the base (first
+  step of a fresh run) or the optimisation (later)."""
+  where = f"Non-finite loss {loss} at step {step} of {model_dir}"
+  if resumed_at is not None and step == resumed_at + 1:
+    return (f"{where}, the first step after resuming from checkpoint_{resumed_at}: that checkpoint "
+            "restored but trains to NaN; move it out of MODEL_DIR to resume from an older one.")
+  if step == 1:
+    return (f"{where}, the very first step: the base ({base_path or 'random init'}) or the data "
+            "gives NaN before any update; check INITIAL_CHECKPOINT_PATH and the inputs.")
+  return (f"{where}; the last good checkpoint (checkpoint_{latest}) is intact. Lower the learning "
+          "rate or check the data.")
 
 
 def _maybe_default_vocabulary(vocab_path: str) -> None:
@@ -545,14 +628,26 @@ def main(argv: Sequence[str]) -> None:
       print(f"gin config OK ({len(flags_.gin_file)} file(s)); written to "
             f"{os.path.join(model_dir, gin_utils.OPERATIVE_CONFIG) if model_dir else 'nowhere'}")
       return
+    _check_train_bound()
     train_fn()
     if flags_.coordinator_address or flags_.multiprocess:
       jax.distributed.shutdown()  # together, before interpreter teardown
-  except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
-    if os.environ.get("EXPERT_T5X_TRACEBACK"):
-      raise
-    print(f"expert_t5x.train: error: {e}", file=sys.stderr)
-    raise SystemExit(1) from None
+  except (ValueError, OSError, NonFiniteLossError) as e:
+    raise SystemExit(validation.report("expert_t5x.train: error", e)) from None
+
+
+def _check_train_bound() -> None:
+  """An empty or unrelated gin file leaves `train`'s required arguments unbound (a TypeError)."""
+  from gin import config as gin_config  # pylint: disable=g-import-not-at-top
+  bound = set()
+  for (_, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+    if selector.split(".")[-1] == "train":
+      bound.update(params)
+  missing = [k for k in ("model", "train_dataset_cfg", "model_dir") if k not in bound]
+  if missing:
+    raise validation.UsageError(
+        f"The gin files bind no train.{', train.'.join(missing)}; start from a shipped config "
+        "(--gin_file=experts/prompt_expert.gin or include 'runs/finetune.gin').")
 
 
 def _has_macro(name: str) -> bool:

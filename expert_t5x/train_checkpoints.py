@@ -11,6 +11,10 @@ checkpoint and its fingerprint; restoring against another base is refused. For f
 
 Saves are asynchronous and always waited for before the next save, a restore or exit; a crash
 mid-save leaves the previous checkpoint intact (orbax commits a step by renaming its directory).
+Once a save is durable, the sha256 of each of its files goes to `MODEL_DIR/checkpoint_digests.json`;
+`restore_newest_intact` checks them (and that every restored float is finite), moves a damaged
+checkpoint to `MODEL_DIR/damaged_checkpoints/` and falls back to the next older one, saying which
+and why. Orbax itself stores no checksums, so a flipped bit would otherwise restore as garbage.
 `EXPERT_T5X_FAULT=kill_after_step:N` / `kill_during_save:N` (tests only) sends SIGKILL at that
 point so resumption can be tested against an uninterrupted run.
 """
@@ -21,12 +25,18 @@ import dataclasses
 import json
 import logging
 import os
+import hashlib
+import shutil
 import signal
+import sys
 from typing import Any, Optional
 
 import jax
+import numpy as np
 
 BASE_JSON = "base.json"
+DIGESTS_JSON = "checkpoint_digests.json"
+DAMAGED_DIR = "damaged_checkpoints"
 FAULT_ENV = "EXPERT_T5X_FAULT"
 CHECKPOINT_PREFIX = "checkpoint"
 STATE_ITEM = "state"
@@ -105,8 +115,80 @@ class CheckpointManager:
                                           item_names=(STATE_ITEM,))
     self.fault_hook = fault_hook or FaultHook(None)
 
+    self._undigested: list[int] = []
+
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.model_dir, f"{CHECKPOINT_PREFIX}_{step}")
+
+  def _file_digests(self, step: int) -> dict[str, str]:
+    root = self._step_dir(step)
+    out = {}
+    for folder, _, files in os.walk(root):
+      for name in files:
+        path = os.path.join(folder, name)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+          for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+        out[os.path.relpath(path, root)] = h.hexdigest()
+    return out
+
+  def _read_digests(self) -> dict[str, dict[str, str]]:
+    path = os.path.join(self.model_dir, DIGESTS_JSON)
+    try:
+      with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    except FileNotFoundError:
+      return {}
+    except (OSError, ValueError):
+      logging.warning("%s is damaged; checkpoints are checked by restoring them only.", path)
+      return {}
+    return data if isinstance(data, dict) else {}
+
+  def _record_digests(self) -> None:
+    """Digests of the saves that became durable since the last call (process 0 writes them)."""
+    if not self._undigested or jax.process_index() != 0:
+      self._undigested = []
+      return
+    digests = self._read_digests()
+    self._manager.reload()
+    steps = set(self._manager.all_steps())
+    for step in self._undigested:
+      if step in steps:
+        digests[str(step)] = self._file_digests(step)
+    digests = {k: v for k, v in digests.items() if k.isdigit() and int(k) in steps}
+    path = os.path.join(self.model_dir, DIGESTS_JSON)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(digests, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    self._undigested = []
+
+  def check_files(self, step: int) -> Optional[str]:
+    """Why checkpoint `step`'s files differ from their recorded digests (None: they match, or
+    none were recorded: a crash right after the commit)."""
+    recorded = self._read_digests().get(str(step))
+    if not isinstance(recorded, dict):
+      return None
+    actual = self._file_digests(step)
+    for name, digest in sorted(recorded.items()):
+      if name not in actual:
+        return f"{name} is missing"
+      if actual[name] != digest:
+        return f"{name} does not match its recorded sha256"
+    return None
+
+  def set_aside(self, step: int) -> str:
+    """Moves a damaged checkpoint out of the step list (kept for inspection) and returns where."""
+    target = os.path.join(self.model_dir, DAMAGED_DIR, f"{CHECKPOINT_PREFIX}_{step}")
+    if os.path.exists(target):
+      shutil.rmtree(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(self._step_dir(step), target)
+    self._manager.reload()
+    return target
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
@@ -117,8 +199,10 @@ class CheckpointManager:
     self._manager.wait_until_finished()
     if step in self._manager.all_steps():
       return
+    self._record_digests()
     self._manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(tree)}),
                        force=True)
+    self._undigested.append(step)
     self.fault_hook.during_save(step)
 
   def restore(self, step: int, abstract_tree: Any) -> Any:
@@ -131,10 +215,50 @@ class CheckpointManager:
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
+    self._record_digests()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
+    self._record_digests()
     self._manager.close()
+
+  def restore_newest_intact(self, abstract_tree: Any) -> tuple[Optional[int], Any]:
+    """(step, tree) of the newest checkpoint whose files match their digests, that restores and
+    holds only finite floats; damaged newer ones are set aside with a line saying why.
+
+    Returns (None, None) when there is no checkpoint. Raises ValueError when every one is damaged
+    (training on from garbage or silently from scratch would both be wrong)."""
+    self.wait()
+    problems = []
+    self._manager.reload()
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      why = self.check_files(step)
+      tree = None
+      if why is None:
+        try:
+          tree = self.restore(step, abstract_tree)
+        except Exception as e:  # pylint: disable=broad-except
+          why = f"it does not restore ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+      if why is None:
+        bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+               if np.issubdtype(np.asarray(x).dtype, np.floating)
+               and not np.all(np.isfinite(np.asarray(x)))]
+        if bad:
+          why = f"it holds non-finite values in {bad[0]}"
+      if why is None:
+        if problems:
+          print(f"Resuming from the newest intact checkpoint, checkpoint_{step}.", file=sys.stderr,
+                flush=True)
+        return step, tree
+      moved = self.set_aside(step) if jax.process_index() == 0 else self._step_dir(step)
+      problems.append(f"checkpoint_{step} ({why})")
+      print(f"Warning: checkpoint_{step} in {self.model_dir} is damaged: {why}; moved to "
+            f"{moved}.", file=sys.stderr, flush=True)
+    if problems:
+      raise ValueError(f"Every checkpoint in {self.model_dir} is damaged: {'; '.join(problems)}; "
+                       f"they were moved to {DAMAGED_DIR}/. Rerun to train from the start, or "
+                       "restore a copy of the run.")
+    return None, None
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

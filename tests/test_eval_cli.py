@@ -164,15 +164,16 @@ def test_shipped_eval_gin_files_parse():
   from expert_t5x import gin_utils  # pylint: disable=g-import-not-at-top
   import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
   eval_entry._GIN_EVALUATE = eval_entry._GIN_EVALUATE or gin.configurable(eval_entry.evaluate)
-  for name, extra in (("runs/eval.gin", ["MIXTURE_OR_TASK_NAME = 'demo_heldout'"]),
-                      ("runs/anchors/t0_3b.gin", []),
-                      ("runs/infer.gin", ["INFER_INPUTS = ['x']"]),
-                      (["runs/eval.gin", "runs/eval_input_pe_256.gin"],
-                       ["MIXTURE_OR_TASK_NAME = 'demo_heldout'"]),
-                      (["runs/eval.gin", "runs/eval_input_long_512.gin"],
-                       ["MIXTURE_OR_TASK_NAME = 'demo_heldout'"])):
-    bindings = ["CHECKPOINT_PATH = '/ckpt'", "EVAL_OUTPUT_DIR = '/tmp/x'",
-                "INFER_OUTPUT_FILE = '/tmp/x.jsonl'"] + extra
+  # (Only settings each file uses: a setting no file uses is refused as a misspelling.)
+  evals = ["EVAL_OUTPUT_DIR = '/tmp/x'"]
+  heldout = evals + ["MIXTURE_OR_TASK_NAME = 'demo_heldout'"]
+  for name, extra in (("runs/eval.gin", heldout),
+                      ("runs/anchors/t0_3b.gin", evals),
+                      ("runs/infer.gin", ["INFER_INPUTS = ['x']",
+                                          "INFER_OUTPUT_FILE = '/tmp/x.jsonl'"]),
+                      (["runs/eval.gin", "runs/eval_input_pe_256.gin"], heldout),
+                      (["runs/eval.gin", "runs/eval_input_long_512.gin"], heldout)):
+    bindings = ["CHECKPOINT_PATH = '/ckpt'"] + extra
     try:
       gin_utils.parse_gin_flags([], name if isinstance(name, list) else [name], bindings,
                                 finalize=False)

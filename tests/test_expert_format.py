@@ -232,3 +232,21 @@ def test_model_code_free_imports():
   out = subprocess.run([sys.executable, "-c", code], check=True, env=_subprocess_env(),
                        capture_output=True, text=True).stdout.strip()
   assert out == "[]"
+
+
+def test_params_file_bytes_are_deterministic_and_read_by_safetensors(tmp_path):
+  # safetensors' own writer stored `__metadata__` in a per-process hash-map order; ours sorts it.
+  # The file must still be what the safetensors library itself reads (not our reader).
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  params = {"b": {"x": rng.normal(size=(3, 5)).astype(np.float32)},
+            "a": rng.normal(size=(7,)).astype(np.float32)}
+  meta = ef.build_metadata("adapter", {}, base_fingerprint="0" * 64,
+                            base_config_name=None)
+  ef.save_expert(tmp_path / "one", params, meta)
+  ef.save_expert(tmp_path / "two", dict(reversed(list(params.items()))), meta)
+  one = (tmp_path / "one" / ef.PARAMS_FILE).read_bytes()
+  assert one == (tmp_path / "two" / ef.PARAMS_FILE).read_bytes()
+  loaded = load_file(str(tmp_path / "one" / ef.PARAMS_FILE))
+  np.testing.assert_array_equal(loaded["b/x"], params["b"]["x"])
+  np.testing.assert_array_equal(loaded["a"], params["a"])

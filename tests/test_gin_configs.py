@@ -68,7 +68,7 @@ def test_missing_required_are_reported_together_and_help_exits_zero(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "expert_t5x.train",
                          "--gin_file=experts/prompt_expert.gin", "--gin_parse_only"],
                         cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 1
+  assert proc.returncode == 2  # a usage error: settings missing
   last = proc.stderr.strip().splitlines()[-1]
   for name in ("INITIAL_CHECKPOINT_PATH", "MIXTURE_OR_TASK_NAME", "MODEL_DIR"):
     assert name in last, last
@@ -87,3 +87,58 @@ def test_rewrite_gin_args_and_search_paths():
     gin_utils.parse_gin_flags([], [], [])
   with pytest.raises(ValueError, match="Gin file not found"):
     gin_utils.parse_gin_flags([], ["does/not/exist.gin"], [])
+
+
+@pytest.fixture
+def main_train(monkeypatch):
+  """`__main__.train` as `python -m expert_t5x.train` registers it (the gin files bind it)."""
+  import __main__  # pylint: disable=g-import-not-at-top
+  import gin  # pylint: disable=g-import-not-at-top
+  from expert_t5x import train  # pylint: disable=g-import-not-at-top
+  try:
+    wrapped = gin.external_configurable(train.train, "train", module="__main__")
+  except ValueError:  # registered by an earlier test in this process
+    wrapped = train.train
+  monkeypatch.setattr(__main__, "train", wrapped, raising=False)
+  yield
+  gin.clear_config()
+
+
+def test_user_folders_on_sys_path_never_shadow_the_shipped_configs(tmp_path, monkeypatch,
+                                                                   main_train):
+  # `python -m` puts the working directory first on sys.path; a user's runs/ folder (a namespace
+  # package to importlib) made gin's package reader fail with a TypeError, and a user's
+  # experts/prompt_expert.gin would have been included in place of ours.
+  (tmp_path / "runs" / "tiny").mkdir(parents=True)
+  (tmp_path / "experts").mkdir()
+  (tmp_path / "experts" / "prompt_expert.gin").write_text("NOT_OURS = 1\n")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  gin_utils.parse_gin_flags(["."], ["demo/local_tiny.gin"], ["MODEL_DIR = 'runs/tiny'"],
+                            finalize=False)
+  import gin  # pylint: disable=g-import-not-at-top
+  assert gin.query_parameter("TRAIN_STEPS/macro.value") == 300
+  from gin import config as gin_config  # pylint: disable=g-import-not-at-top
+  assert ("NOT_OURS", "gin.macro") not in gin_config._CONFIG  # pylint: disable=protected-access
+  # A user's own file under a name we do not ship still resolves from the working directory.
+  (tmp_path / "runs" / "mine.gin").write_text("include 'demo/local_tiny.gin'\nTRAIN_STEPS = 7\n")
+  gin_utils.parse_gin_flags(["."], ["runs/mine.gin"], ["MODEL_DIR = 'runs/tiny'"], finalize=False)
+  assert gin.query_parameter("TRAIN_STEPS/macro.value") == 7
+  gin.clear_config()
+
+
+@pytest.mark.parametrize("files,bindings,match", [
+    ([], ["TRAIN_STEPZ = 3"], "Unknown gin setting"),
+    (["bad.gin"], [], "Gin syntax error in .*bad.gin"),
+    ([], ["TRAIN_STEPS = float('nan')"], "Gin syntax error"),
+    ([], ["TRAIN_STEPS = (1,"], "Gin syntax error"),
+])
+def test_gin_input_errors_are_one_line(tmp_path, monkeypatch, main_train, files, bindings, match):
+  (tmp_path / "bad.gin").write_text("TRAIN_STEPS = = 3\n")
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match=match) as info:
+    gin_utils.parse_gin_flags(["."], ["demo/local_tiny.gin", *files],
+                              ["MODEL_DIR = 'm'", *bindings], finalize=False)
+  assert "\n" not in str(info.value)
+  import gin  # pylint: disable=g-import-not-at-top
+  gin.clear_config()

@@ -69,20 +69,29 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path):
   assert meta["training"]["steps"] == 4 and meta["type"] == "adapter"
   keys = expert_format.read_keys(dirs["straight"] / "expert")
   assert 0 < len(keys) <= 4 and all(k["answer_choices"] for k in keys)
+  files = {p.name: p.read_bytes() for p in (dirs["straight"] / "expert").iterdir()}
   for k in ("after_step", "during_save"):
     got, _ = _expert(dirs[k])
     assert sorted(got) == sorted(want)
     for name in want:
       np.testing.assert_array_equal(got[name], want[name], err_msg=f"{k}: {name}")
+    # The files too: params.safetensors bytes are deterministic and expert.json keeps the first
+    # run's first loss and accuracy before training (train_progress.json), so all are equal.
+    assert {p.name: p.read_bytes() for p in (dirs[k] / "expert").iterdir()} == files, k
 
 
 @pytest.mark.slow
 @pytest.mark.tf
 def test_demo_beats_chance(tmp_path):
-  # The README's first command: a full tiny run on the synthetic sentiment task.
-  proc = subprocess.run([sys.executable, "-m", "expert_t5x.train", "--gin_file=demo/local_tiny.gin",
-                         f"--gin.MODEL_DIR='{tmp_path / 'tiny'}'"], capture_output=True, text=True,
-                        timeout=900)
+  # The README's first command, run as written (relative MODEL_DIR) from a directory that holds a
+  # user's runs/, experts/ and gin/ folders: `python -m` puts it on sys.path, and none of them may
+  # be taken for the shipped gin folders.
+  for name in ("runs", "experts", "gin"):
+    (tmp_path / name).mkdir()
+  (tmp_path / "experts" / "prompt_expert.gin").write_text("THIS_IS_NOT_OURS = 1\n")
+  cmd = [sys.executable, "-m", "expert_t5x.train", "--gin_file=demo/local_tiny.gin",
+         "--gin.MODEL_DIR='runs/tiny'"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-2000:]
   # The run reports its first and last step's loss and rank-classification accuracy on the task's
   # validation split before and after training; chance is the mean of 1 / (number of choices).
@@ -91,3 +100,13 @@ def test_demo_beats_chance(tmp_path):
       r"validation: ([\d.]+) \(before training ([\d.]+)\), chance ([\d.]+)", proc.stdout).groups())
   assert last_loss < 0.5 * first_loss, proc.stdout
   assert accuracy > chance + 0.15 and accuracy > before + 0.1, proc.stdout
+  # Rerunning the finished run re-exports it: the expert directory is byte-for-byte the same
+  # (losses and accuracy before training kept from the first run, not nulled).
+  expert_dir = tmp_path / "runs" / "tiny" / "expert"
+  files = {p.name: p.read_bytes() for p in expert_dir.iterdir()}
+  again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert {p.name: p.read_bytes() for p in expert_dir.iterdir()} == files
+  metrics = expert_format.read_metadata(expert_dir)["metrics"]
+  assert metrics["first_loss"] == first_loss or abs(metrics["first_loss"] - first_loss) < 1e-4
+  assert metrics["validation_accuracy_before"] is not None
