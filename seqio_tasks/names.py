@@ -18,7 +18,6 @@ import json
 import re
 from typing import Iterable, Optional, Sequence
 
-from seqio_tasks import seen_eval
 
 SCORE_EVAL_SUFFIX = "_score_eval"
 ALL_PROMPTS_SUFFIX = "_all_prompts"
@@ -94,6 +93,8 @@ def _spec(dataset, subset, prompt, role, eval_dataset, splits, anli_round=None) 
 @functools.lru_cache(maxsize=1)
 def train_prompts() -> tuple[PromptSpec, ...]:
   """The 296 training prompts (36 T0 training datasets)."""
+  # Imported here: this file's pure functions are loaded on their own by the launchers.
+  from seqio_tasks import seen_eval  # pylint: disable=g-import-not-at-top
   specs = []
   for entry in _read_json("t0_train_296.json"):
     ds, sub = entry["dataset"], entry["subset"]
