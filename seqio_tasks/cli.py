@@ -165,7 +165,8 @@ def _tasks_parser() -> argparse.ArgumentParser:
   p.add_argument("--kind", help="prompt | score_eval | all_prompts | random_prompt | bigbench | "
                  "continual")
   p.add_argument("--role", choices=("train", "heldout"))
-  p.add_argument("--source", choices=("promptsource", "bigbench", "continual", "demo"))
+  p.add_argument("--source", choices=("promptsource", "bigbench", "continual", "compositional",
+                                       "demo"))
   p.add_argument("--dataset", help="source dataset name, e.g. super_glue")
   p.add_argument("--match", help="substring of the task name")
   p.add_argument("--json", action="store_true", help="one JSON object per task")

@@ -20,6 +20,7 @@ _SETTINGS: dict[str, tuple[str, Optional[str]]] = {
     "PROMPTSOURCE_DIR": ("EXPERT_T5X_PROMPTSOURCE_DIR", "promptsource/templates"),
     "BIGBENCH_DIR": ("EXPERT_T5X_BIGBENCH_DIR", "bigbench"),
     "CONTINUAL_DIR": ("EXPERT_T5X_CONTINUAL_DIR", "continual"),
+    "COMPOSITIONAL_DIR": ("EXPERT_T5X_COMPOSITIONAL_DIR", "compositional"),
 }
 _OVERRIDES: dict[str, Optional[str]] = {}
 
@@ -39,10 +40,11 @@ def set_path(name: str, value: Optional[str]) -> None:
 
 @gin.configurable("settings", module="seqio_tasks")
 def _gin_settings(P3_DIR=None, RAW_DIR=None, PROMPTSOURCE_DIR=None, BIGBENCH_DIR=None,  # pylint: disable=invalid-name
-                  CONTINUAL_DIR=None) -> dict[str, Optional[str]]:
+                  CONTINUAL_DIR=None, COMPOSITIONAL_DIR=None) -> dict[str, Optional[str]]:
   """Gin's view of the roots: bind `seqio_tasks.settings.<NAME> = "..."` in a gin file."""
   return dict(P3_DIR=P3_DIR, RAW_DIR=RAW_DIR, PROMPTSOURCE_DIR=PROMPTSOURCE_DIR,
-              BIGBENCH_DIR=BIGBENCH_DIR, CONTINUAL_DIR=CONTINUAL_DIR)
+              BIGBENCH_DIR=BIGBENCH_DIR, CONTINUAL_DIR=CONTINUAL_DIR,
+              COMPOSITIONAL_DIR=COMPOSITIONAL_DIR)
 
 
 def get_path(name: str) -> Optional[str]:
