@@ -40,6 +40,10 @@ def test_tasks_render_the_paper_prompts(tmp_path, monkeypatch):
   _jsonl(tmp_path / "tatoeba" / "eng-kor" / "train.jsonl",
          [{"translation": {"eng": "Hello", "kor": "안녕"}}])
   _jsonl(tmp_path / "xlsum" / "kor" / "validation.jsonl", [{"text": "Doc.", "summary": "요약"}])
+  from seqio_tasks import cli  # pylint: disable=g-import-not-at-top
+  ok, line = cli.task_status("compositional_tatoeba_eng_kor")
+  assert not ok and line.startswith(f"missing {tmp_path}/tatoeba/eng-kor/validation.jsonl")
+  assert cli.task_status("compositional_xlsum_translate_to_kor_and_summarize")[0]
   assert seqio_tasks.suite("compositional_eval")[0] == (
       "compositional_xlsum_translate_to_kor_and_summarize")
   [ex] = src.summary_examples("train")

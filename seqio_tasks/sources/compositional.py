@@ -124,3 +124,16 @@ def composed_examples(lang: str, split: str) -> Iterator[dict[str, Any]]:
     yield examples_lib.make_example(inputs=f"{_field(row, 'text', path)}\n\n{prompt}",
                                     targets=_field(row, "summary", path), answer_choices=None,
                                     example_id=i, dataset="xlsum", subset=lang, prompt=prompt)
+
+
+def missing_files(dataset: str, subset: str | None) -> list[str]:
+  """The files a compositional task needs that are absent (for `tasks check`)."""
+  root = _root()
+  if dataset == "xlsum":
+    if os.path.exists(os.path.join(root, ELM_EVAL_FILE)):
+      return []
+    wanted = [os.path.join(root, "xlsum", subset, "validation.jsonl")]
+  else:
+    folder = os.path.join(root, "xsum") if dataset == "xsum" else os.path.join(root, "tatoeba", subset)
+    wanted = [os.path.join(folder, f"{s}.jsonl") for s in ("train", "validation")]
+  return [p for p in wanted if not os.path.exists(p)]
