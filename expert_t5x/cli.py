@@ -36,6 +36,8 @@ register("demo", "expert_t5x.demo", "demo_main",
          "the whole pipeline on generated tasks with a tiny T5, ending in a visual report")
 register("continual", "expert_t5x.continual", "continual_main",
          "continual learning: train new (CT0) experts, add them, check seen tasks are unchanged")
+register("compositional", "expert_t5x.compositional", "compositional_main",
+         "compositional instructions: merge a summarizer and a translator, evaluate on XL-Sum")
 register("import", "expert_t5x.importers", "import_main",
          "convert released experts (paper adapter .pt, PEFT LoRA) or a T5X run to the expert format")
 register("t5x-checkpoint", "expert_t5x.t5x_io", "t5x_checkpoint_main",

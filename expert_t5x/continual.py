@@ -122,35 +122,51 @@ def training_groups(tasks: Sequence[str]) -> list[tuple[Any, list[str]]]:
   return list(groups.items())
 
 
+PROMPT_EXPERT_GIN = "experts/prompt_expert.gin"
+
+
 def train_command(tasks: Sequence[str], settings: Any, base: str, model_dir: str,
-                  gin_args: Sequence[str] = ()) -> list[str]:
-  """The `python -m expert_t5x.train` command of one group (the paper's settings as bindings)."""
+                  gin_args: Sequence[str] = (), expert_gin: str = PROMPT_EXPERT_GIN) -> list[str]:
+  """The `python -m expert_t5x.train` command of one group (the paper's settings as bindings);
+  `expert_gin` is the recipe (adapters by default, stacked; `experts/dataset_expert.gin` for full
+  experts, one task per job, whose settings have no `reduction_factor`)."""
   lengths = {"inputs": settings.inputs_length, "targets": settings.targets_length}
+  name = list(tasks) if expert_gin == PROMPT_EXPERT_GIN else _single(tasks)
   bindings = {
-      "MODEL_DIR": repr(model_dir), "MIXTURE_OR_TASK_NAME": repr(list(tasks)),
+      "MODEL_DIR": repr(model_dir), "MIXTURE_OR_TASK_NAME": repr(name),
       "INITIAL_CHECKPOINT_PATH": repr(os.path.abspath(base)),
       "BATCH_SIZE": settings.batch_size, "NUM_EPOCHS": settings.num_epochs,
       "MAX_EXAMPLES": settings.max_examples, "TASK_FEATURE_LENGTHS": repr(lengths),
-      "optimizers.create_learning_rate_scheduler.base_learning_rate": settings.learning_rate,
-      "experts.AdapterConfig.reduction_factor": settings.reduction_factor}
+      "optimizers.create_learning_rate_scheduler.base_learning_rate": settings.learning_rate}
+  if settings.reduction_factor is not None:
+    bindings["experts.AdapterConfig.reduction_factor"] = settings.reduction_factor
   files = [a for a in gin_args if a.startswith("--gin_file")]
   rest = [a for a in gin_args if not a.startswith("--gin_file")]
-  return ([sys.executable, "-m", "expert_t5x.train", "--gin_file=experts/prompt_expert.gin", *files]
+  return ([sys.executable, "-m", "expert_t5x.train", f"--gin_file={expert_gin}", *files]
           + [f"--gin.{k}={v}" for k, v in bindings.items()] + rest)
 
 
+def _single(tasks: Sequence[str]) -> str:
+  if len(tasks) != 1:
+    raise ValueError(f"full experts are trained one per job; got the group {list(tasks)}.")
+  return tasks[0]
+
+
 def train_experts(tasks: Sequence[str], base: str, out_dir: str, gin_args: Sequence[str] = (),
-                  log: Any = None) -> dict[str, str]:
-  """Trains the paper's experts of `tasks`; {task: exported expert directory}. Done jobs are kept."""
+                  log: Any = None, *, groups: Optional[Sequence[tuple[Any, list[str]]]] = None,
+                  expert_gin: str = PROMPT_EXPERT_GIN) -> dict[str, str]:
+  """Trains the paper's experts of `tasks` (or the given (settings, tasks) `groups`, one job
+  each); {task: exported expert directory}. Done jobs are kept."""
   from expert_t5x import expert_format  # pylint: disable=g-import-not-at-top
   out: dict[str, str] = {}
-  for index, (settings, group) in enumerate(training_groups(tasks)):
+  for index, (settings, group) in enumerate(groups or training_groups(tasks)):
     model_dir = os.path.join(out_dir, f"group_{index}")
-    dirs = {t: os.path.join(model_dir, "experts", t) for t in group}
+    dirs = ({t: os.path.join(model_dir, "experts", t) for t in group}
+            if expert_gin == PROMPT_EXPERT_GIN else {_single(group): os.path.join(model_dir, "expert")})
     if not all(expert_format.is_expert_dir(d) for d in dirs.values()):
-      command = train_command(group, settings, base, model_dir, gin_args)
+      command = train_command(group, settings, base, model_dir, gin_args, expert_gin)
       if log:
-        log(f"[continual] training {', '.join(group)}")
+        log(f"training {', '.join(group)}")
       done = subprocess.run(command, check=False, capture_output=True, text=True)
       if done.returncode:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]

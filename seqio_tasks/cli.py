@@ -101,6 +101,13 @@ def task_status(name: str) -> tuple[bool, str]:
                      f"{settings.env_var('CONTINUAL_DIR')} at its ct0_data folder, or supply "
                      f"{continual.templates_path(info.dataset)} with JSONL rows (docs/tasks.md)")
     return True, f"local files in {settings.get_path('CONTINUAL_DIR')}"
+  if info.source == "compositional":
+    from seqio_tasks.sources import compositional  # pylint: disable=g-import-not-at-top
+    missing = compositional.missing_files(info.dataset, info.subset)
+    if missing:
+      return False, (f"missing {', '.join(missing)}: write them as JSONL (docs/continual.md) and "
+                     f"point {settings.env_var('COMPOSITIONAL_DIR')} at their folder")
+    return True, f"local files in {settings.get_path('COMPOSITIONAL_DIR')}"
   # promptsource-backed: P3 / rendered TFRecords, else templates + raw rows.
   dirs = [n for n in (info.name, info.base_task, *info.prompts) if n]
   for d in dirs:
@@ -173,7 +180,8 @@ def _tasks_parser() -> argparse.ArgumentParser:
   p.add_argument("--kind", help="prompt | score_eval | all_prompts | random_prompt | bigbench | "
                  "continual")
   p.add_argument("--role", choices=("train", "heldout"))
-  p.add_argument("--source", choices=("promptsource", "bigbench", "continual", "demo"))
+  p.add_argument("--source", choices=("promptsource", "bigbench", "continual", "compositional",
+                                       "demo"))
   p.add_argument("--dataset", help="source dataset name, e.g. super_glue")
   p.add_argument("--match", help="substring of the task name")
   p.add_argument("--json", action="store_true", help="one JSON object per task")

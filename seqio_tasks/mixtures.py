@@ -8,6 +8,8 @@
 | `bigbench_13`         | the 13 pooled BIG-bench tasks (elm format)                     |
 | `ct0_continual`       | the 10 continual-learning prompt tasks (trained experts)       |
 | `ct0_target_eval`     | the paper's 16 continual target prompts                        |
+| `compositional_train` | the XSum summarizer and 5 Tatoeba translator training tasks    |
+| `compositional_eval`  | XL-Sum under 'translate to <lang> and summarize' (5 languages) |
 | `demo_train`          | demo training prompts (generation mode)                        |
 | `demo_heldout`        | `_score_eval` of demo held-out prompts and held-out tasks      |
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 from typing import Callable
 
 from seqio_tasks import bigbench_tasks
+from seqio_tasks import compositional_tasks
 from seqio_tasks import continual_tasks
 from seqio_tasks import demo
 from seqio_tasks import names
@@ -57,6 +60,8 @@ SUITES: dict[str, Callable[[], list[str]]] = {
     "bigbench_13": _bigbench_13,
     "ct0_continual": _ct0_continual,
     "ct0_target_eval": _ct0_target_eval,
+    "compositional_train": compositional_tasks.train_tasks,
+    "compositional_eval": compositional_tasks.eval_tasks,
     "demo_train": demo.train_tasks,
     "demo_heldout": demo.heldout_tasks,
 }

@@ -22,6 +22,7 @@ _SETTINGS: dict[str, tuple[str, Optional[str]]] = {
     "PROMPTSOURCE_DIR": ("EXPERT_T5X_PROMPTSOURCE_DIR", "promptsource/templates"),
     "BIGBENCH_DIR": ("EXPERT_T5X_BIGBENCH_DIR", "bigbench"),
     "CONTINUAL_DIR": ("EXPERT_T5X_CONTINUAL_DIR", "continual"),
+    "COMPOSITIONAL_DIR": ("EXPERT_T5X_COMPOSITIONAL_DIR", "compositional"),
 }
 # Loader options (not paths): name -> (environment variable, default, allowed values).
 _OPTIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -99,10 +100,10 @@ class _GinSettings(GinModule):
   """Gin's view of the roots and options: bind `seqio_tasks.settings.<NAME> = "..."` in a gin file."""
 
   def __call__(self, P3_DIR=None, RAW_DIR=None, PROMPTSOURCE_DIR=None, BIGBENCH_DIR=None,  # pylint: disable=invalid-name
-               CONTINUAL_DIR=None, BIGBENCH_MULTIPLE_GOLD=None) -> dict[str, Optional[str]]:
+               CONTINUAL_DIR=None, COMPOSITIONAL_DIR=None, BIGBENCH_MULTIPLE_GOLD=None) -> dict[str, Optional[str]]:
     return dict(P3_DIR=P3_DIR, RAW_DIR=RAW_DIR, PROMPTSOURCE_DIR=PROMPTSOURCE_DIR,
                 BIGBENCH_DIR=BIGBENCH_DIR, CONTINUAL_DIR=CONTINUAL_DIR,
-                BIGBENCH_MULTIPLE_GOLD=BIGBENCH_MULTIPLE_GOLD)
+                COMPOSITIONAL_DIR=COMPOSITIONAL_DIR, BIGBENCH_MULTIPLE_GOLD=BIGBENCH_MULTIPLE_GOLD)
 
 
 _gin_settings = register_gin_module(__name__, _GinSettings, "settings")
