@@ -113,7 +113,8 @@ class _Setup:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     start = time.perf_counter()
     batch = jax.device_put(batch, self.trainer.batch_sharding())
-    lowered = self.trainer._step_fn.lower(self.base, state, batch, jnp.asarray(self.seed_keys),  # pylint: disable=protected-access
+    base = None if self.full else self.base  # a full fine-tuning step takes no base
+    lowered = self.trainer._step_fn.lower(base, state, batch, jnp.asarray(self.seed_keys),  # pylint: disable=protected-access
                                           jnp.asarray(self.budget))
     self.compiled = lowered.compile()
     return time.perf_counter() - start
@@ -122,7 +123,7 @@ class _Setup:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     batch = jax.device_put(batch, self.trainer.batch_sharding())
-    state, metrics = self.compiled(self.base, state, batch, jnp.asarray(self.seed_keys),
+    state, metrics = self.compiled(None if self.full else self.base, state, batch, jnp.asarray(self.seed_keys),
                                    jnp.asarray(self.budget))
     jax.block_until_ready(metrics)
     return state, metrics

@@ -13,6 +13,8 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
+from expert_t5x import flops
+
 # Dense bf16 peak FLOP/s per device by `device_kind` prefix (vendor data sheets).
 PEAK_FLOPS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
@@ -29,21 +31,11 @@ def peak_flops_per_device(device: Optional[jax.Device] = None) -> Optional[float
   return None
 
 
-def train_flops_per_example(config: Any, lengths: Mapping[str, int], full: bool) -> float:
-  """Approximate training FLOPs per (padded) example of a T5 encoder-decoder.
-
-  Forward = 2 x (weights seen per token) x tokens + attention scores; the backward pass costs one
-  forward for activation gradients plus one more for weight gradients when the base is trained
-  (a frozen base needs no weight gradients; expert weights are negligible).
-  """
-  e, h, d, f, v = config.emb_dim, config.num_heads, config.head_dim, config.mlp_dim, config.vocab_size
-  li, lt = lengths["inputs"], lengths["targets"]
-  n_mlp = len(config.mlp_activations) * e * f + f * e
-  attn = 4 * e * h * d
-  enc = config.num_encoder_layers * (2 * (attn + n_mlp) * li + 4 * li * li * h * d)
-  dec = config.num_decoder_layers * (2 * (2 * attn + n_mlp) * lt + 4 * (lt * lt + lt * li) * h * d)
-  fwd = enc + dec + 2 * e * v * lt
-  return float(fwd * (3 if full else 2))
+def train_flops_per_example(config: Any, lengths: Mapping[str, int], full: bool,
+                            expert_config: Any = None) -> float:
+  """Model FLOPs of one training example (no rematerialisation), see `expert_t5x.flops`."""
+  return flops.step_flops(config, lengths, "full" if full else "frozen_base", 1, expert_config,
+                          remat_policy="none")
 
 
 class MetricsWriter:

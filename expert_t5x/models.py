@@ -25,6 +25,9 @@ Array = jax.Array
 PyTree = Any
 Batch = Mapping[str, Array]
 SCORE_NORMALIZATIONS = ("sum", "mean")
+# Storage dtypes of the frozen base. 'bfloat16' halves the base's memory; activations keep
+# `T5Config.dtype` (the weights are cast up to it in each product), so it rounds the weights only.
+BASE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def shift_right(targets: Array, bos_id: int = 0) -> Array:
@@ -51,7 +54,15 @@ class EncoderDecoderModel:
                output_vocabulary: Any = None, optimizer_def: Any = None,
                decode_fn: str = "beam_search", label_smoothing: float = 0.0, z_loss: float = 0.0,
                loss_normalizing_factor: losses.LossNormalizingFactor = None,
-               expert_config: Optional[experts_lib.ExpertConfig] = None):
+               expert_config: Optional[experts_lib.ExpertConfig] = None,
+               base_dtype: str = "float32"):
+    if base_dtype not in BASE_DTYPES:
+      raise ValueError(f"EncoderDecoderModel.base_dtype must be one of {sorted(BASE_DTYPES)}; got "
+                       f"{base_dtype!r}.")
+    if base_dtype != "float32" and (expert_config is None or
+                                    isinstance(expert_config, experts_lib.FullConfig)):
+      raise ValueError(f"EncoderDecoderModel.base_dtype={base_dtype!r} needs a frozen base, but "
+                       "full fine-tuning trains it; keep base_dtype='float32' for full experts.")
     if decode_fn not in ("beam_search", "temperature_sample"):
       raise ValueError(f"decode_fn must be 'beam_search' or 'temperature_sample'; got {decode_fn!r}.")
     if isinstance(expert_config, experts_lib.LoraConfig) and expert_config.dropout_rate:
@@ -66,6 +77,20 @@ class EncoderDecoderModel:
     self.z_loss = z_loss
     self.loss_normalizing_factor = loss_normalizing_factor
     self.expert_config = expert_config
+    self.base_dtype = base_dtype
+
+  @property
+  def base_dtype_jnp(self) -> Any:
+    return BASE_DTYPES[self.base_dtype]
+
+  def cast_base(self, params: PyTree) -> PyTree:
+    """The frozen base in `base_dtype`. Every forward applies it, so a float32 base passed in
+    computes what a stored bfloat16 one does; storing the cast tree saves the memory."""
+    if self.base_dtype == "float32":
+      return params
+    dtype = self.base_dtype_jnp
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        params)
 
   @property
   def config(self) -> network.T5Config:
@@ -89,7 +114,7 @@ class EncoderDecoderModel:
              dropout_rng: Optional[Array] = None, **kwargs: Any) -> Any:
     cfg = self.expert_config
     expert = self._expert_layout(expert)
-    variables = {"params": experts_lib.effective_params(params, expert, cfg)}
+    variables = {"params": self.cast_base(experts_lib.effective_params(params, expert, cfg))}
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return self.module.apply(variables, *args, method=method, rngs=rngs,
                              expert=experts_lib.network_tree(expert, cfg), **kwargs)
@@ -227,7 +252,8 @@ class EncoderDecoderModel:
   def _decode_step(self, params, expert, encoded, inputs, tokens, cache, max_len, expert_index):
     cfg = self.expert_config
     expert = self._expert_layout(expert)
-    variables = {"params": experts_lib.effective_params(params, expert, cfg), "cache": cache}
+    variables = {"params": self.cast_base(experts_lib.effective_params(params, expert, cfg)),
+                 "cache": cache}
     return self.module.apply(variables, encoded, inputs, tokens, tokens,
                              method=network.Transformer.decode, enable_dropout=False, decode=True,
                              max_decode_length=max_len, mutable=["cache"],

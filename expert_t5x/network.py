@@ -558,7 +558,8 @@ class Embed(nn.Module):
                                      axes=("vocab", "embed"))
 
   def __call__(self, inputs: Array) -> Array:
-    return jnp.take(jnp.asarray(self.embedding, self.dtype), inputs.astype(jnp.int32), axis=0)
+    # Gather, then cast: a bfloat16-stored table is not copied whole to the activation dtype.
+    return jnp.take(self.embedding, inputs.astype(jnp.int32), axis=0).astype(self.dtype)
 
   def attend(self, query: Array) -> Array:
     flat = query.reshape(-1, query.shape[-1])

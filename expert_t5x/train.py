@@ -297,6 +297,7 @@ def train(*,
             "decoder_input_tokens": (global_batch, lengths["targets"])}
   base, base_axes, base_sh, fingerprint, vocab_path = _load_base(
       model, restore_cfg.path, random_seed, partitioner, shapes)
+  base = model.cast_base(base)  # EncoderDecoderModel.base_dtype: the frozen base's storage
   if vocab_path:
     _maybe_default_vocabulary(vocab_path)
 
@@ -540,7 +541,7 @@ def _export(*, model, state, tasks, stacked, full, base, host_base, cfgs, infos,
         "max_examples": cfg.max_examples, "task_feature_lengths": lengths,
         "optimizer": _describe(model.optimizer_def), "base_path": restore_path,
         "loss_normalizing_factor": str(model.loss_normalizing_factor),
-        "dropout_rate": model.config.dropout_rate,
+        "dropout_rate": model.config.dropout_rate, "base_dtype": model.base_dtype,
     }
     metrics = {"final_loss": last_loss, "first_loss": first_loss}
     after = None

@@ -225,11 +225,14 @@ class Trainer:
     """Builds the sharded init and step programs for trainable trees shaped `abstract_params`."""
     self.abstract_state, self.state_sharding = self.state_shardings(abstract_params, base_axes)
     rep = self.partitioner.replicated
+    # Full fine-tuning trains the parameters themselves: the step takes no base (an argument it
+    # ignored would still hold a second copy of the model on every device).
+    base_in = None if self.full else base_shardings
     self._init_fn = self.partitioner.partition(
         self._init, in_shardings=(self.state_sharding.params,), out_shardings=self.state_sharding)
     self._step_fn = self.partitioner.partition(
         self._step,
-        in_shardings=(base_shardings, self.state_sharding, self.batch_sharding(), rep, rep),
+        in_shardings=(base_in, self.state_sharding, self.batch_sharding(), rep, rep),
         out_shardings=(self.state_sharding, rep), donate_argnums=(1,))
 
   def init_state(self, params: PyTree) -> TrainState:
@@ -239,8 +242,10 @@ class Trainer:
 
   def train_step(self, base: PyTree, state: TrainState, batch: Batch, seed_keys: Array,
                  total_steps: Array) -> tuple[TrainState, dict[str, Array]]:
-    """One step; `state` is donated. `batch` must already be a global (sharded) array tree."""
-    return self._step_fn(base, state, batch, jnp.asarray(seed_keys),
+    """One step; `state` is donated. `batch` must already be a global (sharded) array tree.
+
+    `base` is ignored when fine-tuning all parameters."""
+    return self._step_fn(None if self.full else base, state, batch, jnp.asarray(seed_keys),
                          jnp.asarray(total_steps, jnp.int32))
 
 
