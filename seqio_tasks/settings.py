@@ -100,7 +100,8 @@ class _GinSettings(GinModule):
   """Gin's view of the roots and options: bind `seqio_tasks.settings.<NAME> = "..."` in a gin file."""
 
   def __call__(self, P3_DIR=None, RAW_DIR=None, PROMPTSOURCE_DIR=None, BIGBENCH_DIR=None,  # pylint: disable=invalid-name
-               CONTINUAL_DIR=None, COMPOSITIONAL_DIR=None, BIGBENCH_MULTIPLE_GOLD=None) -> dict[str, Optional[str]]:
+               CONTINUAL_DIR=None, COMPOSITIONAL_DIR=None,
+               BIGBENCH_MULTIPLE_GOLD=None) -> dict[str, Optional[str]]:
     return dict(P3_DIR=P3_DIR, RAW_DIR=RAW_DIR, PROMPTSOURCE_DIR=PROMPTSOURCE_DIR,
                 BIGBENCH_DIR=BIGBENCH_DIR, CONTINUAL_DIR=CONTINUAL_DIR,
                 COMPOSITIONAL_DIR=COMPOSITIONAL_DIR, BIGBENCH_MULTIPLE_GOLD=BIGBENCH_MULTIPLE_GOLD)
