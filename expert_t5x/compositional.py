@@ -178,11 +178,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def compositional_main(argv: Optional[Sequence[str]] = None) -> int:
   """`expert-t5x compositional ...`."""
-  args, gin_args = _parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
-  bad = [a for a in gin_args if not a.startswith(("--gin_file", "--gin."))]
-  if bad:
-    print(f"expert-t5x compositional: unknown argument {bad[0]!r}; only --gin_file=F and "
-          "--gin.X=V pass through to training.", file=sys.stderr)
+  args, gin_args = continual.parse_with_gin_args(_parser(), argv, "compositional")
+  if args is None:
     return 2
   try:
     report = run(base=args.base, library=args.library, output_dir=args.output,

@@ -309,13 +309,23 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def continual_main(argv: Optional[Sequence[str]] = None) -> int:
-  """`expert-t5x continual ...`; exit 1 when a seen-task score changed."""
-  args, gin_args = _parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
+def parse_with_gin_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                        command: str) -> tuple[Optional[argparse.Namespace], list[str]]:
+  """The command's own flags and the `--gin_file=F` / `--gin.X=V` flags that pass through to
+  training; (None, []) after printing one line when another unknown argument is given."""
+  args, gin_args = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
   bad = [a for a in gin_args if not a.startswith(("--gin_file", "--gin."))]
   if bad:
-    print(f"expert-t5x continual: unknown argument {bad[0]!r}; only --gin_file=F and --gin.X=V "
+    print(f"expert-t5x {command}: unknown argument {bad[0]!r}; only --gin_file=F and --gin.X=V "
           "pass through to training.", file=sys.stderr)
+    return None, []
+  return args, gin_args
+
+
+def continual_main(argv: Optional[Sequence[str]] = None) -> int:
+  """`expert-t5x continual ...`; exit 1 when a seen-task score changed."""
+  args, gin_args = parse_with_gin_args(_parser(), argv, "continual")
+  if args is None:
     return 2
   try:
     report = run(library=args.library, base=args.base, tasks=args.tasks, output_dir=args.output,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -112,3 +113,16 @@ def read_jsonl(path: str | os.PathLike[str], error_cls: type[Exception] = ValueE
           raise error_cls(f"'{os.fspath(path)}' line {line_no} is not valid JSON ({e})"
                           f"{'; ' + hint if hint else ''}.") from e
   return rows
+
+
+def read_json_or_empty(path: str | os.PathLike[str], damaged_note: str) -> Any:
+  """A JSON file's value, or {} when it is absent or damaged (damage logged with `damaged_note`):
+  for bookkeeping files whose loss only costs a recomputation."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return {}
+  except (OSError, ValueError):
+    logging.warning("%s is damaged; %s", os.fspath(path), damaged_note)
+    return {}

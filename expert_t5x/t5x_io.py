@@ -87,6 +87,8 @@ def t5x_checkpoint_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _gin_macro(text: str, name: str) -> Any:
+  # T5X's operative config wraps long values onto the next line after a backslash.
+  text = re.sub(r"\\\n\s*", "", text)
   m = re.search(rf"^{name}\s*=\s*(.+)$", text, re.M)
   return t5x_compat._literal(m.group(1)) if m else None  # pylint: disable=protected-access
 

@@ -33,6 +33,7 @@ import numpy as np
 from expert_t5x import checkpoints
 from expert_t5x import expert_format
 from expert_t5x import experts as experts_lib
+from expert_t5x import file_io
 from expert_t5x import gin_utils
 from expert_t5x import metrics_writer
 from expert_t5x import models
@@ -466,16 +467,9 @@ PROGRESS_JSON = "train_progress.json"
 def _read_progress(model_dir: str) -> dict[str, Any]:
   """`MODEL_DIR/train_progress.json`: the first loss, the accuracy before training and the loss at
   each saved step ({} when absent or damaged: the metrics are then those this run measures)."""
-  path = os.path.join(model_dir, PROGRESS_JSON)
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except FileNotFoundError:
-    return {}
-  except (OSError, ValueError):
-    logging.warning("%s is damaged; the resumed expert's first loss is the first one measured now.",
-                    path)
-    return {}
+  data = file_io.read_json_or_empty(
+      os.path.join(model_dir, PROGRESS_JSON),
+      "the resumed expert's first loss is the first one measured now.")
   return data if isinstance(data, dict) and isinstance(data.get("losses", {}), dict) else {}
 
 

@@ -34,6 +34,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from expert_t5x import file_io
+
 BASE_JSON = "base.json"
 DIGESTS_JSON = "checkpoint_digests.json"
 DAMAGED_DIR = "damaged_checkpoints"
@@ -137,15 +139,8 @@ class CheckpointManager:
     return out
 
   def _read_digests(self) -> dict[str, dict[str, str]]:
-    path = os.path.join(self.model_dir, DIGESTS_JSON)
-    try:
-      with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    except FileNotFoundError:
-      return {}
-    except (OSError, ValueError):
-      logging.warning("%s is damaged; checkpoints are checked by restoring them only.", path)
-      return {}
+    data = file_io.read_json_or_empty(os.path.join(self.model_dir, DIGESTS_JSON),
+                                      "checkpoints are checked by restoring them only.")
     return data if isinstance(data, dict) else {}
 
   def _record_digests(self) -> None:

@@ -18,6 +18,7 @@ REQUIRED = ["--gin.MODEL_DIR='{d}'", "--gin.INITIAL_CHECKPOINT_PATH='/ckpt'"]
 EXPERT_GINS = sorted(f"experts/{f}" for f in os.listdir(os.path.join(GIN, "experts")))
 PARTITIONING_GINS = sorted(f"partitioning/{f}" for f in os.listdir(os.path.join(GIN, "partitioning")))
 MODEL_GINS = sorted(f"models/{f}" for f in os.listdir(os.path.join(GIN, "models")))
+MEMORY_GINS = sorted(f"memory/{f}" for f in os.listdir(os.path.join(GIN, "memory")))
 
 
 def _combinations():
@@ -27,6 +28,8 @@ def _combinations():
     combos.append(([expert], extra))
   combos.append((["demo/local_tiny.gin"], []))
   combos.append((["experts/prompt_expert.gin", "runs/tiny_overlay.gin"], []))
+  combos.append((["experts/lora_expert.gin"] + MEMORY_GINS,
+                 ["--gin.MIXTURE_OR_TASK_NAME='demo_sentiment_review'"]))
   combos.append((["runs/finetune.gin"] + MODEL_GINS + PARTITIONING_GINS,
                  ["--gin.MIXTURE_OR_TASK_NAME='t0_train'", "--gin.TRAIN_STEPS=10",
                   "--gin.TASK_FEATURE_LENGTHS={'inputs': 8, 'targets': 8}"]))
