@@ -98,20 +98,20 @@ def non_empty(name: str, values: Sequence[Any], fix: str = "") -> None:
     raise UsageError(f"{name} is empty; give at least one value{'; ' + fix if fix else ''}.")
 
 
-def existing_file(name: str, path: str, what: str = "a file") -> str:
+def _existing(name: str, path: str, what: str, is_kind: Any, other_kind: str) -> str:
   if not os.path.exists(path):
     raise DataError(f"{name} {path!r} does not exist; pass the path of {what}.")
-  if not os.path.isfile(path):
-    raise DataError(f"{name} {path!r} is a directory; pass the path of {what}.")
+  if not is_kind(path):
+    raise DataError(f"{name} {path!r} is {other_kind}; pass the path of {what}.")
   return path
+
+
+def existing_file(name: str, path: str, what: str = "a file") -> str:
+  return _existing(name, path, what, os.path.isfile, "a directory")
 
 
 def existing_dir(name: str, path: str, what: str = "a directory") -> str:
-  if not os.path.exists(path):
-    raise DataError(f"{name} {path!r} does not exist; pass the path of {what}.")
-  if not os.path.isdir(path):
-    raise DataError(f"{name} {path!r} is a file; pass the path of {what}.")
-  return path
+  return _existing(name, path, what, os.path.isdir, "a file")
 
 
 def output_file(name: str, path: str, inputs: Iterable[str] = ()) -> str:
