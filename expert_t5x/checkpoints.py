@@ -1,757 +1,317 @@
-"""Imports and exports T5 checkpoints: Hugging Face directories and T5X checkpoints.
+"""Training checkpoints: orbax in T5X's layout, exact resume, base pinning, preemption and faults.
 
-Everything is converted into our parameter tree, which is T5X's tree exactly
-(`token_embedder/embedding`, `encoder/layers_0/attention/query/kernel`, ...,
-plain float32 numpy arrays). Supported inputs:
+Layout (what upstream T5X writes with orbax): `MODEL_DIR/checkpoint_<step>/state/...` holding
 
-* Hugging Face T5 directories (`config.json` + `model.safetensors`, sharded
-  safetensors with `model.safetensors.index.json`, or PyTorch
-  `pytorch_model.bin`, single or sharded). The gated-GELU (T5 1.1 /
-  LM-adapted) architecture only. `spiece.model` is found and reported.
-* T5X checkpoints: orbax (`checkpoint_<step>/state`, only `target` is read)
-  and the legacy msgpack + tensorstore layout (`checkpoint_<step>/checkpoint`).
+    {'target': trainable params, 'state': {'step', 'param_states': optimizer state},
+     'rng': dropout seed keys, 'data': {'seed', 'batches_consumed'}}
 
-`export_hf_t5` writes a directory that transformers'
-`T5ForConditionalGeneration.from_pretrained` loads. `base_fingerprint` gives
-the digest that experts record as `base.fingerprint`. This module does not
-import TensorFlow or seqio; torch, orbax and tensorstore are imported only
-when a checkpoint needs them.
+For a frozen-base run `target` is the expert only, and `MODEL_DIR/base.json` records the base
+checkpoint and its fingerprint; restoring against another base is refused. For full fine-tuning
+`target` is the whole parameter tree (upstream T5X can restore it params-only).
+
+Saves are asynchronous and always waited for before the next save, a restore or exit; a crash
+mid-save leaves the previous checkpoint intact (orbax commits a step by renaming its directory).
+Once a save is durable, the sha256 of each of its files goes to `MODEL_DIR/checkpoint_digests.json`;
+`restore_newest_intact` checks them (and that every restored float is finite), moves a damaged
+checkpoint to `MODEL_DIR/damaged_checkpoints/` and falls back to the next older one, saying which
+and why. Orbax itself stores no checksums, so a flipped bit would otherwise restore as garbage.
+`EXPERT_T5X_FAULT=kill_after_step:N` / `kill_during_save:N` (tests only) sends SIGKILL at that
+point so resumption can be tested against an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
-import re
+import hashlib
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
-from typing import Any
+import signal
+import sys
+from typing import Any, Optional
 
+import jax
 import numpy as np
 
-from expert_t5x import expert_format
 from expert_t5x import file_io
 
-FINGERPRINT_FILE = "expert_t5x_fingerprint.json"
-HF_CONFIG = "config.json"
-HF_SAFETENSORS = "model.safetensors"
-HF_SAFETENSORS_INDEX = "model.safetensors.index.json"
-HF_TORCH = "pytorch_model.bin"
-HF_TORCH_INDEX = "pytorch_model.bin.index.json"
-VOCAB_FILE = "spiece.model"
-LEGACY_MSGPACK = "checkpoint"
-ORBAX_ITEM = "state"
+BASE_JSON = "base.json"
+DIGESTS_JSON = "checkpoint_digests.json"
+DAMAGED_DIR = "damaged_checkpoints"
+FAULT_ENV = "EXPERT_T5X_FAULT"
+CHECKPOINT_PREFIX = "checkpoint"
+STATE_ITEM = "state"
 
-# (our name, HF name) inside one block; "{s}" is the HF stack prefix.
-_ENCODER_BLOCK = (
-    ("pre_attention_layer_norm/scale", "layer.0.layer_norm.weight"),
-    ("attention/query/kernel", "layer.0.SelfAttention.q.weight"),
-    ("attention/key/kernel", "layer.0.SelfAttention.k.weight"),
-    ("attention/value/kernel", "layer.0.SelfAttention.v.weight"),
-    ("attention/out/kernel", "layer.0.SelfAttention.o.weight"),
-    ("pre_mlp_layer_norm/scale", "layer.1.layer_norm.weight"),
-    ("mlp/wi_0/kernel", "layer.1.DenseReluDense.wi_0.weight"),
-    ("mlp/wi_1/kernel", "layer.1.DenseReluDense.wi_1.weight"),
-    ("mlp/wo/kernel", "layer.1.DenseReluDense.wo.weight"),
-)
-_DECODER_BLOCK = (
-    ("pre_self_attention_layer_norm/scale", "layer.0.layer_norm.weight"),
-    ("self_attention/query/kernel", "layer.0.SelfAttention.q.weight"),
-    ("self_attention/key/kernel", "layer.0.SelfAttention.k.weight"),
-    ("self_attention/value/kernel", "layer.0.SelfAttention.v.weight"),
-    ("self_attention/out/kernel", "layer.0.SelfAttention.o.weight"),
-    ("pre_cross_attention_layer_norm/scale", "layer.1.layer_norm.weight"),
-    ("encoder_decoder_attention/query/kernel", "layer.1.EncDecAttention.q.weight"),
-    ("encoder_decoder_attention/key/kernel", "layer.1.EncDecAttention.k.weight"),
-    ("encoder_decoder_attention/value/kernel", "layer.1.EncDecAttention.v.weight"),
-    ("encoder_decoder_attention/out/kernel", "layer.1.EncDecAttention.o.weight"),
-    ("pre_mlp_layer_norm/scale", "layer.2.layer_norm.weight"),
-    ("mlp/wi_0/kernel", "layer.2.DenseReluDense.wi_0.weight"),
-    ("mlp/wi_1/kernel", "layer.2.DenseReluDense.wi_1.weight"),
-    ("mlp/wo/kernel", "layer.2.DenseReluDense.wo.weight"),
-)
-# HF aliases of the shared embedding; an HF checkpoint may hold any of them.
-_EMBEDDING_ALIASES = ("shared.weight", "encoder.embed_tokens.weight",
-                      "decoder.embed_tokens.weight")
 
+@dataclasses.dataclass
+class SaveCheckpointConfig:
+  """T5X's save settings: `period` in steps (None: only at the end), `keep` newest (None: all)."""
+  period: Optional[int] = None
+  keep: Optional[int] = None
+  dtype: str = "float32"
+  async_save: bool = True
 
-class CheckpointMismatchError(ValueError):
-  """A checkpoint's tensor names or shapes differ from what the config needs."""
 
+@dataclasses.dataclass
+class RestoreCheckpointConfig:
+  """Where the base comes from (`path`: an HF T5 directory or a T5X checkpoint; None: random init
+  for tests and demos). Resuming from `MODEL_DIR` is automatic."""
+  path: Optional[str] = None
+  dtype: str = "float32"
 
-# ----------------------------------------------------------------------------
-# Parameter names and shapes.
-# ----------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class CheckpointConfig:
+  save: Optional[SaveCheckpointConfig] = None
+  restore: Optional[RestoreCheckpointConfig] = None
 
-def _hf_layout(name: str, value: np.ndarray) -> np.ndarray:
-  """Converts between our layout and HF's (an involution).
 
-  HF matrices are the transpose of ours (`[out, in]` vs `[in, out]`,
-  `[buckets, heads]` vs `[heads, buckets]`), except the embedding, which is
-  `[vocab, embed]` in both.
-  """
-  if value.ndim == 1 or name in ("token_embedder/embedding", "shared.weight"):
-    return value
-  return value.T
-
-
-def _hf_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The HF shape of our tensor `name` of shape `shape`."""
-  if len(shape) == 1 or name == "token_embedder/embedding":
-    return tuple(shape)
-  return tuple(shape)[::-1]
-
-
-def hf_name_map(num_encoder_layers: int, num_decoder_layers: int,
-                logits_via_embedding: bool = False) -> dict[str, str]:
-  """Our `/`-path -> HF tensor name (see `_hf_layout` for the layouts)."""
-  names = {"token_embedder/embedding": "shared.weight"}
-  for stack, n, block in (("encoder", num_encoder_layers, _ENCODER_BLOCK),
-                          ("decoder", num_decoder_layers, _DECODER_BLOCK)):
-    # HF keeps the shared relative-position table in block 0 only.
-    names[f"{stack}/relpos_bias/rel_embedding"] = (
-        f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
-    for i in range(n):
-      for ours, theirs in block:
-        names[f"{stack}/layers_{i}/{ours}"] = f"{stack}.block.{i}.{theirs}"
-  names["encoder/encoder_norm/scale"] = "encoder.final_layer_norm.weight"
-  names["decoder/decoder_norm/scale"] = "decoder.final_layer_norm.weight"
-  if not logits_via_embedding:
-    names["decoder/logits_dense/kernel"] = "lm_head.weight"
-  return names
-
-
-def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-  """Our `/`-path -> shape for a `T5Config` (gated MLP, untied or tied logits)."""
-  e, h, d, f, v = (config.emb_dim, config.num_heads, config.head_dim,
-                   config.mlp_dim, config.vocab_size)
-  buckets = getattr(config, "relative_attention_num_buckets", 32)
-  by_suffix = {
-      "scale": (e,), "query/kernel": (e, h * d), "key/kernel": (e, h * d),
-      "value/kernel": (e, h * d), "out/kernel": (h * d, e),
-      "wi_0/kernel": (e, f), "wi_1/kernel": (e, f), "wo/kernel": (f, e),
-  }
-  shapes = {}
-  for path in hf_name_map(config.num_encoder_layers, config.num_decoder_layers,
-                          config.logits_via_embedding):
-    if path == "token_embedder/embedding":
-      shapes[path] = (v, e)
-    elif path.endswith("rel_embedding"):
-      shapes[path] = (h, buckets)
-    elif path.endswith("logits_dense/kernel"):
-      shapes[path] = (e, v)
-    else:
-      suffix = "scale" if path.endswith("/scale") else "/".join(
-          path.split("/")[-2:])
-      shapes[path] = by_suffix[suffix]
-  return shapes
-
-
-def check_params(params: Mapping[str, Any], config: Any, *,
-                 source: str = "params") -> None:
-  """Raises one CheckpointMismatchError listing every missing, unexpected or
-  wrong-shaped tensor of `params` (nested or flat) for `config`."""
-  flat = expert_format.flatten_params(params)
-  want = expected_shapes(config)
-  problems = []
-  for name, shape in want.items():
-    if name not in flat:
-      problems.append(f"{name}: missing (expected shape {shape})")
-    elif tuple(flat[name].shape) != shape:
-      problems.append(f"{name}: expected shape {shape}, found "
-                      f"{tuple(flat[name].shape)}")
-  problems += [f"{name}: unexpected (found shape {tuple(flat[name].shape)})"
-               for name in flat if name not in want]
-  if problems:
-    raise CheckpointMismatchError(
-        f"{source} does not match the T5 config ({len(problems)} problem(s)); "
-        f"check that the checkpoint and the config are the same model size: "
-        + "; ".join(problems))
-
-
-# ----------------------------------------------------------------------------
-# Hugging Face config <-> T5Config.
-# ----------------------------------------------------------------------------
-
-
-def _scales_decoder_outputs(hf_config: Mapping[str, Any]) -> bool:
-  # Newer transformers store `scale_decoder_outputs`; older ones encode the
-  # same thing as `tie_word_embeddings` (T5 1.0: tied and scaled).
-  if "scale_decoder_outputs" in hf_config:
-    return bool(hf_config["scale_decoder_outputs"])
-  if hf_config.get("model_type") == "mt5":
-    # mT5 never scales (its lm_head is separate); transformers 5 writes tie_word_embeddings=true
-    # into every mT5 config it saves, while the released ones say false.
-    return False
-  return bool(hf_config.get("tie_word_embeddings", True))
-
-
-def t5_config_from_hf(hf_config: Mapping[str, Any],
-                      *, logits_via_embedding: bool | None = None,
-                      **overrides: Any) -> Any:
-  """Builds our `T5Config` from an HF T5 `config.json` dictionary.
-
-  Args:
-    hf_config: the parsed config.json.
-    logits_via_embedding: whether the output layer reuses the embedding; by
-      default derived from the config (T5 1.1 checkpoints say no).
-    **overrides: other T5Config fields (e.g. dtype, dropout_rate).
-  """
-  from expert_t5x import network  # pylint: disable=g-import-not-at-top
-  proj = hf_config.get("feed_forward_proj", "relu")
-  if proj != "gated-gelu":
-    raise ValueError(
-        f"HF config feed_forward_proj={proj!r} is not supported: expert_t5x "
-        f"implements the T5 1.1 / LM-adapted network ('gated-gelu'); use a "
-        f"T5 1.1, LM-adapted or T0 checkpoint.")
-  if logits_via_embedding is None:
-    logits_via_embedding = _scales_decoder_outputs(hf_config)
-  num_layers = int(hf_config["num_layers"])
-  fields = dict(
-      vocab_size=int(hf_config["vocab_size"]),
-      emb_dim=int(hf_config["d_model"]),
-      num_heads=int(hf_config["num_heads"]),
-      num_encoder_layers=num_layers,
-      num_decoder_layers=int(hf_config.get("num_decoder_layers") or num_layers),
-      head_dim=int(hf_config["d_kv"]),
-      mlp_dim=int(hf_config["d_ff"]),
-      mlp_activations=("gelu", "linear"),
-      dropout_rate=float(hf_config.get("dropout_rate", 0.1)),
-      logits_via_embedding=bool(logits_via_embedding),
-      layer_norm_epsilon=float(hf_config.get("layer_norm_epsilon", 1e-6)),
-      relative_attention_num_buckets=int(
-          hf_config.get("relative_attention_num_buckets", 32)),
-      relative_attention_max_distance=int(
-          hf_config.get("relative_attention_max_distance", 128)),
-  )
-  fields.update(overrides)
-  return network.T5Config(**fields)
-
-
-def hf_config_from_t5(config: Any) -> dict[str, Any]:
-  """The HF `config.json` dictionary for our `T5Config`."""
-  if tuple(config.mlp_activations) != ("gelu", "linear"):
-    raise ValueError(f"export_hf_t5: mlp_activations={config.mlp_activations} "
-                     f"cannot be exported; HF 'gated-gelu' needs "
-                     f"('gelu', 'linear').")
-  return {
-      "architectures": ["T5ForConditionalGeneration"],
-      "model_type": "t5",
-      "vocab_size": int(config.vocab_size),
-      "d_model": int(config.emb_dim),
-      "d_kv": int(config.head_dim),
-      "d_ff": int(config.mlp_dim),
-      "num_layers": int(config.num_encoder_layers),
-      "num_decoder_layers": int(config.num_decoder_layers),
-      "num_heads": int(config.num_heads),
-      "relative_attention_num_buckets": int(
-          getattr(config, "relative_attention_num_buckets", 32)),
-      "relative_attention_max_distance": int(
-          getattr(config, "relative_attention_max_distance", 128)),
-      "dropout_rate": float(config.dropout_rate),
-      "layer_norm_epsilon": float(getattr(config, "layer_norm_epsilon", 1e-6)),
-      "initializer_factor": 1.0,
-      "feed_forward_proj": "gated-gelu",
-      "is_encoder_decoder": True,
-      # T5 1.1: separate output layer and no d_model**-0.5 output scaling.
-      "tie_word_embeddings": bool(config.logits_via_embedding),
-      "scale_decoder_outputs": bool(config.logits_via_embedding),
-      "use_cache": True,
-      "pad_token_id": 0,
-      "eos_token_id": 1,
-      "decoder_start_token_id": 0,
-  }
-
-
-# ----------------------------------------------------------------------------
-# Hugging Face import.
-# ----------------------------------------------------------------------------
-
-
-def _read_json(path: str) -> dict[str, Any]:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def _hf_weight_files(path: str) -> tuple[str, list[str]]:
-  """(kind, files) of an HF directory; kind is 'safetensors' or 'torch'."""
-  for kind, single, index in (("safetensors", HF_SAFETENSORS,
-                               HF_SAFETENSORS_INDEX),
-                              ("torch", HF_TORCH, HF_TORCH_INDEX)):
-    if os.path.isfile(os.path.join(path, index)):
-      weight_map = _read_json(os.path.join(path, index))["weight_map"]
-      files = sorted(set(weight_map.values()))
-      missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
-      if missing:
-        raise FileNotFoundError(f"HF checkpoint '{path}': {index} lists shard(s) "
-                                f"{missing} that are not in the directory; "
-                                f"copy all shards.")
-      return kind, [os.path.join(path, f) for f in files]
-    if os.path.isfile(os.path.join(path, single)):
-      return kind, [os.path.join(path, single)]
-  raise FileNotFoundError(
-      f"HF checkpoint '{path}' has no weights: expected {HF_SAFETENSORS}, "
-      f"{HF_SAFETENSORS_INDEX}, {HF_TORCH} or {HF_TORCH_INDEX}.")
-
-
-def _to_float32(array: Any) -> np.ndarray:
-  return np.asarray(array, dtype=np.float32)
-
-
-def _iter_safetensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  for file in files:
-    with safe_open(file, framework="numpy") as f:
-      for name in f.keys():
-        yield name, _to_float32(f.get_tensor(name))
-
-
-def _import_torch(what: str) -> Any:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        f"{what} is a PyTorch checkpoint and reading it needs torch; install "
-        f"the parity extra (pip install 'expert_t5x[parity]') or convert it "
-        f"to safetensors.") from e
-  return torch
-
-
-def _iter_torch(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-  torch = _import_torch(files[0])
-  for file in files:
-    # weights_only=True: never execute pickled code from a downloaded file.
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    for name, tensor in state.items():
-      yield name, tensor.detach().to(torch.float32).numpy()
-
-
-def _hf_tensors(path: str) -> tuple[dict[str, np.ndarray], str, list[str]]:
-  kind, files = _hf_weight_files(path)
-  reader = _iter_safetensors if kind == "safetensors" else _iter_torch
-  return dict(reader(files)), kind, files
-
-
-def _embedding_from_hf(tensors: Mapping[str, np.ndarray], path: str
-                       ) -> np.ndarray:
-  for alias in _EMBEDDING_ALIASES:
-    if alias in tensors:
-      return tensors[alias]
-  raise CheckpointMismatchError(
-      f"HF checkpoint '{path}' has no token embedding: expected one of "
-      f"{list(_EMBEDDING_ALIASES)}.")
-
-
-def hf_to_params(tensors: Mapping[str, np.ndarray], config: Any,
-                 *, tied: bool = False, source: str = "HF checkpoint"
-                 ) -> dict[str, Any]:
-  """Maps an HF T5 state dict (numpy) to our nested tree, checking shapes.
-
-  Args:
-    tensors: HF tensor name -> array.
-    config: our T5Config for the checkpoint.
-    tied: the HF config ties lm_head to the embedding, so a missing
-      lm_head.weight means "same as the embedding".
-    source: how to name the checkpoint in errors.
-  """
-  tensors = dict(tensors)
-  if (tied and not config.logits_via_embedding and
-      "lm_head.weight" not in tensors):
-    # Tied but unscaled (newer transformers save T5 1.1 models this way when
-    # lm_head equals the embedding): the output layer is the embedding.
-    tensors["lm_head.weight"] = _embedding_from_hf(tensors, source)
-  if "shared.weight" not in tensors:
-    tensors["shared.weight"] = _embedding_from_hf(tensors, source)
-  if (config.logits_via_embedding and "lm_head.weight" in tensors and
-      not np.array_equal(tensors["lm_head.weight"], tensors["shared.weight"])):
-    raise CheckpointMismatchError(
-        f"{source} scales decoder outputs (tied T5 1.0 style) but has a "
-        f"separate lm_head.weight; this combination has no T5X equivalent. "
-        f"Use a T5 1.1 / LM-adapted checkpoint (tie_word_embeddings=false).")
-  names = hf_name_map(config.num_encoder_layers, config.num_decoder_layers,
-                      config.logits_via_embedding)
-  flat, problems = {}, []
-  shapes = expected_shapes(config)
-  for ours, theirs in names.items():
-    want = _hf_shape(ours, shapes[ours])
-    if theirs not in tensors:
-      problems.append(f"{theirs} (ours {ours}): missing, expected shape {want}")
-      continue
-    if tuple(tensors[theirs].shape) != want:
-      problems.append(f"{theirs} (ours {ours}): expected shape {want}, found "
-                      f"{tuple(tensors[theirs].shape)}")
-      continue
-    flat[ours] = np.ascontiguousarray(_hf_layout(ours, tensors[theirs]),
-                                      dtype=np.float32)
-  known = set(names.values()) | set(_EMBEDDING_ALIASES) | {"lm_head.weight"}
-  ignored = re.compile(r".*EncDecAttention\.relative_attention_bias\.weight$")
-  problems += [f"{n}: unexpected tensor of shape {tuple(tensors[n].shape)}"
-               for n in sorted(tensors) if n not in known and
-               not ignored.match(n)]
-  if problems:
-    raise CheckpointMismatchError(
-        f"{source} does not match its config.json ({len(problems)} "
-        f"problem(s)); the weights and config.json must describe the same "
-        f"gated-gelu T5: " + "; ".join(problems))
-  return expert_format.unflatten_params(flat)
-
-
-def find_vocab(path: str) -> str | None:
-  """The SentencePiece model inside a checkpoint directory, if any."""
-  candidate = os.path.join(path, VOCAB_FILE)
-  return candidate if os.path.isfile(candidate) else None
-
-
-def load_hf_t5(path: str | os.PathLike[str], **config_overrides: Any
-               ) -> tuple[dict[str, Any], Any, dict[str, Any]]:
-  """Loads an HF T5 checkpoint directory into our tree.
-
-  Args:
-    path: directory with config.json and safetensors or PyTorch weights.
-    **config_overrides: T5Config fields to override (e.g. dropout_rate).
-
-  Returns:
-    (params, T5Config, info) where info has `format`, `path`, `files`,
-    `vocab_path` (spiece.model or None) and `hf_config`.
-  """
-  path = os.fspath(path)
-  config_path = os.path.join(path, HF_CONFIG)
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"'{path}' is not an HF T5 checkpoint directory: "
-                            f"{HF_CONFIG} is missing.")
-  hf_config = _read_json(config_path)
-  config = t5_config_from_hf(hf_config, **config_overrides)
-  tensors, kind, files = _hf_tensors(path)
-  params = hf_to_params(
-      tensors, config, tied=bool(hf_config.get("tie_word_embeddings", True)),
-      source=f"HF checkpoint '{path}'")
-  info = {"format": f"hf_{kind}", "path": path, "files": files,
-          "vocab_path": find_vocab(path), "hf_config": hf_config}
-  return params, config, info
-
-
-# ----------------------------------------------------------------------------
-# Hugging Face export.
-# ----------------------------------------------------------------------------
-
-
-def params_to_hf(params: Mapping[str, Any], config: Any) -> dict[str, np.ndarray]:
-  """Our tree -> HF T5 state dict (numpy float32, HF `[out, in]` layout)."""
-  check_params(params, config)
-  flat = expert_format.flatten_params(params)
-  names = hf_name_map(config.num_encoder_layers, config.num_decoder_layers,
-                      config.logits_via_embedding)
-  out = {}
-  for ours, theirs in names.items():
-    value = np.asarray(flat[ours], dtype=np.float32)
-    out[theirs] = np.ascontiguousarray(_hf_layout(ours, value))
-  return out
-
-
-def _fold(params: Mapping[str, Any], expert: Any, expert_config: Any
-          ) -> dict[str, Any]:
-  from expert_t5x import experts  # pylint: disable=g-import-not-at-top
-  if isinstance(expert, (str, os.PathLike)):
-    expert, metadata = expert_format.load_expert(expert)
-    if expert_config is None:
-      expert_config = experts.config_from_json(metadata["config"])
-  if expert_config is None:
-    raise ValueError("export_hf_t5: expert_config is required with an expert "
-                     "pytree (pass the AdapterConfig/LoraConfig/FullConfig it "
-                     "was trained with, or an expert directory).")
-  return experts.fold_expert(params, expert, expert_config)
-
-
-def export_hf_t5(params: Mapping[str, Any],
-                 config: Any,
-                 out_dir: str | os.PathLike[str],
-                 *,
-                 vocab_path: str | os.PathLike[str] | None = None,
-                 expert: Any = None,
-                 expert_config: Any = None,
-                 overwrite: bool = False) -> str:
-  """Writes an HF `T5ForConditionalGeneration` directory; returns its path.
-
-  Args:
-    params: our base parameter tree.
-    config: its `T5Config` (gated GELU).
-    out_dir: directory to create (written atomically via a temp dir).
-    vocab_path: a SentencePiece model copied in as `spiece.model`.
-    expert: optionally an expert (pytree or Expert-format directory) folded
-      into the weights first with `experts.fold_expert`.
-    expert_config: the expert's config (read from the directory if omitted).
-    overwrite: replace an existing `out_dir`.
-  """
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  if os.path.exists(out_dir) and not overwrite:
-    raise FileExistsError(f"export_hf_t5: '{out_dir}' already exists; pass "
-                          f"overwrite=True or choose another directory.")
-  if vocab_path is not None and not os.path.isfile(vocab_path):
-    raise FileNotFoundError(f"export_hf_t5: vocab_path '{vocab_path}' does not "
-                            f"exist; pass the SentencePiece .model file.")
-  if expert is not None:
-    params = _fold(params, expert, expert_config)
-  hf_config = hf_config_from_t5(config)
-  tensors = params_to_hf(params, config)
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-  try:
-    # transformers refuses safetensors files whose format is not 'pt'.
-    save_file(tensors, os.path.join(tmp, HF_SAFETENSORS),
-              metadata={"format": "pt"})
-    with open(os.path.join(tmp, HF_CONFIG), "w", encoding="utf-8") as f:
-      json.dump(hf_config, f, indent=2, sort_keys=True)
-    if vocab_path is not None:
-      shutil.copyfile(vocab_path, os.path.join(tmp, VOCAB_FILE))
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out_dir
-
-
-# ----------------------------------------------------------------------------
-# T5X checkpoints.
-# ----------------------------------------------------------------------------
-
-_STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
-
-
-def _resolve_t5x_step_dir(path: str) -> str:
-  """Accepts MODEL_DIR, checkpoint_<N> or checkpoint_<N>/state."""
-  if os.path.basename(os.path.normpath(path)) == ORBAX_ITEM:
-    path = os.path.dirname(os.path.normpath(path))
-  if (os.path.isfile(os.path.join(path, LEGACY_MSGPACK)) or
-      os.path.isdir(os.path.join(path, ORBAX_ITEM))):
-    return path
-  steps = [(int(m.group(1)), name) for name in os.listdir(path)
-           if (m := _STEP_DIR.match(name)) and
-           os.path.isdir(os.path.join(path, name))] if os.path.isdir(path) else []
-  if not steps:
-    raise FileNotFoundError(
-        f"'{path}' is not a T5X checkpoint: expected checkpoint_<step>/state "
-        f"(orbax), checkpoint_<step>/checkpoint (legacy) or a model directory "
-        f"containing checkpoint_<step> folders.")
-  return _resolve_t5x_step_dir(os.path.join(path, max(steps)[1]))
-
-
-def _restore_orbax_target(state_dir: str) -> dict[str, Any]:
-  import jax  # pylint: disable=g-import-not-at-top
+def _ocp():
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  checkpointer = ocp.PyTreeCheckpointer()
-  metadata = checkpointer.metadata(state_dir)
-  tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree)
-  if not isinstance(tree, Mapping) or "target" not in tree:
-    raise ValueError(f"T5X orbax checkpoint '{state_dir}' has no 'target' "
-                     f"(the parameters); top-level keys: "
-                     f"{sorted(tree) if isinstance(tree, Mapping) else tree}.")
-  target = tree["target"]
-  item = {"target": jax.tree.map(
-      lambda m: np.zeros(m.shape, m.dtype), target)}
-  restore_args = {"target": jax.tree.map(
-      lambda m: ocp.RestoreArgs(restore_type=np.ndarray), target)}
-  # partial_restore: the optimizer state (often larger than the params) is
-  # never read.
-  restored = checkpointer.restore(
-      state_dir, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True))
-  return restored["target"]
+  return ocp
 
 
-def _is_ts_spec(value: Any) -> bool:
-  return isinstance(value, Mapping) and {"driver", "kvstore"} <= set(value)
+class FaultHook:
+  """Test-only fault injection from `EXPERT_T5X_FAULT` (`kill_after_step:N`, `kill_during_save:N`)."""
+
+  def __init__(self, spec: Optional[str]):
+    self.kind, self.step = None, None
+    if spec:
+      kind, _, step = spec.partition(":")
+      if kind not in ("kill_after_step", "kill_during_save") or not step.isdigit():
+        raise ValueError(f"{FAULT_ENV}={spec!r} must be kill_after_step:N or kill_during_save:N.")
+      self.kind, self.step = kind, int(step)
+
+  @classmethod
+  def from_env(cls) -> "FaultHook":
+    return cls(os.environ.get(FAULT_ENV))
+
+  def _kill(self, where: str) -> None:
+    logging.warning("%s: SIGKILL %s", FAULT_ENV, where)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+  def after_step(self, step: int, wait_for_saves=None) -> None:
+    """Kills after `step`, once pending saves are durable (what 'after step N' promises)."""
+    if self.kind == "kill_after_step" and step == self.step:
+      if wait_for_saves is not None:
+        wait_for_saves()
+      self._kill(f"after step {step}")
+
+  def during_save(self, step: int) -> None:
+    if self.kind == "kill_during_save" and step == self.step:
+      self._kill(f"while saving step {step}")
 
 
-def _read_ts_spec(spec: Mapping[str, Any], step_dir: str) -> np.ndarray:
-  import tensorstore as ts  # pylint: disable=g-import-not-at-top
-  spec = json.loads(json.dumps(spec, default=lambda x: x.tolist()))
-  kvstore = spec["kvstore"]
-  # Legacy T5X writes array paths relative to the checkpoint directory, with
-  # either a file driver or a placeholder GCS bucket.
-  relative = kvstore.get("path", spec.pop("path", ""))
-  spec["kvstore"] = {"driver": "file",
-                     "path": os.path.join(step_dir, relative)}
-  return np.asarray(ts.open(spec, open=True).result().read().result())
+class CheckpointManager:
+  """orbax `CheckpointManager` over `MODEL_DIR/checkpoint_<step>/state`."""
+
+  def __init__(self, model_dir: str, keep: Optional[int] = None, async_save: bool = True,
+               fault_hook: Optional[FaultHook] = None):
+    ocp = _ocp()
+    self.model_dir = os.path.abspath(model_dir)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, step_prefix=CHECKPOINT_PREFIX, create=True,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.model_dir, options=options,
+                                          item_names=(STATE_ITEM,))
+    self.fault_hook = fault_hook or FaultHook(None)
+
+    self._undigested: list[int] = []
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.model_dir, f"{CHECKPOINT_PREFIX}_{step}")
+
+  def _file_digests(self, step: int) -> dict[str, str]:
+    root = self._step_dir(step)
+    out = {}
+    for folder, _, files in os.walk(root):
+      for name in files:
+        path = os.path.join(folder, name)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+          for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+        out[os.path.relpath(path, root)] = h.hexdigest()
+    return out
+
+  def _read_digests(self) -> dict[str, dict[str, str]]:
+    data = file_io.read_json_or_empty(os.path.join(self.model_dir, DIGESTS_JSON),
+                                      "checkpoints are checked by restoring them only.")
+    return data if isinstance(data, dict) else {}
+
+  def _record_digests(self) -> None:
+    """Digests of the saves that became durable since the last call (process 0 writes them)."""
+    if not self._undigested or jax.process_index() != 0:
+      self._undigested = []
+      return
+    digests = self._read_digests()
+    self._manager.reload()
+    steps = set(self._manager.all_steps())
+    for step in self._undigested:
+      if step in steps:
+        digests[str(step)] = self._file_digests(step)
+    digests = {k: v for k, v in digests.items() if k.isdigit() and int(k) in steps}
+    path = os.path.join(self.model_dir, DIGESTS_JSON)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(digests, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    self._undigested = []
+
+  def check_files(self, step: int) -> Optional[str]:
+    """Why checkpoint `step`'s files differ from their recorded digests (None: they match, or
+    none were recorded: a crash right after the commit)."""
+    recorded = self._read_digests().get(str(step))
+    if not isinstance(recorded, dict):
+      return None
+    actual = self._file_digests(step)
+    for name, digest in sorted(recorded.items()):
+      if name not in actual:
+        return f"{name} is missing"
+      if actual[name] != digest:
+        return f"{name} does not match its recorded sha256"
+    return None
+
+  def set_aside(self, step: int) -> str:
+    """Moves a damaged checkpoint out of the step list (kept for inspection) and returns where."""
+    target = os.path.join(self.model_dir, DAMAGED_DIR, f"{CHECKPOINT_PREFIX}_{step}")
+    if os.path.exists(target):
+      shutil.rmtree(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(self._step_dir(step), target)
+    self._manager.reload()
+    return target
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, tree: Any) -> None:
+    """Starts an (async) save of `tree` at `step`, after any previous save finished."""
+    ocp = _ocp()
+    self._manager.wait_until_finished()
+    if step in self._manager.all_steps():
+      return
+    self._record_digests()
+    self._manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(tree)}),
+                       force=True)
+    self._undigested.append(step)
+    self.fault_hook.during_save(step)
+
+  def restore(self, step: int, abstract_tree: Any) -> Any:
+    """Restores `step` into the shapes, dtypes and shardings of `abstract_tree`."""
+    ocp = _ocp()
+    self._manager.wait_until_finished()
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_tree)}))
+    return restored[STATE_ITEM]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+    self._record_digests()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._record_digests()
+    self._manager.close()
+
+  def restore_newest_intact(self, abstract_tree: Any) -> tuple[Optional[int], Any]:
+    """(step, tree) of the newest checkpoint whose files match their digests, that restores and
+    holds only finite floats; damaged newer ones are set aside with a line saying why.
+
+    Returns (None, None) when there is no checkpoint. Raises ValueError when every one is damaged
+    (training on from garbage or silently from scratch would both be wrong)."""
+    self.wait()
+    problems = []
+    self._manager.reload()
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      why = self.check_files(step)
+      tree = None
+      if why is None:
+        try:
+          tree = self.restore(step, abstract_tree)
+        except Exception as e:  # pylint: disable=broad-except
+          why = f"it does not restore ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+      if why is None:
+        bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+               if np.issubdtype(np.asarray(x).dtype, np.floating)
+               and not np.all(np.isfinite(np.asarray(x)))]
+        if bad:
+          why = f"it holds non-finite values in {bad[0]}"
+      if why is None:
+        if problems:
+          print(f"Resuming from the newest intact checkpoint, checkpoint_{step}.", file=sys.stderr,
+                flush=True)
+        return step, tree
+      moved = self.set_aside(step) if jax.process_index() == 0 else self._step_dir(step)
+      problems.append(f"checkpoint_{step} ({why})")
+      print(f"Warning: checkpoint_{step} in {self.model_dir} is damaged: {why}; moved to "
+            f"{moved}.", file=sys.stderr, flush=True)
+    if problems:
+      raise ValueError(f"Every checkpoint in {self.model_dir} is damaged: {'; '.join(problems)}; "
+                       f"they were moved to {DAMAGED_DIR}/. Rerun to train from the start, or "
+                       "restore a copy of the run.")
+    return None, None
 
 
-def _restore_legacy_target(step_dir: str) -> dict[str, Any]:
-  from flax import serialization  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(step_dir, LEGACY_MSGPACK), "rb") as f:
-    contents = serialization.msgpack_restore(f.read())
-  state = contents.get("optimizer", contents)
-  if "target" not in state:
-    raise ValueError(f"Legacy T5X checkpoint '{step_dir}' has no "
-                     f"optimizer.target; top-level keys {sorted(contents)}.")
-
-  def visit(node: Any) -> Any:
-    if _is_ts_spec(node):
-      return _read_ts_spec(node, step_dir)
-    if isinstance(node, Mapping):
-      return {k: visit(v) for k, v in node.items()}
-    return np.asarray(node)
-
-  return visit(state["target"])
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  """`ShapeDtypeStruct`s carrying the target shardings (restore places arrays directly)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
 
 
-def load_t5x_checkpoint(path: str | os.PathLike[str], *, config: Any = None
-                        ) -> dict[str, Any]:
-  """Reads the parameters (`target`) of a T5X checkpoint as float32 numpy.
-
-  Args:
-    path: a T5X model directory (the latest step is used), a
-      `checkpoint_<step>` directory or its orbax `state` item.
-    config: if given, the parameters are checked against this T5Config.
-  """
-  step_dir = _resolve_t5x_step_dir(os.fspath(path))
-  if os.path.isfile(os.path.join(step_dir, LEGACY_MSGPACK)):
-    target = _restore_legacy_target(step_dir)
-  else:
-    target = _restore_orbax_target(os.path.join(step_dir, ORBAX_ITEM))
-  flat = {k: _to_float32(v)
-          for k, v in expert_format.flatten_params(target).items()}
-  params = expert_format.unflatten_params(flat)
-  if config is not None:
-    check_params(params, config, source=f"T5X checkpoint '{step_dir}'")
-  return params
+# ------------------------------------------------------------------------- base pinning
 
 
-def infer_t5_config(params: Mapping[str, Any], **overrides: Any) -> Any:
-  """A gated-GELU `T5Config` whose shapes match `params` (dropout etc. from
-  the defaults or `overrides`)."""
-  from expert_t5x import network  # pylint: disable=g-import-not-at-top
-  flat = expert_format.flatten_params(params)
-  try:
-    vocab, emb = flat["token_embedder/embedding"].shape
-    heads, buckets = flat["encoder/relpos_bias/rel_embedding"].shape
-    joined = flat["encoder/layers_0/attention/query/kernel"].shape[1]
-    mlp = flat["encoder/layers_0/mlp/wi_0/kernel"].shape[1]
-  except KeyError as e:
-    raise CheckpointMismatchError(f"Cannot infer a T5 config: tensor {e} is "
-                                  f"missing (gated-GELU T5X tree expected).")
-
-  def count(stack: str) -> int:
-    return len({m.group(1) for k in flat
-                if (m := re.match(rf"{stack}/layers_(\d+)/", k))})
-
-  fields = dict(vocab_size=vocab, emb_dim=emb, num_heads=heads,
-                num_encoder_layers=count("encoder"),
-                num_decoder_layers=count("decoder"), head_dim=joined // heads,
-                mlp_dim=mlp, mlp_activations=("gelu", "linear"),
-                logits_via_embedding="decoder/logits_dense/kernel" not in flat,
-                relative_attention_num_buckets=buckets)
-  fields.update(overrides)
-  return network.T5Config(**fields)
+def write_base_json(model_dir: str, base_path: Optional[str], fingerprint: str,
+                    config_name: Optional[str] = None) -> None:
+  """Records the frozen base this run trains on (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(model_dir, exist_ok=True)
+  path = os.path.join(model_dir, BASE_JSON)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump({"path": base_path, "fingerprint": fingerprint, "config_name": config_name}, f,
+              indent=2)
+  os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------
-# Auto-detection and fingerprints.
-# ----------------------------------------------------------------------------
-
-
-def detect_format(path: str | os.PathLike[str]) -> str:
-  """'hf', 't5x_legacy' or 't5x_orbax' for a checkpoint path."""
-  path = os.fspath(path)
-  if os.path.isfile(os.path.join(path, HF_CONFIG)):
-    return "hf"
-  step_dir = _resolve_t5x_step_dir(path)
-  if os.path.isfile(os.path.join(step_dir, LEGACY_MSGPACK)):
-    return "t5x_legacy"
-  return "t5x_orbax"
-
-
-def load_params(path: str | os.PathLike[str], **config_overrides: Any
-                ) -> tuple[dict[str, Any], Any, dict[str, Any]]:
-  """Loads any supported checkpoint: (params, T5Config | None, info).
-
-  HF directories carry their config; T5X checkpoints do not, so their config
-  is None (use `infer_t5_config` or a named config). `info['format']` is one
-  of hf_safetensors, hf_torch, t5x_legacy, t5x_orbax.
-  """
-  path = os.fspath(path)
+def check_base_json(model_dir: str, fingerprint: str, base_path: Optional[str]) -> None:
+  """Refuses to resume a run whose `base.json` names a different base."""
+  path = os.path.join(model_dir, BASE_JSON)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"Checkpoint '{path}' does not exist; pass an HF "
-                            f"T5 directory or a T5X checkpoint directory.")
-  kind = detect_format(path)
-  if kind == "hf":
-    return load_hf_t5(path, **config_overrides)
-  params = load_t5x_checkpoint(path)
-  step_dir = _resolve_t5x_step_dir(path)
-  info = {"format": kind, "path": step_dir, "vocab_path": None,
-          "step": int(_STEP_DIR.match(os.path.basename(step_dir)).group(1))
-          if _STEP_DIR.match(os.path.basename(step_dir)) else None}
-  return params, None, info
+    return
+  with open(path, encoding="utf-8") as f:
+    recorded = json.load(f)
+  if recorded.get("fingerprint") != fingerprint:
+    raise ValueError(f"MODEL_DIR {model_dir!r} holds checkpoints trained on base "
+                     f"{recorded.get('path')!r} (fingerprint {recorded.get('fingerprint', '')[:12]}), "
+                     f"but INITIAL_CHECKPOINT_PATH={base_path!r} has fingerprint {fingerprint[:12]}; "
+                     "use the original base or a new MODEL_DIR.")
 
 
-def _file_signature(root: str) -> list[list[Any]]:
-  signature = []
-  for dirpath, _, filenames in os.walk(root):
-    for name in filenames:
-      full = os.path.join(dirpath, name)
-      rel = os.path.relpath(full, root)
-      if rel == FINGERPRINT_FILE or name.startswith("."):
-        continue
-      stat = os.stat(full)
-      signature.append([rel, stat.st_size, stat.st_mtime_ns])
-  return sorted(signature)
+class PreemptionHandler:
+  """Turns SIGTERM (TPU/GPU preemption) into a flag the loop checks after each step."""
 
+  def __init__(self):
+    self.requested = False
+    self._previous = None
 
-def _fingerprint_root(path: str) -> str:
-  if detect_format(path) == "hf":
-    return path
-  return _resolve_t5x_step_dir(path)
-
-
-def base_fingerprint(path_or_params: str | os.PathLike[str] | Mapping[str, Any]
-                     ) -> str:
-  """`tree_digest` of a base checkpoint's float32 parameters.
-
-  For a path, the value is cached in `expert_t5x_fingerprint.json` beside the
-  checkpoint and keyed by the checkpoint files' sizes and modification times,
-  so a changed checkpoint is hashed again. A read-only checkpoint is hashed
-  without caching.
-  """
-  if isinstance(path_or_params, Mapping):
-    flat = {k: _to_float32(v)
-            for k, v in expert_format.flatten_params(path_or_params).items()}
-    return expert_format.tree_digest(flat)
-  root = _fingerprint_root(os.fspath(path_or_params))
-  cache = os.path.join(root, FINGERPRINT_FILE)
-  signature = _file_signature(root)
-  if os.path.isfile(cache):
+  def __enter__(self) -> "PreemptionHandler":
     try:
-      cached = _read_json(cache)
-      if cached.get("files") == signature:
-        return cached["fingerprint"]
-    except (ValueError, KeyError):
-      pass  # a damaged cache is recomputed
-  params, _, _ = load_params(os.fspath(path_or_params))
-  fingerprint = base_fingerprint(params)
-  try:
-    fd, tmp = tempfile.mkstemp(prefix=".fingerprint-", dir=root)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump({"fingerprint": fingerprint, "files": signature}, f)
-    os.replace(tmp, cache)
-  except OSError:
-    pass  # read-only checkpoint: no cache
-  return fingerprint
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
 
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting.")
+    self.requested = True
 
-def vocab_fingerprint(vocab_path: str | os.PathLike[str] | None) -> str | None:
-  """sha256 of a SentencePiece model file (None for None)."""
-  return None if vocab_path is None else file_io.sha256_file(vocab_path)
-
-
-__all__ = [
-    "CheckpointMismatchError", "base_fingerprint", "check_params",
-    "detect_format", "expected_shapes", "export_hf_t5", "find_vocab",
-    "hf_config_from_t5", "hf_name_map", "hf_to_params", "infer_t5_config",
-    "load_hf_t5", "load_params", "load_t5x_checkpoint", "params_to_hf",
-    "t5_config_from_hf", "vocab_fingerprint",
-]
+  def __exit__(self, *exc: Any) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)

@@ -7,7 +7,7 @@ r"""`expert-t5x demo`: the whole expert pipeline on synthetic tasks with a tiny 
 Stages, each calling the project's own Python APIs in one process (so JAX and TensorFlow start once):
 
 1. pre-train a tiny T5 (d=128) on a synthetic span-corruption corpus that contains no task data
-   (`expert_t5x.demo_tasks`), cached by a hash of its configuration, so reruns skip it;
+   (`seqio_tasks.demo_pipeline`), cached by a hash of its configuration, so reruns skip it;
 2. train 12 prompt experts (adapters, one stacked job), 4 dataset experts and a multitask adapter
    (`expert_t5x.train.train`);
 3. build an expert library of the prompt experts (`expert_t5x.library`);
@@ -39,7 +39,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 SUMMARY_FILE = "summary.json"
 RETRIEVAL_FILE = "retrieval.json"
-CORPUS_VERSION = 1  # bump when demo_tasks' corpus changes, so cached bases are rebuilt
+CORPUS_VERSION = 1  # bump when demo_pipeline's corpus changes, so cached bases are rebuilt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,14 +228,15 @@ def _model(cfg: DemoConfig, expert: bool):
 
 
 def _checkpoint_cfg(base_dir: Optional[str]):
-  from expert_t5x import train_checkpoints as tc  # pylint: disable=g-import-not-at-top
+  from expert_t5x import checkpoints as tc  # pylint: disable=g-import-not-at-top
   return tc.CheckpointConfig(save=tc.SaveCheckpointConfig(period=None, keep=1),
                              restore=tc.RestoreCheckpointConfig(path=base_dir))
 
 
 def pretrain_base(cfg: DemoConfig, cache_dir: str, show_progress: bool = True) -> tuple[str, bool]:
   """(HF-format base directory, whether it came from the cache)."""
-  from expert_t5x import checkpoints, demo_tasks, train_data  # pylint: disable=g-import-not-at-top
+  from expert_t5x import checkpoint_importer, train_data
+  from seqio_tasks import demo_pipeline  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   base_dir = os.path.join(cache_dir, "bases", cfg.base_hash())
@@ -243,7 +244,7 @@ def pretrain_base(cfg: DemoConfig, cache_dir: str, show_progress: bool = True) -
     return base_dir, True
   run_dir = os.path.join(cache_dir, "runs", cfg.base_hash())
   li, lt = cfg.pretrain_lengths
-  data = train_data.DatasetConfig(demo_tasks.CORPUS_TASK, {"inputs": li, "targets": lt},
+  data = train_data.DatasetConfig(demo_pipeline.CORPUS_TASK, {"inputs": li, "targets": lt},
                                   batch_size=cfg.pretrain_batch_size, seed=cfg.seed)
   _, state = _train_fn()(
       model=_model(cfg, expert=False), train_dataset_cfg=data, model_dir=run_dir,
@@ -253,7 +254,7 @@ def pretrain_base(cfg: DemoConfig, cache_dir: str, show_progress: bool = True) -
       summarize_config_fn=None, export_dir=os.path.join(run_dir, "delta"),
       show_progress=show_progress)
   params = jax.tree.map(np.asarray, state.params)
-  checkpoints.export_hf_t5(params, t5_config(cfg), base_dir, overwrite=True)
+  checkpoint_importer.export_hf_t5(params, t5_config(cfg), base_dir, overwrite=True)
   return base_dir, False
 
 
@@ -301,9 +302,9 @@ def make_embedder(cfg: DemoConfig, base_dir: str):
             file=sys.stderr)
       directory = fetch.fetch_minilm(log=lambda m: print(m, file=sys.stderr))
     return embedders.MiniLMEmbedder(directory)
-  from expert_t5x import checkpoints  # pylint: disable=g-import-not-at-top
+  from expert_t5x import checkpoint_importer  # pylint: disable=g-import-not-at-top
   from seqio_tasks import vocab  # pylint: disable=g-import-not-at-top
-  params, config, _ = checkpoints.load_params(base_dir)
+  params, config, _ = checkpoint_importer.load_params(base_dir)
   return embedders.T5EncoderEmbedder(params, config, vocabulary=vocab.DEMO_VOCABULARY,
                                      max_seq_length=cfg.task_lengths[0])
 
@@ -479,10 +480,10 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
     print(f"[demo] {cfg.name} demo into {out_dir}; starting TensorFlow and JAX ...",
           file=sys.stderr, flush=True)
   # Importing the task registry starts TensorFlow and seqio: part of the setup stage.
-  from expert_t5x import demo_tasks  # pylint: disable=g-import-not-at-top
+  from seqio_tasks import demo_pipeline  # pylint: disable=g-import-not-at-top
   from seqio_tasks import demo as demo_source  # pylint: disable=g-import-not-at-top
-  pe_tasks = demo_tasks.expert_train_tasks()
-  de_tasks = demo_tasks.dataset_tasks()
+  pe_tasks = demo_pipeline.expert_train_tasks()
+  de_tasks = demo_pipeline.dataset_tasks()
   heldout = demo_source.heldout_tasks()
   train_eval = [t + "_score_eval" for t in pe_tasks]
   progress = StageProgress(stage_costs(cfg, len(pe_tasks), len(de_tasks),
@@ -493,7 +494,7 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
   import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
   # pylint: disable-next=g-import-not-at-top,unused-import
   from expert_t5x import evaluation, report, train
-  demo_tasks.register()
+  demo_pipeline.register()
   prompts = eval_prompts()
   cache_dir = cache_dir or default_cache_dir()
   progress.end()
@@ -513,9 +514,9 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
 
   progress.begin("multitask adapter")
   mt_id = "multitask"
-  mt_dir = _train_stacked(cfg, base_dir, [demo_tasks.MULTITASK_MIXTURE], [cfg.multitask_steps],
+  mt_dir = _train_stacked(cfg, base_dir, [demo_pipeline.MULTITASK_MIXTURE], [cfg.multitask_steps],
                           os.path.join(out_dir, "experts", "multitask"),
-                          show_progress)[demo_tasks.MULTITASK_MIXTURE]
+                          show_progress)[demo_pipeline.MULTITASK_MIXTURE]
   progress.end()
 
   progress.begin("library")
@@ -558,17 +559,17 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
 
 def _task_dataset(task: str) -> str:
   """The demo dataset a prompt task or a `_all_prompts` task belongs to."""
-  from expert_t5x import demo_tasks  # pylint: disable=g-import-not-at-top
+  from seqio_tasks import demo_pipeline  # pylint: disable=g-import-not-at-top
   from seqio_tasks import demo  # pylint: disable=g-import-not-at-top
-  if task.endswith(demo_tasks.ALL_PROMPTS_SUFFIX):
-    return task[:-len(demo_tasks.ALL_PROMPTS_SUFFIX)]
+  if task.endswith(demo_pipeline.ALL_PROMPTS_SUFFIX):
+    return task[:-len(demo_pipeline.ALL_PROMPTS_SUFFIX)]
   return demo.PREFIX + demo.resolve(task)[0].name
 
 
 def summarize(cfg: DemoConfig, *, prompts, results, outcomes, retrieved, merged, pe_tasks,
               de_tasks, mt_id, timings, base_cached) -> dict[str, Any]:
   """The summary the report is drawn from (see `expert_t5x.report`)."""
-  from expert_t5x import demo_tasks  # pylint: disable=g-import-not-at-top
+  from seqio_tasks import demo_pipeline  # pylint: disable=g-import-not-at-top
   from seqio_tasks import demo  # pylint: disable=g-import-not-at-top
   by_entry: dict[str, dict[str, Any]] = {}
   for r in results:
@@ -652,7 +653,7 @@ def summarize(cfg: DemoConfig, *, prompts, results, outcomes, retrieved, merged,
       "setup": {"sentences": _setup_sentences(cfg, len(pe_tasks), len(de_tasks)),
                 "config": dataclasses.asdict(cfg) | {"base_cached": base_cached,
                                                     "base_hash": cfg.base_hash(),
-                                                    "corpus_task": demo_tasks.CORPUS_TASK},
+                                                    "corpus_task": demo_pipeline.CORPUS_TASK},
                 "machine": _machine()},
       "experts": experts,
       "eval_prompts": [dict(p, num_examples=cfg.eval_examples) for p in prompts],

@@ -210,13 +210,13 @@ def _configure_vocabulary(vocabulary_path: Optional[str], checkpoint_path: Optio
   """Points the lazy T5 vocabulary of seqio_tasks at `vocabulary_path` (or the checkpoint's)."""
   if task_source is not None:
     return
-  from expert_t5x import checkpoints  # pylint: disable=g-import-not-at-top
+  from expert_t5x import checkpoint_importer  # pylint: disable=g-import-not-at-top
   from seqio_tasks import vocab  # pylint: disable=g-import-not-at-top
   if vocabulary_path:
     vocab.set_vocabulary_path(vocabulary_path)
     return
   configured = vocab.VOCABULARY_PATH or os.environ.get(vocab.VOCAB_ENV)
-  found = checkpoints.find_vocab(checkpoint_path) if checkpoint_path else None
+  found = checkpoint_importer.find_vocab(checkpoint_path) if checkpoint_path else None
   if not configured and found:
     vocab.set_vocabulary_path(found)
 

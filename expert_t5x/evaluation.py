@@ -787,7 +787,7 @@ def load_base(checkpoint_path: Optional[str] = None, model_config: Optional[str]
   """Loads a base checkpoint (HF T5 or T5X), or builds random parameters for a named config.
 
   Args:
-    checkpoint_path: an HF T5 directory or a T5X checkpoint (`checkpoints.load_params`).
+    checkpoint_path: an HF T5 directory or a T5X checkpoint (`checkpoint_importer.load_params`).
     model_config: a `network.get_config` name ('tiny', 'small', ..., 'xl'); needed for random
       parameters, optional for checkpoints (T5X checkpoints carry no config: it is inferred).
     random_init_seed: with no checkpoint, initialise random parameters with this seed (demos,
@@ -795,25 +795,25 @@ def load_base(checkpoint_path: Optional[str] = None, model_config: Optional[str]
     dtype: activation dtype ('float32' or 'bfloat16'); parameters stay float32.
     config_overrides: T5Config fields to override (e.g. vocab_size for a byte vocabulary).
   """
-  from expert_t5x import checkpoints  # pylint: disable=g-import-not-at-top
+  from expert_t5x import checkpoint_importer  # pylint: disable=g-import-not-at-top
   overrides = dict(config_overrides or {})
   overrides["dtype"] = _dtype(dtype)
   if checkpoint_path:
-    params, config, info = checkpoints.load_params(checkpoint_path)
+    params, config, info = checkpoint_importer.load_params(checkpoint_path)
     if config is None:
       config = (network.get_config(model_config) if model_config
-                else checkpoints.infer_t5_config(params))
+                else checkpoint_importer.infer_t5_config(params))
     config = config.replace(**overrides)
-    vocab = checkpoints.vocab_fingerprint(info.get("vocab_path")) if info.get("vocab_path") else None
+    vocab = checkpoint_importer.vocab_fingerprint(info.get("vocab_path")) if info.get("vocab_path") else None
     return BaseModel(params, config, os.path.abspath(checkpoint_path),
-                     checkpoints.base_fingerprint(params), vocab)
+                     checkpoint_importer.base_fingerprint(params), vocab)
   if model_config is None or random_init_seed is None:
     raise ValueError("No base model: pass checkpoint_path (--checkpoint_path, an HF T5 directory or "
                      "a T5X checkpoint), or model_config and random_init_seed for random parameters.")
   config = network.get_config(model_config, **overrides)
   params = jax.tree.map(np.asarray, _random_init(config)(jax.random.PRNGKey(random_init_seed)))
   return BaseModel(params, config, f"random:{model_config}:seed={random_init_seed}",
-                   checkpoints.base_fingerprint(params))
+                   checkpoint_importer.base_fingerprint(params))
 
 
 # ----------------------------------------------------------------------------------- routing

@@ -282,8 +282,8 @@ def import_main(argv: Sequence[str] | None = None) -> int:
   try:
     fingerprint = args.base_fingerprint
     if args.base:
-      from expert_t5x import checkpoints
-      fingerprint = checkpoints.base_fingerprint(args.base)
+      from expert_t5x import checkpoint_importer
+      fingerprint = checkpoint_importer.base_fingerprint(args.base)
     if not fingerprint:
       raise ImportError_("Pass --base-fingerprint or --base so the library can check the expert's base.")
     keys = None

@@ -52,10 +52,10 @@ def read_inputs(path: str) -> list[dict[str, Any]]:
 def make_vocabulary(vocabulary_path: Optional[str], checkpoint_path: Optional[str]) -> Any:
   """'bytes' -> seqio.ByteVocabulary; a SentencePiece file (default: the checkpoint's)."""
   import seqio  # pylint: disable=g-import-not-at-top
-  from expert_t5x import checkpoints  # pylint: disable=g-import-not-at-top
+  from expert_t5x import checkpoint_importer  # pylint: disable=g-import-not-at-top
   if vocabulary_path == "bytes":
     return seqio.ByteVocabulary()
-  path = vocabulary_path or (checkpoints.find_vocab(checkpoint_path) if checkpoint_path else None)
+  path = vocabulary_path or (checkpoint_importer.find_vocab(checkpoint_path) if checkpoint_path else None)
   if not path:
     raise ValueError("No vocabulary: pass vocabulary_path (--vocabulary_path: a SentencePiece "
                      "spiece.model, or 'bytes' for the byte vocabulary of the demo tasks).")

@@ -590,8 +590,8 @@ def adapter_init_params(metas: Sequence[Mapping[str, Any]], base_params: Mapping
 def _load_base(path: str | None, need_init: bool, metas: Sequence[Mapping[str, Any]]):
   if path is None:
     return None, None
-  from expert_t5x import checkpoints  # heavy; only when --base is given
-  base, t5_config, _ = checkpoints.load_params(path)
+  from expert_t5x import checkpoint_importer  # heavy; only when --base is given
+  base, t5_config, _ = checkpoint_importer.load_params(path)
   return base, (adapter_init_params(metas, base, t5_config) if need_init else None)
 
 

@@ -588,8 +588,8 @@ def make_embedder(name: str, *, minilm_dir: str | None = None,
                                              max_seq_length=max_seq_length)
     if not base_path or not vocab_path:
       raise RetrievalError("The t5 embedder needs --base CHECKPOINT and --vocab spiece.model.")
-    from expert_t5x import checkpoints, network
-    params, t5_config, _ = checkpoints.load_params(base_path)
+    from expert_t5x import checkpoint_importer, network
+    params, t5_config, _ = checkpoint_importer.load_params(base_path)
     t5_config = t5_config or network.get_config(base_config)
     return embedders_lib.T5EncoderEmbedder(params, t5_config, vocab_path, max_seq_length=max_seq_length)
   raise RetrievalError(f"Unknown embedder {name!r}; expected one of {EMBEDDERS}.")

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from expert_t5x import checkpoints
+from expert_t5x import checkpoint_importer
 from expert_t5x import experts
 from expert_t5x import network
 
@@ -57,7 +57,7 @@ def _cached(what: str, expert: Any, config: network.T5Config, make: Callable[[],
 def _initial_expert(expert: experts.ExpertConfig, config: network.T5Config) -> dict[str, np.ndarray]:
   """The seeded initial expert (as `expert_t5x.train` makes it), without layer-norm copies."""
   def make():
-    shapes = checkpoints.expected_shapes(config)
+    shapes = checkpoint_importer.expected_shapes(config)
     base = traverse_util.unflatten_dict(
         {tuple(k.split("/")): jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()})
     cfg = expert

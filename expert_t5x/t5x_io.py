@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from flax import traverse_util
 
-from expert_t5x import checkpoints
+from expert_t5x import checkpoint_importer
 from expert_t5x import expert_format
 from expert_t5x import experts
 from expert_t5x import t5x_compat
@@ -33,11 +33,11 @@ OPERATIVE_CONFIG = "config.gin"  # What `t5x.train` writes into MODEL_DIR.
 
 def write_t5x_checkpoint(params: Mapping[str, Any], output_dir: str, step: int = 0) -> str:
   """Writes `params` as a T5X orbax checkpoint `output_dir/checkpoint_<step>` and returns it."""
-  from expert_t5x import train_checkpoints  # pylint: disable=g-import-not-at-top
+  from expert_t5x import checkpoints  # pylint: disable=g-import-not-at-top
   if os.path.exists(os.path.join(output_dir, f"checkpoint_{step}")):
     raise FileExistsError(f"{output_dir}/checkpoint_{step} exists; choose another --output.")
   target = _float32_tree(params)
-  manager = train_checkpoints.CheckpointManager(output_dir, async_save=False)
+  manager = checkpoints.CheckpointManager(output_dir, async_save=False)
   manager.save(step, {"target": target, "state": {"step": np.asarray(step, np.int32)}})
   manager.close()
   return os.path.join(output_dir, f"checkpoint_{step}")
@@ -143,7 +143,7 @@ def import_t5x_run(run_dir: str, output_dir: str, *, base: Optional[str] = None,
   import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
   from expert_t5x import train as train_lib  # pylint: disable=g-import-not-at-top
   # orbax reads absolute paths only.
-  step_dir = checkpoints._resolve_t5x_step_dir(os.path.abspath(run_dir))  # pylint: disable=protected-access
+  step_dir = checkpoint_importer._resolve_t5x_step_dir(os.path.abspath(run_dir))  # pylint: disable=protected-access
   model_dir = os.path.dirname(os.path.normpath(step_dir))
   gin_path = os.path.join(model_dir, OPERATIVE_CONFIG)
   gin_text = open(gin_path, encoding="utf-8").read() if os.path.isfile(gin_path) else ""
@@ -158,8 +158,8 @@ def import_t5x_run(run_dir: str, output_dir: str, *, base: Optional[str] = None,
   if not base:
     raise ValueError(f"{run_dir}: no INITIAL_CHECKPOINT_PATH in config.gin; pass --base (the "
                      "checkpoint the run started from).")
-  params = checkpoints.load_t5x_checkpoint(step_dir)
-  base_params, _, _ = checkpoints.load_params(base)
+  params = checkpoint_importer.load_t5x_checkpoint(step_dir)
+  base_params, _, _ = checkpoint_importer.load_params(base)
   _check_base_frozen(params, base_params, expert)
   tree = t5x_compat.expert_from_t5x_params(params, expert, base_params)
   step = int(re.search(r"(\d+)$", os.path.basename(step_dir)).group(1))
@@ -170,7 +170,7 @@ def import_t5x_run(run_dir: str, output_dir: str, *, base: Optional[str] = None,
               "init_seed": getattr(expert, "init_seed", None), "key_seed": key_seed}
   metadata = expert_format.build_metadata(
       expert.kind, experts.config_to_json(expert),
-      base_fingerprint=checkpoints.base_fingerprint(base_params), base_config_name=None,
+      base_fingerprint=checkpoint_importer.base_fingerprint(base_params), base_config_name=None,
       vocab_fingerprint=train_lib._vocab_fingerprint(task),  # pylint: disable=protected-access
       provenance=train_lib._provenance(task), training=training)  # pylint: disable=protected-access
   keys = _draw_keys(task, num_keys, key_seed) if num_keys else None

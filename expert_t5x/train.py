@@ -30,7 +30,7 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from expert_t5x import checkpoints
+from expert_t5x import checkpoint_importer
 from expert_t5x import expert_format
 from expert_t5x import experts as experts_lib
 from expert_t5x import file_io
@@ -38,7 +38,7 @@ from expert_t5x import gin_utils
 from expert_t5x import metrics_writer
 from expert_t5x import models
 from expert_t5x import partitioning
-from expert_t5x import train_checkpoints
+from expert_t5x import checkpoints
 from expert_t5x import train_data
 from expert_t5x import trainer as trainer_lib
 from expert_t5x import validation
@@ -92,7 +92,7 @@ def _load_base(model: models.EncoderDecoderModel, path: Optional[str], seed: int
         out_shardings=shardings)
     params = init(jax.random.PRNGKey(seed))
   else:
-    loaded, _, info = checkpoints.load_params(path)
+    loaded, _, info = checkpoint_importer.load_params(path)
     vocab_path = info.get("vocab_path")
     want_shapes = {k: tuple(v.shape) for k, v in
                    traverse_util.flatten_dict(dict(abstract["params"]), sep="/").items()}
@@ -104,8 +104,8 @@ def _load_base(model: models.EncoderDecoderModel, path: Optional[str], seed: int
                        f"{k} is {got.get(k)} in the checkpoint but {want_shapes.get(k)} in the "
                        f"model ({len(bad)} mismatches); include the model gin of that size.")
     params = jax.device_put(jax.tree.map(lambda x: np.asarray(x, np.float32), loaded), shardings)
-  fingerprint = (checkpoints.base_fingerprint(path) if path is not None else
-                 checkpoints.base_fingerprint(to_host(params)))
+  fingerprint = (checkpoint_importer.base_fingerprint(path) if path is not None else
+                 checkpoint_importer.base_fingerprint(to_host(params)))
   return params, axes, shardings, fingerprint, vocab_path
 
 
@@ -220,7 +220,7 @@ def _seen_keys(cfg: train_data.DatasetConfig, info: Optional[train_data.DataInfo
 def train(*,
           model: models.EncoderDecoderModel,
           train_dataset_cfg: train_data.DatasetConfig,
-          checkpoint_cfg: Optional[train_checkpoints.CheckpointConfig] = None,
+          checkpoint_cfg: Optional[checkpoints.CheckpointConfig] = None,
           partitioner: Optional[partitioning.PjitPartitioner] = None,
           trainer_cls: Callable[..., trainer_lib.Trainer] = trainer_lib.Trainer,
           model_dir: str,
@@ -258,9 +258,9 @@ def train(*,
   Returns:
     (final step, final train state).
   """
-  checkpoint_cfg = checkpoint_cfg or train_checkpoints.CheckpointConfig()
-  save_cfg = checkpoint_cfg.save or train_checkpoints.SaveCheckpointConfig()
-  restore_cfg = checkpoint_cfg.restore or train_checkpoints.RestoreCheckpointConfig()
+  checkpoint_cfg = checkpoint_cfg or checkpoints.CheckpointConfig()
+  save_cfg = checkpoint_cfg.save or checkpoints.SaveCheckpointConfig()
+  restore_cfg = checkpoint_cfg.restore or checkpoints.RestoreCheckpointConfig()
   partitioner = partitioner or partitioning.PjitPartitioner()
   random_seed = 0 if random_seed is None else random_seed
   stats_period = stats_period or 1
@@ -319,12 +319,12 @@ def train(*,
   seed_keys = trainer_lib.seed_keys(seeds if stacked else seeds[0])
   budget_arr = np.asarray(budgets if stacked else budgets[0], np.int32)
 
-  manager = train_checkpoints.CheckpointManager(
+  manager = checkpoints.CheckpointManager(
       model_dir, keep=save_cfg.keep, async_save=save_cfg.async_save,
-      fault_hook=train_checkpoints.FaultHook.from_env())
+      fault_hook=checkpoints.FaultHook.from_env())
   if not full:
-    train_checkpoints.check_base_json(model_dir, fingerprint, restore_cfg.path)
-    train_checkpoints.write_base_json(model_dir, restore_cfg.path, fingerprint,
+    checkpoints.check_base_json(model_dir, fingerprint, restore_cfg.path)
+    checkpoints.write_base_json(model_dir, restore_cfg.path, fingerprint,
                                       getattr(model.config, "name", None))
 
   def checkpoint_tree(state, consumed):
@@ -344,7 +344,7 @@ def train(*,
     shardings = {**tr.state_sharding.state_dict(), "rng": rep,
                  "data": {"seed": rep, "batches_consumed": rep}}
     latest, restored = manager.restore_newest_intact(
-        train_checkpoints.abstract_with_shardings(abstract, shardings))
+        checkpoints.abstract_with_shardings(abstract, shardings))
   if latest is not None:
     state = tr.abstract_state.restore_state(restored)
     consumed = int(restored["data"]["batches_consumed"])
@@ -385,7 +385,7 @@ def train(*,
     _write_progress(model_dir, progress)
   preempted = False
 
-  with train_checkpoints.PreemptionHandler() as preemption:
+  with checkpoints.PreemptionHandler() as preemption:
     while consumed < max_steps:
       local, _ = _next_batch(iterators, stacked)
       batch = _global_batch(local, batch_sharding)
@@ -441,7 +441,7 @@ def train(*,
 
 
 def _validate_settings(data_cfg: train_data.DatasetConfig, total_steps: Any,
-                       save_cfg: train_checkpoints.SaveCheckpointConfig, model_dir: Any) -> None:
+                       save_cfg: checkpoints.SaveCheckpointConfig, model_dir: Any) -> None:
   """Gin settings out of range are refused before anything is written."""
   if not isinstance(model_dir, (str, os.PathLike)) or not os.fspath(model_dir):
     raise validation.UsageError(f"MODEL_DIR={model_dir!r} must be a folder path; set "

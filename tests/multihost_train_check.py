@@ -59,12 +59,12 @@ def _setup():
 
 
 def _train(model_dir, steps):
-  from expert_t5x import partitioning, train, train_checkpoints, trainer  # pylint: disable=g-import-not-at-top
+  from expert_t5x import partitioning, train, checkpoints, trainer  # pylint: disable=g-import-not-at-top
   model, data, sched = _setup()
-  save = train_checkpoints.SaveCheckpointConfig(period=1)
+  save = checkpoints.SaveCheckpointConfig(period=1)
   return train.train(
       model=model, train_dataset_cfg=data, model_dir=model_dir, total_steps=steps,
-      checkpoint_cfg=train_checkpoints.CheckpointConfig(save=save),
+      checkpoint_cfg=checkpoints.CheckpointConfig(save=save),
       partitioner=partitioning.PjitPartitioner(num_partitions=2),
       trainer_cls=functools.partial(trainer.Trainer, learning_rate_fn=sched),
       num_retrieval_keys=0, eval_before_and_after=False, summarize_config_fn=None,
@@ -93,10 +93,10 @@ def _gathered(tree):
 
 def _check_restore(model_dir, state, step):
   """Restores `checkpoint_<step>` on every process and compares each local shard bitwise."""
-  from expert_t5x import train_checkpoints  # pylint: disable=g-import-not-at-top
+  from expert_t5x import checkpoints  # pylint: disable=g-import-not-at-top
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state.state_dict())
-  manager = train_checkpoints.CheckpointManager(model_dir)
+  manager = checkpoints.CheckpointManager(model_dir)
   assert manager.all_steps() == [1, 2], manager.all_steps()
   rep = state.step.sharding  # replicated over the global mesh
   scalar = jax.ShapeDtypeStruct((), np.int64, sharding=rep)

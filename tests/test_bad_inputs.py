@@ -422,14 +422,14 @@ def test_library_modes_follow_the_umask_or_the_group_shared_option(world, tmp_pa
     ("lengths", {"inputs": 0, "targets": 8}), ("model_dir", ""), ("model_dir", None)])
 def test_training_settings_out_of_range_are_usage_errors(tmp_path, field, value):
   from expert_t5x import train  # pylint: disable=g-import-not-at-top
-  from expert_t5x import train_checkpoints  # pylint: disable=g-import-not-at-top
+  from expert_t5x import checkpoints  # pylint: disable=g-import-not-at-top
   from expert_t5x import train_data  # pylint: disable=g-import-not-at-top
   from expert_t5x import validation  # pylint: disable=g-import-not-at-top
   data = train_data.DatasetConfig(
       mixture_or_task_name="t", task_feature_lengths=value if field == "lengths" else
       {"inputs": 8, "targets": 8}, batch_size=value if field == "batch_size" else 2,
       max_examples=value if field == "max_examples" else None)
-  save = train_checkpoints.SaveCheckpointConfig(period=value if field == "period" else None,
+  save = checkpoints.SaveCheckpointConfig(period=value if field == "period" else None,
                                                 keep=value if field == "keep" else None)
   model_dir = value if field == "model_dir" else str(tmp_path / "m")
   with pytest.raises(validation.UsageError) as info:
@@ -442,8 +442,8 @@ def test_training_settings_out_of_range_are_usage_errors(tmp_path, field, value)
 
 @pytest.mark.parametrize("how", ["truncate", "bitflip", "delete", "nan"])
 def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capsys, how):
-  from expert_t5x import train_checkpoints  # pylint: disable=g-import-not-at-top
-  manager = train_checkpoints.CheckpointManager(tmp_path, async_save=False)
+  from expert_t5x import checkpoints  # pylint: disable=g-import-not-at-top
+  manager = checkpoints.CheckpointManager(tmp_path, async_save=False)
   trees = {s: {"w": np.full((64,), float(s), np.float32)} for s in (1, 2, 3)}
   if how == "nan":
     trees[3]["w"][5] = np.nan

@@ -1,4 +1,4 @@
-"""Tests for checkpoint import/export (expert_t5x.checkpoints).
+"""Tests for checkpoint import/export (expert_t5x.checkpoint_importer).
 
 Trees here are random numpy arrays built from the parameter names and shapes,
 so these tests do not need the network to run. Parity with transformers'
@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from expert_t5x import checkpoints as ckpt
+from expert_t5x import checkpoint_importer as ckpt
 from expert_t5x import expert_format as ef
 from expert_t5x import network
 
@@ -344,7 +344,7 @@ def test_export_folds_expert(tmp_path, params, config):
 
 
 def test_import_does_not_load_tf_seqio_or_torch():
-  code = ("import sys; import expert_t5x.checkpoints; "
+  code = ("import sys; import expert_t5x.checkpoint_importer; "
           "print([m for m in ('tensorflow', 'seqio', 'torch') if m in sys.modules])")
   out = subprocess.run([sys.executable, "-c", code], check=True, env=_subprocess_env(),
                        capture_output=True, text=True).stdout.strip()

@@ -83,8 +83,8 @@ SUMMARIZER = "compositional_xsum_DOC_write_summary_of_above"
 def _existing_summarizer(base, path, lib_dir):
   """A full expert (random small delta on every base tensor) already in the library, so the run
   takes it and trains only the translator (one training job keeps the test cheap)."""
-  from expert_t5x import checkpoints, evaluation, expert_format, experts, library  # pylint: disable=g-import-not-at-top
-  params, _, _ = checkpoints.load_params(base)
+  from expert_t5x import checkpoint_importer, evaluation, expert_format, experts, library  # pylint: disable=g-import-not-at-top
+  params, _, _ = checkpoint_importer.load_params(base)
   rng = np.random.default_rng(0)
   flat = {k: rng.normal(0.0, 1e-3, np.shape(v)).astype(np.float32)
           for k, v in expert_format.flatten_params(params).items()}

@@ -99,19 +99,19 @@ def _spm(path):
 
 def _tiny_base(path):
   import jax  # pylint: disable=g-import-not-at-top
-  from expert_t5x import checkpoints, models, network  # pylint: disable=g-import-not-at-top
+  from expert_t5x import checkpoint_importer, models, network  # pylint: disable=g-import-not-at-top
   config = network.get_config("tiny")  # = gin/models/t5_1_1_tiny.gin, which tiny_overlay.gin uses
   params = models.EncoderDecoderModel(network.Transformer(config)).get_initial_variables(
       jax.random.PRNGKey(0), {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4)}
   )["params"]
-  checkpoints.export_hf_t5(jax.tree.map(np.asarray, params), config, str(path), overwrite=True)
+  checkpoint_importer.export_hf_t5(jax.tree.map(np.asarray, params), config, str(path), overwrite=True)
   return str(path)
 
 
 def _old_library(tmp_path, base):
   """A library with one expert of the seen task, trained here for one step."""
   from expert_t5x import experts, library, models, network, optimizers  # pylint: disable=g-import-not-at-top
-  from expert_t5x import train, train_checkpoints as tc, train_data, trainer  # pylint: disable=g-import-not-at-top
+  from expert_t5x import train, checkpoints as tc, train_data, trainer  # pylint: disable=g-import-not-at-top
   model = models.EncoderDecoderModel(
       network.Transformer(network.get_config("tiny")), optimizer_def=optimizers.AdamW(),
       expert_config=experts.AdapterConfig(reduction_factor=4))

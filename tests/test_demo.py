@@ -11,7 +11,7 @@ import pytest
 
 from expert_t5x import aggregation
 from expert_t5x import demo
-from expert_t5x import demo_tasks
+from seqio_tasks import demo_pipeline
 from expert_t5x import report
 
 
@@ -30,7 +30,7 @@ def test_bad_embedder_is_one_clear_error():
 def test_corpus_has_no_task_data():
   """No corpus word is a word of any demo task (fillers, keywords, templates, answer choices)."""
   from seqio_tasks import demo as demo_source  # pylint: disable=g-import-not-at-top
-  words = set(demo_tasks.corpus_words())
+  words = set(demo_pipeline.corpus_words())
   assert len(words) > 50
   task_words = (set(demo_source.FILLER) | set(demo_source.POSITIVE) | set(demo_source.NEGATIVE)
                 | set(demo_source.NEGATIONS))
@@ -40,7 +40,7 @@ def test_corpus_has_no_task_data():
       task_words |= set(re.findall(r"[a-z]+", prompt.template.lower()))
   assert not words & task_words
   for i in range(200):
-    ex = demo_tasks.corpus_example("train", i)
+    ex = demo_pipeline.corpus_example("train", i)
     assert set(re.sub(r"\[\d\]", " ", ex["inputs"] + " " + ex["targets"]).split()) <= words
 
 
@@ -50,25 +50,25 @@ def test_span_corruption_targets_fill_the_sentinels():
   for seed in range(50):
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(rng.randint(3, 12))]
-    inputs, targets = demo_tasks.span_corruption(list(words), rng)
+    inputs, targets = demo_pipeline.span_corruption(list(words), rng)
     spans = dict(re.findall(r"\[(\d)\] ((?:w\d+ ?)+)", targets))
     rebuilt = re.sub(r"\[(\d)\]", lambda m: spans[m.group(1)].strip(), inputs)
     assert rebuilt.split() == words
-    assert 1 <= len(spans) <= demo_tasks.MAX_SENTINELS
+    assert 1 <= len(spans) <= demo_pipeline.MAX_SENTINELS
 
 
 def test_corpus_is_deterministic_per_split():
-  a = [demo_tasks.corpus_example("train", i) for i in range(5)]
-  assert a == [demo_tasks.corpus_example("train", i) for i in range(5)]
-  assert a != [demo_tasks.corpus_example("validation", i) for i in range(5)]
+  a = [demo_pipeline.corpus_example("train", i) for i in range(5)]
+  assert a == [demo_pipeline.corpus_example("train", i) for i in range(5)]
+  assert a != [demo_pipeline.corpus_example("validation", i) for i in range(5)]
 
 
 def test_dataset_tasks_group_the_training_prompts():
-  groups = demo_tasks.dataset_tasks()
+  groups = demo_pipeline.dataset_tasks()
   assert sorted(groups) == ["demo_length_all_prompts", "demo_overlap_all_prompts",
                             "demo_sentiment_all_prompts", "demo_topic_all_prompts"]
-  assert sum(len(v) for v in groups.values()) == len(demo_tasks.expert_train_tasks()) == 12
-  rows = list(demo_tasks.iter_all_prompts(groups["demo_topic_all_prompts"], "validation"))
+  assert sum(len(v) for v in groups.values()) == len(demo_pipeline.expert_train_tasks()) == 12
+  rows = list(demo_pipeline.iter_all_prompts(groups["demo_topic_all_prompts"], "validation"))
   assert len(rows) == 3 * 200 and {r["prompt"] for r in rows} == {"topic_is", "classify", "about"}
 
 
@@ -78,9 +78,9 @@ def test_multitask_provenance_lists_every_task_of_its_mixture():
   metadata), so the library's zero_shot guard excludes it from evaluations on any of them."""
   from expert_t5x import library as library_lib  # pylint: disable=g-import-not-at-top
   from expert_t5x import train  # pylint: disable=g-import-not-at-top
-  demo_tasks.register()
-  items = train._provenance(demo_tasks.MULTITASK_MIXTURE)  # pylint: disable=protected-access
-  assert sorted(i["task"] for i in items) == sorted(demo_tasks.expert_train_tasks())
+  demo_pipeline.register()
+  items = train._provenance(demo_pipeline.MULTITASK_MIXTURE)  # pylint: disable=protected-access
+  assert sorted(i["task"] for i in items) == sorted(demo_pipeline.expert_train_tasks())
   assert {i["dataset"] for i in items} == {"demo_sentiment", "demo_topic", "demo_overlap", "demo_length"}
   entry = {"id": "multitask", "provenance": items}
   assert library_lib.overlaps(entry, "demo_overlap", None)

@@ -28,7 +28,7 @@ def test_wheel_ships_gin_configs_and_data(tmp_path):
 
 def test_model_code_imports_neither_tensorflow_nor_seqio():
   code = ("import sys; import expert_t5x.network, expert_t5x.experts, expert_t5x.models, "
-          "expert_t5x.checkpoints, expert_t5x.partitioning, expert_t5x.expert_format; "
+          "expert_t5x.checkpoint_importer, expert_t5x.partitioning, expert_t5x.expert_format; "
           "bad = [m for m in ('tensorflow', 'seqio', 'seqio_tasks', 'gin') if m in sys.modules]; "
           "print(bad); sys.exit(1 if bad else 0)")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

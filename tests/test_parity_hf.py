@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from expert_t5x import checkpoints  # pylint: disable=wrong-import-position
+from expert_t5x import checkpoint_importer  # pylint: disable=wrong-import-position
 from expert_t5x import models  # pylint: disable=wrong-import-position
 from expert_t5x import network  # pylint: disable=wrong-import-position
 
@@ -64,7 +64,7 @@ def hf_to_ours(tmp_path_factory):
   model = _hf_model_from_scratch()
   path = tmp_path_factory.mktemp("hf_saved")
   model.save_pretrained(str(path))
-  params, config, _ = checkpoints.load_hf_t5(path, dropout_rate=0.0)
+  params, config, _ = checkpoint_importer.load_hf_t5(path, dropout_rate=0.0)
   return model, params, config
 
 
@@ -81,7 +81,7 @@ def ours_to_hf(tmp_path_factory):
       lambda p, x: np.asarray(x) * (1.0 + 0.2 * rng.normal(size=x.shape)).astype(np.float32)
       if str(p[-1].key) == "scale" else np.asarray(x), params)
   path = tmp_path_factory.mktemp("exported") / "t5"
-  checkpoints.export_hf_t5(params, config, path)
+  checkpoint_importer.export_hf_t5(params, config, path)
   hf_model, info = transformers.T5ForConditionalGeneration.from_pretrained(
       str(path), output_loading_info=True)
   assert not any(info.values()), info  # every tensor used, none missing

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from expert_t5x import checkpoints  # pylint: disable=wrong-import-position
+from expert_t5x import checkpoint_importer  # pylint: disable=wrong-import-position
 from expert_t5x import models  # pylint: disable=wrong-import-position
 from expert_t5x import network  # pylint: disable=wrong-import-position
 from test_parity_hf import ATOL, VOCAB, _batch, _torch_forward  # pylint: disable=wrong-import-position
@@ -34,7 +34,7 @@ def test_mt5_checkpoint_imports_and_matches_transformers(tmp_path):
       if name.endswith("layer_norm.weight"):
         p.copy_(1.0 + 0.2 * torch.randn_like(p))
   model.save_pretrained(str(tmp_path))
-  params, config, _ = checkpoints.load_hf_t5(tmp_path, dropout_rate=0.0)
+  params, config, _ = checkpoint_importer.load_hf_t5(tmp_path, dropout_rate=0.0)
   # The released config.json (google/mt5-xl) says tie_word_embeddings false; transformers 5 writes
   # true for every mT5. Both import the same way.
   hub_dir = tmp_path / "as_released"
@@ -45,7 +45,7 @@ def test_mt5_checkpoint_imports_and_matches_transformers(tmp_path):
   released = json.loads((tmp_path / "config.json").read_text())
   released["tie_word_embeddings"] = False
   (hub_dir / "config.json").write_text(json.dumps(released))
-  params2, config2, _ = checkpoints.load_hf_t5(hub_dir, dropout_rate=0.0)
+  params2, config2, _ = checkpoint_importer.load_hf_t5(hub_dir, dropout_rate=0.0)
   assert config2 == config
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)))
   assert config.mlp_activations == ("gelu", "linear") and not config.logits_via_embedding

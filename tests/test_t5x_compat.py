@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from expert_t5x import checkpoints
+from expert_t5x import checkpoint_importer
 from expert_t5x import experts
 from expert_t5x import network
 from expert_t5x import t5x_compat
@@ -42,8 +42,8 @@ def test_param_tree_is_base_plus_expert(kind):
   _, variables = _init(expert)
   flat = _flat(variables["params"])
   base = {k: v.shape for k, v in flat.items() if not k.startswith("expert/")}
-  # The base paths and shapes are T5X's (checkpoints.expected_shapes mirrors T5X's network).
-  assert base == {k: tuple(s) for k, s in checkpoints.expected_shapes(CFG).items()}
+  # The base paths and shapes are T5X's (checkpoint_importer.expected_shapes mirrors T5X's network).
+  assert base == {k: tuple(s) for k, s in checkpoint_importer.expected_shapes(CFG).items()}
   # The expert subtree is exactly what expert_t5x.train initialises (seeded), minus the
   # layer-norm copies (trained in place for adapters).
   init_cfg = (dataclasses.replace(expert, train_layer_norms=False) if kind == "adapter" else expert)

@@ -56,9 +56,9 @@ def _t5x(module, args, cwd):
 
 
 def _target(step_dir):
-  from expert_t5x import checkpoints
+  from expert_t5x import checkpoint_importer
   from flax import traverse_util
-  return traverse_util.flatten_dict(checkpoints.load_t5x_checkpoint(step_dir), sep="/")
+  return traverse_util.flatten_dict(checkpoint_importer.load_t5x_checkpoint(step_dir), sep="/")
 
 
 @pytest.fixture(scope="module")
