@@ -31,7 +31,7 @@ register("library", "expert_t5x.library", "library_main",
          "init, add, list, show, remove, index experts; report-overlaps")
 register("retrieve", "expert_t5x.retrieval", "retrieve_main",
          "retrieve experts for a task from a few unlabeled examples (RoE)")
-register("merge", "expert_t5x.merging", "merge_main", "merge experts into a new expert")
+register("merge", "expert_t5x.merge_cli", "main", "merge experts into a new expert")
 register("demo", "expert_t5x.demo", "demo_main",
          "the whole pipeline on generated tasks with a tiny T5, ending in a visual report")
 register("continual", "expert_t5x.continual", "continual_main",

@@ -1,5 +1,12 @@
 """Merging experts: averages, task arithmetic, TIES and DARE, streamed per tensor, saved as recipes.
 
+(Over 600 lines: the method configs, their per-tensor formulas, the streamed merge and the recipe
+format are one unit; the `expert-t5x merge` command is in `merge_cli`.)
+
+Each method is a typed config (`UniformMerge`, `WeightedMerge`, `TaskArithmetic`, `TIES`, `DARE`),
+validated on construction, in one table `METHOD_CONFIGS` (name -> class) that the CLI, eval/RoE
+(`method_config(name, params)`) and recipes (their "method" and "params") all read.
+
 Notation (reference/anchors §3): θ₀ the reference, θᵢ expert i, τᵢ = θᵢ − θ₀ its task vector.
 
 * `uniform`: θ = (1/k) Σ θᵢ (the paper's merge); `weighted`: θ = Σ wᵢ θᵢ with Σ wᵢ = 1.
@@ -27,23 +34,21 @@ references, output hash) in `expert.json["merge"]`; re-running a recipe is bitwi
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
 import shutil
-import sys
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from expert_t5x import expert_format
 from expert_t5x import validation
 
-METHODS = ("uniform", "weighted", "task_arithmetic", "ties", "dare")
-LINEAR_METHODS = ("uniform", "weighted", "task_arithmetic")
+ADAPTER_REFERENCES = ("auto", "init", "zero")  # Task-vector reference of adapter inputs.
 # 2: linear merges of LoRA inputs of one (rank, alpha) keep alpha/rank instead of folding it into B.
 RECIPE_FORMAT = 2
 
@@ -124,50 +129,230 @@ def dare_rescale(tau: np.ndarray, dropped: np.ndarray, p: float) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------
-# Whole-expert merges of task vectors (in memory or streamed).
+# Merge methods as typed configs, in one table (name -> config class) that the CLI, eval/RoE and
+# recipes read. A config is validated on construction; what depends on the number of inputs k
+# (weights per expert) is checked by `resolve(k)`.
 # ----------------------------------------------------------------------------
 
+SIGN_METHODS = ("mass", "count")
+DARE_COMBINES = ("linear", "ties")
 
-def _check_params(method: str, k: int, params: Mapping[str, Any]) -> dict[str, Any]:
-  if method not in METHODS:
+
+def _finite(name: str, value: Any) -> float:
+  # A non-finite value is a usage error (exit 2), named as its flag; a negative λ or weight is
+  # task negation (it subtracts task vectors), so only finiteness is required of them.
+  return validation.finite(f"--{name}", value)
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeMethod:
+  """A merge method and its parameters; subclasses are the entries of `METHOD_CONFIGS`.
+
+  Field order is the order of the recipe's "resolved_params" keys.
+  """
+  name: ClassVar[str] = ""
+  absolute: ClassVar[bool] = False  # Averages θ directly (the reference cancels): no task vectors.
+  linear: ClassVar[bool] = False  # θ₀ + Σ cᵢ τᵢ: exact on LoRA by rank concatenation.
+
+  @classmethod
+  def from_params(cls, params: Mapping[str, Any]) -> MergeMethod:
+    """The config from a params dict (flags, a recipe's "params"); None or '' keeps a default."""
+    given = {f.name: params[f.name] for f in dataclasses.fields(cls)
+             if params.get(f.name) is not None and params.get(f.name) != ""}
+    return cls(**given)
+
+  def to_params(self) -> dict[str, Any]:
+    """The parameters as a recipe's "params" dict (`method_config(name, to_params())` round-trips)."""
+    return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+  def resolve(self, k: int) -> dict[str, Any]:
+    """The parameters the formulas use for k inputs (a recipe's "resolved_params" entries)."""
+    if k < 1:
+      raise MergeError("Merging needs at least one expert.")
+    return self.to_params()
+
+  def coefficients(self, k: int) -> list[float]:
+    """cᵢ of a linear method (θ₀ + Σ cᵢ τᵢ, or Σ cᵢ θᵢ when `absolute`)."""
+    raise NotImplementedError(f"{self.name} is not a linear merge")
+
+  def merge_tensor(self, name: str, get: Getter, k: int, thresholds: Sequence[float] | None) -> np.ndarray:
+    """τ_m of one tensor from `get(i)`, i < k (float64); `thresholds` are TIES' global ones."""
+    return linear_combination(get, self.coefficients(k))
+
+
+def _plain(value: Any) -> Any:
+  return list(value) if isinstance(value, tuple) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformMerge(MergeMethod):
+  """uniform: θ = (1/k) Σ θᵢ (the paper's merge)."""
+  name: ClassVar[str] = "uniform"
+  absolute: ClassVar[bool] = True
+  linear: ClassVar[bool] = True
+
+  def coefficients(self, k: int) -> list[float]:
+    return [1.0 / k] * k
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightedMerge(MergeMethod):
+  """weighted: θ = Σ wᵢ θᵢ, weights normalised to sum 1 (a negative one is task negation)."""
+  name: ClassVar[str] = "weighted"
+  absolute: ClassVar[bool] = True
+  linear: ClassVar[bool] = True
+  weights: tuple[float, ...] | None = None
+
+  def __post_init__(self):
+    if self.weights is None:
+      raise MergeError("Method 'weighted' needs --weights with one value per expert; got None.")
+    weights = tuple(validation.finite_all("--weights", self.weights))
+    object.__setattr__(self, "weights", weights)
+    if float(sum(weights)) <= 0:
+      raise MergeError(f"Weights {list(weights)} must sum to a positive value (they are normalised to "
+                       "sum 1).")
+
+  def resolve(self, k: int) -> dict[str, Any]:
+    super().resolve(k)
+    if len(self.weights) != k:
+      raise MergeError(f"Method 'weighted' needs --weights with one value per expert ({k}); got "
+                       f"{list(self.weights)}.")
+    return {"weights": self.coefficients(k)}
+
+  def coefficients(self, k: int) -> list[float]:
+    total = float(sum(self.weights))
+    return [float(w) / total for w in self.weights]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskArithmetic(MergeMethod):
+  """task_arithmetic: θ = θ₀ + λ Σ τᵢ (a negative λ is task negation)."""
+  name: ClassVar[str] = "task_arithmetic"
+  linear: ClassVar[bool] = True
+  lam: float = 1.0
+
+  def __post_init__(self):
+    object.__setattr__(self, "lam", _finite("lam", self.lam))
+
+  def coefficients(self, k: int) -> list[float]:
+    return [self.lam] * k
+
+  def merge_tensor(self, name: str, get: Getter, k: int, thresholds: Sequence[float] | None) -> np.ndarray:
+    return self.lam * linear_combination(get, [1.0] * k)
+
+
+def _check_sign_method(sign_method: str) -> None:
+  if sign_method not in SIGN_METHODS:
+    raise MergeError(f"sign_method must be 'mass' or 'count'; got {sign_method!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TIES(MergeMethod):
+  """ties: trim each τᵢ to its top `density` fraction, elect signs, disjoint mean; θ₀ + λ τ_m."""
+  name: ClassVar[str] = "ties"
+  lam: float = 1.0
+  density: float = 0.2
+  per_tensor: bool = False  # Trim per tensor instead of over the whole flattened expert.
+  sign_method: str = "mass"
+
+  def __post_init__(self):
+    object.__setattr__(self, "lam", _finite("lam", self.lam))
+    object.__setattr__(self, "density", _finite("density", self.density))
+    object.__setattr__(self, "per_tensor", bool(self.per_tensor))
+    if not 0.0 < self.density <= 1.0:
+      raise MergeError(f"TIES density must be in (0, 1]; got {self.density}.")
+    _check_sign_method(self.sign_method)
+
+  def merge_tensor(self, name: str, get: Getter, k: int, thresholds: Sequence[float] | None) -> np.ndarray:
+    if self.per_tensor:
+      thresholds = [topk_threshold(np.abs(np.asarray(get(i), np.float64)).ravel(), self.density,
+                                   overwrite=True) for i in range(k)]
+
+    def trimmed(i: int) -> np.ndarray:
+      x = np.asarray(get(i), np.float64)
+      return np.where(trim_mask(x, thresholds[i]), x, 0.0)
+    return self.lam * elect_and_disjoint_mean(trimmed, k, self.sign_method)
+
+
+@dataclasses.dataclass(frozen=True)
+class DARE(MergeMethod):
+  """dare: drop each τᵢ entry with probability `drop` (seeded), rescale, combine linearly or TIES-style."""
+  name: ClassVar[str] = "dare"
+  lam: float = 1.0
+  sign_method: str = "mass"  # Of the TIES-style combine.
+  drop: float = 0.9
+  seed: int = 0
+  combine: str = "linear"
+
+  def __post_init__(self):
+    object.__setattr__(self, "lam", _finite("lam", self.lam))
+    object.__setattr__(self, "drop", _finite("drop", self.drop))
+    object.__setattr__(self, "seed", int(self.seed))
+    _check_sign_method(self.sign_method)
+    if not 0.0 <= self.drop < 1.0:
+      raise MergeError(f"DARE drop probability must be in [0, 1); got {self.drop}.")
+    if self.seed < 0:
+      raise MergeError(f"DARE seed must be an integer >= 0; got {self.seed}.")
+    if self.combine not in DARE_COMBINES:
+      raise MergeError(f"DARE combine must be 'linear' or 'ties'; got {self.combine!r}.")
+
+  def merge_tensor(self, name: str, get: Getter, k: int, thresholds: Sequence[float] | None) -> np.ndarray:
+    def dropped(i: int) -> np.ndarray:
+      x = np.asarray(get(i), np.float64)
+      return dare_rescale(x, dare_mask(self.seed, i, name, x.shape, self.drop), self.drop)
+    if self.combine == "linear":
+      return self.lam * linear_combination(dropped, [1.0] * k)
+    return self.lam * elect_and_disjoint_mean(dropped, k, self.sign_method)
+
+
+# The one table of merge methods: `--method` choices and help, eval/RoE's merge_method, recipes.
+METHOD_CONFIGS: dict[str, type[MergeMethod]] = {
+    c.name: c for c in (UniformMerge, WeightedMerge, TaskArithmetic, TIES, DARE)}
+METHODS = tuple(METHOD_CONFIGS)
+LINEAR_METHODS = tuple(n for n, c in METHOD_CONFIGS.items() if c.linear)
+# Every parameter name of some method (the CLI's flags, recipes' "params" keys).
+PARAM_NAMES = tuple(dict.fromkeys(f.name for c in METHOD_CONFIGS.values() for f in dataclasses.fields(c)))
+
+
+def method_config(method: str | MergeMethod, params: Mapping[str, Any] | None = None) -> MergeMethod:
+  """The validated config of `method` with `params` (flags, a recipe's "params", eval's merge_params).
+
+  Parameters the method does not use are still checked to be finite numbers (recipes have always
+  recorded them) and otherwise ignored. A config passes through (with no params).
+  """
+  if isinstance(method, MergeMethod):
+    if params:
+      raise MergeError(f"Pass parameters inside the {type(method).__name__} config, not also as "
+                       f"{sorted(params)}.")
+    return method
+  if method not in METHOD_CONFIGS:
     raise MergeError(f"Unknown merge method {method!r}; expected one of {METHODS}.")
-  if k < 1:
-    raise MergeError("Merging needs at least one expert.")
-  p = dict(params)
+  params = params or {}
   for key in ("lam", "density", "drop"):
-    if p.get(key) is not None:
-      validation.finite(f"--{key}", p[key])
-  if p.get("weights") is not None:
-    # Negative weights are task negation (they subtract an expert); nan/inf would merge to nan.
-    validation.finite_all("--weights", p["weights"])
-  if method == "weighted":
-    weights = p.get("weights")
-    if weights is None or len(weights) != k:
-      raise MergeError(f"Method 'weighted' needs --weights with one value per expert ({k}); got {weights}.")
-    total = float(sum(weights))
-    if total <= 0:
-      raise MergeError(f"Weights {weights} must sum to a positive value (they are normalised to sum 1).")
-    p["weights"] = [float(w) / total for w in weights]
-  if method in ("task_arithmetic", "ties", "dare"):
-    p["lam"] = float(p.get("lam", 1.0) if p.get("lam") is not None else 1.0)
-  if method == "ties":
-    p["density"] = float(p.get("density", 0.2) if p.get("density") is not None else 0.2)
-    if not 0.0 < p["density"] <= 1.0:
-      raise MergeError(f"TIES density must be in (0, 1]; got {p['density']}.")
-    p["per_tensor"] = bool(p.get("per_tensor", False))
-  if method in ("ties", "dare"):
-    p["sign_method"] = p.get("sign_method") or "mass"
-    if p["sign_method"] not in ("mass", "count"):
-      raise MergeError(f"sign_method must be 'mass' or 'count'; got {p['sign_method']!r}.")
-  if method == "dare":
-    p["drop"] = float(p.get("drop", 0.9) if p.get("drop") is not None else 0.9)
-    if not 0.0 <= p["drop"] < 1.0:
-      raise MergeError(f"DARE drop probability must be in [0, 1); got {p['drop']}.")
-    p["seed"] = int(p.get("seed", 0) or 0)
-    p["combine"] = p.get("combine") or "linear"
-    if p["combine"] not in ("linear", "ties"):
-      raise MergeError(f"DARE combine must be 'linear' or 'ties'; got {p['combine']!r}.")
-  return p
+    if params.get(key) is not None:
+      _finite(key, params[key])
+  if params.get("weights") is not None:
+    validation.finite_all("--weights", params["weights"])
+  return METHOD_CONFIGS[method].from_params(params)
+
+
+def _resolve(method: str | MergeMethod, k: int, params: Mapping[str, Any]
+             ) -> tuple[MergeMethod, dict[str, Any], dict[str, Any]]:
+  """(config, the recipe's "params", its "resolved_params") for k inputs.
+
+  "params" is what was given (a config's full parameters); "resolved_params" is that with the
+  method's resolved values put in (given keys the method does not use stay, as they always have).
+  """
+  config = method_config(method, params)
+  given = dict(params) if isinstance(method, str) else config.to_params()
+  resolved = dict(given)
+  resolved.update(config.resolve(k))
+  return config, given, resolved
+
+
+# ----------------------------------------------------------------------------
+# Whole-expert merges of task vectors (in memory or streamed).
+# ----------------------------------------------------------------------------
 
 
 def _global_thresholds(names: Sequence[str], k: int, tau: Callable[[int, str], np.ndarray],
@@ -192,7 +377,8 @@ def _global_thresholds(names: Sequence[str], k: int, tau: Callable[[int, str], n
   return out
 
 
-def merge_task_vectors(method: str, names: Sequence[str], k: int, tau: Callable[[int, str], np.ndarray],
+def merge_task_vectors(method: str | MergeMethod, names: Sequence[str], k: int,
+                       tau: Callable[[int, str], np.ndarray],
                        finalize: Callable[[str, np.ndarray], np.ndarray] | None = None,
                        sizes: Mapping[str, int] | None = None, **params: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """Merges k task vectors tensor by tensor; returns ({name: τ_m}, resolved params).
@@ -200,7 +386,7 @@ def merge_task_vectors(method: str, names: Sequence[str], k: int, tau: Callable[
   For `uniform`/`weighted` the same formula applies to absolute values (the reference cancels).
 
   Args:
-    method: one of METHODS.
+    method: one of METHODS, or a `MergeMethod` config (then no **params).
     names: tensor names to merge.
     k: number of experts.
     tau: (expert index, name) -> that expert's task vector (read lazily).
@@ -210,43 +396,19 @@ def merge_task_vectors(method: str, names: Sequence[str], k: int, tau: Callable[
       fill one preallocated buffer).
     **params: weights, lam, density, per_tensor, sign_method, drop, seed, combine.
   """
-  p = _check_params(method, k, params)
-  out = {}
+  config, _, resolved = _resolve(method, k, params)
   thresholds = None
-  if method == "ties" and not p["per_tensor"]:
-    thresholds = _global_thresholds(names, k, tau, p["density"], sizes)
+  if isinstance(config, TIES) and not config.per_tensor:
+    thresholds = _global_thresholds(names, k, tau, config.density, sizes)
+  out = {}
   for name in names:
-    getter = lambda i, name=name: tau(i, name)
-    if method == "uniform":
-      out[name] = linear_combination(getter, [1.0 / k] * k)
-    elif method == "weighted":
-      out[name] = linear_combination(getter, p["weights"])
-    elif method == "task_arithmetic":
-      out[name] = p["lam"] * linear_combination(getter, [1.0] * k)
-    elif method == "ties":
-      if p["per_tensor"]:
-        ths = [topk_threshold(np.abs(np.asarray(getter(i), np.float64)).ravel(), p["density"],
-                              overwrite=True) for i in range(k)]
-      else:
-        ths = thresholds
-      def trimmed(i, getter=getter, ths=ths):
-        x = np.asarray(getter(i), np.float64)
-        return np.where(trim_mask(x, ths[i]), x, 0.0)
-      out[name] = p["lam"] * elect_and_disjoint_mean(trimmed, k, p["sign_method"])
-    else:  # dare
-      def dropped(i, getter=getter, name=name):
-        x = np.asarray(getter(i), np.float64)
-        return dare_rescale(x, dare_mask(p["seed"], i, name, x.shape, p["drop"]), p["drop"])
-      if p["combine"] == "linear":
-        out[name] = p["lam"] * linear_combination(dropped, [1.0] * k)
-      else:
-        out[name] = p["lam"] * elect_and_disjoint_mean(dropped, k, p["sign_method"])
+    out[name] = config.merge_tensor(name, lambda i, name=name: tau(i, name), k, thresholds)
     if finalize is not None:
       out[name] = finalize(name, out[name])
-  return out, p
+  return out, resolved
 
 
-def merge_pytrees(method: str, trees: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | None = None,
+def merge_pytrees(method: str | MergeMethod, trees: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | None = None,
                   **params: Any) -> dict[str, Any]:
   """In-memory merge of parameter trees (nested or flat) of one structure; returns a nested float32 tree.
 
@@ -260,7 +422,7 @@ def merge_pytrees(method: str, trees: Sequence[Mapping[str, Any]], reference: Ma
       raise MergeError(f"Tree {i} has tensors {_diff(names, list(f))} that tree 0 does not share; merge "
                        f"trees of one structure.")
   ref = expert_format.flatten_params(reference) if reference is not None else {}
-  absolute = method in ("uniform", "weighted")
+  absolute = method_config(method, params).absolute
 
   def tau(i: int, name: str) -> np.ndarray:
     x = np.asarray(flats[i][name], np.float64)
@@ -347,6 +509,24 @@ def _is_layer_norm(name: str) -> bool:
   return name.endswith("/scale")
 
 
+def adapter_init_params(metas: Sequence[Mapping[str, Any]], base_params: Mapping[str, Any],
+                        t5_config: Any = None) -> dict[str, Any] | None:
+  """θ_init of adapter inputs (recomputed from their config and init seed), else None.
+
+  Args:
+    metas: the inputs' metadata (`expert.json`); the first one's config is used.
+    base_params: the base parameters the adapters were initialised against.
+    t5_config: the base's `network.T5Config` (default: the recorded base config name).
+  """
+  if metas[0]["type"] != "adapter":
+    return None
+  from expert_t5x import experts  # heavy; only for task-vector merges of adapters
+  if t5_config is None:
+    from expert_t5x import network
+    t5_config = network.get_config(metas[0]["base"]["config_name"])
+  return experts.init_expert(experts.config_from_json(metas[0]["config"]), t5_config, base_params)
+
+
 def _adapter_reference(readers: Sequence[expert_format.ExpertReader], policy: str,
                        init_params: Mapping[str, Any] | None) -> tuple[str, dict[str, np.ndarray] | None]:
   seeds = {json.dumps([r.metadata["config"].get("init_seed"), r.metadata["training"].get("init_seed")])
@@ -368,7 +548,7 @@ def _adapter_reference(readers: Sequence[expert_format.ExpertReader], policy: st
   return "zero", None
 
 
-def merge_expert_dirs(expert_dirs: Sequence[str], output_dir: str, method: str, *,
+def merge_expert_dirs(expert_dirs: Sequence[str], output_dir: str, method: str | MergeMethod, *,
                       base_params: Mapping[str, Any] | None = None,
                       init_params: Mapping[str, Any] | None = None,
                       adapter_reference: str = "auto", svd_rank: int | None = None,
@@ -379,7 +559,8 @@ def merge_expert_dirs(expert_dirs: Sequence[str], output_dir: str, method: str, 
   Args:
     expert_dirs: the input experts (one type, one base, one tensor structure).
     output_dir: where the merged expert is written (atomically).
-    method: one of METHODS.
+    method: one of METHODS, or a `MergeMethod` config (then no **params; the recipe records its
+      parameters).
     base_params: base parameters (flat or nested), needed for layer-norm task vectors (θ − base) of
       adapter experts under non-averaging methods.
     init_params: the adapters' initial values (flat or nested; e.g. `experts.init_expert(...)`).
@@ -422,25 +603,25 @@ def merge_expert_dirs(expert_dirs: Sequence[str], output_dir: str, method: str, 
           raise MergeError(f"Expert '{d}' has '{n}' of shape {r.shape(n)} but '{expert_dirs[0]}' has "
                            f"{readers[0].shape(n)}; merge experts of one configuration.")
     k = len(readers)
-    resolved = _check_params(method, k, params)
+    config, given, resolved = _resolve(method, k, params)
     recipe: dict[str, Any] = {
-        "format": RECIPE_FORMAT, "method": method, "params": dict(params), "resolved_params": resolved,
+        "format": RECIPE_FORMAT, "method": config.name, "params": given, "resolved_params": resolved,
         "input_type": kind,
         "inputs": [{"name": n, "content_hash": m["content_hash"]}
                    for n, m in zip(input_names or list(expert_dirs), metas)],
         "base_fingerprint": metas[0]["base"]["fingerprint"],
     }
     if kind == "lora":
-      flat, config, extra = _merge_lora(readers, names, method, resolved, svd_rank)
+      flat, out_config, extra = _merge_lora(readers, names, config, resolved, svd_rank)
     else:
-      flat, extra = _merge_dense(readers, names, kind, method, resolved, base_params, init_params,
+      flat, extra = _merge_dense(readers, names, kind, config, resolved, base_params, init_params,
                                  adapter_reference)
-      config = metas[0]["config"]
+      out_config = metas[0]["config"]
     recipe.update(extra)
     out_type = recipe.get("output_type", kind)
     provenance = [dict(p, role="merged") for m in metas for p in m["provenance"]]
     meta = expert_format.build_metadata(
-        out_type, config, base_fingerprint=metas[0]["base"]["fingerprint"],
+        out_type, out_config, base_fingerprint=metas[0]["base"]["fingerprint"],
         base_config_name=metas[0]["base"]["config_name"], vocab_fingerprint=metas[0]["base"]["vocab_fingerprint"],
         provenance=provenance, training={"merged_from": [m["content_hash"] for m in metas]})
     recipe["output_type"] = out_type
@@ -455,8 +636,13 @@ def merge_expert_dirs(expert_dirs: Sequence[str], output_dir: str, method: str, 
       r.close()
 
 
-def _merge_dense(readers, names, kind, method, p, base_params, init_params, adapter_reference):
-  absolute = method in ("uniform", "weighted")
+# `_merge_dense` and `_merge_lora` take the config and its resolved params. The formulas get the
+# resolved params (re-resolved: weighted's weights are normalised twice), as every recipe so far
+# was made, so reruns stay bitwise identical.
+
+
+def _merge_dense(readers, names, kind, config, p, base_params, init_params, adapter_reference):
+  absolute = config.absolute
   extra: dict[str, Any] = {"reference": {}}
   base = expert_format.flatten_params(base_params) if base_params is not None else None
   init = None
@@ -465,7 +651,7 @@ def _merge_dense(readers, names, kind, method, p, base_params, init_params, adap
     extra["reference"]["adapter"] = ref_kind
     if any(_is_layer_norm(n) for n in names):
       if base is None:
-        raise MergeError(f"Method '{method}' on adapter experts needs the base parameters for layer-norm "
+        raise MergeError(f"Method '{config.name}' on adapter experts needs the base parameters for layer-norm "
                          f"task vectors (θ − base); pass --base CHECKPOINT.")
       extra["reference"]["layer_norm"] = "base"
   elif kind == "full":
@@ -490,18 +676,17 @@ def _merge_dense(readers, names, kind, method, p, base_params, init_params, adap
     return (value if r is None else r + value).astype(np.float32)
 
   sizes = {n: int(np.prod(readers[0].shape(n), dtype=np.int64)) for n in names}
-  flat, _ = merge_task_vectors(method, names, len(readers), tau, finalize, sizes, **p)
+  flat, _ = merge_task_vectors(config.name, names, len(readers), tau, finalize, sizes, **p)
   return flat, extra
 
 
-def _merge_lora(readers, names, method, p, svd_rank):
+def _merge_lora(readers, names, config, p, svd_rank):
   configs = [r.metadata["config"] for r in readers]
   scales = [lora_scale(c) for c in configs]
   modules = lora_modules(names)
   k = len(readers)
-  if method in LINEAR_METHODS:
-    coeffs = {"uniform": [1.0 / k] * k, "weighted": p.get("weights"),
-              "task_arithmetic": [p.get("lam", 1.0)] * k}[method]
+  if config.linear:
+    coeffs = config.coefficients(k)
     rank = sum(int(c["rank"]) for c in configs)
     # Inputs of one (rank, alpha) keep their scale: alpha' = k·alpha over rank k·r gives the same
     # alpha'/rank', so B only takes the coefficients (and merging one expert returns it bitwise).
@@ -521,9 +706,9 @@ def _merge_lora(readers, names, method, p, svd_rank):
 
   kernels = [f"{m}/kernel" for m in modules]
   if svd_rank is None:
-    flat, _ = merge_task_vectors(method, kernels, k, tau, lambda _, v: v.astype(np.float32), **p)
+    flat, _ = merge_task_vectors(config.name, kernels, k, tau, lambda _, v: v.astype(np.float32), **p)
     return flat, {"kind": "full"}, {"output_type": "full", "lora": {"output": "full_delta"}}
-  merged, _ = merge_task_vectors(method, kernels, k, tau, **p)
+  merged, _ = merge_task_vectors(config.name, kernels, k, tau, **p)
   flat, errors = {}, {}
   for kernel, delta in merged.items():
     m = kernel[:-len("/kernel")]
@@ -565,140 +750,13 @@ def select_label_free(candidates: Sequence[Any], score_fn: Callable[[Any], np.nd
 
 
 # ----------------------------------------------------------------------------
-# CLI: expert-t5x merge
+# Recipe files, and moving a rerun into place once it reproduced its recipe.
 # ----------------------------------------------------------------------------
 
 
-def adapter_init_params(metas: Sequence[Mapping[str, Any]], base_params: Mapping[str, Any],
-                        t5_config: Any = None) -> dict[str, Any] | None:
-  """θ_init of adapter inputs (recomputed from their config and init seed), else None.
-
-  Args:
-    metas: the inputs' metadata (`expert.json`); the first one's config is used.
-    base_params: the base parameters the adapters were initialised against.
-    t5_config: the base's `network.T5Config` (default: the recorded base config name).
-  """
-  if metas[0]["type"] != "adapter":
-    return None
-  from expert_t5x import experts  # heavy; only for task-vector merges of adapters
-  if t5_config is None:
-    from expert_t5x import network
-    t5_config = network.get_config(metas[0]["base"]["config_name"])
-  return experts.init_expert(experts.config_from_json(metas[0]["config"]), t5_config, base_params)
-
-
-def _load_base(path: str | None, need_init: bool, metas: Sequence[Mapping[str, Any]]):
-  if path is None:
-    return None, None
-  from expert_t5x import checkpoint_importer  # heavy; only when --base is given
-  base, t5_config, _ = checkpoint_importer.load_params(path)
-  return base, (adapter_init_params(metas, base, t5_config) if need_init else None)
-
-
-def _resolve_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-  if args.recipe:
-    recipe = _read_recipe(args.recipe)
-    wanted = [i["content_hash"] for i in recipe["inputs"]]
-    pool = _candidate_dirs(args)
-    by_hash = {}
-    for name, d in pool:
-      by_hash.setdefault(expert_format.read_metadata(d)["content_hash"], (name, d))
-    missing = [h[:12] for h in wanted if h not in by_hash]
-    if missing:
-      raise MergeError(f"Recipe inputs {missing} were not found among --experts/--library; pass the experts "
-                       f"it was made from.")
-    return [by_hash[h][1] for h in wanted], [by_hash[h][0] for h in wanted]
-  pool = _candidate_dirs(args)
-  if args.retrieval:
-    ranked = _ranked_from_retrieval(args.retrieval, args.task)
-    if args.top_k > len(ranked):
-      raise validation.UsageError(f"--top-k {args.top_k} exceeds the {len(ranked)} experts ranked in "
-                                  f"{args.retrieval}; pass --top-k {len(ranked)} or less.")
-    ids = ranked[:args.top_k]
-    lib = _library(args)
-    return [lib.expert_dir(i) for i in ids], ids
-  if not pool:
-    raise MergeError("Nothing to merge: pass --experts DIR..., --library LIB --ids ID..., or --retrieval FILE.")
-  return [d for _, d in pool], [n for n, _ in pool]
-
-
-def _library(args):
-  from expert_t5x import library
-  if not args.library:
-    raise MergeError("--retrieval and --ids need --library.")
-  return library.Library(args.library)
-
-
-def _candidate_dirs(args) -> list[tuple[str, str]]:
-  pool = [(d, d) for d in args.experts or []]
-  if args.library and (args.ids or args.recipe):
-    lib = _library(args)
-    pool += [(i, lib.expert_dir(i)) for i in (args.ids or lib.ids())]
-  return pool
-
-
-def _ranked_from_retrieval(path: str, task: str | None) -> list[str]:
-  """Ranked expert ids of one task: a retrieval file's candidates (by votes) or an oracle file's
-  (`expert-t5x eval --oracle --output`, by accuracy)."""
-  validation.existing_file("--retrieval", path, "a retrieval JSON from `expert-t5x retrieve`")
-  damaged = validation.DataError(f"--retrieval '{path}' is not a retrieval or oracle file (expected "
-                                 "{'results': [{'task', 'candidates': [{'expert', ...}]}]}); pass "
-                                 "the --output of `expert-t5x retrieve` or `eval --oracle`.")
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except (UnicodeDecodeError, json.JSONDecodeError):
-    raise damaged from None
-  if not isinstance(data, dict):
-    raise damaged
-  results = data.get("results") or data.get("prompts") or [data]
-  if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
-    raise damaged
-  if task is not None:
-    results = [r for r in results if r.get("task") == task]
-  if len(results) != 1:
-    raise MergeError(f"Retrieval file '{path}' has {len(results)} results" + (f" for task {task!r}" if task else "")
-                     + "; pick one with --task.")
-  candidates = results[0].get("candidates")
-  if not isinstance(candidates, list) or not all(isinstance(c, dict) and isinstance(c.get("expert"), str)
-                                                 for c in candidates):
-    raise damaged
-  return [c["expert"] for c in candidates]
-
-
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="expert-t5x merge", description="Merge experts into a new expert (with recipe).")
-  p.add_argument("--method", choices=METHODS, default="uniform")
-  p.add_argument("--experts", nargs="+", help="expert directories")
-  p.add_argument("--library", help="expert library (with --ids, --retrieval or --recipe)")
-  p.add_argument("--ids", nargs="+", help="library expert ids")
-  p.add_argument("--retrieval", help="retrieval JSON from `expert-t5x retrieve` (or an oracle JSON from "
-                 "`expert-t5x eval --oracle --output`): merge its top-k candidates")
-  p.add_argument("--task", help="which task of the retrieval file")
-  p.add_argument("--top-k", type=int, default=3)
-  p.add_argument("--recipe", help="re-run a recipe (a recipe JSON or a merged expert's expert.json)")
-  p.add_argument("--weights", type=float, nargs="+",
-                 help="one finite weight per expert (normalised to sum 1; a negative weight subtracts "
-                      "that expert: task negation; the sum must stay positive)")
-  p.add_argument("--lam", type=float, help="λ for task_arithmetic, ties and dare (default 1.0; finite; a "
-                                           "negative λ negates the task vectors: task negation)")
-  p.add_argument("--density", type=float, help="TIES density (default 0.2)")
-  p.add_argument("--per-tensor", action="store_true", help="TIES: trim per tensor instead of per expert")
-  p.add_argument("--sign-method", choices=("mass", "count"))
-  p.add_argument("--drop", type=float, help="DARE drop probability (default 0.9)")
-  p.add_argument("--seed", type=int, help="DARE mask seed (default 0)")
-  p.add_argument("--combine", choices=("linear", "ties"), help="DARE: combine linearly or TIES-style")
-  p.add_argument("--svd-rank", type=int, help="TIES/DARE on LoRA: refactor ΔW to this rank")
-  p.add_argument("--base", help="base checkpoint (needed by task_arithmetic/ties/dare on adapter experts)")
-  p.add_argument("--adapter-reference", choices=("auto", "init", "zero"), default="auto")
-  p.add_argument("--output", required=True, help="output expert directory")
-  p.add_argument("--recipe-out", help="also write the recipe to this JSON file")
-  p.add_argument("--overwrite", action="store_true")
-  return p
-
-
-def _replace_if_reproduced(merged: str, output: str, got: str, wanted: str, recipe_path: str,
-                           hint: str = "") -> None:
+def replace_if_reproduced(merged: str, output: str, got: str, wanted: str, recipe_path: str,
+                          hint: str = "") -> None:
+  """Moves a rerun's merge (`merged`, hash `got`) to `output` if it has the recipe's hash `wanted`."""
   if got != wanted:
     shutil.rmtree(merged, ignore_errors=True)
     raise MergeError(f"--recipe {recipe_path}: the merge has hash {got[:12]}, not the recipe's {wanted[:12]}; it "
@@ -708,7 +766,7 @@ def _replace_if_reproduced(merged: str, output: str, got: str, wanted: str, reci
   os.rename(merged, output)
 
 
-def _read_recipe(path: str) -> dict[str, Any]:
+def read_recipe(path: str) -> dict[str, Any]:
   """A recipe JSON (or a merged expert's expert.json) with the fields a rerun needs."""
   validation.existing_file("--recipe", path, "a recipe JSON or a merged expert's expert.json")
   try:
@@ -726,55 +784,13 @@ def _read_recipe(path: str) -> dict[str, Any]:
   return recipe
 
 
+def write_recipe(path: str, recipe: Mapping[str, Any]) -> None:
+  """Writes a recipe JSON (`--recipe-out`; `read_recipe` reads it back)."""
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(recipe, f, indent=2, sort_keys=True)
+
+
 def merge_main(argv: Sequence[str] | None = None) -> int:
-  """Entry point of `expert-t5x merge`."""
-  args = _parser().parse_args(argv)
-  try:
-    if args.top_k is not None:
-      validation.positive_int("--top-k", args.top_k)
-    if args.svd_rank is not None:
-      validation.positive_int("--svd-rank", args.svd_rank, "or leave it out to keep LoRA factors")
-    dirs, names = _resolve_inputs(args)
-    validation.output_dir("--output", args.output, dirs)
-    if args.recipe_out:
-      validation.output_file("--recipe-out", args.recipe_out)
-    method, params, svd_rank, ref = args.method, {}, args.svd_rank, args.adapter_reference
-    if args.recipe:
-      recipe = _read_recipe(args.recipe)
-      method, params = recipe["method"], dict(recipe["params"])
-      svd_rank = (recipe.get("lora") or {}).get("rank") if (recipe.get("lora") or {}).get("output") == "svd" else None
-      ref = (recipe.get("reference") or {}).get("adapter", "auto")
-    else:
-      for key in ("weights", "lam", "density", "sign_method", "drop", "seed", "combine"):
-        if getattr(args, key) is not None:
-          params[key] = getattr(args, key)
-      if args.per_tensor:
-        params["per_tensor"] = True
-    metas = [expert_format.read_metadata(d) for d in dirs]
-    base, init = _load_base(args.base, method not in ("uniform", "weighted") and ref != "zero", metas)
-    wanted = recipe.get("output_hash") if args.recipe else None
-    old_format = bool(args.recipe) and recipe.get("format", 1) < RECIPE_FORMAT
-    if wanted and os.path.exists(args.output) and not args.overwrite:
-      raise MergeError(f"'{args.output}' exists; pass --overwrite or another --output.")
-    # A rerun is checked before it replaces anything: merged beside the output, moved in if reproduced.
-    target = f"{args.output.rstrip(os.sep)}.rerun-{os.getpid()}" if wanted else args.output
-    recipe = merge_expert_dirs(dirs, target, method, base_params=base, init_params=init,
-                               adapter_reference=ref, svd_rank=svd_rank, input_names=names,
-                               overwrite=args.overwrite, **params)
-    if wanted:
-      _replace_if_reproduced(target, args.output, recipe["output_hash"], wanted, args.recipe,
-                             " (the recipe is of an earlier format, whose merges may differ bitwise)"
-                             if old_format else "")
-  except (MergeError, ValueError, OSError, KeyError, TypeError, AttributeError) as e:
-    # (KeyError/TypeError/AttributeError: a recipe JSON missing fields or of the wrong types.)
-    return validation.report("expert-t5x merge", e)
-  if args.recipe_out:
-    with open(args.recipe_out, "w", encoding="utf-8") as f:
-      json.dump(recipe, f, indent=2, sort_keys=True)
-  print(f"merged {len(dirs)} experts ({method}) -> {args.output} [{recipe['output_type']}, "
-        f"{recipe['output_hash'][:12]}]")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(merge_main())
+  """`expert-t5x merge` (the CLI lives in `merge_cli`)."""
+  from expert_t5x import merge_cli  # pylint: disable=g-import-not-at-top
+  return merge_cli.main(argv)
