@@ -27,7 +27,7 @@ register("eval", "expert_t5x.eval", "cli_main",
          "rank-classification evaluation of a base, experts, RoE or a merge; --oracle")
 register("infer", "expert_t5x.infer", "cli_main",
          "generate or score free inputs with a base model + expert or merge")
-register("library", "expert_t5x.library", "library_main",
+register("library", "expert_t5x.library_cli", "main",
          "init, add, list, show, remove, index experts; report-overlaps")
 register("retrieve", "expert_t5x.retrieval", "retrieve_main",
          "retrieve experts for a task from a few unlabeled examples (RoE)")

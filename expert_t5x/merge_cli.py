@@ -158,9 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       svd_rank = (recipe.get("lora") or {}).get("rank") if (recipe.get("lora") or {}).get("output") == "svd" else None
       ref = (recipe.get("reference") or {}).get("adapter", "auto")
     else:
-      params = {key: getattr(args, key) for key in merging.PARAM_NAMES if getattr(args, key) is not None}
+      params = {key: getattr(args, key) for key in merging.PARAM_NAMES
+                if getattr(args, key) is not None}
     metas = [expert_format.read_metadata(d) for d in dirs]
-    base, init = _load_base(args.base, not merging.method_config(method, params).absolute and ref != "zero", metas)
+    absolute = merging.method_config(method, params).absolute  # (No task vectors, no references.)
+    base, init = _load_base(args.base, not absolute and ref != "zero", metas)
     wanted = recipe.get("output_hash") if args.recipe else None
     old_format = bool(args.recipe) and recipe.get("format", 1) < merging.RECIPE_FORMAT
     if wanted and os.path.exists(args.output) and not args.overwrite:

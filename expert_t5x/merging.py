@@ -248,7 +248,7 @@ def _check_sign_method(sign_method: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TIES(MergeMethod):
-  """ties: trim each τᵢ to its top `density` fraction, elect signs, disjoint mean; θ₀ + λ τ_m."""
+  """ties: θ₀ + λ τ_m, τ_m the sign-elected disjoint mean of the τᵢ trimmed to their top `density`."""
   name: ClassVar[str] = "ties"
   lam: float = 1.0
   density: float = 0.2
