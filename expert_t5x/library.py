@@ -1,7 +1,6 @@
 """Expert library on disk: immutable entries, a derived manifest, and a contamination guard.
 
-(Over 600 lines: the on-disk protocol, its object-store working copy and the guard share the entry
-format; the `expert-t5x library` command is in `library_cli`.)
+Over 600 lines: the disk protocol, object-store copy and guard share one format (CLI: library_cli).
 
 A library is a directory:
 

@@ -1,7 +1,6 @@
 """Merging experts: averages, task arithmetic, TIES and DARE, streamed per tensor, saved as recipes.
 
-(Over 600 lines: the method configs, their per-tensor formulas, the streamed merge and the recipe
-format are one unit; the `expert-t5x merge` command is in `merge_cli`.)
+Over 600 lines: method configs, formulas, streamed merge and recipes are one unit (CLI: merge_cli).
 
 Each method is a typed config (`UniformMerge`, `WeightedMerge`, `TaskArithmetic`, `TIES`, `DARE`),
 validated on construction, in one table `METHOD_CONFIGS` (name -> class) that the CLI, eval/RoE
