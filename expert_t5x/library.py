@@ -796,3 +796,7 @@ def library_main(argv: Sequence[str] | None = None) -> int:
   """`expert-t5x library` (the CLI lives in `library_cli`)."""
   from expert_t5x import library_cli  # pylint: disable=g-import-not-at-top
   return library_cli.main(argv)
+
+
+if __name__ == "__main__":
+  sys.exit(library_main())

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -793,3 +794,7 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
   """`expert-t5x merge` (the CLI lives in `merge_cli`)."""
   from expert_t5x import merge_cli  # pylint: disable=g-import-not-at-top
   return merge_cli.main(argv)
+
+
+if __name__ == "__main__":
+  sys.exit(merge_main())
