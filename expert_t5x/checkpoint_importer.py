@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -496,10 +495,7 @@ def export_hf_t5(params: Mapping[str, Any],
   hf_config = hf_config_from_t5(config)
   tensors = params_to_hf(params, config)
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-  try:
+  with file_io.atomic_directory(out_dir, commit=file_io.swap_dir) as tmp:
     # transformers refuses safetensors files whose format is not 'pt'.
     save_file(tensors, os.path.join(tmp, HF_SAFETENSORS),
               metadata={"format": "pt"})
@@ -507,12 +503,6 @@ def export_hf_t5(params: Mapping[str, Any],
       json.dump(hf_config, f, indent=2, sort_keys=True)
     if vocab_path is not None:
       shutil.copyfile(vocab_path, os.path.join(tmp, VOCAB_FILE))
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out_dir
 
 
@@ -734,10 +724,7 @@ def base_fingerprint(path_or_params: str | os.PathLike[str] | Mapping[str, Any]
   params, _, _ = load_params(os.fspath(path_or_params))
   fingerprint = base_fingerprint(params)
   try:
-    fd, tmp = tempfile.mkstemp(prefix=".fingerprint-", dir=root)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump({"fingerprint": fingerprint, "files": signature}, f)
-    os.replace(tmp, cache)
+    file_io.atomic_write_json(cache, {"fingerprint": fingerprint, "files": signature})
   except OSError:
     pass  # read-only checkpoint: no cache
   return fingerprint

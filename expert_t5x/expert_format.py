@@ -19,11 +19,10 @@ so merges can stream large experts. The full specification is in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -281,10 +280,8 @@ def _validate_keys(keys: list[Mapping[str, Any]]) -> None:
 
 
 def _write_text(path: str, text: str) -> None:
-  with open(path, "w", encoding="utf-8") as f:
+  with open(path, "w", encoding="utf-8") as f:  # fsynced by atomic_directory
     f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
 
 
 def _write_safetensors(path: str, flat: Mapping[str, np.ndarray],
@@ -363,45 +360,24 @@ def save_expert(directory: str | os.PathLike[str],
   if key_list is not None:
     _validate_keys(key_list)
 
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  stem = f".{os.path.basename(directory)}.tmp-"
-  file_io.remove_dead_temp_dirs(parent, stem)  # left by a killed export of this directory
-  tmp = tempfile.mkdtemp(prefix=file_io.temp_dir_prefix(stem), dir=parent)
-  os.chmod(tmp, file_io.creation_mode(directory=True))  # the umask's, not mkdtemp's 0700
-  try:
-    params_path = os.path.join(tmp, PARAMS_FILE)
-    _write_safetensors(params_path, flat, {"content_hash": content_hash, "format": "np"})
-    file_io.fsync_path(params_path)
+  # A killed export of this directory leaves a folder that atomic_directory removes.
+  with file_io.atomic_directory(directory, commit=functools.partial(_move_into_place,
+                                                                    overwrite=overwrite)) as tmp:
+    _write_safetensors(os.path.join(tmp, PARAMS_FILE), flat,
+                       {"content_hash": content_hash, "format": "np"})
     _write_text(os.path.join(tmp, METADATA_FILE),
                 _to_json(meta, indent=2, sort_keys=True) + "\n")
     if key_list is not None:
       _write_text(os.path.join(tmp, KEYS_FILE),
                   "".join(_to_json(k, sort_keys=True) + "\n" for k in key_list))
-    file_io.fsync_path(tmp)
-    _move_into_place(tmp, directory, overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  file_io.fsync_path(parent)
   return content_hash
 
 
 def _move_into_place(tmp: str, directory: str, overwrite: bool) -> None:
-  if not os.path.exists(directory):
-    os.rename(tmp, directory)
-    return
-  if not overwrite:
+  if os.path.exists(directory) and not overwrite:
     raise FileExistsError(f"save_expert: '{directory}' appeared while writing; "
                           f"pass overwrite=True to replace it.")
-  # Directories cannot be swapped atomically; move the old one aside first so
-  # that it is never partially overwritten.
-  trash = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-",
-                           dir=os.path.dirname(directory))
-  aside = os.path.join(trash, "expert")
-  os.rename(directory, aside)
-  os.rename(tmp, directory)
-  shutil.rmtree(trash, ignore_errors=True)
+  file_io.swap_dir(tmp, directory)
 
 
 # ----------------------------------------------------------------------------

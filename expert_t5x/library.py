@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -86,24 +85,26 @@ def _group_shared(directory: str) -> bool:
     return False
 
 
-def _write_temp_json(directory: str, stem: str, obj: Any) -> str:
-  """Writes `obj` to a fsynced temporary file in `directory`; returns its path."""
-  fd, tmp = tempfile.mkstemp(prefix=f".tmp-{stem}-", suffix=".json", dir=directory)
-  os.chmod(tmp, file_io.creation_mode(False, _group_shared(directory)) & 0o777)
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  return tmp
+def _write_json(path: str, obj: Any, *, clobber: bool = True, stage: str | None = None) -> None:
+  """Writes `obj` atomically (`clobber=False`: no clobber, FileExistsError when `path` exists);
+  temporary names start with `.tmp-` so that `index --gc` knows them; `stage` names the test hook
+  called between the temporary write and the commit."""
+  mode = file_io.creation_mode(False, _group_shared(os.path.dirname(path))) & 0o777
+  with file_io.atomic_path(path, clobber=clobber, prefix=f".tmp-{os.path.basename(path)}-",
+                           suffix=".json", file_mode=mode) as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+      f.write("\n")
+    if stage:
+      _hook(stage)
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
-  """Replaces `path` atomically (temp, fsync, rename)."""
-  directory = os.path.dirname(path)
-  tmp = _write_temp_json(directory, os.path.basename(path), obj)
-  os.replace(tmp, path)
-  file_io.fsync_path(directory)
+def _rename_expert_dir(expert_id: str, tmp: str, final: str) -> None:
+  try:
+    os.rename(tmp, final)  # fails if a concurrent writer of the same id won
+  except OSError as e:
+    raise LibraryError(f"Library already has an expert directory '{expert_id}' (added concurrently); "
+                       f"pass another --name.") from e
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -219,15 +220,9 @@ class _Remote:
         (os.stat(dst).st_size, os.stat(dst).st_mtime_ns) == (stat.length, stat.mtime_nsec)):
       return True
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", dir=os.path.dirname(dst))
-    os.close(fd)  # a name of our own: processes sharing the working copy never write one file
-    try:
+    with file_io.atomic_path(dst) as tmp:  # processes sharing the working copy never share a file
       self.gfile.copy(src, tmp, overwrite=True)
       os.utime(tmp, ns=(stat.mtime_nsec, stat.mtime_nsec))
-      os.replace(tmp, dst)
-    finally:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
     return True
 
   def pull_dir(self, rel: str, *, mirror: bool = False) -> None:
@@ -330,15 +325,11 @@ class Library:
         os.chmod(folder, file_io.creation_mode(True, True))
     info = {"format": LIBRARY_FORMAT, "created": _now(),
             "base": {"fingerprint": base_fingerprint, "config_name": base_config_name}}
-    tmp = _write_temp_json(root, LIBRARY_FILE, info)
     try:
-      os.link(tmp, path)  # no clobber: a concurrent init of the same root loses cleanly
+      _write_json(path, info, clobber=False)  # a concurrent init of the same root loses cleanly
     except FileExistsError:
       if not exist_ok:
         raise LibraryError(f"Library '{root}' was created concurrently; use it as is.") from None
-    finally:
-      os.unlink(tmp)
-    file_io.fsync_path(root)
     lib = cls(root)
     lib.rebuild_index()
     return lib
@@ -601,41 +592,21 @@ class Library:
         return
       raise LibraryError(f"'{final}' exists without a matching entry (left by an interrupted add?); run "
                          f"`expert-t5x library index --gc {self.root}` to remove orphans, then add again.")
-    file_io.remove_dead_temp_dirs(experts, f".tmp-{expert_id}-")  # a killed add's partial copy
-    tmp = tempfile.mkdtemp(prefix=file_io.temp_dir_prefix(f".tmp-{expert_id}-"), dir=experts)
     shared = _group_shared(experts)
-    os.chmod(tmp, file_io.creation_mode(True, shared))
-    try:
+    with file_io.atomic_directory(final, stem=f".tmp-{expert_id}-", dir_mode=file_io.creation_mode(
+        True, shared), commit=functools.partial(_rename_expert_dir, expert_id)) as tmp:
       for fname in sorted(os.listdir(src)):
         if os.path.isfile(os.path.join(src, fname)):
           shutil.copyfile(os.path.join(src, fname), os.path.join(tmp, fname))
           os.chmod(os.path.join(tmp, fname), file_io.creation_mode(False, shared))
-          with open(os.path.join(tmp, fname), "rb") as f:
-            os.fsync(f.fileno())
-      file_io.fsync_path(tmp)
-      try:
-        os.rename(tmp, final)  # fails if a concurrent writer of the same id won
-      except OSError as e:
-        raise LibraryError(f"Library already has an expert directory '{expert_id}' (added concurrently); "
-                           f"pass another --name.") from e
-    except BaseException:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise
-    file_io.fsync_path(experts)
 
   def _commit_entry(self, entry: Mapping[str, Any]) -> None:
-    directory = self._entries_dir()
-    tmp = _write_temp_json(directory, entry["id"], entry)
     try:
-      _hook("before_commit")
-      os.link(tmp, os.path.join(directory, f"{entry['id']}.json"))  # atomic, never overwrites
+      _write_json(os.path.join(self._entries_dir(), f"{entry['id']}.json"), entry, clobber=False,
+                  stage="before_commit")
     except FileExistsError:
       raise LibraryError(f"Library already has an expert '{entry['id']}' (added concurrently); pass another "
                          f"--name.") from None
-    finally:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-    file_io.fsync_path(directory)
 
   def remove(self, expert_id: str) -> dict[str, Any]:
     """Removes an expert (entry first, so readers never see an entry without its files)."""
@@ -668,7 +639,7 @@ class Library:
                       for e in entries],
           "damaged_entries": damaged, "removed_orphans": removed,
       }
-      _atomic_write_json(os.path.join(self.root, MANIFEST_FILE), manifest)
+      _write_json(os.path.join(self.root, MANIFEST_FILE), manifest)
     if self.remote is not None:
       self.remote.push(MANIFEST_FILE)
     return manifest

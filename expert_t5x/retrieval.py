@@ -30,7 +30,6 @@ import itertools
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -273,10 +272,7 @@ def cached_key_embeddings(lib: library_lib.Library, embedder: Any, keys: KeySet)
       except (OSError, ValueError):
         pass  # a damaged cache file is recomputed
     block = np.asarray(embedder.embed(texts), np.float32)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=directory)
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, block)
-    os.replace(tmp, path)
+    file_io.atomic_write(path, lambda f, b=block: np.save(f, b), mode="wb")
     blocks.append(block)
   return np.concatenate(blocks, axis=0) if blocks else np.zeros((0, 0), np.float32)
 

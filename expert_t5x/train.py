@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -477,9 +476,7 @@ def _write_progress(model_dir: str, progress: dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
   path = os.path.join(model_dir, PROGRESS_JSON)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(progress, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  file_io.atomic_write_json(path, progress, indent=1, sort_keys=True)
 
 
 def _non_finite_message(loss: Any, step: int, model_dir: str, resumed_at: Optional[int],
