@@ -31,6 +31,7 @@ import numpy as np
 
 from expert_t5x import expert_format
 from expert_t5x import file_io
+from expert_t5x import trees
 
 FINGERPRINT_FILE = "expert_t5x_fingerprint.json"
 HF_CONFIG = "config.json"
@@ -152,7 +153,7 @@ def check_params(params: Mapping[str, Any], config: Any, *,
                  source: str = "params") -> None:
   """Raises one CheckpointMismatchError listing every missing, unexpected or
   wrong-shaped tensor of `params` (nested or flat) for `config`."""
-  flat = expert_format.flatten_params(params)
+  flat = trees.flatten_params(params)
   want = expected_shapes(config)
   problems = []
   for name, shape in want.items():
@@ -394,7 +395,7 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], config: Any,
         f"{source} does not match its config.json ({len(problems)} "
         f"problem(s)); the weights and config.json must describe the same "
         f"gated-gelu T5: " + "; ".join(problems))
-  return expert_format.unflatten_params(flat)
+  return trees.unflatten_params(flat)
 
 
 def find_vocab(path: str) -> str | None:
@@ -439,7 +440,7 @@ def load_hf_t5(path: str | os.PathLike[str], **config_overrides: Any
 def params_to_hf(params: Mapping[str, Any], config: Any) -> dict[str, np.ndarray]:
   """Our tree -> HF T5 state dict (numpy float32, HF `[out, in]` layout)."""
   check_params(params, config)
-  flat = expert_format.flatten_params(params)
+  flat = trees.flatten_params(params)
   names = hf_name_map(config.num_encoder_layers, config.num_decoder_layers,
                       config.logits_via_embedding)
   out = {}
@@ -605,8 +606,8 @@ def load_t5x_checkpoint(path: str | os.PathLike[str], *, config: Any = None
   else:
     target = _restore_orbax_target(os.path.join(step_dir, ORBAX_ITEM))
   flat = {k: _to_float32(v)
-          for k, v in expert_format.flatten_params(target).items()}
-  params = expert_format.unflatten_params(flat)
+          for k, v in trees.flatten_params(target).items()}
+  params = trees.unflatten_params(flat)
   if config is not None:
     check_params(params, config, source=f"T5X checkpoint '{step_dir}'")
   return params
@@ -616,7 +617,7 @@ def infer_t5_config(params: Mapping[str, Any], **overrides: Any) -> Any:
   """A gated-GELU `T5Config` whose shapes match `params` (dropout etc. from
   the defaults or `overrides`)."""
   from expert_t5x import network  # pylint: disable=g-import-not-at-top
-  flat = expert_format.flatten_params(params)
+  flat = trees.flatten_params(params)
   try:
     vocab, emb = flat["token_embedder/embedding"].shape
     heads, buckets = flat["encoder/relpos_bias/rel_embedding"].shape
@@ -709,8 +710,8 @@ def base_fingerprint(path_or_params: str | os.PathLike[str] | Mapping[str, Any]
   """
   if isinstance(path_or_params, Mapping):
     flat = {k: _to_float32(v)
-            for k, v in expert_format.flatten_params(path_or_params).items()}
-    return expert_format.tree_digest(flat)
+            for k, v in trees.flatten_params(path_or_params).items()}
+    return trees.tree_digest(flat)
   root = _fingerprint_root(os.fspath(path_or_params))
   cache = os.path.join(root, FINGERPRINT_FILE)
   signature = _file_signature(root)

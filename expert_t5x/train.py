@@ -25,7 +25,6 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from flax import traverse_util
 import jax
 import numpy as np
 
@@ -40,6 +39,7 @@ from expert_t5x import partitioning
 from expert_t5x import checkpoints
 from expert_t5x import train_data
 from expert_t5x import trainer as trainer_lib
+from expert_t5x import trees
 from expert_t5x import validation
 
 PyTree = Any
@@ -94,8 +94,8 @@ def _load_base(model: models.EncoderDecoderModel, path: Optional[str], seed: int
     loaded, _, info = checkpoint_importer.load_params(path)
     vocab_path = info.get("vocab_path")
     want_shapes = {k: tuple(v.shape) for k, v in
-                   traverse_util.flatten_dict(dict(abstract["params"]), sep="/").items()}
-    got = {k: tuple(np.shape(v)) for k, v in expert_format.flatten_params(loaded).items()}
+                   trees.flatten(abstract["params"]).items()}
+    got = {k: tuple(np.shape(v)) for k, v in trees.flatten_params(loaded).items()}
     bad = sorted(k for k in set(want_shapes) | set(got) if want_shapes.get(k) != got.get(k))
     if bad:
       k = bad[0]
