@@ -289,24 +289,21 @@ def build_library(root: str, expert_dirs: Mapping[str, str], fingerprint: str):
   return lib
 
 
+def _fetch_minilm() -> str:
+  from seqio_tasks import fetch  # pylint: disable=g-import-not-at-top
+  print("[demo] fetching all-MiniLM-L6-v2 (once; `expert-t5x data fetch minilm`)", file=sys.stderr)
+  return fetch.fetch_minilm(log=lambda m: print(m, file=sys.stderr))
+
+
 def make_embedder(cfg: DemoConfig, base_dir: str):
-  """The retrieval embedder: MiniLM (fetched once), the base's T5 encoder, or BM25."""
-  from expert_t5x import embedders  # pylint: disable=g-import-not-at-top
-  if cfg.embedder == "bm25":
-    return embedders.BM25Scorer()
-  if cfg.embedder == "minilm":
-    from seqio_tasks import fetch  # pylint: disable=g-import-not-at-top
-    directory = os.environ.get("EXPERT_T5X_MINILM_DIR") or fetch.minilm_dir()
-    if not os.path.isdir(directory):
-      print("[demo] fetching all-MiniLM-L6-v2 (once; `expert-t5x data fetch minilm`)",
-            file=sys.stderr)
-      directory = fetch.fetch_minilm(log=lambda m: print(m, file=sys.stderr))
-    return embedders.MiniLMEmbedder(directory)
-  from expert_t5x import checkpoint_importer  # pylint: disable=g-import-not-at-top
+  """The retrieval embedder: MiniLM (fetched once), the base's T5 encoder (byte vocabulary, the
+  demo's input length), or BM25."""
+  from expert_t5x import retrieval  # pylint: disable=g-import-not-at-top
+  if cfg.embedder != "t5":
+    return retrieval.make_embedder(cfg.embedder, fetch_minilm=_fetch_minilm)
   from seqio_tasks import vocab  # pylint: disable=g-import-not-at-top
-  params, config, _ = checkpoint_importer.load_params(base_dir)
-  return embedders.T5EncoderEmbedder(params, config, vocabulary=vocab.DEMO_VOCABULARY,
-                                     max_seq_length=cfg.task_lengths[0])
+  return retrieval.make_embedder("t5", base_path=base_dir, vocabulary=vocab.DEMO_VOCABULARY,
+                                 max_seq_length=cfg.task_lengths[0])
 
 
 def eval_prompts() -> list[dict[str, Any]]:
@@ -332,10 +329,8 @@ def retrieve_all(cfg: DemoConfig, lib, embedder, prompts: Sequence[Mapping[str, 
   out = {}
   for p in prompts:
     examples = seqio_tasks.load_examples(p["task"], cfg.eval_split, None)
-    unlabeled = [{k: v for k, v in ex.items() if k not in ("targets", "label_index")}
-                 for ex in examples]
-    out[p["task"]] = retriever.retrieve(unlabeled, guard=p["guard"], num_queries=cfg.num_queries,
-                                        seed=cfg.seed)
+    out[p["task"]] = retriever.retrieve(retrieval.unlabeled(examples), guard=p["guard"],
+                                        num_queries=cfg.num_queries, seed=cfg.seed)
   return out
 
 

@@ -106,6 +106,17 @@ def format_text(row: Mapping[str, Any], text_format: str = DEFAULT_TEXT_FORMAT,
   return f"{choices}</s>{source}" if new else f"Answer Choices: {choices}, Instance: {source}"
 
 
+# What retrieval may read of an eval example: never its label or target. A whitelist: a field added
+# to examples later stays hidden until it is known to be label-free.
+UNLABELED_FIELDS = ("inputs", "answer_choices", "answer_choices_template", "dataset", "subset",
+                    "prompt", "task", "example_id")
+
+
+def unlabeled(examples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """The examples without labels or targets (what retrieval and label-free selection may see)."""
+  return [{k: ex[k] for k in UNLABELED_FIELDS if k in ex} for ex in examples]
+
+
 def select_queries(num_examples: int, num_queries: int = DEFAULT_NUM_QUERIES, seed: int = 0) -> list[int]:
   """Indices of the unlabeled queries: the first Q of a seeded permutation of the eval split."""
   perm = np.random.default_rng(seed).permutation(num_examples)
@@ -553,8 +564,9 @@ EMBEDDERS = ("minilm", "t5", "bm25")
 def make_embedder(name: str, *, minilm_dir: str | None = None,
                   max_seq_length: int = embedders_lib.DEFAULT_MAX_SEQ_LENGTH,
                   base_path: str | None = None, base_config: str = "xl", vocab_path: str | None = None,
-                  t5_base: tuple[Any, Any, Any] | None = None) -> Any:
-  """Builds an embedder by name.
+                  vocabulary: Any = None, t5_base: tuple[Any, Any, Any] | None = None,
+                  fetch_minilm: Callable[[], str] | None = None) -> Any:
+  """Builds an embedder by name (the one embedder factory: CLI, RoE evaluation and demo).
 
   Args:
     name: 'minilm', 't5' or 'bm25'.
@@ -563,8 +575,10 @@ def make_embedder(name: str, *, minilm_dir: str | None = None,
     max_seq_length: truncation of keys and queries.
     base_path, base_config, vocab_path: the t5 embedder's base checkpoint, its config name if the
       checkpoint does not record one, and its spiece.model.
+    vocabulary: instead of `vocab_path`, a vocabulary object with encode().
     t5_base: instead, an already loaded base for the t5 embedder: (params, T5Config, vocabulary
       object with encode()).
+    fetch_minilm: called (and its directory used) when MiniLM is missing, instead of an error.
   """
   if name == "bm25":
     return embedders_lib.BM25Scorer()
@@ -573,6 +587,8 @@ def make_embedder(name: str, *, minilm_dir: str | None = None,
     if not directory:
       from seqio_tasks import fetch  # where `expert-t5x data fetch minilm` puts it
       directory = fetch.minilm_dir()
+    if not os.path.isdir(directory) and fetch_minilm is not None:
+      directory = fetch_minilm()
     if not os.path.isdir(directory):
       raise RetrievalError(f"all-MiniLM-L6-v2 not found at '{directory}'; run `expert-t5x data fetch minilm`, "
                            f"or pass --minilm-dir (a sentence-transformers directory).")
@@ -582,12 +598,13 @@ def make_embedder(name: str, *, minilm_dir: str | None = None,
       params, t5_config, vocabulary = t5_base
       return embedders_lib.T5EncoderEmbedder(params, t5_config, vocabulary=vocabulary,
                                              max_seq_length=max_seq_length)
-    if not base_path or not vocab_path:
+    if not base_path or (vocab_path is None) == (vocabulary is None):
       raise RetrievalError("The t5 embedder needs --base CHECKPOINT and --vocab spiece.model.")
     from expert_t5x import checkpoint_importer, network
     params, t5_config, _ = checkpoint_importer.load_params(base_path)
     t5_config = t5_config or network.get_config(base_config)
-    return embedders_lib.T5EncoderEmbedder(params, t5_config, vocab_path, max_seq_length=max_seq_length)
+    return embedders_lib.T5EncoderEmbedder(params, t5_config, vocab_path, vocabulary=vocabulary,
+                                           max_seq_length=max_seq_length)
   raise RetrievalError(f"Unknown embedder {name!r}; expected one of {EMBEDDERS}.")
 
 
