@@ -38,6 +38,9 @@ METADATA_FILE = "expert.json"
 KEYS_FILE = "keys.jsonl"
 EXPERT_TYPES = ("adapter", "lora", "full")
 PROVENANCE_FIELDS = ("task", "dataset", "subset", "prompt", "role")
+# The dataset of a provenance item whose source could not be identified (not None, which also means
+# "does not apply"): the library's zero_shot guard refuses such experts unless allowed explicitly.
+UNKNOWN_DATASET = "unknown"
 BASE_FIELDS = ("fingerprint", "config_name", "vocab_fingerprint")
 KEY_FIELDS = ("inputs", "targets", "answer_choices", "example_id", "task",
               "dataset", "subset", "prompt")

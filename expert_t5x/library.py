@@ -20,7 +20,9 @@ that names them; reads download entries eagerly and expert files when first need
 
 The contamination guard decides which experts may serve an evaluation task: `zero_shot` excludes experts
 whose provenance shares the normalised (dataset, subset) with the task, `seen` excludes nothing (the
-paper's seen-task RoE), `off` disables the check. The mode is recorded in every retrieval result.
+paper's seen-task RoE), `off` disables the check. The mode is recorded in every retrieval result. `zero_shot`
+also refuses experts of unknown provenance (`expert_format.UNKNOWN_DATASET`) unless they are allowed
+explicitly (`--allow-unknown-provenance`, `allow_unknown_provenance=True`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import filecmp
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -676,11 +679,14 @@ class Library:
   # -- contamination guard ----------------------------------------------------
 
   def guard(self, dataset: str | None, subset: str | None = None, mode: str = "zero_shot",
-            entries: Sequence[Mapping[str, Any]] | None = None) -> GuardResult:
+            entries: Sequence[Mapping[str, Any]] | None = None, *,
+            allow_unknown_provenance: bool = False) -> GuardResult:
     """Which experts may serve an eval task of (dataset, subset) under `mode` (see `apply_guard`)."""
-    return apply_guard(self.entries() if entries is None else entries, dataset, subset, mode)
+    return apply_guard(self.entries() if entries is None else entries, dataset, subset, mode,
+                       allow_unknown_provenance=allow_unknown_provenance)
 
-  def report_overlaps(self, evals: Iterable[tuple[str | None, str | None]]) -> list[dict[str, Any]]:
+  def report_overlaps(self, evals: Iterable[tuple[str | None, str | None]], *,
+                      allow_unknown_provenance: bool = False) -> list[dict[str, Any]]:
     """For each eval (dataset, subset): the overlapping experts and what each guard mode excludes."""
     entries = self.entries()
     report = []
@@ -688,7 +694,8 @@ class Library:
       overlapping = [e["id"] for e in entries if overlaps(e, dataset, subset)]
       report.append({
           "dataset": dataset, "subset": subset, "overlapping": overlapping,
-          "excluded": {m: [x["id"] for x in apply_guard(entries, dataset, subset, m).excluded]
+          "excluded": {m: [x["id"] for x in apply_guard(
+              entries, dataset, subset, m, allow_unknown_provenance=allow_unknown_provenance).excluded]
                        for m in GUARD_MODES},
       })
     return report
@@ -697,15 +704,20 @@ class Library:
 class GuardResult:
   """Experts allowed and excluded by the contamination guard, plus the mode (recorded in results)."""
 
-  def __init__(self, mode: str, allowed: list[str], excluded: list[dict[str, Any]]):
+  def __init__(self, mode: str, allowed: list[str], excluded: list[dict[str, Any]],
+               allow_unknown_provenance: bool = False):
     self.mode = mode
     self.allowed = allowed
     self.excluded = excluded
+    self.allow_unknown_provenance = allow_unknown_provenance
 
   def to_json(self) -> dict[str, Any]:
     # Copies: a retriever shares one verdict among all prompts of a dataset.
-    return {"mode": self.mode, "num_allowed": len(self.allowed),
-            "excluded": [dict(e) for e in self.excluded]}
+    out = {"mode": self.mode, "num_allowed": len(self.allowed),
+           "excluded": [dict(e) for e in self.excluded]}
+    if self.allow_unknown_provenance:  # recorded only when used: default results stay as they were
+      out["allow_unknown_provenance"] = True
+    return out
 
 
 def overlaps(entry: Mapping[str, Any], dataset: str | None, subset: str | None) -> bool:
@@ -715,28 +727,51 @@ def overlaps(entry: Mapping[str, Any], dataset: str | None, subset: str | None) 
              for p in entry.get("provenance") or [])
 
 
+def unknown_provenance(entry: Mapping[str, Any]) -> bool:
+  """True if any provenance item of `entry` records that its source is unknown."""
+  return any(p.get("dataset") == expert_format.UNKNOWN_DATASET for p in entry.get("provenance") or [])
+
+
 def apply_guard(entries: Sequence[Mapping[str, Any]], dataset: str | None, subset: str | None,
-                mode: str) -> GuardResult:
+                mode: str, *, allow_unknown_provenance: bool = False) -> GuardResult:
   """The guard: `zero_shot` excludes experts trained on the eval (dataset, subset); `seen`/`off` exclude none.
+
+  Under `zero_shot`, an expert of unknown provenance (it may have been trained on the eval dataset)
+  is excluded too, with one warning, unless `allow_unknown_provenance` admits it.
 
   Args:
     entries: library entries (each with `id` and `provenance`).
     dataset: the eval task's dataset (`super_glue/rte` or with `subset`).
     subset: its subset/config, or None.
     mode: one of GUARD_MODES.
+    allow_unknown_provenance: admit experts of unknown provenance under `zero_shot`.
   """
   if mode not in GUARD_MODES:
     raise LibraryError(f"Unknown guard mode {mode!r}; expected one of {GUARD_MODES} (zero_shot for held-out "
                        f"suites, seen for seen-task RoE, off to disable).")
   if mode == "zero_shot" and normalize_dataset(dataset, subset)[0] is None:
     raise LibraryError("Guard mode zero_shot needs the eval task's dataset; pass it or use --guard off.")
-  allowed, excluded = [], []
+  allowed, excluded, unknown = [], [], []
   for e in entries:
     if mode == "zero_shot" and overlaps(e, dataset, subset):
       excluded.append({"id": e["id"], "reason": f"trained on {normalize_dataset(dataset, subset)}"})
+    elif mode == "zero_shot" and not allow_unknown_provenance and unknown_provenance(e):
+      excluded.append({"id": e["id"], "reason": "unknown provenance"})
+      unknown.append(e["id"])
     else:
       allowed.append(e["id"])
-  return GuardResult(mode, allowed, excluded)
+  if unknown:
+    logging.warning("Guard zero_shot refuses %d expert(s) of unknown provenance for %s (%s): they may "
+                    "have been trained on it; pass --allow-unknown-provenance to admit them.",
+                    len(unknown), normalize_dataset(dataset, subset), ", ".join(unknown[:5]))
+  return GuardResult(mode, allowed, excluded, allow_unknown_provenance)
+
+
+def add_allow_unknown_provenance(parser: argparse.ArgumentParser) -> None:
+  """The one flag that admits experts of unknown provenance under the zero_shot guard."""
+  parser.add_argument("--allow-unknown-provenance", action="store_true",
+                      help="zero_shot guard: admit experts whose training data is unknown (they may "
+                           "have been trained on the eval dataset; refused by default)")
 
 
 def parse_eval_spec(spec: str) -> tuple[str, str | None]:
@@ -850,7 +885,8 @@ def _cmd_report_overlaps(args: argparse.Namespace) -> int:
     evals += load_eval_suite(path)
   if not evals:
     raise LibraryError("report-overlaps needs --eval DATASET[:SUBSET] or --eval-suite FILE.json.")
-  report = Library(args.library, strict=args.strict).report_overlaps(evals)
+  report = Library(args.library, strict=args.strict).report_overlaps(
+      evals, allow_unknown_provenance=args.allow_unknown_provenance)
   if args.json:
     _print_json(report)
     return 0
@@ -907,6 +943,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--eval", action="append", help="eval dataset as DATASET[:SUBSET]; repeatable")
   p.add_argument("--eval-suite", action="append", help="JSON list of {hf_dataset|dataset, hf_subset|subset}")
   p.add_argument("--json", action="store_true")
+  add_allow_unknown_provenance(p)
   p.set_defaults(fn=_cmd_report_overlaps)
   return parser
 

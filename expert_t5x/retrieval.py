@@ -454,8 +454,8 @@ class Retriever:
                     datasets: Sequence[tuple[str | None, str | None]] | None = None,
                     guard: str = "zero_shot", num_queries: int = DEFAULT_NUM_QUERIES, seed: int = 0,
                     votes_per_query: int = 1, abstain_threshold: float = 0.0,
-                    fallback: str = "base", dataset_rule: str = DEFAULT_DATASET_RULE
-                    ) -> list[dict[str, Any]]:
+                    fallback: str = "base", dataset_rule: str = DEFAULT_DATASET_RULE,
+                    allow_unknown_provenance: bool = False) -> list[dict[str, Any]]:
     """Retrieves for several eval prompts at once; records queries and guard mode in each result.
 
     All prompts' queries are embedded in one call, and prompts whose guard leaves the same experts share
@@ -465,8 +465,8 @@ class Retriever:
     Args:
       prompts: each eval prompt's (unlabeled) examples.
       datasets: (dataset, subset) per prompt for the guard (default: from each prompt's first example).
-      guard, num_queries, seed, votes_per_query, abstain_threshold, fallback, dataset_rule: as the
-        CLI flags.
+      guard, num_queries, seed, votes_per_query, abstain_threshold, fallback, dataset_rule,
+        allow_unknown_provenance: as the CLI flags.
     """
     if dataset_rule not in DATASET_RULES:
       raise RetrievalError(f"Unknown dataset rule {dataset_rule!r}; expected one of {DATASET_RULES}.")
@@ -477,7 +477,7 @@ class Retriever:
       dataset, subset = datasets[p] if datasets else (None, None)
       if dataset is None:
         dataset, subset = examples[0].get("dataset"), examples[0].get("subset")
-      verdict = self._guard(dataset, subset, guard)
+      verdict = self._guard(dataset, subset, guard, allow_unknown_provenance)
       indices = select_queries(len(examples), num_queries, seed)
       plans.append((dataset, subset, verdict, indices,
                     [format_text(examples[i], self.text_format, self.lookup) for i in indices]))
@@ -508,11 +508,13 @@ class Retriever:
       self._buffer = np.empty(rows * cols, np.float32)
     return self._buffer[:rows * cols].reshape(rows, cols)
 
-  def _guard(self, dataset: str | None, subset: str | None, mode: str) -> library_lib.GuardResult:
+  def _guard(self, dataset: str | None, subset: str | None, mode: str,
+             allow_unknown_provenance: bool = False) -> library_lib.GuardResult:
     """The guard's verdict, computed once per eval (dataset, subset): prompts of a dataset share it."""
-    key = (dataset, subset, mode)
+    key = (dataset, subset, mode, allow_unknown_provenance)
     if key not in self._verdicts:
-      self._verdicts[key] = library_lib.apply_guard(self.entries, dataset, subset, mode)
+      self._verdicts[key] = library_lib.apply_guard(
+          self.entries, dataset, subset, mode, allow_unknown_provenance=allow_unknown_provenance)
     return self._verdicts[key]
 
   def _reduced(self, texts: Sequence[Sequence[str]], allowed: Sequence[Sequence[str]], votes_per_query: int
@@ -645,6 +647,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--dataset-rule", choices=DATASET_RULES, default=DEFAULT_DATASET_RULE,
                  help="dataset-level pick: the winner's dataset (the paper) or votes pooled per dataset")
   p.add_argument("--output", help="write results JSON here (default: stdout)")
+  library_lib.add_allow_unknown_provenance(p)
   return p
 
 
@@ -683,7 +686,8 @@ def retrieve_main(argv: Sequence[str] | None = None) -> int:
                                       num_queries=args.num_queries, seed=args.seed,
                                       votes_per_query=args.votes_per_query,
                                       abstain_threshold=args.abstain_threshold, fallback=args.fallback,
-                                      dataset_rule=args.dataset_rule)
+                                      dataset_rule=args.dataset_rule,
+                                      allow_unknown_provenance=args.allow_unknown_provenance)
     for t, res in zip(tasks, results):
       res["task"] = t
       res["prompt"] = by_task[t][0].get("prompt")

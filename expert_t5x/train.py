@@ -182,22 +182,32 @@ def rank_classification_accuracy(model: models.EncoderDecoderModel, base: PyTree
 
 def _provenance(task_name: str) -> list[dict[str, Any]]:
   """One item per task trained on: a mixture lists each of its tasks, so the library's
-  contamination guard can exclude a multitask expert from evaluations on any of its datasets."""
+  contamination guard can exclude a multitask expert from evaluations on any of its datasets.
+
+  A task whose provenance cannot be read (registered outside seqio_tasks) is recorded with
+  dataset `expert_format.UNKNOWN_DATASET`, never as None: the zero_shot guard refuses such an
+  expert unless unknown provenance is allowed explicitly."""
+  names = [task_name]
+  with contextlib.suppress(Exception):  # not a registered task or mixture: read as one task
+    task = train_data.get_task(task_name)
+    if train_data.is_mixture(task):
+      names = [t.name for t in task.tasks]
+  return [_task_provenance(name) for name in names]
+
+
+def _task_provenance(name: str) -> dict[str, Any]:
   try:
     import seqio_tasks  # pylint: disable=g-import-not-at-top
-    names = [task_name]
-    with contextlib.suppress(Exception):
-      task = train_data.get_task(task_name)
-      if train_data.is_mixture(task):
-        names = [t.name for t in task.tasks]
-    items = []
-    for name in names:
-      info = seqio_tasks.get_info(name)
-      items.append({"task": name, "dataset": info.dataset, "subset": info.subset,
-                    "prompt": info.prompt, "role": info.role})
-    return items
-  except Exception:  # pylint: disable=broad-except
-    return [{"task": task_name, "dataset": None, "subset": None, "prompt": None, "role": None}]
+    info = seqio_tasks.get_info(name)
+  except Exception as e:  # pylint: disable=broad-except  (any failure means: provenance unknown)
+    logging.warning("Task %r has no readable provenance (%s: %s); the expert records dataset %r and "
+                    "the zero_shot guard refuses it unless unknown provenance is allowed "
+                    "(--allow-unknown-provenance).", name, type(e).__name__, e,
+                    expert_format.UNKNOWN_DATASET)
+    return {"task": name, "dataset": expert_format.UNKNOWN_DATASET, "subset": None, "prompt": None,
+            "role": None}
+  return {"task": name, "dataset": info.dataset, "subset": info.subset, "prompt": info.prompt,
+          "role": info.role}
 
 
 def _seen_keys(cfg: train_data.DatasetConfig, info: Optional[train_data.DataInfo], steps: int,
@@ -575,11 +585,15 @@ def _describe(optimizer_def: Any) -> dict[str, Any]:
 
 
 def _vocab_fingerprint(task_name: str) -> Optional[str]:
+  """The task's vocabulary identity; None (the format's "unknown", logged with its reason) when it
+  cannot be read."""
   try:
     from seqio_tasks import vocab  # pylint: disable=g-import-not-at-top
     task = train_data.get_task(task_name)
     return vocab.vocabulary_fingerprint(task.output_features["targets"].vocabulary)
-  except Exception:  # pylint: disable=broad-except
+  except Exception as e:  # pylint: disable=broad-except  (any failure means: identity unknown)
+    logging.warning("The vocabulary of task %r has no readable identity (%s: %s); the expert "
+                    "records base.vocab_fingerprint null (unknown).", task_name, type(e).__name__, e)
     return None
 
 
