@@ -37,6 +37,8 @@ import sys
 import time
 from typing import Any, Mapping, Optional, Sequence
 
+from expert_t5x import file_io
+
 SUMMARY_FILE = "summary.json"
 RETRIEVAL_FILE = "retrieval.json"
 CORPUS_VERSION = 1  # bump when demo_pipeline's corpus changes, so cached bases are rebuilt
@@ -520,8 +522,7 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
 
   progress.begin("retrieval")
   retrieved = retrieve_all(cfg, lib, make_embedder(cfg, base_dir), prompts)
-  with open(os.path.join(out_dir, RETRIEVAL_FILE), "w", encoding="utf-8") as f:
-    json.dump(retrieved, f, indent=1, default=str)
+  file_io.atomic_write_json(os.path.join(out_dir, RETRIEVAL_FILE), retrieved, indent=1, default=str)
   progress.end()
 
   progress.begin("merging")
@@ -539,14 +540,12 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
   summary = summarize(cfg, prompts=prompts, results=[results, train_results], outcomes=outcomes,
                       retrieved=retrieved, merged=merged, pe_tasks=pe_tasks, de_tasks=de_tasks,
                       mt_id=mt_id, timings=progress.timings, base_cached=cached)
-  with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
+  file_io.atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary, indent=1)
   report.write_report(summary, out_dir)
   progress.end()
   # The report stage's own time is known only now: rewrite both with it.
   summary["timings"] = dict(progress.timings)
-  with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
+  file_io.atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary, indent=1)
   report.write_report(summary, out_dir)
   progress.finish()
   return summary

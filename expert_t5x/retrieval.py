@@ -698,8 +698,7 @@ def retrieve_main(argv: Sequence[str] | None = None) -> int:
          "library": retriever.lib.root, "num_keys": len(retriever.keys.texts), "results": results}
   text = json.dumps(out, indent=2, sort_keys=True)
   if args.output:
-    with open(args.output, "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+    file_io.atomic_write_text(args.output, text + "\n")
     for r in results:
       print(f"{r['task']}: {r['selected']} ({r['candidates'][0]['votes']}/{r['total_votes']} votes"
             + (", abstained" if r["abstained"] else "") + ")")

@@ -276,8 +276,8 @@ def train(*,
   _validate_settings(train_dataset_cfg, total_steps, save_cfg, model_dir)
   os.makedirs(model_dir, exist_ok=True)
   if summarize_config_fn is not None and jax.process_index() == 0:
-    with open(os.path.join(model_dir, gin_utils.OPERATIVE_CONFIG), "w", encoding="utf-8") as f:
-      f.write(summarize_config_fn())
+    file_io.atomic_write_text(os.path.join(model_dir, gin_utils.OPERATIVE_CONFIG),
+                              summarize_config_fn())
 
   tasks = _task_names(train_dataset_cfg)
   stacked = not isinstance(train_dataset_cfg.mixture_or_task_name, str)
