@@ -357,7 +357,7 @@ def test_retriever_refuses_unknown_provenance_under_zero_shot_unless_allowed(tmp
   refused, admitted = (retriever.retrieve(queries, num_queries=3, allow_unknown_provenance=allow)
                        for allow in (False, True))
   assert refused["guard"]["excluded"] == [{"id": unknown, "reason": "unknown provenance"}]
-  assert refused["selected"] != [unknown] and "allow_unknown_provenance" not in refused["guard"]
+  assert refused["selected"] != unknown and "allow_unknown_provenance" not in refused["guard"]
   assert admitted["guard"] == {"mode": "zero_shot", "num_allowed": 2, "excluded": [],
                                "allow_unknown_provenance": True}
-  assert admitted["selected"] == [unknown]  # its keys match the queries best
+  assert admitted["selected"] == unknown  # its keys match the queries best

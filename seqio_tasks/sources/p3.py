@@ -196,8 +196,7 @@ def write_split(task_dir: str, split: str, examples: Iterable[Mapping[str, Any]]
         count += 1
     for old in glob.glob(os.path.join(task_dir, f"{split}.tfrecord-*")):
       os.remove(old)
-  with open(os.path.join(task_dir, f"info.{split}.json"), "w", encoding="utf-8") as f:
-    json.dump(_info(vocabulary is not None), f, indent=1)
-  with open(os.path.join(task_dir, f"stats.{split}.json"), "w", encoding="utf-8") as f:
-    json.dump({"examples": count}, f)
+  file_io.atomic_write_json(os.path.join(task_dir, f"info.{split}.json"),
+                            _info(vocabulary is not None), indent=1)
+  file_io.atomic_write_json(os.path.join(task_dir, f"stats.{split}.json"), {"examples": count})
   return count
