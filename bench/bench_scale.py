@@ -307,10 +307,8 @@ def load_cache() -> dict[str, dict]:
 
 
 def save_cache(cache: dict[str, dict]) -> None:
-  tmp = CACHE + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(dict(sorted(cache.items())), f, indent=1)
-  os.replace(tmp, CACHE)
+  from expert_t5x import file_io  # pylint: disable=g-import-not-at-top (after the sys.path insert)
+  file_io.atomic_write_json(CACHE, dict(sorted(cache.items())), indent=1)
 
 
 def run_missing(cases: list[Case], meshes: list[Mesh], force: bool) -> dict[str, dict]:

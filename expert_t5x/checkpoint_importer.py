@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 
 from expert_t5x import expert_format
 from expert_t5x import file_io
+from expert_t5x import trees
 
 FINGERPRINT_FILE = "expert_t5x_fingerprint.json"
 HF_CONFIG = "config.json"
@@ -153,7 +153,7 @@ def check_params(params: Mapping[str, Any], config: Any, *,
                  source: str = "params") -> None:
   """Raises one CheckpointMismatchError listing every missing, unexpected or
   wrong-shaped tensor of `params` (nested or flat) for `config`."""
-  flat = expert_format.flatten_params(params)
+  flat = trees.flatten_params(params)
   want = expected_shapes(config)
   problems = []
   for name, shape in want.items():
@@ -395,7 +395,7 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], config: Any,
         f"{source} does not match its config.json ({len(problems)} "
         f"problem(s)); the weights and config.json must describe the same "
         f"gated-gelu T5: " + "; ".join(problems))
-  return expert_format.unflatten_params(flat)
+  return trees.unflatten_params(flat)
 
 
 def find_vocab(path: str) -> str | None:
@@ -440,7 +440,7 @@ def load_hf_t5(path: str | os.PathLike[str], **config_overrides: Any
 def params_to_hf(params: Mapping[str, Any], config: Any) -> dict[str, np.ndarray]:
   """Our tree -> HF T5 state dict (numpy float32, HF `[out, in]` layout)."""
   check_params(params, config)
-  flat = expert_format.flatten_params(params)
+  flat = trees.flatten_params(params)
   names = hf_name_map(config.num_encoder_layers, config.num_decoder_layers,
                       config.logits_via_embedding)
   out = {}
@@ -496,10 +496,7 @@ def export_hf_t5(params: Mapping[str, Any],
   hf_config = hf_config_from_t5(config)
   tensors = params_to_hf(params, config)
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-  try:
+  with file_io.atomic_directory(out_dir, commit=file_io.swap_dir) as tmp:
     # transformers refuses safetensors files whose format is not 'pt'.
     save_file(tensors, os.path.join(tmp, HF_SAFETENSORS),
               metadata={"format": "pt"})
@@ -507,12 +504,6 @@ def export_hf_t5(params: Mapping[str, Any],
       json.dump(hf_config, f, indent=2, sort_keys=True)
     if vocab_path is not None:
       shutil.copyfile(vocab_path, os.path.join(tmp, VOCAB_FILE))
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out_dir
 
 
@@ -615,8 +606,8 @@ def load_t5x_checkpoint(path: str | os.PathLike[str], *, config: Any = None
   else:
     target = _restore_orbax_target(os.path.join(step_dir, ORBAX_ITEM))
   flat = {k: _to_float32(v)
-          for k, v in expert_format.flatten_params(target).items()}
-  params = expert_format.unflatten_params(flat)
+          for k, v in trees.flatten_params(target).items()}
+  params = trees.unflatten_params(flat)
   if config is not None:
     check_params(params, config, source=f"T5X checkpoint '{step_dir}'")
   return params
@@ -626,7 +617,7 @@ def infer_t5_config(params: Mapping[str, Any], **overrides: Any) -> Any:
   """A gated-GELU `T5Config` whose shapes match `params` (dropout etc. from
   the defaults or `overrides`)."""
   from expert_t5x import network  # pylint: disable=g-import-not-at-top
-  flat = expert_format.flatten_params(params)
+  flat = trees.flatten_params(params)
   try:
     vocab, emb = flat["token_embedder/embedding"].shape
     heads, buckets = flat["encoder/relpos_bias/rel_embedding"].shape
@@ -719,8 +710,8 @@ def base_fingerprint(path_or_params: str | os.PathLike[str] | Mapping[str, Any]
   """
   if isinstance(path_or_params, Mapping):
     flat = {k: _to_float32(v)
-            for k, v in expert_format.flatten_params(path_or_params).items()}
-    return expert_format.tree_digest(flat)
+            for k, v in trees.flatten_params(path_or_params).items()}
+    return trees.tree_digest(flat)
   root = _fingerprint_root(os.fspath(path_or_params))
   cache = os.path.join(root, FINGERPRINT_FILE)
   signature = _file_signature(root)
@@ -734,10 +725,7 @@ def base_fingerprint(path_or_params: str | os.PathLike[str] | Mapping[str, Any]
   params, _, _ = load_params(os.fspath(path_or_params))
   fingerprint = base_fingerprint(params)
   try:
-    fd, tmp = tempfile.mkstemp(prefix=".fingerprint-", dir=root)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump({"fingerprint": fingerprint, "files": signature}, f)
-    os.replace(tmp, cache)
+    file_io.atomic_write_json(cache, {"fingerprint": fingerprint, "files": signature})
   except OSError:
     pass  # read-only checkpoint: no cache
   return fingerprint

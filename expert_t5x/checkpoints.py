@@ -156,9 +156,7 @@ class CheckpointManager:
         digests[str(step)] = self._file_digests(step)
     digests = {k: v for k, v in digests.items() if k.isdigit() and int(k) in steps}
     path = os.path.join(self.model_dir, DIGESTS_JSON)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(digests, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    file_io.atomic_write_json(path, digests, indent=1, sort_keys=True)
     self._undigested = []
 
   def check_files(self, step: int) -> Optional[str]:
@@ -272,11 +270,8 @@ def write_base_json(model_dir: str, base_path: Optional[str], fingerprint: str,
     return
   os.makedirs(model_dir, exist_ok=True)
   path = os.path.join(model_dir, BASE_JSON)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"path": base_path, "fingerprint": fingerprint, "config_name": config_name}, f,
-              indent=2)
-  os.replace(tmp, path)
+  file_io.atomic_write_json(
+      path, {"path": base_path, "fingerprint": fingerprint, "config_name": config_name}, indent=2)
 
 
 def check_base_json(model_dir: str, fingerprint: str, base_path: Optional[str]) -> None:

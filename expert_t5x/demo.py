@@ -37,6 +37,8 @@ import sys
 import time
 from typing import Any, Mapping, Optional, Sequence
 
+from expert_t5x import file_io
+
 SUMMARY_FILE = "summary.json"
 RETRIEVAL_FILE = "retrieval.json"
 CORPUS_VERSION = 1  # bump when demo_pipeline's corpus changes, so cached bases are rebuilt
@@ -289,24 +291,21 @@ def build_library(root: str, expert_dirs: Mapping[str, str], fingerprint: str):
   return lib
 
 
+def _fetch_minilm() -> str:
+  from seqio_tasks import fetch  # pylint: disable=g-import-not-at-top
+  print("[demo] fetching all-MiniLM-L6-v2 (once; `expert-t5x data fetch minilm`)", file=sys.stderr)
+  return fetch.fetch_minilm(log=lambda m: print(m, file=sys.stderr))
+
+
 def make_embedder(cfg: DemoConfig, base_dir: str):
-  """The retrieval embedder: MiniLM (fetched once), the base's T5 encoder, or BM25."""
-  from expert_t5x import embedders  # pylint: disable=g-import-not-at-top
-  if cfg.embedder == "bm25":
-    return embedders.BM25Scorer()
-  if cfg.embedder == "minilm":
-    from seqio_tasks import fetch  # pylint: disable=g-import-not-at-top
-    directory = os.environ.get("EXPERT_T5X_MINILM_DIR") or fetch.minilm_dir()
-    if not os.path.isdir(directory):
-      print("[demo] fetching all-MiniLM-L6-v2 (once; `expert-t5x data fetch minilm`)",
-            file=sys.stderr)
-      directory = fetch.fetch_minilm(log=lambda m: print(m, file=sys.stderr))
-    return embedders.MiniLMEmbedder(directory)
-  from expert_t5x import checkpoint_importer  # pylint: disable=g-import-not-at-top
+  """The retrieval embedder: MiniLM (fetched once), the base's T5 encoder (byte vocabulary, the
+  demo's input length), or BM25."""
+  from expert_t5x import retrieval  # pylint: disable=g-import-not-at-top
+  if cfg.embedder != "t5":
+    return retrieval.make_embedder(cfg.embedder, fetch_minilm=_fetch_minilm)
   from seqio_tasks import vocab  # pylint: disable=g-import-not-at-top
-  params, config, _ = checkpoint_importer.load_params(base_dir)
-  return embedders.T5EncoderEmbedder(params, config, vocabulary=vocab.DEMO_VOCABULARY,
-                                     max_seq_length=cfg.task_lengths[0])
+  return retrieval.make_embedder("t5", base_path=base_dir, vocabulary=vocab.DEMO_VOCABULARY,
+                                 max_seq_length=cfg.task_lengths[0])
 
 
 def eval_prompts() -> list[dict[str, Any]]:
@@ -332,10 +331,8 @@ def retrieve_all(cfg: DemoConfig, lib, embedder, prompts: Sequence[Mapping[str, 
   out = {}
   for p in prompts:
     examples = seqio_tasks.load_examples(p["task"], cfg.eval_split, None)
-    unlabeled = [{k: v for k, v in ex.items() if k not in ("targets", "label_index")}
-                 for ex in examples]
-    out[p["task"]] = retriever.retrieve(unlabeled, guard=p["guard"], num_queries=cfg.num_queries,
-                                        seed=cfg.seed)
+    out[p["task"]] = retriever.retrieve(retrieval.unlabeled(examples), guard=p["guard"],
+                                        num_queries=cfg.num_queries, seed=cfg.seed)
   return out
 
 
@@ -525,8 +522,7 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
 
   progress.begin("retrieval")
   retrieved = retrieve_all(cfg, lib, make_embedder(cfg, base_dir), prompts)
-  with open(os.path.join(out_dir, RETRIEVAL_FILE), "w", encoding="utf-8") as f:
-    json.dump(retrieved, f, indent=1, default=str)
+  file_io.atomic_write_json(os.path.join(out_dir, RETRIEVAL_FILE), retrieved, indent=1, default=str)
   progress.end()
 
   progress.begin("merging")
@@ -544,14 +540,12 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
   summary = summarize(cfg, prompts=prompts, results=[results, train_results], outcomes=outcomes,
                       retrieved=retrieved, merged=merged, pe_tasks=pe_tasks, de_tasks=de_tasks,
                       mt_id=mt_id, timings=progress.timings, base_cached=cached)
-  with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
+  file_io.atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary, indent=1)
   report.write_report(summary, out_dir)
   progress.end()
   # The report stage's own time is known only now: rewrite both with it.
   summary["timings"] = dict(progress.timings)
-  with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
+  file_io.atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary, indent=1)
   report.write_report(summary, out_dir)
   progress.finish()
   return summary

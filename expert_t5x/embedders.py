@@ -314,7 +314,7 @@ class T5EncoderEmbedder:
   def __init__(self, params: Mapping[str, Any], t5_config: Any, vocab_path: str | os.PathLike[str] | None = None,
                *, max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, batch_size: int = 32, vocabulary: Any = None):
     import jax
-    from expert_t5x import expert_format, network
+    from expert_t5x import network, trees
 
     if (vocab_path is None) == (vocabulary is None):
       raise ValueError("T5EncoderEmbedder needs exactly one of vocab_path (the base's spiece.model) or "
@@ -334,7 +334,7 @@ class T5EncoderEmbedder:
     self.batch_size = batch_size
     self.dim = t5_config.emb_dim
     self.params = params
-    self.identity = "t5enc-" + _identity("t5-encoder-meanpool-l2-v1", expert_format.tree_digest(params),
+    self.identity = "t5enc-" + _identity("t5-encoder-meanpool-l2-v1", trees.tree_digest(params),
                                          vocab_id, max_seq_length)
     model = network.Transformer(t5_config)
 

@@ -19,17 +19,18 @@ so merges can stream large experts. The full specification is in
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from expert_t5x import file_io
+# Re-exported: the tree helpers live in trees but belong to this format's API.
+from expert_t5x.trees import (SEP, digest_items, flatten_params, tree_digest,  # pylint: disable=unused-import
+                              unflatten_params)
 
 SCHEMA_VERSION = 1
 PARAMS_FILE = "params.safetensors"
@@ -37,115 +38,14 @@ METADATA_FILE = "expert.json"
 KEYS_FILE = "keys.jsonl"
 EXPERT_TYPES = ("adapter", "lora", "full")
 PROVENANCE_FIELDS = ("task", "dataset", "subset", "prompt", "role")
+# The dataset of a provenance item whose source could not be identified (not None, which also means
+# "does not apply"): the library's zero_shot guard refuses such experts unless allowed explicitly.
+UNKNOWN_DATASET = "unknown"
 BASE_FIELDS = ("fingerprint", "config_name", "vocab_fingerprint")
 KEY_FIELDS = ("inputs", "targets", "answer_choices", "example_id", "task",
               "dataset", "subset", "prompt")
 METADATA_FIELDS = ("schema_version", "type", "config", "base", "provenance",
                    "training", "metrics", "content_hash")
-SEP = "/"
-
-
-# ----------------------------------------------------------------------------
-# Trees <-> flat dictionaries and their digest.
-# ----------------------------------------------------------------------------
-
-
-def _is_branch(node: Any) -> bool:
-  # FrozenDict and plain dicts are both Mappings; arrays never are.
-  return isinstance(node, Mapping)
-
-
-def flatten_params(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Flattens a nested parameter tree into `{'a/b/c': np.ndarray}`.
-
-  Keys that already contain `/` are kept as they are, so flattening a flat
-  dictionary is the identity. Leaves are converted with `np.asarray` (jax
-  arrays are copied to host); their dtype is not changed.
-
-  Args:
-    tree: nested mappings whose leaves are array-likes.
-
-  Returns:
-    A dictionary from `/`-joined path to numpy array, in sorted key order.
-  """
-  if not _is_branch(tree):
-    raise TypeError(f"flatten_params: expected a nested mapping of arrays, got "
-                    f"{type(tree).__name__}; pass a params dict such as "
-                    f"variables['params'].")
-  flat: dict[str, np.ndarray] = {}
-
-  def visit(prefix: str, node: Any) -> None:
-    for key, child in node.items():
-      if not isinstance(key, str) or not key:
-        raise TypeError(f"flatten_params: tree keys must be non-empty strings, "
-                        f"got {key!r} under '{prefix or '<root>'}'.")
-      path = f"{prefix}{SEP}{key}" if prefix else key
-      if _is_branch(child):
-        visit(path, child)
-      else:
-        if path in flat:
-          raise ValueError(f"flatten_params: path '{path}' occurs twice; a key "
-                           f"containing '/' collides with a nested key.")
-        flat[path] = np.asarray(child)
-
-  visit("", tree)
-  return dict(sorted(flat.items()))
-
-
-def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """Inverse of `flatten_params`: `{'a/b': x}` -> `{'a': {'b': x}}`."""
-  tree: dict[str, Any] = {}
-  for path in sorted(flat):
-    parts = path.split(SEP)
-    if not all(parts):
-      raise ValueError(f"unflatten_params: invalid path '{path}' (empty "
-                       f"component); paths look like 'encoder/layers_0/...'.")
-    node = tree
-    for depth, part in enumerate(parts[:-1]):
-      child = node.setdefault(part, {})
-      if not isinstance(child, dict):
-        raise ValueError(f"unflatten_params: '{SEP.join(parts[:depth + 1])}' is "
-                         f"both a tensor and a prefix of '{path}'.")
-      node = child
-    if parts[-1] in node:
-      raise ValueError(f"unflatten_params: '{path}' is both a tensor and a "
-                       f"prefix of another path.")
-    node[parts[-1]] = flat[path]
-  return tree
-
-
-def _update_digest(hasher: Any, key: str, array: np.ndarray) -> None:
-  """Adds one tensor: a JSON header [key, dtype, shape] + little-endian bytes."""
-  array = np.asarray(array)
-  header = json.dumps([key, array.dtype.name, list(array.shape)])
-  hasher.update(header.encode("utf-8") + b"\n")
-  if array.dtype.byteorder == ">":  # hash the same bytes on any platform
-    array = array.astype(array.dtype.newbyteorder("<"))
-  hasher.update(np.ascontiguousarray(array).tobytes())
-
-
-def digest_items(items: Iterable[tuple[str, np.ndarray]]) -> str:
-  """sha256 hex digest over (key, array) pairs; the caller sorts by key."""
-  hasher = hashlib.sha256()
-  previous = None
-  for key, array in items:
-    if previous is not None and key <= previous:
-      raise ValueError(f"digest_items: keys must be strictly increasing, got "
-                       f"'{key}' after '{previous}'.")
-    _update_digest(hasher, key, array)
-    previous = key
-  return hasher.hexdigest()
-
-
-def tree_digest(tree_or_flat: Mapping[str, Any]) -> str:
-  """Content digest of a parameter tree (nested or flat): sha256 hex string.
-
-  The digest covers, for each tensor in sorted path order, the path, the dtype
-  name, the shape and the little-endian bytes. It is independent of process,
-  platform and nesting, so `tree_digest(tree) == tree_digest(flatten(tree))`.
-  It is sensitive to dtype: hash float32 trees to compare with stored experts.
-  """
-  return digest_items(flatten_params(tree_or_flat).items())
 
 
 # ----------------------------------------------------------------------------
@@ -281,10 +181,8 @@ def _validate_keys(keys: list[Mapping[str, Any]]) -> None:
 
 
 def _write_text(path: str, text: str) -> None:
-  with open(path, "w", encoding="utf-8") as f:
+  with open(path, "w", encoding="utf-8") as f:  # fsynced by atomic_directory
     f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
 
 
 def _write_safetensors(path: str, flat: Mapping[str, np.ndarray],
@@ -363,45 +261,24 @@ def save_expert(directory: str | os.PathLike[str],
   if key_list is not None:
     _validate_keys(key_list)
 
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  stem = f".{os.path.basename(directory)}.tmp-"
-  file_io.remove_dead_temp_dirs(parent, stem)  # left by a killed export of this directory
-  tmp = tempfile.mkdtemp(prefix=file_io.temp_dir_prefix(stem), dir=parent)
-  os.chmod(tmp, file_io.creation_mode(directory=True))  # the umask's, not mkdtemp's 0700
-  try:
-    params_path = os.path.join(tmp, PARAMS_FILE)
-    _write_safetensors(params_path, flat, {"content_hash": content_hash, "format": "np"})
-    file_io.fsync_path(params_path)
+  # A killed export of this directory leaves a folder that atomic_directory removes.
+  with file_io.atomic_directory(directory, commit=functools.partial(_move_into_place,
+                                                                    overwrite=overwrite)) as tmp:
+    _write_safetensors(os.path.join(tmp, PARAMS_FILE), flat,
+                       {"content_hash": content_hash, "format": "np"})
     _write_text(os.path.join(tmp, METADATA_FILE),
                 _to_json(meta, indent=2, sort_keys=True) + "\n")
     if key_list is not None:
       _write_text(os.path.join(tmp, KEYS_FILE),
                   "".join(_to_json(k, sort_keys=True) + "\n" for k in key_list))
-    file_io.fsync_path(tmp)
-    _move_into_place(tmp, directory, overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  file_io.fsync_path(parent)
   return content_hash
 
 
 def _move_into_place(tmp: str, directory: str, overwrite: bool) -> None:
-  if not os.path.exists(directory):
-    os.rename(tmp, directory)
-    return
-  if not overwrite:
+  if os.path.exists(directory) and not overwrite:
     raise FileExistsError(f"save_expert: '{directory}' appeared while writing; "
                           f"pass overwrite=True to replace it.")
-  # Directories cannot be swapped atomically; move the old one aside first so
-  # that it is never partially overwritten.
-  trash = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-",
-                           dir=os.path.dirname(directory))
-  aside = os.path.join(trash, "expert")
-  os.rename(directory, aside)
-  os.rename(tmp, directory)
-  shutil.rmtree(trash, ignore_errors=True)
+  file_io.swap_dir(tmp, directory)
 
 
 # ----------------------------------------------------------------------------

@@ -27,9 +27,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from expert_t5x import network
+from expert_t5x import trees
 
 PyTree = Any
 EXPERT_KINDS = ("adapter", "lora", "full")
@@ -125,14 +125,6 @@ def config_from_json(data: Mapping[str, Any]) -> ExpertConfig:
 # --------------------------------------------------------------------------------- init
 
 
-def _flat(tree: PyTree) -> dict[str, Any]:
-  return traverse_util.flatten_dict(dict(tree), sep="/")
-
-
-def _unflat(flat: Mapping[str, Any]) -> dict[str, Any]:
-  return traverse_util.unflatten_dict(dict(flat), sep="/")
-
-
 def _torch_linear_init(rng: np.random.Generator, fan_in: int, shape: Sequence[int]) -> np.ndarray:
   """PyTorch's default nn.Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
   bound = 1.0 / math.sqrt(fan_in)
@@ -141,7 +133,7 @@ def _torch_linear_init(rng: np.random.Generator, fan_in: int, shape: Sequence[in
 
 def layer_norm_paths(base_params: PyTree) -> list[str]:
   """Paths of every layer-norm scale in the base tree."""
-  return sorted(p for p in _flat(base_params) if p.endswith("/scale"))
+  return sorted(p for p in trees.flatten(base_params) if p.endswith("/scale"))
 
 
 def init_expert(config: ExpertConfig, t5_config: network.T5Config, base_params: PyTree,
@@ -157,7 +149,7 @@ def init_expert(config: ExpertConfig, t5_config: network.T5Config, base_params: 
   gen = np.random.default_rng(seed)
   # Experts are always laid out per block, whatever the base's layout.
   base_params = network.unstack_layers(base_params)
-  flat_base = _flat(base_params)
+  flat_base = trees.flatten(base_params)
   flat: dict[str, np.ndarray] = {}
   if isinstance(config, AdapterConfig):
     emb = t5_config.emb_dim
@@ -198,7 +190,7 @@ def init_expert(config: ExpertConfig, t5_config: network.T5Config, base_params: 
     flat = {p: np.zeros(np.shape(v), np.float32) for p, v in flat_base.items()}
   else:
     raise TypeError(f"Unknown expert config {config!r}.")
-  return _unflat(flat)
+  return trees.unflatten(flat)
 
 
 # ------------------------------------------------------------------------- application
@@ -223,8 +215,8 @@ def effective_params(params: PyTree, expert: Optional[PyTree],
   """Base parameters as the network sees them: base + delta for full experts, else the base."""
   if expert is None or not isinstance(config, FullConfig):
     return params
-  flat_p, flat_e = _flat(params), _flat(expert)
-  return _unflat({k: (v + flat_e[k] if k in flat_e else v) for k, v in flat_p.items()})
+  flat_p, flat_e = trees.flatten(params), trees.flatten(expert)
+  return trees.unflatten({k: (v + flat_e[k] if k in flat_e else v) for k, v in flat_p.items()})
 
 
 def _last_key(path: tuple[Any, ...]) -> str:
@@ -238,8 +230,8 @@ def fold_expert(base_params: PyTree, expert: PyTree, config: ExpertConfig) -> Py
   Adapters are nonlinear and cannot be folded; their layer-norm scales alone could be, but a
   half-folded adapter expert would silently change the model, so it is refused.
   """
-  flat_base = {k: np.asarray(v) for k, v in _flat(base_params).items()}
-  flat_e = {k: np.asarray(v) for k, v in _flat(expert).items()}
+  flat_base = {k: np.asarray(v) for k, v in trees.flatten(base_params).items()}
+  flat_e = {k: np.asarray(v) for k, v in trees.flatten(expert).items()}
   if isinstance(config, AdapterConfig):
     raise ValueError("Adapter experts cannot be folded into the base weights (the bottleneck is "
                      "nonlinear); evaluate them with expert=... instead, or use a LoRA/full expert.")
@@ -248,7 +240,7 @@ def fold_expert(base_params: PyTree, expert: PyTree, config: ExpertConfig) -> Py
     for k, v in flat_e.items():
       _check_path(k, flat_base)
       out[k] = (flat_base[k] + v).astype(np.float32)
-    return _unflat(out)
+    return trees.unflatten(out)
   for k in flat_e:
     if k.endswith("/lora_a"):
       module = k[:-len("/lora_a")]
@@ -256,7 +248,7 @@ def fold_expert(base_params: PyTree, expert: PyTree, config: ExpertConfig) -> Py
       _check_path(kernel, flat_base)
       delta = config.scale * (flat_e[k].astype(np.float64) @ flat_e[f"{module}/lora_b"])
       out[kernel] = (flat_base[kernel] + delta).astype(np.float32)
-  return _unflat(out)
+  return trees.unflatten(out)
 
 
 def _check_path(path: str, flat_base: Mapping[str, Any]) -> None:
@@ -305,10 +297,10 @@ def logical_axes(expert: PyTree, base_axes: Mapping[str, tuple[str, ...]],
       return (LORA_RANK_AXIS, base_axes[f"{module}/kernel"][1])
     return tuple(base_axes[path])
 
-  flat = {k: axes_for(k) for k in _flat(expert)}
+  flat = {k: axes_for(k) for k in trees.flatten(expert)}
   if stacked:
     flat = {k: (EXPERT_AXIS,) + v for k, v in flat.items()}
-  return _unflat(flat)
+  return trees.unflatten(flat)
 
 
 def count_parameters(tree: PyTree) -> int:

@@ -1,8 +1,10 @@
 """Small file helpers shared by every module that writes results durably: hashing, fsync,
-atomic replacement and JSON Lines reading. Standard library only (no TensorFlow, no JAX)."""
+atomic writing of files and folders (the one place that does temp -> fsync -> rename) and JSON
+Lines reading. Standard library only (no TensorFlow, no JAX)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -10,7 +12,7 @@ import os
 import shutil
 import socket
 import tempfile
-from typing import Any, Callable, IO
+from typing import Any, Callable, IO, Iterator
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -78,26 +80,109 @@ def _alive(pid: int) -> bool:
   return True
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
-                 mode: str = "w") -> None:
-  """Writes through `write(file)` to a temporary file beside `path`, fsyncs it, then renames it
-  over `path` and fsyncs the directory: readers see the old file or the new one, never a part."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, clobber: bool = True, prefix: str | None = None,
+                suffix: str = "", file_mode: int | None = None) -> Iterator[str]:
+  """Yields a unique temporary name beside `path` (an empty file) for the caller to write; on
+  success chmods it (`file_mode`, default: what a plain `open` gives under the umask), fsyncs it,
+  renames it over `path` (`clobber=False`: links it, raising FileExistsError when `path` exists)
+  and fsyncs the directory; on failure removes it. Readers see the old file or the new one, never a
+  part, and concurrent writers never share a temporary name."""
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
-  text = {"encoding": "utf-8", "newline": ""} if "b" not in mode else {}
+  stem = "." + os.path.basename(path) + "." if prefix is None else prefix
+  fd, tmp = tempfile.mkstemp(prefix=stem, suffix=suffix, dir=directory)
+  os.close(fd)
+  renamed = False
   try:
-    with os.fdopen(fd, mode, **text) as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
+    yield tmp
+    os.chmod(tmp, (creation_mode(False) if file_mode is None else file_mode) & 0o7777)
+    fsync_path(tmp)
+    if clobber:
+      os.replace(tmp, path)
+      renamed = True  # the name is free again: another writer's mkstemp may take it
+    else:
+      os.link(tmp, path)  # atomic and never overwrites
+  finally:
+    if not renamed and os.path.lexists(tmp):
       os.remove(tmp)
-    raise
   fsync_path(directory)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
+                 mode: str = "w", **options: Any) -> None:
+  """Writes through `write(file)` with `atomic_path` (`options` are its keywords)."""
+  text = {"encoding": "utf-8", "newline": ""} if "b" not in mode else {}
+  with atomic_path(path, **options) as tmp:
+    with open(tmp, mode, **text) as f:
+      write(f)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, **options: Any) -> None:
+  """Writes `text` (UTF-8) atomically (see `atomic_path`)."""
+  atomic_write(path, lambda f: f.write(text), **options)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, options: dict[str, Any] | None = None,
+                      **dump: Any) -> None:
+  """Writes `json.dump(obj, **dump)` atomically; `options` are `atomic_path`'s keywords."""
+  atomic_write(path, lambda f: json.dump(obj, f, **dump), **(options or {}))
+
+
+def _fsync_tree(root: str) -> None:
+  """fsyncs every file and folder under `root` (folders after their contents)."""
+  for folder, _, files in os.walk(root, topdown=False):
+    for name in files:
+      if not os.path.islink(os.path.join(folder, name)):
+        fsync_path(os.path.join(folder, name))
+    fsync_path(folder)
+
+
+def rename_new_dir(tmp: str, path: str) -> None:
+  """Renames folder `tmp` to `path`; fails (OSError) when `path` exists and is not empty."""
+  os.rename(tmp, path)
+
+
+def swap_dir(tmp: str, path: str) -> None:
+  """Moves folder `tmp` to `path`, replacing an existing `path`: folders cannot be swapped
+  atomically, so the old one is first renamed aside (into a unique folder, never partially
+  overwritten) and deleted once the new one is in place."""
+  if not os.path.lexists(path):
+    os.rename(tmp, path)
+    return
+  trash = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
+  os.rename(path, os.path.join(trash, "old"))
+  os.rename(tmp, path)
+  shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str], *, stem: str | None = None,
+                     dir_mode: int | None = None,
+                     commit: Callable[[str, str], None] = rename_new_dir) -> Iterator[str]:
+  """Yields a fresh unique folder beside `path` for the caller to fill; on success fsyncs
+  everything in it, moves it to `path` with `commit(tmp, path)` (default: a rename that fails
+  when `path` exists; `swap_dir` replaces) and fsyncs the parent; on failure removes it.
+
+  The folder is named `stem` (default `.<name>.tmp-`) + host + pid, so leftovers of killed
+  writers are removed here while a live concurrent writer's folder is kept; it gets `dir_mode`
+  (default: what a plain `mkdir` gives under the umask, not mkdtemp's 0700)."""
+  path = os.path.abspath(os.fspath(path))
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  stem = f".{os.path.basename(path)}.tmp-" if stem is None else stem
+  remove_dead_temp_dirs(parent, stem)
+  tmp = tempfile.mkdtemp(prefix=temp_dir_prefix(stem), dir=parent)
+  try:
+    os.chmod(tmp, creation_mode(directory=True) if dir_mode is None else dir_mode)
+    yield tmp
+    _fsync_tree(tmp)
+    commit(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  fsync_path(parent)
 
 
 def read_jsonl(path: str | os.PathLike[str], error_cls: type[Exception] = ValueError,

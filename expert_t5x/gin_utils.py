@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence
 import gin
 from gin import config as gin_config
 
+from expert_t5x import file_io
 from expert_t5x import validation
 
 _REQUIRED_SELECTOR = "gin.REQUIRED/gin.constant"
@@ -216,10 +217,7 @@ def write_operative_config(model_dir: str, filename: str = OPERATIVE_CONFIG) -> 
   """Writes the gin config to `model_dir/filename` (atomically) and returns its path."""
   os.makedirs(model_dir, exist_ok=True)
   path = os.path.join(model_dir, filename)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(summarize_gin_config())
-  os.replace(tmp, path)
+  file_io.atomic_write_text(path, summarize_gin_config())
   return path
 
 

@@ -22,7 +22,9 @@ that names them; reads download entries eagerly and expert files when first need
 
 The contamination guard decides which experts may serve an evaluation task: `zero_shot` excludes experts
 whose provenance shares the normalised (dataset, subset) with the task, `seen` excludes nothing (the
-paper's seen-task RoE), `off` disables the check. The mode is recorded in every retrieval result.
+paper's seen-task RoE), `off` disables the check. The mode is recorded in every retrieval result. `zero_shot`
+also refuses experts of unknown provenance (`expert_format.UNKNOWN_DATASET`) unless they are allowed
+explicitly (`--allow-unknown-provenance`, `allow_unknown_provenance=True`).
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ import filecmp
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -87,24 +89,26 @@ def _group_shared(directory: str) -> bool:
     return False
 
 
-def _write_temp_json(directory: str, stem: str, obj: Any) -> str:
-  """Writes `obj` to a fsynced temporary file in `directory`; returns its path."""
-  fd, tmp = tempfile.mkstemp(prefix=f".tmp-{stem}-", suffix=".json", dir=directory)
-  os.chmod(tmp, file_io.creation_mode(False, _group_shared(directory)) & 0o777)
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  return tmp
+def _write_json(path: str, obj: Any, *, clobber: bool = True, stage: str | None = None) -> None:
+  """Writes `obj` atomically (`clobber=False`: no clobber, FileExistsError when `path` exists);
+  temporary names start with `.tmp-` so that `index --gc` knows them; `stage` names the test hook
+  called between the temporary write and the commit."""
+  mode = file_io.creation_mode(False, _group_shared(os.path.dirname(path))) & 0o777
+  with file_io.atomic_path(path, clobber=clobber, prefix=f".tmp-{os.path.basename(path)}-",
+                           suffix=".json", file_mode=mode) as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+      f.write("\n")
+    if stage:
+      _hook(stage)
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
-  """Replaces `path` atomically (temp, fsync, rename)."""
-  directory = os.path.dirname(path)
-  tmp = _write_temp_json(directory, os.path.basename(path), obj)
-  os.replace(tmp, path)
-  file_io.fsync_path(directory)
+def _rename_expert_dir(expert_id: str, tmp: str, final: str) -> None:
+  try:
+    os.rename(tmp, final)  # fails if a concurrent writer of the same id won
+  except OSError as e:
+    raise LibraryError(f"Library already has an expert directory '{expert_id}' (added concurrently); "
+                       f"pass another --name.") from e
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -220,15 +224,9 @@ class _Remote:
         (os.stat(dst).st_size, os.stat(dst).st_mtime_ns) == (stat.length, stat.mtime_nsec)):
       return True
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", dir=os.path.dirname(dst))
-    os.close(fd)  # a name of our own: processes sharing the working copy never write one file
-    try:
+    with file_io.atomic_path(dst) as tmp:  # processes sharing the working copy never share a file
       self.gfile.copy(src, tmp, overwrite=True)
       os.utime(tmp, ns=(stat.mtime_nsec, stat.mtime_nsec))
-      os.replace(tmp, dst)
-    finally:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
     return True
 
   def pull_dir(self, rel: str, *, mirror: bool = False) -> None:
@@ -331,15 +329,11 @@ class Library:
         os.chmod(folder, file_io.creation_mode(True, True))
     info = {"format": LIBRARY_FORMAT, "created": _now(),
             "base": {"fingerprint": base_fingerprint, "config_name": base_config_name}}
-    tmp = _write_temp_json(root, LIBRARY_FILE, info)
     try:
-      os.link(tmp, path)  # no clobber: a concurrent init of the same root loses cleanly
+      _write_json(path, info, clobber=False)  # a concurrent init of the same root loses cleanly
     except FileExistsError:
       if not exist_ok:
         raise LibraryError(f"Library '{root}' was created concurrently; use it as is.") from None
-    finally:
-      os.unlink(tmp)
-    file_io.fsync_path(root)
     lib = cls(root)
     lib.rebuild_index()
     return lib
@@ -602,41 +596,21 @@ class Library:
         return
       raise LibraryError(f"'{final}' exists without a matching entry (left by an interrupted add?); run "
                          f"`expert-t5x library index --gc {self.root}` to remove orphans, then add again.")
-    file_io.remove_dead_temp_dirs(experts, f".tmp-{expert_id}-")  # a killed add's partial copy
-    tmp = tempfile.mkdtemp(prefix=file_io.temp_dir_prefix(f".tmp-{expert_id}-"), dir=experts)
     shared = _group_shared(experts)
-    os.chmod(tmp, file_io.creation_mode(True, shared))
-    try:
+    with file_io.atomic_directory(final, stem=f".tmp-{expert_id}-", dir_mode=file_io.creation_mode(
+        True, shared), commit=functools.partial(_rename_expert_dir, expert_id)) as tmp:
       for fname in sorted(os.listdir(src)):
         if os.path.isfile(os.path.join(src, fname)):
           shutil.copyfile(os.path.join(src, fname), os.path.join(tmp, fname))
           os.chmod(os.path.join(tmp, fname), file_io.creation_mode(False, shared))
-          with open(os.path.join(tmp, fname), "rb") as f:
-            os.fsync(f.fileno())
-      file_io.fsync_path(tmp)
-      try:
-        os.rename(tmp, final)  # fails if a concurrent writer of the same id won
-      except OSError as e:
-        raise LibraryError(f"Library already has an expert directory '{expert_id}' (added concurrently); "
-                           f"pass another --name.") from e
-    except BaseException:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise
-    file_io.fsync_path(experts)
 
   def _commit_entry(self, entry: Mapping[str, Any]) -> None:
-    directory = self._entries_dir()
-    tmp = _write_temp_json(directory, entry["id"], entry)
     try:
-      _hook("before_commit")
-      os.link(tmp, os.path.join(directory, f"{entry['id']}.json"))  # atomic, never overwrites
+      _write_json(os.path.join(self._entries_dir(), f"{entry['id']}.json"), entry, clobber=False,
+                  stage="before_commit")
     except FileExistsError:
       raise LibraryError(f"Library already has an expert '{entry['id']}' (added concurrently); pass another "
                          f"--name.") from None
-    finally:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-    file_io.fsync_path(directory)
 
   def remove(self, expert_id: str) -> dict[str, Any]:
     """Removes an expert (entry first, so readers never see an entry without its files)."""
@@ -669,7 +643,7 @@ class Library:
                       for e in entries],
           "damaged_entries": damaged, "removed_orphans": removed,
       }
-      _atomic_write_json(os.path.join(self.root, MANIFEST_FILE), manifest)
+      _write_json(os.path.join(self.root, MANIFEST_FILE), manifest)
     if self.remote is not None:
       self.remote.push(MANIFEST_FILE)
     return manifest
@@ -706,11 +680,14 @@ class Library:
   # -- contamination guard ----------------------------------------------------
 
   def guard(self, dataset: str | None, subset: str | None = None, mode: str = "zero_shot",
-            entries: Sequence[Mapping[str, Any]] | None = None) -> GuardResult:
+            entries: Sequence[Mapping[str, Any]] | None = None, *,
+            allow_unknown_provenance: bool = False) -> GuardResult:
     """Which experts may serve an eval task of (dataset, subset) under `mode` (see `apply_guard`)."""
-    return apply_guard(self.entries() if entries is None else entries, dataset, subset, mode)
+    return apply_guard(self.entries() if entries is None else entries, dataset, subset, mode,
+                       allow_unknown_provenance=allow_unknown_provenance)
 
-  def report_overlaps(self, evals: Iterable[tuple[str | None, str | None]]) -> list[dict[str, Any]]:
+  def report_overlaps(self, evals: Iterable[tuple[str | None, str | None]], *,
+                      allow_unknown_provenance: bool = False) -> list[dict[str, Any]]:
     """For each eval (dataset, subset): the overlapping experts and what each guard mode excludes."""
     entries = self.entries()
     report = []
@@ -718,7 +695,8 @@ class Library:
       overlapping = [e["id"] for e in entries if overlaps(e, dataset, subset)]
       report.append({
           "dataset": dataset, "subset": subset, "overlapping": overlapping,
-          "excluded": {m: [x["id"] for x in apply_guard(entries, dataset, subset, m).excluded]
+          "excluded": {m: [x["id"] for x in apply_guard(
+              entries, dataset, subset, m, allow_unknown_provenance=allow_unknown_provenance).excluded]
                        for m in GUARD_MODES},
       })
     return report
@@ -727,15 +705,20 @@ class Library:
 class GuardResult:
   """Experts allowed and excluded by the contamination guard, plus the mode (recorded in results)."""
 
-  def __init__(self, mode: str, allowed: list[str], excluded: list[dict[str, Any]]):
+  def __init__(self, mode: str, allowed: list[str], excluded: list[dict[str, Any]],
+               allow_unknown_provenance: bool = False):
     self.mode = mode
     self.allowed = allowed
     self.excluded = excluded
+    self.allow_unknown_provenance = allow_unknown_provenance
 
   def to_json(self) -> dict[str, Any]:
     # Copies: a retriever shares one verdict among all prompts of a dataset.
-    return {"mode": self.mode, "num_allowed": len(self.allowed),
-            "excluded": [dict(e) for e in self.excluded]}
+    out = {"mode": self.mode, "num_allowed": len(self.allowed),
+           "excluded": [dict(e) for e in self.excluded]}
+    if self.allow_unknown_provenance:  # recorded only when used: default results stay as they were
+      out["allow_unknown_provenance"] = True
+    return out
 
 
 def overlaps(entry: Mapping[str, Any], dataset: str | None, subset: str | None) -> bool:
@@ -745,28 +728,44 @@ def overlaps(entry: Mapping[str, Any], dataset: str | None, subset: str | None) 
              for p in entry.get("provenance") or [])
 
 
+def unknown_provenance(entry: Mapping[str, Any]) -> bool:
+  """True if any provenance item of `entry` records that its source is unknown."""
+  return any(p.get("dataset") == expert_format.UNKNOWN_DATASET for p in entry.get("provenance") or [])
+
+
 def apply_guard(entries: Sequence[Mapping[str, Any]], dataset: str | None, subset: str | None,
-                mode: str) -> GuardResult:
+                mode: str, *, allow_unknown_provenance: bool = False) -> GuardResult:
   """The guard: `zero_shot` excludes experts trained on the eval (dataset, subset); `seen`/`off` exclude none.
+
+  Under `zero_shot`, an expert of unknown provenance (it may have been trained on the eval dataset)
+  is excluded too, with one warning, unless `allow_unknown_provenance` admits it.
 
   Args:
     entries: library entries (each with `id` and `provenance`).
     dataset: the eval task's dataset (`super_glue/rte` or with `subset`).
     subset: its subset/config, or None.
     mode: one of GUARD_MODES.
+    allow_unknown_provenance: admit experts of unknown provenance under `zero_shot`.
   """
   if mode not in GUARD_MODES:
     raise LibraryError(f"Unknown guard mode {mode!r}; expected one of {GUARD_MODES} (zero_shot for held-out "
                        f"suites, seen for seen-task RoE, off to disable).")
   if mode == "zero_shot" and normalize_dataset(dataset, subset)[0] is None:
     raise LibraryError("Guard mode zero_shot needs the eval task's dataset; pass it or use --guard off.")
-  allowed, excluded = [], []
+  allowed, excluded, unknown = [], [], []
   for e in entries:
     if mode == "zero_shot" and overlaps(e, dataset, subset):
       excluded.append({"id": e["id"], "reason": f"trained on {normalize_dataset(dataset, subset)}"})
+    elif mode == "zero_shot" and not allow_unknown_provenance and unknown_provenance(e):
+      excluded.append({"id": e["id"], "reason": "unknown provenance"})
+      unknown.append(e["id"])
     else:
       allowed.append(e["id"])
-  return GuardResult(mode, allowed, excluded)
+  if unknown:
+    logging.warning("Guard zero_shot refuses %d expert(s) of unknown provenance for %s (%s): they may "
+                    "have been trained on it; pass --allow-unknown-provenance to admit them.",
+                    len(unknown), normalize_dataset(dataset, subset), ", ".join(unknown[:5]))
+  return GuardResult(mode, allowed, excluded, allow_unknown_provenance)
 
 
 def parse_eval_spec(spec: str) -> tuple[str, str | None]:

@@ -17,6 +17,13 @@ from expert_t5x import library
 from expert_t5x import validation
 
 
+
+def add_allow_unknown_provenance(parser: argparse.ArgumentParser) -> None:
+  """The one flag that admits experts of unknown provenance under the zero_shot guard."""
+  parser.add_argument("--allow-unknown-provenance", action="store_true",
+                      help="zero_shot guard: admit experts whose training data is unknown (they may "
+                           "have been trained on the eval dataset; refused by default)")
+
 def _print_json(obj: Any) -> None:
   print(json.dumps(obj, indent=2, sort_keys=True))
 
@@ -101,7 +108,8 @@ def _cmd_report_overlaps(args: argparse.Namespace) -> int:
     evals += library.load_eval_suite(path)
   if not evals:
     raise library.LibraryError("report-overlaps needs --eval DATASET[:SUBSET] or --eval-suite FILE.json.")
-  report = library.Library(args.library, strict=args.strict).report_overlaps(evals)
+  report = library.Library(args.library, strict=args.strict).report_overlaps(
+      evals, allow_unknown_provenance=args.allow_unknown_provenance)
   if args.json:
     _print_json(report)
     return 0
@@ -158,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--eval", action="append", help="eval dataset as DATASET[:SUBSET]; repeatable")
   p.add_argument("--eval-suite", action="append", help="JSON list of {hf_dataset|dataset, hf_subset|subset}")
   p.add_argument("--json", action="store_true")
+  add_allow_unknown_provenance(p)
   p.set_defaults(fn=_cmd_report_overlaps)
   return parser
 

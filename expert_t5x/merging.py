@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from expert_t5x import expert_format
+from expert_t5x import file_io
 from expert_t5x import validation
 
 ADAPTER_REFERENCES = ("auto", "init", "zero")  # Task-vector reference of adapter inputs.
@@ -761,9 +762,7 @@ def replace_if_reproduced(merged: str, output: str, got: str, wanted: str, recip
     shutil.rmtree(merged, ignore_errors=True)
     raise MergeError(f"--recipe {recipe_path}: the merge has hash {got[:12]}, not the recipe's {wanted[:12]}; it "
                      f"was not reproduced ('{output}' is unchanged){hint}.")
-  if os.path.exists(output):
-    shutil.rmtree(output)
-  os.rename(merged, output)
+  file_io.swap_dir(merged, output)
 
 
 def read_recipe(path: str) -> dict[str, Any]:

@@ -11,11 +11,12 @@ import dataclasses
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
-from flax import traverse_util
 from flax.core import unfreeze
 from flax.linen import partitioning as nn_partitioning
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from expert_t5x import trees
 
 PyTree = Any
 LogicalRules = Sequence[tuple[str, Optional[str]]]
@@ -65,17 +66,17 @@ def make_mesh(num_partitions: int = 1, devices: Optional[Sequence[jax.Device]] =
 def params_logical_axes(variables: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
   """Flat `{param path: logical axis names}` from a variables dict's `params_axes` collection."""
   axes = unfreeze(nn_partitioning.get_axis_names(variables["params_axes"]))
-  return {k: tuple(v) for k, v in traverse_util.flatten_dict(axes, sep="/").items()}
+  return {k: tuple(v) for k, v in trees.flatten(axes).items()}
 
 
 def logical_axes_tree(params: PyTree, flat_axes: Mapping[str, tuple[str, ...]]) -> PyTree:
   """The params tree with each leaf replaced by its logical `PartitionSpec`."""
-  flat = traverse_util.flatten_dict(unfreeze(params), sep="/")
+  flat = trees.flatten(unfreeze(params))
   missing = sorted(set(flat) - set(flat_axes))
   if missing:
     raise ValueError(f"No logical axes for parameters {missing[:5]}; every parameter must be "
                      "declared with axis names.")
-  return traverse_util.unflatten_dict({k: PartitionSpec(*flat_axes[k]) for k in flat}, sep="/")
+  return trees.unflatten({k: PartitionSpec(*flat_axes[k]) for k in flat})
 
 
 def logical_to_mesh_sharding(logical_specs: PyTree, mesh: Mesh, rules: LogicalRules) -> PyTree:

@@ -29,6 +29,8 @@ import json
 import os
 from typing import Any, Mapping, Optional, Sequence
 
+from expert_t5x import file_io
+
 REPORT_FILE = "report.md"
 HEATMAP_FILE = "heatmap.png"
 RETRIEVAL_FILE = "retrieval.png"
@@ -283,7 +285,6 @@ def write_report(summary: Mapping[str, Any], out_dir: str) -> list[str]:
     plot(summary, path)
     paths.append(path)
   path = os.path.join(out_dir, REPORT_FILE)
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(markdown(summary))
+  file_io.atomic_write_text(path, markdown(summary))
   paths.append(path)
   return paths

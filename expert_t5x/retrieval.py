@@ -30,7 +30,6 @@ import itertools
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -39,6 +38,7 @@ import numpy as np
 from expert_t5x import embedders as embedders_lib
 from expert_t5x import file_io
 from expert_t5x import library as library_lib
+from expert_t5x import library_cli
 from expert_t5x import validation
 
 TEXT_FORMATS = ("instance", "label", "choice", "label_instance", "choice_instance", "instance_new",
@@ -105,6 +105,17 @@ def format_text(row: Mapping[str, Any], text_format: str = DEFAULT_TEXT_FORMAT,
   if base in ("label", "choice"):
     return choices if new else f"Answer Choices: {choices}"
   return f"{choices}</s>{source}" if new else f"Answer Choices: {choices}, Instance: {source}"
+
+
+# What retrieval may read of an eval example: never its label or target. A whitelist: a field added
+# to examples later stays hidden until it is known to be label-free.
+UNLABELED_FIELDS = ("inputs", "answer_choices", "answer_choices_template", "dataset", "subset",
+                    "prompt", "task", "example_id")
+
+
+def unlabeled(examples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """The examples without labels or targets (what retrieval and label-free selection may see)."""
+  return [{k: ex[k] for k in UNLABELED_FIELDS if k in ex} for ex in examples]
 
 
 def select_queries(num_examples: int, num_queries: int = DEFAULT_NUM_QUERIES, seed: int = 0) -> list[int]:
@@ -273,10 +284,7 @@ def cached_key_embeddings(lib: library_lib.Library, embedder: Any, keys: KeySet)
       except (OSError, ValueError):
         pass  # a damaged cache file is recomputed
     block = np.asarray(embedder.embed(texts), np.float32)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=directory)
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, block)
-    os.replace(tmp, path)
+    file_io.atomic_write(path, lambda f, b=block: np.save(f, b), mode="wb")
     blocks.append(block)
   return np.concatenate(blocks, axis=0) if blocks else np.zeros((0, 0), np.float32)
 
@@ -447,8 +455,8 @@ class Retriever:
                     datasets: Sequence[tuple[str | None, str | None]] | None = None,
                     guard: str = "zero_shot", num_queries: int = DEFAULT_NUM_QUERIES, seed: int = 0,
                     votes_per_query: int = 1, abstain_threshold: float = 0.0,
-                    fallback: str = "base", dataset_rule: str = DEFAULT_DATASET_RULE
-                    ) -> list[dict[str, Any]]:
+                    fallback: str = "base", dataset_rule: str = DEFAULT_DATASET_RULE,
+                    allow_unknown_provenance: bool = False) -> list[dict[str, Any]]:
     """Retrieves for several eval prompts at once; records queries and guard mode in each result.
 
     All prompts' queries are embedded in one call, and prompts whose guard leaves the same experts share
@@ -458,8 +466,8 @@ class Retriever:
     Args:
       prompts: each eval prompt's (unlabeled) examples.
       datasets: (dataset, subset) per prompt for the guard (default: from each prompt's first example).
-      guard, num_queries, seed, votes_per_query, abstain_threshold, fallback, dataset_rule: as the
-        CLI flags.
+      guard, num_queries, seed, votes_per_query, abstain_threshold, fallback, dataset_rule,
+        allow_unknown_provenance: as the CLI flags.
     """
     if dataset_rule not in DATASET_RULES:
       raise RetrievalError(f"Unknown dataset rule {dataset_rule!r}; expected one of {DATASET_RULES}.")
@@ -470,7 +478,7 @@ class Retriever:
       dataset, subset = datasets[p] if datasets else (None, None)
       if dataset is None:
         dataset, subset = examples[0].get("dataset"), examples[0].get("subset")
-      verdict = self._guard(dataset, subset, guard)
+      verdict = self._guard(dataset, subset, guard, allow_unknown_provenance)
       indices = select_queries(len(examples), num_queries, seed)
       plans.append((dataset, subset, verdict, indices,
                     [format_text(examples[i], self.text_format, self.lookup) for i in indices]))
@@ -501,11 +509,13 @@ class Retriever:
       self._buffer = np.empty(rows * cols, np.float32)
     return self._buffer[:rows * cols].reshape(rows, cols)
 
-  def _guard(self, dataset: str | None, subset: str | None, mode: str) -> library_lib.GuardResult:
+  def _guard(self, dataset: str | None, subset: str | None, mode: str,
+             allow_unknown_provenance: bool = False) -> library_lib.GuardResult:
     """The guard's verdict, computed once per eval (dataset, subset): prompts of a dataset share it."""
-    key = (dataset, subset, mode)
+    key = (dataset, subset, mode, allow_unknown_provenance)
     if key not in self._verdicts:
-      self._verdicts[key] = library_lib.apply_guard(self.entries, dataset, subset, mode)
+      self._verdicts[key] = library_lib.apply_guard(
+          self.entries, dataset, subset, mode, allow_unknown_provenance=allow_unknown_provenance)
     return self._verdicts[key]
 
   def _reduced(self, texts: Sequence[Sequence[str]], allowed: Sequence[Sequence[str]], votes_per_query: int
@@ -557,8 +567,9 @@ EMBEDDERS = ("minilm", "t5", "bm25")
 def make_embedder(name: str, *, minilm_dir: str | None = None,
                   max_seq_length: int = embedders_lib.DEFAULT_MAX_SEQ_LENGTH,
                   base_path: str | None = None, base_config: str = "xl", vocab_path: str | None = None,
-                  t5_base: tuple[Any, Any, Any] | None = None) -> Any:
-  """Builds an embedder by name.
+                  vocabulary: Any = None, t5_base: tuple[Any, Any, Any] | None = None,
+                  fetch_minilm: Callable[[], str] | None = None) -> Any:
+  """Builds an embedder by name (the one embedder factory: CLI, RoE evaluation and demo).
 
   Args:
     name: 'minilm', 't5' or 'bm25'.
@@ -567,8 +578,10 @@ def make_embedder(name: str, *, minilm_dir: str | None = None,
     max_seq_length: truncation of keys and queries.
     base_path, base_config, vocab_path: the t5 embedder's base checkpoint, its config name if the
       checkpoint does not record one, and its spiece.model.
+    vocabulary: instead of `vocab_path`, a vocabulary object with encode().
     t5_base: instead, an already loaded base for the t5 embedder: (params, T5Config, vocabulary
       object with encode()).
+    fetch_minilm: called (and its directory used) when MiniLM is missing, instead of an error.
   """
   if name == "bm25":
     return embedders_lib.BM25Scorer()
@@ -577,6 +590,8 @@ def make_embedder(name: str, *, minilm_dir: str | None = None,
     if not directory:
       from seqio_tasks import fetch  # where `expert-t5x data fetch minilm` puts it
       directory = fetch.minilm_dir()
+    if not os.path.isdir(directory) and fetch_minilm is not None:
+      directory = fetch_minilm()
     if not os.path.isdir(directory):
       raise RetrievalError(f"all-MiniLM-L6-v2 not found at '{directory}'; run `expert-t5x data fetch minilm`, "
                            f"or pass --minilm-dir (a sentence-transformers directory).")
@@ -586,12 +601,13 @@ def make_embedder(name: str, *, minilm_dir: str | None = None,
       params, t5_config, vocabulary = t5_base
       return embedders_lib.T5EncoderEmbedder(params, t5_config, vocabulary=vocabulary,
                                              max_seq_length=max_seq_length)
-    if not base_path or not vocab_path:
+    if not base_path or (vocab_path is None) == (vocabulary is None):
       raise RetrievalError("The t5 embedder needs --base CHECKPOINT and --vocab spiece.model.")
     from expert_t5x import checkpoint_importer, network
     params, t5_config, _ = checkpoint_importer.load_params(base_path)
     t5_config = t5_config or network.get_config(base_config)
-    return embedders_lib.T5EncoderEmbedder(params, t5_config, vocab_path, max_seq_length=max_seq_length)
+    return embedders_lib.T5EncoderEmbedder(params, t5_config, vocab_path, vocabulary=vocabulary,
+                                           max_seq_length=max_seq_length)
   raise RetrievalError(f"Unknown embedder {name!r}; expected one of {EMBEDDERS}.")
 
 
@@ -632,6 +648,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--dataset-rule", choices=DATASET_RULES, default=DEFAULT_DATASET_RULE,
                  help="dataset-level pick: the winner's dataset (the paper) or votes pooled per dataset")
   p.add_argument("--output", help="write results JSON here (default: stdout)")
+  library_cli.add_allow_unknown_provenance(p)
   return p
 
 
@@ -670,7 +687,8 @@ def retrieve_main(argv: Sequence[str] | None = None) -> int:
                                       num_queries=args.num_queries, seed=args.seed,
                                       votes_per_query=args.votes_per_query,
                                       abstain_threshold=args.abstain_threshold, fallback=args.fallback,
-                                      dataset_rule=args.dataset_rule)
+                                      dataset_rule=args.dataset_rule,
+                                      allow_unknown_provenance=args.allow_unknown_provenance)
     for t, res in zip(tasks, results):
       res["task"] = t
       res["prompt"] = by_task[t][0].get("prompt")
@@ -681,8 +699,7 @@ def retrieve_main(argv: Sequence[str] | None = None) -> int:
          "library": retriever.lib.root, "num_keys": len(retriever.keys.texts), "results": results}
   text = json.dumps(out, indent=2, sort_keys=True)
   if args.output:
-    with open(args.output, "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+    file_io.atomic_write_text(args.output, text + "\n")
     for r in results:
       print(f"{r['task']}: {r['selected']} ({r['candidates'][0]['votes']}/{r['total_votes']} votes"
             + (", abstained" if r["abstained"] else "") + ")")

@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 
 from expert_t5x import checkpoint_importer
 from expert_t5x import experts
 from expert_t5x import network
+from expert_t5x import trees
 
 PyTree = Any
 EXPERT_COLLECTION_KEY = "expert"  # Top-level parameter subtree of the expert.
@@ -58,12 +58,12 @@ def _initial_expert(expert: experts.ExpertConfig, config: network.T5Config) -> d
   """The seeded initial expert (as `expert_t5x.train` makes it), without layer-norm copies."""
   def make():
     shapes = checkpoint_importer.expected_shapes(config)
-    base = traverse_util.unflatten_dict(
-        {tuple(k.split("/")): jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()})
+    base = trees.unflatten(
+        {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()})
     cfg = expert
     if isinstance(cfg, experts.AdapterConfig):
       cfg = dataclasses.replace(cfg, train_layer_norms=False)  # Scales are trained in place.
-    return traverse_util.flatten_dict(experts.init_expert(cfg, config, base), sep="/")
+    return trees.flatten(experts.init_expert(cfg, config, base))
   return _cached("init", expert, config, make)
 
 
@@ -80,10 +80,9 @@ def base_logical_axes(config: network.T5Config) -> dict[str, tuple[str, ...]]:
 
 
 def _expert_axes(expert: experts.ExpertConfig, config: network.T5Config) -> dict[str, tuple]:
-  tree = traverse_util.unflatten_dict(
-      {tuple(k.split("/")): v for k, v in _initial_expert(expert, config).items()})
+  tree = trees.unflatten(_initial_expert(expert, config))
   axes = experts.logical_axes(tree, base_logical_axes(config))
-  return traverse_util.flatten_dict(axes, sep="/", is_leaf=lambda _, x: isinstance(x, tuple))
+  return trees.flatten(axes)  # axis-name tuples are leaves
 
 
 class _ParamTree(nn.Module):
@@ -245,14 +244,14 @@ def expert_from_t5x_params(params: Mapping[str, Any], expert: experts.ExpertConf
   Full: the parameter delta from `base_params`.
   """
   flat = {k: np.asarray(v, np.float32)
-          for k, v in traverse_util.flatten_dict(dict(params), sep="/").items()}
+          for k, v in trees.flatten(params).items()}
   prefix = EXPERT_COLLECTION_KEY + "/"
   if isinstance(expert, experts.FullConfig):
     if base_params is None:
       raise ValueError("A full fine-tuning expert is the delta from its base: pass the base "
                        "checkpoint (--base).")
     base = {k: np.asarray(v, np.float32)
-            for k, v in traverse_util.flatten_dict(dict(base_params), sep="/").items()}
+            for k, v in trees.flatten(base_params).items()}
     missing = sorted(set(base) ^ set(flat))
     if missing:
       raise ValueError(f"The T5X parameters and the base differ in paths, e.g. {missing[:3]}; "
@@ -266,7 +265,7 @@ def expert_from_t5x_params(params: Mapping[str, Any], expert: experts.ExpertConf
     if isinstance(expert, experts.AdapterConfig) and expert.train_layer_norms:
       out.update({k: v for k, v in flat.items()
                   if not k.startswith(prefix) and _is_layer_norm_scale(k)})
-  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
+  return trees.unflatten(out)
 
 
 def base_from_t5x_params(params: Mapping[str, Any]) -> dict[str, Any]:

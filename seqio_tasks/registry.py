@@ -19,12 +19,24 @@ from seqio_tasks import vocab
 from seqio_tasks.sources import canonical
 
 
+def _make_room(kind: str, name: str, names: Sequence[str], replace: bool) -> bool:
+  """Whether `name` must be removed first; a name taken without `replace` is an error (two
+  registrations of one name would otherwise silently keep only the last)."""
+  if name not in names:
+    return False
+  if not replace:
+    raise ValueError(f"{kind} {name!r} is already registered; pass replace=True to replace it, or "
+                     f"remove it first (seqio.{kind}Registry.remove).")
+  return True
+
+
 def add_task(info: provenance.TaskInfo, source: canonical.CanonicalSource, *,
              vocabulary: seqio.Vocabulary, scoring: bool,
              metric_fns: Optional[Sequence[Callable]] = None,
-             num_classes: Optional[int] = None) -> None:
-  """Adds one task to `seqio.TaskRegistry` (replacing a same-named one) and to provenance."""
-  if info.name in seqio.TaskRegistry.names():
+             num_classes: Optional[int] = None, replace: bool = False) -> None:
+  """Adds one task to `seqio.TaskRegistry` and to provenance; a same-named task is an error
+  unless `replace`."""
+  if _make_room("Task", info.name, seqio.TaskRegistry.names(), replace):
     seqio.TaskRegistry.remove(info.name)
   if scoring:
     steps = [functools.partial(preprocessors.rank_classification_canonical, mode="eval"),
@@ -42,8 +54,10 @@ def add_task(info: provenance.TaskInfo, source: canonical.CanonicalSource, *,
   provenance.register(info, source.iter_examples)
 
 
-def add_mixture(name: str, tasks: Sequence[str], rate: Optional[Callable] = None) -> None:
-  """Adds (or replaces) a seqio mixture; the default rate weighs tasks equally."""
-  if name in seqio.MixtureRegistry.names():
+def add_mixture(name: str, tasks: Sequence[str], rate: Optional[Callable] = None, *,
+                replace: bool = False) -> None:
+  """Adds a seqio mixture (a same-named one is an error unless `replace`); the default rate weighs
+  tasks equally."""
+  if _make_room("Mixture", name, seqio.MixtureRegistry.names(), replace):
     seqio.MixtureRegistry.remove(name)
   seqio.MixtureRegistry.add(name, [(t, rate or 1.0) for t in tasks])

@@ -261,3 +261,38 @@ def test_object_store_library_is_single_writer_through_a_working_copy(tmp_path, 
     library_lib.Library(f"ram://{tmp_path.name}/nothing")
   with pytest.raises(library_lib.LibraryError, match="already exists"):
     library_lib.Library.init(url)
+
+
+def test_zero_shot_guard_refuses_unknown_provenance_unless_allowed(tmp_path, caplog):
+  """An expert whose training data is unknown may have seen the held-out dataset: zero_shot refuses
+  it (one warning naming the option); the explicit option admits it; seen and off never exclude."""
+  lib = library_lib.Library.init(tmp_path / "lib")
+  lib.add(make_expert(tmp_path / "k", 0, "cosmos_qa"))
+  unknown = lib.add(make_expert(tmp_path / "u", 1, expert_format.UNKNOWN_DATASET, None, "t"))["id"]
+  with caplog.at_level("WARNING"):
+    verdict = lib.guard("super_glue", "rte", "zero_shot")
+  assert verdict.allowed == ["cosmos_qa_no_prompt_text"]
+  assert verdict.excluded == [{"id": unknown, "reason": "unknown provenance"}]
+  assert [r.getMessage().count("--allow-unknown-provenance") for r in caplog.records] == [1]
+  admitted = lib.guard("super_glue", "rte", "zero_shot", allow_unknown_provenance=True)
+  assert sorted(admitted.allowed) == sorted(lib.ids()) and admitted.excluded == []
+  assert admitted.to_json()["allow_unknown_provenance"] is True
+  assert "allow_unknown_provenance" not in verdict.to_json()  # default results stay as they were
+  assert all(not lib.guard("super_glue", "rte", m).excluded for m in ("seen", "off"))
+  root = str(lib.root)
+  report = lib.report_overlaps([("super_glue", "rte")])
+  assert report[0]["excluded"] == {"zero_shot": [unknown], "seen": [], "off": []}
+  assert library_lib.library_main(["report-overlaps", root, "--eval", "super_glue:rte", "--json",
+                                   "--allow-unknown-provenance"]) == 0
+
+
+def test_training_records_unknown_provenance_explicitly(caplog):
+  """A task registered outside seqio_tasks has no readable provenance: recorded as unknown (not None,
+  which the guard could not tell from 'does not apply'), with the reason logged."""
+  from expert_t5x import train  # pylint: disable=g-import-not-at-top
+  with caplog.at_level("WARNING"):
+    items = train._provenance("not_a_registered_task_xyz")  # pylint: disable=protected-access
+  assert items == [{"task": "not_a_registered_task_xyz", "dataset": expert_format.UNKNOWN_DATASET,
+                    "subset": None, "prompt": None, "role": None}]
+  assert any("not_a_registered_task_xyz" in r.getMessage() for r in caplog.records)
+  assert library_lib.unknown_provenance({"provenance": items})

@@ -344,3 +344,20 @@ def test_retrieve_cli_with_minilm(lib, tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("EXPERT_T5X_MINILM_DIR", str(tmp_path / "missing"))
   assert retrieval.retrieve_main(["--library", lib.root, "--queries", str(qfile)]) == 1
   assert "data fetch minilm" in capsys.readouterr().err
+
+
+def test_retriever_refuses_unknown_provenance_under_zero_shot_unless_allowed(tmp_path):
+  from test_library import make_expert  # pylint: disable=g-import-not-at-top
+  lib = library_lib.Library.init(tmp_path / "lib")
+  lib.add(make_expert(tmp_path / "k", 0, "cosmos_qa"))
+  unknown = lib.add(make_expert(tmp_path / "u", 1, expert_format.UNKNOWN_DATASET, None, "t"))["id"]
+  retriever = retrieval.Retriever(lib, retrieval.make_embedder("bm25"))
+  queries = [{"inputs": f"{expert_format.UNKNOWN_DATASET} input {i}", "answer_choices": ["a", "b"],
+              "dataset": "super_glue", "subset": "rte"} for i in range(3)]
+  refused, admitted = (retriever.retrieve(queries, num_queries=3, allow_unknown_provenance=allow)
+                       for allow in (False, True))
+  assert refused["guard"]["excluded"] == [{"id": unknown, "reason": "unknown provenance"}]
+  assert refused["selected"] != unknown and "allow_unknown_provenance" not in refused["guard"]
+  assert admitted["guard"] == {"mode": "zero_shot", "num_allowed": 2, "excluded": [],
+                               "allow_unknown_provenance": True}
+  assert admitted["selected"] == unknown  # its keys match the queries best

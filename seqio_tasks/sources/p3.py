@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from expert_t5x import file_io
 from seqio_tasks import examples as examples_lib
 from seqio_tasks import settings
 
@@ -186,24 +187,16 @@ def write_split(task_dir: str, split: str, examples: Iterable[Mapping[str, Any]]
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   os.makedirs(task_dir, exist_ok=True)
   final = os.path.join(task_dir, f"{split}.tfrecord-00000-of-00001")
-  tmp = final + ".tmp"
   count = 0
-  try:
+  with file_io.atomic_path(final) as tmp:  # a hidden name, outside the shard pattern
     with tf.io.TFRecordWriter(tmp) as writer:
       for ex in examples:
         examples_lib.validate_example(ex, where=f"{task_dir} {split} example {count}")
         writer.write(_tf_example(ex, vocabulary).SerializeToString())
         count += 1
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  for old in glob.glob(os.path.join(task_dir, f"{split}.tfrecord-*")):
-    if old != tmp:
+    for old in glob.glob(os.path.join(task_dir, f"{split}.tfrecord-*")):
       os.remove(old)
-  os.replace(tmp, final)
-  with open(os.path.join(task_dir, f"info.{split}.json"), "w", encoding="utf-8") as f:
-    json.dump(_info(vocabulary is not None), f, indent=1)
-  with open(os.path.join(task_dir, f"stats.{split}.json"), "w", encoding="utf-8") as f:
-    json.dump({"examples": count}, f)
+  file_io.atomic_write_json(os.path.join(task_dir, f"info.{split}.json"),
+                            _info(vocabulary is not None), indent=1)
+  file_io.atomic_write_json(os.path.join(task_dir, f"stats.{split}.json"), {"examples": count})
   return count
