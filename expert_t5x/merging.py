@@ -785,8 +785,7 @@ def read_recipe(path: str) -> dict[str, Any]:
 
 def write_recipe(path: str, recipe: Mapping[str, Any]) -> None:
   """Writes a recipe JSON (`--recipe-out`; `read_recipe` reads it back)."""
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(recipe, f, indent=2, sort_keys=True)
+  file_io.atomic_write_json(path, recipe, indent=2, sort_keys=True)
 
 
 def merge_main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any, TextIO
 
+from expert_t5x import file_io
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_MODULE = "expert_t5x.train"
 # The trainer's flags for an explicit multi-process setup (T5X's names).
@@ -126,10 +128,7 @@ class Runner:
     if self.dry_run:
       print(text + "EOF", file=self.out, flush=True)
       return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.chmod(path, mode)
+    file_io.atomic_write_text(path, text, file_mode=mode)
 
   def run_parallel(self, commands: Sequence[Sequence[str]]) -> None:
     """Starts every command at once and waits for all (one per TPU worker); fails if any fails."""
