@@ -92,17 +92,17 @@ def shard_done(path: str, header: Mapping[str, Any]) -> bool:
 
 def _records_problem(first: Mapping[str, Any], records: bytes, expected: int) -> Optional[str]:
   """Why a shard's records cannot be trusted, or None."""
-  digest = first.get("records_sha256")
-  if digest is not None and _records_digest(records) != digest:
-    return "its records do not match their sha256"
   try:
     rows = [json.loads(r) for r in records.decode("utf-8").splitlines() if r.strip()]
   except (UnicodeDecodeError, json.JSONDecodeError):
     return "a record is not valid JSON"
-  if len(rows) != expected:
+  if len(rows) != expected or first.get("num_records", expected) != expected:
     return f"it holds {len(rows)} records where its header implies {expected}"
   if not all(isinstance(r, dict) and "example_id" in r for r in rows):
     return "a record is not a prediction record"
+  digest = first.get("records_sha256")  # (Shards written before digests were kept have none.)
+  if digest is not None and _records_digest(records) != digest:
+    return "its records do not match their sha256"
   return None
 
 

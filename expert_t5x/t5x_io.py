@@ -74,7 +74,7 @@ def t5x_checkpoint_main(argv: Optional[Sequence[str]] = None) -> int:
                        "--model_config NAME --random_init_seed N (random weights).")
     overrides = {"vocab_size": args.vocab_size} if args.vocab_size else None
     base = base_models.load_base(args.source, args.model_config, args.random_init_seed,
-                                config_overrides=overrides)
+                                 config_overrides=overrides)
     path = write_t5x_checkpoint(base.params, args.output, args.step)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"expert-t5x t5x-checkpoint: {e}", file=sys.stderr)

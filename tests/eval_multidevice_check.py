@@ -19,7 +19,7 @@ import eval_fakes
 def main():
   assert jax.device_count() == 8, jax.devices()
   base = base_models.load_base(model_config="tiny", random_init_seed=0,
-                              config_overrides={"vocab_size": eval_fakes.VOCAB_SIZE})
+                               config_overrides={"vocab_size": eval_fakes.VOCAB_SIZE})
   source = eval_fakes.make_source(n=6)
   with tempfile.TemporaryDirectory() as root:
     paths = eval_fakes.save_adapter_experts(root, base.params, base.config, [1, 2],

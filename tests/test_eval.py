@@ -29,7 +29,7 @@ TASKS = ("nli_p1", "nli_p2", "qa_q1")
 @pytest.fixture(scope="module")
 def base():
   return base_models.load_base(model_config="tiny", random_init_seed=0,
-                              config_overrides={"vocab_size": eval_fakes.VOCAB_SIZE})
+                               config_overrides={"vocab_size": eval_fakes.VOCAB_SIZE})
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ BASE_FLAGS = ["--model_config", "tiny", "--vocab_size", str(DEMO_VOCAB), "--rand
 def demo_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("demo")
   base = base_models.load_base(model_config="tiny", random_init_seed=0,
-                              config_overrides={"vocab_size": DEMO_VOCAB})
+                               config_overrides={"vocab_size": DEMO_VOCAB})
   experts = eval_fakes.save_adapter_experts(str(root / "experts"), base.params, base.config,
                                             [1, 2], fingerprint=base.fingerprint)
   out = root / "out"

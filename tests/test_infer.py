@@ -17,7 +17,7 @@ import eval_fakes
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   base = base_models.load_base(model_config="tiny", random_init_seed=0,
-                              config_overrides={"vocab_size": eval_fakes.VOCAB_SIZE})
+                               config_overrides={"vocab_size": eval_fakes.VOCAB_SIZE})
   root = tmp_path_factory.mktemp("infer")
   experts = eval_fakes.save_adapter_experts(str(root), base.params, base.config, [4],
                                             fingerprint=base.fingerprint)

@@ -44,7 +44,7 @@ BASE_FLAGS = ["--model_config", "tiny", "--vocab_size", str(DEMO_VOCAB), "--rand
 @pytest.fixture(scope="module")
 def base():
   return base_models.load_base(model_config="tiny", random_init_seed=0,
-                              config_overrides={"vocab_size": DEMO_VOCAB})
+                               config_overrides={"vocab_size": DEMO_VOCAB})
 
 
 def _save_expert(root, base, task, prompt, seed):
@@ -447,7 +447,7 @@ def test_bad_settings_fail_with_one_clear_line(base, lib, tmp_path, capsys):
   assert eval_entry.cli_main(flags + ["--library", lib.root]) == 2
   assert "only used with roe" in capsys.readouterr().err
   other = base_models.load_base(model_config="tiny", random_init_seed=1,
-                               config_overrides={"vocab_size": DEMO_VOCAB})
+                                config_overrides={"vocab_size": DEMO_VOCAB})
   with pytest.raises(ValueError, match="holds experts of base"):
     roe.evaluate(library=lib.root, tasks=EVAL, output_dir=str(tmp_path / "y"), base=other,
                  config=roe.RoEConfig(embedder="bm25"), **COMMON)
