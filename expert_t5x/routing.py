@@ -100,7 +100,8 @@ def make_plan(specs: Sequence[ExpertSpec], task_names: Sequence[str], include_ba
   return plan
 
 
-def check_example_routes(routing: Routing, task: str, examples: Sequence[Mapping[str, Any]]) -> None:
+def check_example_routes(routing: Routing, task: str,
+                         examples: Sequence[Mapping[str, Any]]) -> None:
   """A per-example routing must route exactly the examples evaluated."""
   ids = [ex["example_id"] for ex in examples]
   unrouted = [i for i in ids if i not in routing.routes[task]]

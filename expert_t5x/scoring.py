@@ -68,7 +68,6 @@ class ScoringOptions:
             "tie_break": "lowest_index"}
 
 
-
 # ---------------------------------------------------------------------------------- tokenizing
 
 

@@ -30,6 +30,7 @@ SHARDS_DIR = "shards"
 
 
 def shard_path(output_dir: str, chunk: Chunk, task: str, subset: str = "") -> str:
+  """Where the shard of (`chunk`, `task`[, routed `subset`]) lives."""
   return os.path.join(output_dir, SHARDS_DIR, chunk.key, task + subset + ".jsonl")
 
 
@@ -43,7 +44,8 @@ def routed_subset(routing: Optional[Routing], include_base: bool, chunk: Chunk, 
 
 
 def shard_header(task: TaskMeta, chunk: Chunk, examples: Sequence[Mapping[str, Any]],
-                  settings: Mapping[str, Any]) -> dict[str, Any]:
+                 settings: Mapping[str, Any]) -> dict[str, Any]:
+  """What a shard must have been computed from to be reused."""
   digest = hashlib.sha256()
   for ex in examples:  # The examples themselves, so changed data never reuse an old shard.
     digest.update(json.dumps([ex["example_id"], ex["inputs"], ex.get("answer_choices"),
@@ -121,7 +123,7 @@ def write_shard(path: str, header: Mapping[str, Any], stats: Mapping[str, int],
 
 
 def rank_records(task: TaskMeta, chunk: Chunk, examples: Sequence[Mapping[str, Any]],
-                  scores: Mapping[int, np.ndarray], options: scoring.ScoringOptions) -> list[dict]:
+                 scores: Mapping[int, np.ndarray], options: scoring.ScoringOptions) -> list[dict]:
   """Prediction records (expert-major, examples in order) from `[E, K]` scores per example."""
   out = []
   for e, expert_id in enumerate(chunk.ids):
@@ -144,7 +146,8 @@ def rank_records(task: TaskMeta, chunk: Chunk, examples: Sequence[Mapping[str, A
 
 
 def generation_records(task: TaskMeta, chunk: Chunk, examples: Sequence[Mapping[str, Any]],
-                        texts: Mapping[int, list[str]]) -> list[dict]:
+                       texts: Mapping[int, list[str]]) -> list[dict]:
+  """Prediction records (expert-major, examples in order) from one decode per expert."""
   out = []
   for e, expert_id in enumerate(chunk.ids):
     for i, ex in enumerate(examples):
