@@ -48,7 +48,6 @@ from expert_t5x import results as results_lib
 from expert_t5x import retrieval
 from expert_t5x import routing as routing_lib
 from expert_t5x import scoring
-from expert_t5x import shards
 
 MODES = ("roe", "merge")
 # Whose expert a prompt's examples use (the paper's retrieval variants): the task-level vote's
@@ -289,14 +288,14 @@ def query_choice_scores(scorer: scoring.Scorer, expert_dir: str, examples: Seque
              if q.get("answer_choices")]
   if not queries:
     return np.zeros((0, 0), np.float32)
-  meta = eval_tasks.TaskMeta("label_free_queries", "", "", True)
-  chunk = eval_experts.expert_chunk(expert_dir, "candidate")
+  scorer.set_chunk(eval_experts.expert_chunk(expert_dir, "candidate"))
   encoded, _ = scoring.encode_examples(queries, vocabulary, feature_lengths, True)
-  records = shards.run_shard(scorer, meta, chunk, queries, encoded, vocabulary, batch_size, 0)
-  width = max(len(r["choice_scores"]) for r in records)
-  out = np.full((len(records), width), -np.inf, np.float64)
-  for i, r in enumerate(records):
-    out[i, :len(r["choice_scores"])] = r["choice_scores"]
+  scores = scorer.score_encoded(encoded, batch_size)
+  rows = [scoring.choice_scores(scores[i][0], q["answer_choices"], scorer.options)
+          for i, q in enumerate(queries)]
+  out = np.full((len(rows), max(len(r) for r in rows)), -np.inf, np.float64)
+  for i, row in enumerate(rows):
+    out[i, :len(row)] = row
   return out
 
 
