@@ -731,15 +731,10 @@ def base_fingerprint(path_or_params: str | os.PathLike[str] | Mapping[str, Any]
   return fingerprint
 
 
-def vocab_fingerprint(vocab_path: str | os.PathLike[str] | None) -> str | None:
-  """sha256 of a SentencePiece model file (None for None)."""
-  return None if vocab_path is None else file_io.sha256_file(vocab_path)
-
-
 __all__ = [
     "CheckpointMismatchError", "base_fingerprint", "check_params",
     "detect_format", "expected_shapes", "export_hf_t5", "find_vocab",
     "hf_config_from_t5", "hf_name_map", "hf_to_params", "infer_t5_config",
     "load_hf_t5", "load_params", "load_t5x_checkpoint", "params_to_hf",
-    "t5_config_from_hf", "vocab_fingerprint",
+    "t5_config_from_hf",
 ]

@@ -111,12 +111,12 @@ def run(*, base: str, library: str, output_dir: str, languages: str | Sequence[s
       base's model gin).
     progress: progress bars.
   """
-  from expert_t5x import evaluation  # pylint: disable=g-import-not-at-top
+  from expert_t5x import base_models, evaluation  # pylint: disable=g-import-not-at-top
   from expert_t5x import library as library_lib  # pylint: disable=g-import-not-at-top
   from expert_t5x import results as results_lib  # pylint: disable=g-import-not-at-top
   langs = parse_languages(languages or list(_settings().LANGUAGES))
   lib = library_lib.Library.init(library, exist_ok=True)
-  base_model = evaluation.load_base(base)
+  base_model = base_models.load_base(base)
   if lib.base_fingerprint() not in (None, base_model.fingerprint):
     raise ValueError(f"base {base!r} (fingerprint {base_model.fingerprint[:12]}) is not the "
                      f"library's base ({lib.base_fingerprint()[:12]}); pass the base its experts "

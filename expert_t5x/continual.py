@@ -79,8 +79,9 @@ def _evaluate_routed(base, lib, routes: Mapping[str, str], output_dir: str, *, s
                      max_examples: Optional[int], common: Mapping[str, Any]) -> dict[str, Any]:
   """Each task under its own expert, one evaluation (one pass per distinct expert)."""
   from expert_t5x import evaluation  # pylint: disable=g-import-not-at-top
+  from expert_t5x import routing as routing_lib  # pylint: disable=g-import-not-at-top
   ids = sorted(set(routes.values()))
-  routing = evaluation.Routing(name="own_expert", routes=dict(routes), info={"kind": "own_expert"})
+  routing = routing_lib.Routing(name="own_expert", routes=dict(routes), info={"kind": "own_expert"})
   return evaluation.evaluate(
       tasks=list(routes), output_dir=output_dir, base=base,
       expert_paths=[lib.expert_dir(i) for i in ids], expert_names=ids, split=split,
@@ -230,10 +231,11 @@ def run(*, library: str, base: str, tasks: str | Sequence[str], output_dir: str,
     gin_args: extra `--gin_file=...` / `--gin.X=V` arguments of the training jobs.
     progress: progress bars.
   """
-  from expert_t5x import evaluation  # pylint: disable=g-import-not-at-top
+  from expert_t5x import base_models, evaluation  # pylint: disable=g-import-not-at-top
+  from expert_t5x import eval_tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from expert_t5x import library as library_lib  # pylint: disable=g-import-not-at-top
   from expert_t5x import results as results_lib  # pylint: disable=g-import-not-at-top
-  new_tasks = evaluation.SeqioTaskSource().resolve(tasks)
+  new_tasks = tasks_lib.SeqioTaskSource().resolve(tasks)
   for task in new_tasks:
     _settings_for(task)  # one clear line for a task without the paper's settings
   lib = library_lib.Library(library)
@@ -246,7 +248,7 @@ def run(*, library: str, base: str, tasks: str | Sequence[str], output_dir: str,
   if not routes:
     raise ValueError(f"library {library!r} has no expert with a registered task to check the seen "
                      "tasks with; add the seen experts first (`expert-t5x library add`).")
-  base_model = evaluation.load_base(base)
+  base_model = base_models.load_base(base)
   if lib.base_fingerprint() not in (None, base_model.fingerprint):
     raise ValueError(f"base {base!r} (fingerprint {base_model.fingerprint[:12]}) is not the "
                      f"library's base ({lib.base_fingerprint()[:12]}); pass the base its experts "

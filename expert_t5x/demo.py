@@ -382,12 +382,13 @@ def evaluate_all(cfg: DemoConfig, base, experts: Mapping[str, str],
 
 def read_outcomes(eval_dir: str):
   """{(entry id, task): PromptOutcomes} from an evaluation's predictions.jsonl."""
-  from expert_t5x import evaluation, results  # pylint: disable=g-import-not-at-top
+  from expert_t5x import eval_experts, evaluation, results  # pylint: disable=g-import-not-at-top
+  from expert_t5x import scoring as scoring_lib  # pylint: disable=g-import-not-at-top
   records: dict[tuple[str, str], list[dict]] = {}
   for r in results.read_jsonl(os.path.join(eval_dir, results.PREDICTIONS_FILE)):
-    entry = (r["expert_ids"] or [evaluation.BASE_ID])[0]
+    entry = (r["expert_ids"] or [eval_experts.BASE_ID])[0]
     records.setdefault((entry, r["task"]), []).append(r)
-  options = evaluation.ScoringOptions()
+  options = scoring_lib.ScoringOptions()
   return {key: evaluation.outcomes_from_records(rs, options)[0] for key, rs in records.items()}
 
 
@@ -490,7 +491,7 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
   progress.begin("setup", since=start)
   import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
   # pylint: disable-next=g-import-not-at-top,unused-import
-  from expert_t5x import evaluation, report, train
+  from expert_t5x import base_models, evaluation, report, train
   demo_pipeline.register()
   prompts = eval_prompts()
   cache_dir = cache_dir or default_cache_dir()
@@ -499,7 +500,7 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
   progress.begin("pre-train base")
   base_dir, cached = pretrain_base(cfg, cache_dir, show_progress)
   progress.end(skipped=cached)
-  base = evaluation.load_base(base_dir)
+  base = base_models.load_base(base_dir)
 
   progress.begin("prompt + dataset experts")
   stacked = list(pe_tasks) + list(de_tasks)

@@ -39,7 +39,11 @@ import os
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
+from expert_t5x import base_models
+from expert_t5x import eval_experts
+from expert_t5x import eval_tasks
 from expert_t5x import evaluation
+from expert_t5x import scoring as scoring_lib
 
 ANCHORS_FILE = "anchors.md"
 
@@ -59,7 +63,7 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
              num_partitions: int = 1, dtype: str = "float32", allow_base_mismatch: bool = False,
              write_predictions: bool = True, progress: bool = True,
              vocabulary_path: Optional[str] = None, expected: Optional[str] = None,
-             task_source: Optional[evaluation.TaskSource] = None,
+             task_source: Optional[eval_tasks.TaskSource] = None,
              library: Optional[str] = None, roe: bool = False, merge: bool = False,
              roe_level: str = "task", dataset_rule: str = "winner", embedder: str = "minilm",
              minilm_dir: Optional[str] = None,
@@ -120,11 +124,11 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
     bertscore_model, bertscore_layers: the BERTScore model directory and layer of the tasks scored
       with it (ct0_target_eval's covid_qa, eli5, empathetic_dialogues, esnli, twitter_top20).
   """
-  options = evaluation.ScoringOptions(scoring=scoring, logit_vocab_limit=logit_vocab_limit,
-                                      gold_not_in_choices=gold_not_in_choices)
+  options = scoring_lib.ScoringOptions(scoring=scoring, logit_vocab_limit=logit_vocab_limit,
+                                       gold_not_in_choices=gold_not_in_choices)
   paths = list(expert_paths or [])
   if expert_list_file:
-    paths += evaluation.read_expert_list(expert_list_file)
+    paths += eval_experts.read_expert_list(expert_list_file)
   if roe or merge:
     if roe and merge:
       raise ValueError("Pass one of roe (--roe) or merge (--merge), not both.")
@@ -138,11 +142,11 @@ def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
                      "evaluate expert directories with --experts.")
   task_feature_lengths = dict(task_feature_lengths or {"targets": None})
   task_feature_lengths.setdefault("inputs", evaluation.paper_input_length(experts=bool(paths) or roe))
-  base = evaluation.load_base(checkpoint_path, model_config, random_init_seed, dtype,
-                              config_overrides)
+  base = base_models.load_base(checkpoint_path, model_config, random_init_seed, dtype,
+                               config_overrides)
   _configure_vocabulary(vocabulary_path, checkpoint_path, task_source)
   if task_source is None:
-    task_source = evaluation.SeqioTaskSource(example_subset)
+    task_source = eval_tasks.SeqioTaskSource(example_subset)
   elif example_subset != getattr(task_source, "example_subset", "first"):
     raise ValueError(f"example_subset {example_subset!r} applies to the registered tasks; a given "
                      "task_source selects its own examples (pass it the subset, or drop one).")

@@ -24,12 +24,14 @@ import json
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
-import numpy as np
 
 from expert_t5x import aggregation
-from expert_t5x import evaluation
+from expert_t5x import base_models
+from expert_t5x import eval_experts
+from expert_t5x import eval_tasks
 from expert_t5x import partitioning
 from expert_t5x import results as results_lib
+from expert_t5x import scoring as scoring_lib
 
 MODES = ("predict", "score")
 
@@ -84,17 +86,17 @@ def infer(*, output_file: Optional[str] = None, inputs: Sequence[Any] = (),
     rows += read_inputs(input_file)
   if not rows:
     raise ValueError("No inputs: pass inputs (INFER_INPUTS / --inputs) or an input_file.")
-  options = evaluation.ScoringOptions(scoring=scoring, logit_vocab_limit=logit_vocab_limit)
-  base = evaluation.load_base(checkpoint_path, model_config, random_init_seed, dtype,
-                              config_overrides)
+  options = scoring_lib.ScoringOptions(scoring=scoring, logit_vocab_limit=logit_vocab_limit)
+  base = base_models.load_base(checkpoint_path, model_config, random_init_seed, dtype,
+                               config_overrides)
   vocabulary = vocabulary or make_vocabulary(vocabulary_path, checkpoint_path)
-  specs = evaluation.load_expert_specs([expert_path]) if expert_path else []
-  evaluation.check_expert_bases(specs, base.fingerprint, allow_base_mismatch)
-  evaluation.check_vocabulary("infer inputs", vocabulary, base.config.vocab_size, options,
+  specs = eval_experts.load_expert_specs([expert_path]) if expert_path else []
+  eval_experts.check_expert_bases(specs, base.fingerprint, allow_base_mismatch)
+  eval_tasks.check_vocabulary("infer inputs", vocabulary, base.config.vocab_size, options,
                               {"the base checkpoint": base.vocab_fingerprint})
   partitioner = partitioning.PjitPartitioner(num_partitions=num_partitions)
-  scorer = evaluation.Scorer(base.config, base.params, partitioner, options)
-  scorer.set_chunk(evaluation.Chunk(specs))
+  scorer = scoring_lib.Scorer(base.config, base.params, partitioner, options)
+  scorer.set_chunk(eval_experts.Chunk(specs))
   lengths = {"inputs": max_input_length, "targets": None}
   if mode == "predict":
     out = _predict(scorer, rows, vocabulary, lengths, batch_size, max_decode_length)
@@ -107,14 +109,9 @@ def infer(*, output_file: Optional[str] = None, inputs: Sequence[Any] = (),
 
 def _predict(scorer, rows, vocabulary, lengths, batch_size, max_decode_length):
   examples = [{"inputs": r["inputs"], "targets": ""} for r in rows]
-  encoded, _ = evaluation.encode_examples(examples, vocabulary, lengths, scoring=False)
-  texts: dict[int, str] = {}
-  for batch in evaluation.make_batches(encoded, batch_size, scoring=False):
-    decodes = scorer.generate(batch, max_decode_length)  # [B, 1, L]
-    for r, row in enumerate(batch.rows):
-      if row >= 0:
-        texts[int(row)] = evaluation._decode_text(vocabulary, decodes[r, 0])  # pylint: disable=protected-access
-  return [{"inputs": r["inputs"], "prediction": texts[i]} for i, r in enumerate(rows)]
+  encoded, _ = scoring_lib.encode_examples(examples, vocabulary, lengths, scoring=False)
+  texts = scorer.generate_encoded(encoded, vocabulary, batch_size, max_decode_length)
+  return [{"inputs": r["inputs"], "prediction": texts[i][0]} for i, r in enumerate(rows)]
 
 
 def _score(scorer, rows, vocabulary, lengths, batch_size, options):
@@ -126,18 +123,11 @@ def _score(scorer, rows, vocabulary, lengths, batch_size, options):
                        "'score' needs one of them (or use mode 'predict').")
     choices.append([str(x) for x in c])
   examples = [{"inputs": r["inputs"], "answer_choices": c} for r, c in zip(rows, choices)]
-  encoded, _ = evaluation.encode_examples(examples, vocabulary, lengths, scoring=True)
-  scores: dict[int, np.ndarray] = {}
-  for batch in evaluation.make_batches(encoded, batch_size, scoring=True):
-    out = scorer.score(batch)  # [B, 1, K]
-    for r, row in enumerate(batch.rows):
-      if row >= 0:
-        scores[int(row)] = out[r, 0]
+  encoded, _ = scoring_lib.encode_examples(examples, vocabulary, lengths, scoring=True)
+  scores = scorer.score_encoded(encoded, batch_size)  # {row: [1, K]}
   records = []
   for i, (r, c) in enumerate(zip(rows, choices)):
-    s = np.asarray(scores[i][:len(c)], np.float64)
-    if options.scoring == "per_char":
-      s = aggregation.per_char_scores(s, c)
+    s = scoring_lib.choice_scores(scores[i][0], c, options)
     records.append({"inputs": r["inputs"], "choices": c, "scores": s.tolist(),
                     "pred": int(aggregation.predict(s)), "scoring": options.scoring})
   return records

@@ -23,9 +23,9 @@ from expert_t5x import validation
 def _load_base(path: str | None, need_init: bool, metas: Sequence[Mapping[str, Any]]):
   if path is None:
     return None, None
-  from expert_t5x import checkpoint_importer  # heavy; only when --base is given
-  base, t5_config, _ = checkpoint_importer.load_params(path)
-  return base, (merging.adapter_init_params(metas, base, t5_config) if need_init else None)
+  from expert_t5x import base_models  # heavy; only when --base is given
+  ckpt = base_models.read_base_checkpoint(path)
+  return ckpt.params, (merging.adapter_init_params(metas, ckpt.params, ckpt.config) if need_init else None)
 
 
 def _resolve_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:

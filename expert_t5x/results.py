@@ -13,7 +13,7 @@ One evaluation directory holds (schema version `SCHEMA_VERSION`; later stages re
 * `results.csv`: the same numbers as flat rows; `results.md`: a Markdown table for a paper.
 * `matrix.npz` (several experts): `acc [E, P]`, `expert_ids [E]`, `prompt_ids [P]`; results.json
   then also holds `oracle` (the best expert per prompt and its aggregate, `aggregation.oracle`).
-* Routed runs (`eval --roe` / `--merge`, `evaluation.Routing`): one composed entry whose prompts
+* Routed runs (`eval --roe` / `--merge`, `routing.Routing`): one composed entry whose prompts
   list their `expert_ids`; its prediction lines add `entry` and carry the experts their prompt
   used (routed per example: their example's expert); results.json adds `routing` (settings, and
   per prompt the experts, votes, confidence, guard). Both are additions: schema version 1 readers ignore them.

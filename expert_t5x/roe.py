@@ -36,6 +36,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from expert_t5x import base_models
+from expert_t5x import eval_experts
+from expert_t5x import eval_tasks
 from expert_t5x import evaluation
 from expert_t5x import expert_format
 from expert_t5x import library as library_lib
@@ -43,6 +46,8 @@ from expert_t5x import merging
 from expert_t5x import partitioning
 from expert_t5x import results as results_lib
 from expert_t5x import retrieval
+from expert_t5x import routing as routing_lib
+from expert_t5x import scoring
 
 MODES = ("roe", "merge")
 # Whose expert a prompt's examples use (the paper's retrieval variants): the task-level vote's
@@ -179,7 +184,7 @@ def _as_tuple(value: Any) -> tuple:
 class CachedTaskSource:
   """A task source whose examples are read once (retrieval and evaluation read the same)."""
 
-  def __init__(self, source: evaluation.TaskSource):
+  def __init__(self, source: eval_tasks.TaskSource):
     self._source = source
     self._examples: dict[tuple, list[dict]] = {}
     self.example_subset = getattr(source, "example_subset", "first")  # recorded in results
@@ -187,7 +192,7 @@ class CachedTaskSource:
   def resolve(self, spec):
     return self._source.resolve(spec)
 
-  def meta(self, task: str) -> evaluation.TaskMeta:
+  def meta(self, task: str) -> eval_tasks.TaskMeta:
     return self._source.meta(task)
 
   def vocabulary(self, task: str):
@@ -220,7 +225,7 @@ def compact(result: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
-def routing_changes(previous: Mapping[str, Any], routing: evaluation.Routing,
+def routing_changes(previous: Mapping[str, Any], routing: routing_lib.Routing,
                     tasks: Sequence[str], where: str = "previous results") -> dict[str, Any]:
   """Prompts whose experts differ from an earlier routed run (a report, not a check)."""
   before = (previous.get("routing") or {}).get("tasks")
@@ -238,7 +243,7 @@ class _Merges:
   """Merged experts of retrieved candidates, written once under `<output_dir>/merged/<id>`."""
 
   def __init__(self, lib: library_lib.Library, output_dir: str, config: RoEConfig,
-               base: evaluation.BaseModel):
+               base: base_models.BaseModel):
     self.lib, self.config, self.base = lib, config, base
     self.root = os.path.join(output_dir, MERGED_DIR)
 
@@ -272,7 +277,7 @@ class _Merges:
     return merge_id, path, ids, expert_format.read_metadata(path)["merge"]
 
 
-def query_choice_scores(scorer: evaluation.Scorer, expert_dir: str, examples: Sequence[Mapping],
+def query_choice_scores(scorer: scoring.Scorer, expert_dir: str, examples: Sequence[Mapping],
                         vocabulary: Any, feature_lengths: Mapping[str, Optional[int]],
                         batch_size: int) -> np.ndarray:
   """`[Q, K]` choice scores of unlabeled queries under one expert, as the evaluator scores them.
@@ -283,18 +288,18 @@ def query_choice_scores(scorer: evaluation.Scorer, expert_dir: str, examples: Se
              if q.get("answer_choices")]
   if not queries:
     return np.zeros((0, 0), np.float32)
-  meta = evaluation.TaskMeta("label_free_queries", "", "", True)
-  chunk = evaluation.Chunk(evaluation.load_expert_specs([expert_dir], ["candidate"]))
-  encoded, _ = evaluation.encode_examples(queries, vocabulary, feature_lengths, True)
-  records = evaluation.run_shard(scorer, meta, chunk, queries, encoded, vocabulary, batch_size, 0)
-  width = max(len(r["choice_scores"]) for r in records)
-  out = np.full((len(records), width), -np.inf, np.float64)
-  for i, r in enumerate(records):
-    out[i, :len(r["choice_scores"])] = r["choice_scores"]
+  scorer.set_chunk(eval_experts.expert_chunk(expert_dir, "candidate"))
+  encoded, _ = scoring.encode_examples(queries, vocabulary, feature_lengths, True)
+  scores = scorer.score_encoded(encoded, batch_size)
+  rows = [scoring.choice_scores(scores[i][0], q["answer_choices"], scorer.options)
+          for i, q in enumerate(queries)]
+  out = np.full((len(rows), max(len(r) for r in rows)), -np.inf, np.float64)
+  for i, row in enumerate(rows):
+    out[i, :len(row)] = row
   return out
 
 
-def _check_library_base(lib: library_lib.Library, base: evaluation.BaseModel,
+def _check_library_base(lib: library_lib.Library, base: base_models.BaseModel,
                         allow_mismatch: bool) -> None:
   theirs = lib.base_fingerprint()
   if theirs and base.fingerprint and theirs != base.fingerprint and not allow_mismatch:
@@ -304,10 +309,10 @@ def _check_library_base(lib: library_lib.Library, base: evaluation.BaseModel,
 
 
 def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
-             base: evaluation.BaseModel, config: RoEConfig,
-             task_source: Optional[evaluation.TaskSource] = None, split: str = "validation",
+             base: base_models.BaseModel, config: RoEConfig,
+             task_source: Optional[eval_tasks.TaskSource] = None, split: str = "validation",
              max_examples: Optional[int] = None, batch_size: int = 32,
-             options: evaluation.ScoringOptions = evaluation.ScoringOptions(),
+             options: scoring.ScoringOptions = scoring.ScoringOptions(),
              feature_lengths: Optional[Mapping[str, Optional[int]]] = None,
              include_base: bool = False, num_partitions: int = 1,
              allow_base_mismatch: bool = False, previous_results: Optional[str] = None,
@@ -319,7 +324,7 @@ def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
     library: the expert library directory.
     tasks: a suite, a task, or a list / comma-separated string of them.
     output_dir: the evaluation directory (resumed when it exists).
-    base: the frozen base (`evaluation.load_base`); its fingerprint must match the library's.
+    base: the frozen base (`base_models.load_base`); its fingerprint must match the library's.
     config: retrieval and merging settings.
     task_source: tasks and examples (default: the registered seqio_tasks).
     split, max_examples, batch_size, options, feature_lengths, num_partitions,
@@ -332,7 +337,7 @@ def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
   """
   lib = library_lib.Library(library)
   _check_library_base(lib, base, allow_base_mismatch)
-  source = CachedTaskSource(task_source or evaluation.SeqioTaskSource())
+  source = CachedTaskSource(task_source or eval_tasks.SeqioTaskSource())
   task_names = source.resolve(tasks)
   examples = {t: source.examples(t, split, max_examples) for t in task_names}
   if embedder is None:
@@ -365,7 +370,7 @@ def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
                          else feature_lengths)
   scorer = None
   if config.merges and config.num_candidates > 1:
-    scorer = evaluation.Scorer(base.config, base.params,
+    scorer = scoring.Scorer(base.config, base.params,
                                partitioning.PjitPartitioner(num_partitions=num_partitions),
                                options)
   merges = _Merges(lib, output_dir, config, base)
@@ -380,8 +385,8 @@ def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
     elif config.level == "dataset" and selected == result["winner"]:
       routes[t] = dataset_expert(result, detail)
       dirs[routes[t]] = lib.expert_dir(routes[t])
-    elif selected == evaluation.BASE_ID:
-      routes[t] = evaluation.BASE_ID
+    elif selected == eval_experts.BASE_ID:
+      routes[t] = eval_experts.BASE_ID
     elif config.mode == "roe" and selected != "merge":
       routes[t], dirs[selected] = selected, lib.expert_dir(selected)
     else:
@@ -392,8 +397,8 @@ def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
       detail["merge"] = {"id": merge_id, "inputs": inputs, "top_k": len(inputs), "lam": lam,
                          "method": recipe["method"], "output_hash": recipe["output_hash"]}
     details[t] = detail
-  routing = evaluation.Routing(name=config.mode, routes=routes, expert_ids=used, details=details,
-                               info=info)
+  routing = routing_lib.Routing(name=config.mode, routes=routes, expert_ids=used,
+                                details=details, info=info)
   if previous_results:
     routing.info["changes"] = routing_changes(results_lib.read_results(previous_results),
                                               routing, task_names, previous_results)
@@ -430,7 +435,7 @@ def dataset_expert(result: Mapping[str, Any], detail: dict[str, Any]) -> str:
 
 
 def _choose_merge(config: RoEConfig, merges: _Merges, result: Mapping[str, Any],
-                  scorer: Optional[evaluation.Scorer], examples: Sequence[Mapping], source: Any,
+                  scorer: Optional[scoring.Scorer], examples: Sequence[Mapping], source: Any,
                   task: str, feature_lengths: Mapping[str, Optional[int]], batch_size: int,
                   detail: dict[str, Any]) -> tuple[int, Optional[float]]:
   """(top-k, λ): the only setting, or the label-free choice on the retrieval's own queries."""

@@ -66,14 +66,14 @@ def _checkpoint_parser() -> argparse.ArgumentParser:
 def t5x_checkpoint_main(argv: Optional[Sequence[str]] = None) -> int:
   """Entry point of `expert-t5x t5x-checkpoint`."""
   args = _checkpoint_parser().parse_args(argv)
-  from expert_t5x import evaluation  # pylint: disable=g-import-not-at-top
+  from expert_t5x import base_models  # pylint: disable=g-import-not-at-top
   try:
     if bool(args.source) == (args.random_init_seed is not None):
       raise ValueError("pass either SOURCE (an HF T5 directory or T5X checkpoint) or "
                        "--model_config NAME --random_init_seed N (random weights).")
     overrides = {"vocab_size": args.vocab_size} if args.vocab_size else None
-    base = evaluation.load_base(args.source, args.model_config, args.random_init_seed,
-                                config_overrides=overrides)
+    base = base_models.load_base(args.source, args.model_config, args.random_init_seed,
+                                 config_overrides=overrides)
     path = write_t5x_checkpoint(base.params, args.output, args.step)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"expert-t5x t5x-checkpoint: {e}", file=sys.stderr)

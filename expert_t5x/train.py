@@ -28,6 +28,8 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from expert_t5x import aggregation
+from expert_t5x import base_models
 from expert_t5x import checkpoint_importer
 from expert_t5x import expert_format
 from expert_t5x import experts as experts_lib
@@ -91,8 +93,8 @@ def _load_base(model: models.EncoderDecoderModel, path: Optional[str], seed: int
         out_shardings=shardings)
     params = init(jax.random.PRNGKey(seed))
   else:
-    loaded, _, info = checkpoint_importer.load_params(path)
-    vocab_path = info.get("vocab_path")
+    ckpt = base_models.read_base_checkpoint(path)
+    loaded, vocab_path = ckpt.params, ckpt.vocab_path
     want_shapes = {k: tuple(v.shape) for k, v in
                    trees.flatten(abstract["params"]).items()}
     got = {k: tuple(np.shape(v)) for k, v in trees.flatten_params(loaded).items()}
@@ -136,45 +138,55 @@ def _next_batch(iterators: list, stacked: bool) -> tuple[dict[str, np.ndarray], 
 def rank_classification_accuracy(model: models.EncoderDecoderModel, base: PyTree,
                                  expert: Optional[PyTree], task_name: str,
                                  lengths: dict[str, int], split: str = "validation",
-                                 max_examples: int = 200, full: bool = False
+                                 max_examples: int = 200, full: bool = False,
+                                 partitioner: Optional[partitioning.PjitPartitioner] = None,
+                                 batch_size: Optional[int] = None
                                  ) -> Optional[tuple[float, float]]:
   """(accuracy, chance) of rank classification on a task's answer choices, or None when the task
-  has no choices. Quick sanity check only; `python -m expert_t5x.eval` is the real evaluator."""
+  has no choices. Quick sanity check only; `python -m expert_t5x.eval` is the real evaluator, and
+  both score through `expert_t5x.scoring` (same tokens, batches and scores).
+
+  Args:
+    model: the trained model (its network config, expert config and base dtype are used).
+    base: the frozen base parameters; with `full`, the base before training.
+    expert: the expert tree (with `full`: the fine-tuned parameters), or None for the base alone.
+    task_name, lengths, split, max_examples: the examples: the first `max_examples` of `split`
+      whose target is one of their choices, truncated to `lengths`.
+    partitioner: mesh and rules (default: every device data-parallel).
+    batch_size: rows per scoring call (default: the data-parallel size times 8).
+  """
   import seqio  # pylint: disable=g-import-not-at-top
+  from expert_t5x import scoring  # pylint: disable=g-import-not-at-top
   task = train_data.get_task(task_name)
   if isinstance(task, seqio.Mixture) or split not in task.splits:
     return None
   ds = task.get_dataset(sequence_length=lengths, split=split, shuffle=False, num_epochs=1)
   if "answer_choices" not in ds.element_spec:
     return None
-  vocab = task.output_features["targets"].vocabulary
-  inputs, choices, labels, chance = [], [], [], []
+  examples = []
   for ex in ds.take(max_examples).as_numpy_iterator():
-    options = [c.decode("utf-8") for c in ex["answer_choices"]]
+    choices = [c.decode("utf-8") for c in ex["answer_choices"]]
     target = ex["targets_pretokenized"].decode("utf-8").strip()
-    if not options or target not in [o.strip() for o in options]:
-      continue
-    labels.append([o.strip() for o in options].index(target))
-    chance.append(1.0 / len(options))
-    inputs.append(list(ex["inputs"][:lengths["inputs"]]))
-    choices.append([(list(vocab.encode(o)) + [1])[:lengths["targets"]] for o in options])
-  if not labels:
+    stripped = [c.strip() for c in choices]
+    if choices and target in stripped:
+      examples.append({"inputs": ex["inputs_pretokenized"].decode("utf-8"),
+                       "answer_choices": choices, "label_index": stripped.index(target)})
+  if not examples:
     return None
-  k = max(len(c) for c in choices)
-  enc = np.zeros((len(inputs), lengths["inputs"]), np.int32)
-  dec = np.zeros((len(inputs), k, lengths["targets"]), np.int32)
-  for i, (inp, opts) in enumerate(zip(inputs, choices)):
-    enc[i, :len(inp)] = inp
-    for j, o in enumerate(opts):
-      dec[i, j, :len(o)] = o
-  if full:
-    score = jax.jit(lambda p, x, c: model.score_choices(p, x, c))
-    scores = np.asarray(score(expert if expert is not None else base, enc, dec))
-  else:
-    score = jax.jit(lambda p, e, x, c: model.score_choices(p, x, c, expert=e))
-    scores = np.asarray(score(base, expert, enc, dec))
-  accuracy = float(np.mean(np.argmax(scores, -1) == np.asarray(labels)))
-  return accuracy, float(np.mean(chance))
+  partitioner = partitioner or partitioning.PjitPartitioner()
+  params, config = (expert if expert is not None else base, None) if full else (
+      base, model.expert_config)
+  scorer = scoring.Scorer(model.config, params, partitioner, scoring.ScoringOptions(),
+                          base_dtype=model.base_dtype)
+  scorer.set_expert(None if full else expert, config)
+  encoded, _ = scoring.encode_examples(examples, task.output_features["targets"].vocabulary,
+                                       lengths, scoring=True)
+  scores = scorer.score_encoded(encoded, batch_size or 8 * partitioner.data_parallel_size)
+  predictions = [int(aggregation.predict(scoring.choice_scores(scores[i][0], ex["answer_choices"],
+                                                               scorer.options)))
+                 for i, ex in enumerate(examples)]
+  accuracy = float(np.mean(np.asarray(predictions) == [ex["label_index"] for ex in examples]))
+  return accuracy, float(np.mean([1.0 / len(ex["answer_choices"]) for ex in examples]))
 
 
 # ---------------------------------------------------------------------------------- export
@@ -368,7 +380,7 @@ def train(*,
     consumed = 0
     if eval_before_and_after and not stacked and jax.process_count() == 1:
       before = rank_classification_accuracy(model, base, None if full else initial, tasks[0],
-                                            lengths, full=full)
+                                            lengths, full=full, partitioner=partitioner)
       progress["validation_accuracy_before"] = None if before is None else list(before)
 
   writer = metrics_writer.MetricsWriter(os.path.join(model_dir, "train"), max_steps,
@@ -445,7 +457,7 @@ def train(*,
           export_dir=export_dir, fingerprint=fingerprint, restore_path=restore_cfg.path,
           num_keys=num_retrieval_keys, key_seed=key_seed, shard=shard, seeds=seeds,
           lengths=lengths, eval_before_and_after=eval_before_and_after, before=before,
-          first_loss=first_loss, last_loss=last_loss)
+          first_loss=first_loss, last_loss=last_loss, partitioner=partitioner)
   return consumed, state
 
 
@@ -516,7 +528,8 @@ def _maybe_default_vocabulary(vocab_path: str) -> None:
 
 def _export(*, model, state, tasks, stacked, full, base, host_base, cfgs, infos, budgets,
             model_dir, export_dir, fingerprint, restore_path, num_keys, key_seed, shard, seeds,
-            lengths, eval_before_and_after, before, first_loss, last_loss) -> list[str]:
+            lengths, eval_before_and_after, before, first_loss, last_loss,
+            partitioner=None) -> list[str]:
   """Writes each expert in Expert format v1 (process 0) and prints a summary."""
   params = to_host(state.params)
   steps = to_host(state.step)
@@ -547,7 +560,8 @@ def _export(*, model, state, tasks, stacked, full, base, host_base, cfgs, infos,
     metrics = {"final_loss": last_loss, "first_loss": first_loss}
     after = None
     if eval_before_and_after and not stacked and jax.process_count() == 1:
-      after = rank_classification_accuracy(model, base, state.params, task, lengths, full=full)
+      after = rank_classification_accuracy(model, base, state.params, task, lengths, full=full,
+                                           partitioner=partitioner)
       if after is not None:
         metrics.update(validation_accuracy=after[0], chance=after[1])
         if before is not None:
@@ -588,9 +602,9 @@ def _vocab_fingerprint(task_name: str) -> Optional[str]:
   """The task's vocabulary identity; None (the format's "unknown", logged with its reason) when it
   cannot be read."""
   try:
-    from seqio_tasks import vocab  # pylint: disable=g-import-not-at-top
+    from expert_t5x import vocab_identity  # pylint: disable=g-import-not-at-top
     task = train_data.get_task(task_name)
-    return vocab.vocabulary_fingerprint(task.output_features["targets"].vocabulary)
+    return vocab_identity.fingerprint(task.output_features["targets"].vocabulary)
   except Exception as e:  # pylint: disable=broad-except  (any failure means: identity unknown)
     logging.warning("The vocabulary of task %r has no readable identity (%s: %s); the expert "
                     "records base.vocab_fingerprint null (unknown).", task_name, type(e).__name__, e)

@@ -9,8 +9,6 @@ module never reads a file.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import threading
 from typing import Any, Iterable, Optional, Sequence
@@ -60,12 +58,6 @@ def resolve_vocabulary_path() -> str:
   return path
 
 
-@functools.lru_cache(maxsize=16)
-def file_sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
-
-
 class LazySentencePieceVocabulary(seqio.Vocabulary):
   """A `seqio.SentencePieceVocabulary` whose model file is looked up at first use.
 
@@ -99,7 +91,8 @@ class LazySentencePieceVocabulary(seqio.Vocabulary):
 
   def fingerprint(self) -> str:
     """sha256 of the model file: what train/eval compare to refuse a mismatched vocabulary."""
-    return file_sha256(self.path)
+    from expert_t5x import vocab_identity  # pylint: disable=g-import-not-at-top
+    return vocab_identity.spm_file_fingerprint(self.path)
 
   # Everything below delegates to the resolved vocabulary.
   @property
@@ -168,11 +161,7 @@ def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
 
 
 def vocabulary_fingerprint(vocabulary: seqio.Vocabulary) -> str:
-  """A string identifying a vocabulary: file hash for SentencePiece, a name for bytes."""
-  if isinstance(vocabulary, LazySentencePieceVocabulary):
-    return "spm:" + vocabulary.fingerprint()
-  if isinstance(vocabulary, seqio.SentencePieceVocabulary):
-    return "spm:" + hashlib.sha256(vocabulary.sp_model).hexdigest()
-  if isinstance(vocabulary, seqio.ByteVocabulary):
-    return f"bytes:extra_ids={vocabulary.extra_ids}"
-  return f"{type(vocabulary).__name__}:size={vocabulary.vocab_size}"
+  """A string identifying a vocabulary: file hash for SentencePiece, a name for bytes
+  (`expert_t5x.vocab_identity.fingerprint`)."""
+  from expert_t5x import vocab_identity  # pylint: disable=g-import-not-at-top
+  return vocab_identity.fingerprint(vocabulary)

@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from expert_t5x import evaluation
+from expert_t5x import eval_tasks
 from expert_t5x import expert_format
 from expert_t5x import experts as experts_lib
 
@@ -47,19 +47,19 @@ def make_examples(seed: int, n: int, dataset: str, prompt: str, min_choices: int
 
 
 def make_source(n: int = 8, seed: int = 0, generation: bool = False,
-                vocab_size: int = VOCAB_SIZE) -> evaluation.InMemoryTaskSource:
+                vocab_size: int = VOCAB_SIZE) -> eval_tasks.InMemoryTaskSource:
   """Scoring tasks over two datasets, 'nli' (prompts p1 and p2 on the same examples) and 'qa'
   (q1); with `generation`, also a generative 'copy' task (targets = the last input word)."""
   tasks = {}
   for j, (dataset, prompt) in enumerate([("nli", "p1"), ("nli", "p2"), ("qa", "q1")]):
     name = f"{dataset}_{prompt}"
     examples = make_examples(seed + j if dataset != "nli" else seed, n, dataset, prompt)
-    tasks[name] = (evaluation.TaskMeta(name, dataset, prompt, True), examples)
+    tasks[name] = (eval_tasks.TaskMeta(name, dataset, prompt, True), examples)
   if generation:
     examples = [dict(ex, targets=ex["inputs"].split()[-1], answer_choices=[], label_index=-1,
                      dataset="copy", prompt="c") for ex in make_examples(seed + 9, n, "copy", "c")]
-    tasks["copy_c"] = (evaluation.TaskMeta("copy_c", "copy", "c", False), examples)
-  return evaluation.InMemoryTaskSource(tasks, CharVocabulary(vocab_size),
+    tasks["copy_c"] = (eval_tasks.TaskMeta("copy_c", "copy", "c", False), examples)
+  return eval_tasks.InMemoryTaskSource(tasks, CharVocabulary(vocab_size),
                                        suites={"fake_suite": [t for t in tasks if t != "copy_c"]})
 
 

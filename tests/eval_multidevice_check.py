@@ -12,14 +12,14 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from expert_t5x import evaluation, expert_format, experts, models, network, results
+from expert_t5x import base_models, evaluation, expert_format, experts, models, network, results
 import eval_fakes
 
 
 def main():
   assert jax.device_count() == 8, jax.devices()
-  base = evaluation.load_base(model_config="tiny", random_init_seed=0,
-                              config_overrides={"vocab_size": eval_fakes.VOCAB_SIZE})
+  base = base_models.load_base(model_config="tiny", random_init_seed=0,
+                               config_overrides={"vocab_size": eval_fakes.VOCAB_SIZE})
   source = eval_fakes.make_source(n=6)
   with tempfile.TemporaryDirectory() as root:
     paths = eval_fakes.save_adapter_experts(root, base.params, base.config, [1, 2],

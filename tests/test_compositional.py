@@ -83,14 +83,14 @@ SUMMARIZER = "compositional_xsum_DOC_write_summary_of_above"
 def _existing_summarizer(base, path, lib_dir):
   """A full expert (random small delta on every base tensor) already in the library, so the run
   takes it and trains only the translator (one training job keeps the test cheap)."""
-  from expert_t5x import checkpoint_importer, evaluation, expert_format, experts, library  # pylint: disable=g-import-not-at-top
+  from expert_t5x import base_models, checkpoint_importer, expert_format, experts, library  # pylint: disable=g-import-not-at-top
   params, _, _ = checkpoint_importer.load_params(base)
   rng = np.random.default_rng(0)
   flat = {k: rng.normal(0.0, 1e-3, np.shape(v)).astype(np.float32)
           for k, v in expert_format.flatten_params(params).items()}
   meta = expert_format.build_metadata(
       "full", experts.config_to_json(experts.FullConfig(init_seed=0)),
-      base_fingerprint=evaluation.load_base(base).fingerprint, base_config_name="tiny",
+      base_fingerprint=base_models.load_base(base).fingerprint, base_config_name="tiny",
       provenance=[{"task": SUMMARIZER, "dataset": "xsum", "subset": None,
                    "prompt": "DOC_write_summary_of_above", "role": "train"}])
   expert_format.save_expert(str(path), flat, meta)

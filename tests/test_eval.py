@@ -10,12 +10,16 @@ import numpy as np
 import pytest
 
 from expert_t5x import aggregation
+from expert_t5x import base_models
+from expert_t5x import eval_tasks
 from expert_t5x import evaluation
 from expert_t5x import expert_format
 from expert_t5x import experts as experts_lib
 from expert_t5x import models
 from expert_t5x import network
 from expert_t5x import results
+from expert_t5x import scoring as scoring_lib
+from expert_t5x import shards
 
 import eval_fakes
 
@@ -24,8 +28,8 @@ TASKS = ("nli_p1", "nli_p2", "qa_q1")
 
 @pytest.fixture(scope="module")
 def base():
-  return evaluation.load_base(model_config="tiny", random_init_seed=0,
-                              config_overrides={"vocab_size": eval_fakes.VOCAB_SIZE})
+  return base_models.load_base(model_config="tiny", random_init_seed=0,
+                               config_overrides={"vocab_size": eval_fakes.VOCAB_SIZE})
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +141,7 @@ def test_resume_after_interruption_gives_identical_files(base, source, expert_di
   kwargs = dict(expert_paths=expert_dirs[:2], include_base=True, experts_per_pass=2)
   _run(tmp_path / "whole", base, source, **kwargs)
   # Simulated crash: the process dies after writing 4 of the 6 (chunk, task) shards.
-  real_write = evaluation._write_shard
+  real_write = shards.write_shard
   written = []
 
   def crashing_write(*args):
@@ -146,14 +150,14 @@ def test_resume_after_interruption_gives_identical_files(base, source, expert_di
     written.append(args[0])
     real_write(*args)
 
-  monkeypatch.setattr(evaluation, "_write_shard", crashing_write)
+  monkeypatch.setattr(shards, "write_shard", crashing_write)
   with pytest.raises(KeyboardInterrupt):
     _run(tmp_path / "resumed", base, source, **kwargs)
   assert not os.path.exists(tmp_path / "resumed" / results.RESULTS_FILE)
-  monkeypatch.setattr(evaluation, "_write_shard", real_write)
+  monkeypatch.setattr(shards, "write_shard", real_write)
   computed = []
-  real_run_shard = evaluation.run_shard
-  monkeypatch.setattr(evaluation, "run_shard",
+  real_run_shard = shards.run_shard
+  monkeypatch.setattr(shards, "run_shard",
                       lambda *a, **k: computed.append(a[1].name) or real_run_shard(*a, **k))
   _run(tmp_path / "resumed", base, source, **kwargs)
   assert len(computed) == 2  # Only the missing shards were scored again.
@@ -165,7 +169,7 @@ def test_resume_after_interruption_gives_identical_files(base, source, expert_di
   np.testing.assert_array_equal(m1[0], m2[0])
   # A shard from other settings is refused rather than silently mixed in.
   with pytest.raises(ValueError, match="written with different"):
-    _run(tmp_path / "resumed", base, source, options=evaluation.ScoringOptions(scoring="mean"),
+    _run(tmp_path / "resumed", base, source, options=scoring_lib.ScoringOptions(scoring="mean"),
          **kwargs)
 
 
@@ -173,8 +177,8 @@ def _source_with_bad_examples():
   examples = eval_fakes.make_examples(5, 6, "nli", "p1")
   examples[1] = dict(examples[1], answer_choices=[], label_index=-1)
   examples[2] = dict(examples[2], targets="none of them", label_index=-1)
-  meta = evaluation.TaskMeta("bad", "nli", "p1", True)
-  return evaluation.InMemoryTaskSource({"bad": (meta, examples)}, eval_fakes.CharVocabulary())
+  meta = eval_tasks.TaskMeta("bad", "nli", "p1", True)
+  return eval_tasks.InMemoryTaskSource({"bad": (meta, examples)}, eval_fakes.CharVocabulary())
 
 
 def test_exclusions_are_counted_and_reported(base, tmp_path):
@@ -189,7 +193,7 @@ def test_exclusions_are_counted_and_reported(base, tmp_path):
   kept = [p for p in preds if p["excluded"] is None]
   assert prompt["accuracy"] == pytest.approx(100 * np.mean([p["pred"] == p["gold"] for p in kept]))
   wrong = _run(tmp_path / "w", base, source, tasks="bad",
-               options=evaluation.ScoringOptions(gold_not_in_choices="count_wrong"))
+               options=scoring_lib.ScoringOptions(gold_not_in_choices="count_wrong"))
   prompt = wrong["entries"][0]["prompts"][0]
   assert prompt["num_examples"] == 5
   assert prompt["accuracy"] == pytest.approx(100 * sum(p["pred"] == p["gold"] for p in kept) / 5)
@@ -200,7 +204,7 @@ def test_scoring_options_mean_and_per_char(base, source, base_run, tmp_path):
   sums = {(p["task"], p["example_id"]): p["choice_scores"] for p in base_run[2]}
   for scoring in ("mean", "per_char"):
     res = _run(tmp_path / scoring, base, source, tasks="nli_p1", bootstrap_samples=0,
-               options=evaluation.ScoringOptions(scoring=scoring))
+               options=scoring_lib.ScoringOptions(scoring=scoring))
     assert res["protocol"]["scoring"] == scoring
     preds = results.read_jsonl(str(tmp_path / scoring / results.PREDICTIONS_FILE))
     for p, ex in zip(preds, source.examples("nli_p1", "validation", None)):
@@ -238,7 +242,7 @@ def test_generation_equals_stepwise_greedy_decoding(base, tmp_path):
       out.append(token)
       if token == 1:
         break
-    want = evaluation._decode_text(vocab, np.asarray(out))
+    want = scoring_lib.decode_text(vocab, np.asarray(out))
     assert p["pred"] == want and p["gold"] == ex["targets"] and p["scoring"] == "generate"
 
 
@@ -253,7 +257,7 @@ def test_full_expert_is_folded_into_the_base(base, source, tmp_path):
       "full", experts_lib.config_to_json(experts_lib.FullConfig()),
       base_fingerprint=base.fingerprint, base_config_name="tiny"))
   folded = experts_lib.fold_expert(base.params, delta, experts_lib.FullConfig())
-  moved = evaluation.BaseModel(folded, base.config, "folded", None)
+  moved = base_models.BaseModel(folded, base.config, "folded", None)
   _run(tmp_path / "e", base, source, tasks="qa_q1", expert_paths=[path], bootstrap_samples=0)
   _run(tmp_path / "b", moved, source, tasks="qa_q1", bootstrap_samples=0)
   a = results.read_jsonl(str(tmp_path / "e" / results.PREDICTIONS_FILE))
@@ -264,14 +268,14 @@ def test_full_expert_is_folded_into_the_base(base, source, tmp_path):
 
 
 def test_bad_inputs_fail_with_one_clear_line(base, source, expert_dirs, tmp_path):
-  other = evaluation.BaseModel(base.params, base.config, "other", "f" * 64)
+  other = base_models.BaseModel(base.params, base.config, "other", "f" * 64)
   with pytest.raises(ValueError, match="was trained on base .* allow_base_mismatch"):
     _run(tmp_path / "a", other, source, expert_paths=expert_dirs[:1])
   with pytest.raises(ValueError, match="Vocabulary mismatch: task 'nli_p1' uses a vocabulary of "
                      "100 ids but the model has vocab_size 64"):
     _run(tmp_path / "b", base, eval_fakes.make_source(vocab_size=100))
   with pytest.raises(ValueError, match="logit_vocab_limit 32 is below"):
-    _run(tmp_path / "c", base, source, options=evaluation.ScoringOptions(logit_vocab_limit=32))
+    _run(tmp_path / "c", base, source, options=scoring_lib.ScoringOptions(logit_vocab_limit=32))
   with pytest.raises(KeyError, match="unknown task 'nope'"):
     _run(tmp_path / "d", base, source, tasks="nli_p1,nope")
   with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -281,9 +285,9 @@ def test_bad_inputs_fail_with_one_clear_line(base, source, expert_dirs, tmp_path
   with pytest.raises(ValueError, match="Nothing to evaluate"):
     _run(tmp_path / "g", base, source, include_base=False)
   with pytest.raises(ValueError, match="scoring must be one of"):
-    evaluation.ScoringOptions(scoring="acc_norm")
+    scoring_lib.ScoringOptions(scoring="acc_norm")
   with pytest.raises(ValueError, match="No base model"):
-    evaluation.load_base(model_config="tiny")
+    base_models.load_base(model_config="tiny")
 
 
 @pytest.mark.multidevice

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from expert_t5x import base_models
 from expert_t5x import eval as eval_entry
-from expert_t5x import evaluation
 from expert_t5x import results
 
 import eval_fakes
@@ -26,8 +26,8 @@ BASE_FLAGS = ["--model_config", "tiny", "--vocab_size", str(DEMO_VOCAB), "--rand
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("demo")
-  base = evaluation.load_base(model_config="tiny", random_init_seed=0,
-                              config_overrides={"vocab_size": DEMO_VOCAB})
+  base = base_models.load_base(model_config="tiny", random_init_seed=0,
+                               config_overrides={"vocab_size": DEMO_VOCAB})
   experts = eval_fakes.save_adapter_experts(str(root / "experts"), base.params, base.config,
                                             [1, 2], fingerprint=base.fingerprint)
   out = root / "out"

@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from expert_t5x import base_models
 from expert_t5x import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
 from expert_t5x import results  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -33,7 +34,7 @@ def _hf_checkpoint(path):
 
 def test_choice_scores_equal_pytorch_t5(tmp_path):
   hf = _hf_checkpoint(str(tmp_path / "hf"))
-  base = evaluation.load_base(checkpoint_path=str(tmp_path / "hf"))
+  base = base_models.load_base(checkpoint_path=str(tmp_path / "hf"))
   source = eval_fakes.make_source(n=6)
   evaluation.evaluate(tasks="nli_p1,qa_q1", output_dir=str(tmp_path / "out"), base=base,
                       batch_size=8, progress=False, task_source=source, bootstrap_samples=0)

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from expert_t5x import base_models
 from expert_t5x import evaluation
 from expert_t5x import infer
 from expert_t5x import results
@@ -15,8 +16,8 @@ import eval_fakes
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  base = evaluation.load_base(model_config="tiny", random_init_seed=0,
-                              config_overrides={"vocab_size": eval_fakes.VOCAB_SIZE})
+  base = base_models.load_base(model_config="tiny", random_init_seed=0,
+                               config_overrides={"vocab_size": eval_fakes.VOCAB_SIZE})
   root = tmp_path_factory.mktemp("infer")
   experts = eval_fakes.save_adapter_experts(str(root), base.params, base.config, [4],
                                             fingerprint=base.fingerprint)

@@ -13,7 +13,9 @@ import os
 import numpy as np
 import pytest
 
+from expert_t5x import base_models
 from expert_t5x import eval as eval_entry
+from expert_t5x import eval_experts
 from expert_t5x import evaluation
 from expert_t5x import expert_format
 from expert_t5x import experts as experts_lib
@@ -21,6 +23,8 @@ from expert_t5x import library as library_lib
 from expert_t5x import merging
 from expert_t5x import results
 from expert_t5x import roe
+from expert_t5x import routing as routing_lib
+from expert_t5x import shards
 
 pytestmark = pytest.mark.tf  # The demo tasks are read through seqio.
 
@@ -39,8 +43,8 @@ BASE_FLAGS = ["--model_config", "tiny", "--vocab_size", str(DEMO_VOCAB), "--rand
 
 @pytest.fixture(scope="module")
 def base():
-  return evaluation.load_base(model_config="tiny", random_init_seed=0,
-                              config_overrides={"vocab_size": DEMO_VOCAB})
+  return base_models.load_base(model_config="tiny", random_init_seed=0,
+                               config_overrides={"vocab_size": DEMO_VOCAB})
 
 
 def _save_expert(root, base, task, prompt, seed):
@@ -127,7 +131,7 @@ def test_cli_roe_routes_each_prompt_to_its_own_task_and_equals_the_matrix(roe_cl
     np.testing.assert_allclose(r["choice_scores"], plain[(OWN[r["task"]], r["task"],
                                                           r["example_id"])], rtol=1e-5)
   # One shard directory per routed expert: each expert scored once, on its own prompt only.
-  assert len(os.listdir(out / evaluation.SHARDS_DIR)) == 3
+  assert len(os.listdir(out / shards.SHARDS_DIR)) == 3
 
 
 def test_oracle_is_the_best_expert_per_prompt(matrix_run, lib, tmp_path, capsys):
@@ -180,7 +184,7 @@ def test_per_example_routing_scores_each_example_under_its_own_expert(base, lib,
   routes = {EVAL[0]: {e: ids[i % 3] for i, e in enumerate(order[EVAL[0]])},  # all three experts
             EVAL[1]: OWN[EVAL[1]],  # a whole-task route beside per-example ones
             EVAL[2]: {e: ids[0] if i < 2 else ids[2] for i, e in enumerate(order[EVAL[2]])}}
-  routing = evaluation.Routing(name="instance", routes=routes)
+  routing = routing_lib.Routing(name="instance", routes=routes)
   kwargs = dict(tasks=EVAL, base=base, expert_paths=[lib.expert_dir(i) for i in ids],
                 expert_names=ids, routing=routing, **COMMON)
   res = evaluation.evaluate(output_dir=str(tmp_path), **kwargs)
@@ -205,7 +209,7 @@ def test_per_example_routing_scores_each_example_under_its_own_expert(base, lib,
       assert r["expert_ids"] == [expert]  # each example records its own expert
     np.testing.assert_allclose(r["choice_scores"], plain[(expert, r["task"], r["example_id"])],
                                rtol=1e-5)
-  assert len(os.listdir(tmp_path / evaluation.SHARDS_DIR)) == 3  # one pass per used expert
+  assert len(os.listdir(tmp_path / shards.SHARDS_DIR)) == 3  # one pass per used expert
   again = evaluation.evaluate(output_dir=str(tmp_path), **kwargs)  # resumed: every shard done
   assert again["entries"][0]["prompts"] == entry["prompts"]
   # Another per-example routing in the same directory writes its own shards (no clash with the old).
@@ -301,7 +305,7 @@ def test_abstaining_prompts_use_the_fallback(base, lib, tmp_path):
       if not r["abstained"]:
         assert r["evaluated_as"] == r["winner"] and r["expert_ids"] == [r["winner"]]
       elif fallback == "base":
-        assert r["evaluated_as"] == evaluation.BASE_ID and r["expert_ids"] == []
+        assert r["evaluated_as"] == eval_experts.BASE_ID and r["expert_ids"] == []
         assert acc[t] == base_acc[t]
       else:
         top2 = [c["expert"] for c in retrieved[t]["candidates"][:2]]
@@ -442,8 +446,8 @@ def test_bad_settings_fail_with_one_clear_line(base, lib, tmp_path, capsys):
   assert "need an expert library" in capsys.readouterr().err
   assert eval_entry.cli_main(flags + ["--library", lib.root]) == 2
   assert "only used with roe" in capsys.readouterr().err
-  other = evaluation.load_base(model_config="tiny", random_init_seed=1,
-                               config_overrides={"vocab_size": DEMO_VOCAB})
+  other = base_models.load_base(model_config="tiny", random_init_seed=1,
+                                config_overrides={"vocab_size": DEMO_VOCAB})
   with pytest.raises(ValueError, match="holds experts of base"):
     roe.evaluate(library=lib.root, tasks=EVAL, output_dir=str(tmp_path / "y"), base=other,
                  config=roe.RoEConfig(embedder="bm25"), **COMMON)

@@ -85,7 +85,7 @@ def test_several_top_scored_choices_follow_the_named_rule(root, monkeypatch, cap
   """`first` keeps the first in JSON order (both formats), `skip` drops and counts, `error` raises;
   the rule reaches the loader from the environment, gin and Python, and eval metadata records it."""
   import gin  # pylint: disable=g-import-not-at-top
-  from expert_t5x import evaluation  # pylint: disable=g-import-not-at-top
+  from expert_t5x import eval_tasks  # pylint: disable=g-import-not-at-top
   _write(root / "strategyqa", {"examples": [GRADED, EX2]})
   _write(root / "hindu_knowledge", {"examples": [TWO_GOLD, EX1]})
   bb = examples.load_examples("bigbench_strategyqa_bbfmt", "validation")
@@ -94,14 +94,14 @@ def test_several_top_scored_choices_follow_the_named_rule(root, monkeypatch, cap
     elm = examples.load_examples("bigbench_hindu_knowledge", "validation")
   assert (elm[0]["label_index"], elm[0]["targets"]) == (1, "b")
   assert "1 with several top-scored choices, multiple_gold rule 'first'" in caplog.text
-  meta = evaluation.SeqioTaskSource().meta("bigbench_hindu_knowledge")
+  meta = eval_tasks.SeqioTaskSource().meta("bigbench_hindu_knowledge")
   assert meta.data_options == {"format": "elm", "multiple_gold": "first"}
   monkeypatch.setenv("EXPERT_T5X_BIGBENCH_MULTIPLE_GOLD", "skip")
   stats = examples.ExampleStats()
   kept = list(bigbench.iter_examples("hindu_knowledge", fmt="bigbench", stats=stats))
   assert [e["inputs"].split("?")[0] for e in kept] == ["\nQ: 2+2"]
   assert stats.skipped == {"several top-scored choices, multiple_gold rule 'skip'": 1}
-  assert evaluation.SeqioTaskSource().meta("bigbench_hindu_knowledge_bbfmt").data_options == {
+  assert eval_tasks.SeqioTaskSource().meta("bigbench_hindu_knowledge_bbfmt").data_options == {
       "format": "bigbench", "multiple_gold": "skip"}
   gin.parse_config("seqio_tasks.settings.BIGBENCH_MULTIPLE_GOLD = 'error'")
   try:
