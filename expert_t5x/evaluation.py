@@ -34,6 +34,7 @@ target is not among them, is counted and reported (`excluded` in predictions), n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -44,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from expert_t5x import aggregation
+from expert_t5x import file_io
 from expert_t5x import network
 from expert_t5x import partitioning
 from expert_t5x import results as results_lib
@@ -316,43 +318,44 @@ def assemble(*, output_dir: str, metas: Sequence[TaskMeta], plan: Plan,
               bertscore if bertscore and meta.name in bertscore["tasks"] else None)}
 
   predictions_path = os.path.join(output_dir, results_lib.PREDICTIONS_FILE)
-  tmp_predictions = predictions_path + ".partial"
-  out = open(tmp_predictions, "w", encoding="utf-8") if write_predictions else None
-  try:
-    for chunk, chunk_tasks in plan:
-      # One chunk's shards in memory at a time; records are written entry-major.
-      chunk_metas = [m for m in metas if m.name in chunk_tasks]
-      by_entry: dict[tuple[str, str], list[dict]] = {}
-      for m in chunk_metas:
-        subset = shards.routed_subset(routing, BASE_ID in entries, chunk, m.name)
-        first, records = shards.read_shard(shards.shard_path(output_dir, chunk, m.name, subset))
-        truncation[m.name] = first.get("stats") or {}
-        for r in records:
-          by_entry.setdefault(((r["expert_ids"] or [BASE_ID])[0], m.name), []).append(r)
-      for expert_id in chunk.ids:
-        for meta in chunk_metas:
-          for entry in _record_targets(expert_id, meta.name, entries, routing):
-            records = by_entry.get((expert_id, meta.name), [])
-            if entry != expert_id and routing.per_example(meta.name):
-              # Each example records its own expert; the task is summarised once all are in.
-              records = [dict(r, entry=entry) for r in records
-                         if routing.routed_to(meta.name, expert_id, r["example_id"])]
-              split_tasks.setdefault((entry, meta.name), (meta, []))[1].extend(records)
-            elif entry != expert_id:  # The routed entry: record which experts the task used.
-              records = [dict(r, entry=entry, expert_ids=routing.used(meta.name))
-                         for r in records]
-            if out is not None:
-              for r in records:
-                out.write(results_lib.dumps(r) + "\n")
-            if (entry, meta.name) not in split_tasks:
-              summarize_records(entry, meta, records)
-  finally:
-    if out is not None:
-      out.close()
+  # predictions.jsonl is streamed to a unique temporary file, renamed into place when complete.
+  writer = (file_io.atomic_path(predictions_path) if write_predictions
+            else contextlib.nullcontext(None))
+  with writer as tmp_predictions:
+    out = open(tmp_predictions, "w", encoding="utf-8") if tmp_predictions else None
+    try:
+      for chunk, chunk_tasks in plan:
+        # One chunk's shards in memory at a time; records are written entry-major.
+        chunk_metas = [m for m in metas if m.name in chunk_tasks]
+        by_entry: dict[tuple[str, str], list[dict]] = {}
+        for m in chunk_metas:
+          subset = shards.routed_subset(routing, BASE_ID in entries, chunk, m.name)
+          first, records = shards.read_shard(shards.shard_path(output_dir, chunk, m.name, subset))
+          truncation[m.name] = first.get("stats") or {}
+          for r in records:
+            by_entry.setdefault(((r["expert_ids"] or [BASE_ID])[0], m.name), []).append(r)
+        for expert_id in chunk.ids:
+          for meta in chunk_metas:
+            for entry in _record_targets(expert_id, meta.name, entries, routing):
+              records = by_entry.get((expert_id, meta.name), [])
+              if entry != expert_id and routing.per_example(meta.name):
+                # Each example records its own expert; the task is summarised once all are in.
+                records = [dict(r, entry=entry) for r in records
+                           if routing.routed_to(meta.name, expert_id, r["example_id"])]
+                split_tasks.setdefault((entry, meta.name), (meta, []))[1].extend(records)
+              elif entry != expert_id:  # The routed entry: record which experts the task used.
+                records = [dict(r, entry=entry, expert_ids=routing.used(meta.name))
+                           for r in records]
+              if out is not None:
+                for r in records:
+                  out.write(results_lib.dumps(r) + "\n")
+              if (entry, meta.name) not in split_tasks:
+                summarize_records(entry, meta, records)
+    finally:
+      if out is not None:
+        out.close()
   for (entry, _), (meta, records) in split_tasks.items():
     summarize_records(entry, meta, records)
-  if out is not None:
-    os.replace(tmp_predictions, predictions_path)
   # Prompts in task order, whatever order the chunks ran in.
   outcomes = {e: [outcome_of[(e, m.name)] for m in metas if (e, m.name) in outcome_of]
               for e in entries}
