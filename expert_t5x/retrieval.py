@@ -281,6 +281,28 @@ def _read_cached_block(path: str, identity: str, count: int) -> np.ndarray | Non
   return None
 
 
+def _write_cached_block(path: str, identity: str, block: np.ndarray) -> None:
+  """Writes a cache file with its digest; one that cannot be written (a read-only library) is skipped
+  with a warning. Modes follow the library's: a group-shared library's members share the cache."""
+  directory = os.path.dirname(path)
+  # pylint: disable-next=protected-access
+  shared = library_lib._group_shared(os.path.dirname(directory))
+  digest = np.array(_embedding_digest(identity, os.path.basename(path), block))
+
+  def write(f):
+    os.fchmod(f.fileno(), file_io.creation_mode(False, shared) & 0o777)  # not mkstemp's 0600
+    np.savez(f, embeddings=block, digest=digest)
+  try:
+    if not os.path.isdir(directory):
+      os.makedirs(directory, exist_ok=True)
+      if shared:
+        os.chmod(directory, file_io.creation_mode(True, True))
+    file_io.atomic_write(path, write, mode="wb")
+  except OSError as e:
+    print(f"warning: embedding cache '{path}' not written ({validation.one_line(e)}); "
+          f"the vectors are recomputed next time.", file=sys.stderr)
+
+
 def cached_key_embeddings(lib: library_lib.Library, embedder: Any, keys: KeySet) -> np.ndarray:
   """[N, D] key embeddings, cached per expert in the library under the embedder's identity.
 
@@ -289,16 +311,13 @@ def cached_key_embeddings(lib: library_lib.Library, embedder: Any, keys: KeySet)
   their digest; a file that fails the check is recomputed, never used.
   """
   directory = os.path.join(lib.root, library_lib.EMBEDDINGS_DIR, embedder.identity)
-  os.makedirs(directory, exist_ok=True)
   blocks = []
   for texts in keys.texts_per_expert:
     path = os.path.join(directory, f"{_texts_hash(texts)}.npz")
     block = _read_cached_block(path, embedder.identity, len(texts))
     if block is None:
       block = np.asarray(embedder.embed(texts), np.float32)
-      digest = np.array(_embedding_digest(embedder.identity, os.path.basename(path), block))
-      file_io.atomic_write(path, lambda f, b=block, d=digest: np.savez(f, embeddings=b, digest=d),
-                           mode="wb")
+      _write_cached_block(path, embedder.identity, block)
     blocks.append(block)
   return np.concatenate(blocks, axis=0) if blocks else np.zeros((0, 0), np.float32)
 

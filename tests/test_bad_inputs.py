@@ -123,9 +123,12 @@ def _cases():
     add(2, "merge", "--library", "{lib}", "--retrieval", "{r}/queries.jsonl", "--top-k", v,
         "--output", "{r}/out")
   for retrieval in ("list.json", "nofields.json", "notjson.json", "adir", "missing.json",
-                    "candidates.json", *RETRIEVAL_FILES):
+                    "candidates.json"):
     add(1, "merge", "--library", "{lib}", "--retrieval", f"{{r}}/{retrieval}", "--output",
         "{r}/out")
+  for retrieval in RETRIEVAL_FILES:  # --top-k 1: the file's content is what is refused
+    add(2 if retrieval == "r_no_candidates.json" else 1, "merge", "--library", "{lib}",
+        "--retrieval", f"{{r}}/{retrieval}", "--top-k", "1", "--output", "{r}/out")
   add(2, "merge", "--experts", "{a}", "{a}", "--output", "{r}/out")
   add(2, "merge", "--experts", "{a}", "{b}", "--output", "{a}")
   add(2, "merge", "--experts", "{a}", "{b}", "--output", "{r}/afile")
@@ -411,6 +414,38 @@ def test_a_damaged_embedding_cache_is_recomputed_never_used(world, tmp_path, cap
   np.testing.assert_array_equal(retrieval.Retriever(lib, embedder).key_embeddings,
                                 clean.key_embeddings)
   assert embedder.calls == 0 and capsys.readouterr().err == ""
+
+
+def test_an_unwritable_embedding_cache_is_skipped_with_one_warning(world, tmp_path, capsys):
+  from expert_t5x import retrieval  # pylint: disable=g-import-not-at-top
+  shutil.copytree(world / "lib", tmp_path / "clean")
+  want = retrieval.Retriever(library_lib.Library(tmp_path / "clean"), _WordEmbedder())
+  shutil.copytree(world / "lib", tmp_path / "lib")
+  blocker = tmp_path / "lib" / "embeddings" / "words-test-v1"
+  blocker.write_text("not a folder")  # where the cache folder goes (as a read-only library would)
+  capsys.readouterr()
+  got = retrieval.Retriever(library_lib.Library(tmp_path / "lib"), _WordEmbedder())
+  np.testing.assert_array_equal(got.key_embeddings, want.key_embeddings)
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 2 and all("not written" in x and str(blocker) in x for x in lines), lines
+  assert blocker.read_text() == "not a folder"
+
+
+def test_embedding_cache_modes_follow_the_library(world, tmp_path):
+  from expert_t5x import retrieval  # pylint: disable=g-import-not-at-top
+  old = os.umask(0o022)
+  try:
+    for shared in (False, True):
+      lib = library_lib.Library.init(tmp_path / f"lib{shared}", group_shared=shared)
+      lib.add(world / "a")
+      retrieval.Retriever(lib, _WordEmbedder())
+      folder = tmp_path / f"lib{shared}" / "embeddings" / "words-test-v1"
+      dir_mode, file_mode = (0o2770, 0o660) if shared else (0o755, 0o644)
+      assert folder.stat().st_mode & dir_mode == dir_mode, oct(folder.stat().st_mode)
+      for f in folder.iterdir():
+        assert f.stat().st_mode & file_mode == file_mode, (f, oct(f.stat().st_mode))
+  finally:
+    os.umask(old)
 
 
 # ------------------------------------------------------------------------------ matrix.npz
