@@ -687,3 +687,23 @@ def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, caps
   assert (tmp_path / "damaged_checkpoints" / "checkpoint_3").is_dir()
   assert manager.latest_step() == 2
   manager.close()
+
+
+@pytest.mark.parametrize("how", ["truncate", "bitflip", "wrong_type", "no_fingerprint"])
+def test_a_damaged_base_json_refuses_to_resume_in_one_line(tmp_path, how):
+  from expert_t5x import checkpoints  # pylint: disable=g-import-not-at-top
+  checkpoints.write_base_json(str(tmp_path), "/base", "f" * 64, "tiny")
+  checkpoints.check_base_json(str(tmp_path), "f" * 64, "/base")  # intact: resumes
+  target = tmp_path / checkpoints.BASE_JSON
+  if how == "no_fingerprint":
+    target.write_text('{"path": "/base", "fingerprint": 7}')
+  else:
+    _damage(target, how)
+  with pytest.raises(ValueError) as info:
+    checkpoints.check_base_json(str(tmp_path), "f" * 64, "/base")
+  message = str(info.value)
+  assert "\n" not in message, message
+  if how == "bitflip":  # the flip lands in the fingerprint: refused as a run on another base
+    assert "holds checkpoints trained on base" in message, message
+  else:
+    assert str(target) in message and "delete it" in message, message
