@@ -262,7 +262,7 @@ def _embedding_digest(identity: str, name: str, block: np.ndarray) -> str:
 def _read_cached_block(path: str, identity: str, count: int) -> np.ndarray | None:
   """A cache file's [count, D] block, or None when it is absent or damaged (damage is warned about).
 
-  The stored digest catches what the file format cannot: garbled vector bytes under an intact header.
+  The stored digest catches what the file format cannot: garbled vectors under an intact header.
   """
   if not os.path.isfile(path):
     return None
@@ -282,8 +282,8 @@ def _read_cached_block(path: str, identity: str, count: int) -> np.ndarray | Non
 
 
 def _write_cached_block(path: str, identity: str, block: np.ndarray) -> None:
-  """Writes a cache file with its digest; one that cannot be written (a read-only library) is skipped
-  with a warning. Modes follow the library's: a group-shared library's members share the cache."""
+  """Writes a cache file with its digest; one that cannot be written (a read-only library) is
+  skipped with a warning. Modes follow the library's: a group-shared library's members share it."""
   directory = os.path.dirname(path)
   # pylint: disable-next=protected-access
   shared = library_lib._group_shared(os.path.dirname(directory))
@@ -307,8 +307,8 @@ def cached_key_embeddings(lib: library_lib.Library, embedder: Any, keys: KeySet)
   """[N, D] key embeddings, cached per expert in the library under the embedder's identity.
 
   Cache files are named by a hash of the expert's formatted key texts, so adding experts embeds only the
-  new keys and a changed text format or key file never reuses stale vectors. Each holds its vectors and
-  their digest; a file that fails the check is recomputed, never used.
+  new keys and a changed text format or key file never reuses stale vectors. Each holds its vectors
+  and their digest; a file that fails the check is recomputed, never used.
   """
   directory = os.path.join(lib.root, library_lib.EMBEDDINGS_DIR, embedder.identity)
   blocks = []

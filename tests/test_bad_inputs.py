@@ -353,6 +353,7 @@ class _WordEmbedder:
 def _rewrite_cache(path, how):
   """Cache files that read fine as npz but hold the wrong vectors, digest, shape or dtype."""
   from expert_t5x import retrieval  # pylint: disable=g-import-not-at-top
+  digest_of = retrieval._embedding_digest  # pylint: disable=protected-access
   with np.load(path) as data:
     block, digest = data["embeddings"], data["digest"]
   if how == "bitflip_in_vectors":  # one bit of one vector, the npz and npy headers intact
@@ -364,10 +365,10 @@ def _rewrite_cache(path, how):
   if how == "garbled_vectors":  # well-formed npz, the stored digest of other vectors
     block = block * np.float32(1.75)
   elif how == "foreign_digest":  # intact vectors whose digest names another embedder
-    digest = np.array(retrieval._embedding_digest("other", path.name, block))  # pylint: disable=protected-access
+    digest = np.array(digest_of("other", path.name, block))
   else:
     block = {"wrong_rows": block[:1], "float64": block.astype(np.float64)}[how]
-    digest = np.array(retrieval._embedding_digest("words-test-v1", path.name, block))  # pylint: disable=protected-access
+    digest = np.array(digest_of("words-test-v1", path.name, block))
   with open(path, "wb") as f:
     np.savez(f, embeddings=block, digest=digest)
 

@@ -7,7 +7,6 @@ expert tensors must be bitwise equal (same program, same shapes, CPU).
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -115,7 +114,8 @@ def _kill_at(proc, model_dir, kind, delay):
     return None, elapsed
   proc.kill()
   proc.wait()
-  return f"{kind} +{elapsed:.3f}s ({', '.join(n for n in names if 'tmp' in n) or names[-1]})", elapsed
+  present = ", ".join(n for n in names if "tmp" in n) or names[-1]
+  return f"{kind} +{elapsed:.3f}s ({present})", elapsed
 
 
 @pytest.mark.slow
