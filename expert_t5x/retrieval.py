@@ -281,9 +281,9 @@ def _read_cached_block(path: str, identity: str, count: int) -> np.ndarray | Non
   return None
 
 
-def _write_cached_block(path: str, identity: str, block: np.ndarray) -> None:
-  """Writes a cache file with its digest; one that cannot be written (a read-only library) is
-  skipped with a warning. Modes follow the library's: a group-shared library's members share it."""
+def _write_cached_block(path: str, identity: str, block: np.ndarray) -> bool:
+  """Writes a cache file with its digest -> whether it could (a read-only library: no, warned
+  about once). Modes follow the library's: a group-shared library's members share the cache."""
   directory = os.path.dirname(path)
   # pylint: disable-next=protected-access
   shared = library_lib._group_shared(os.path.dirname(directory))
@@ -299,8 +299,10 @@ def _write_cached_block(path: str, identity: str, block: np.ndarray) -> None:
         os.chmod(directory, file_io.creation_mode(True, True))
     file_io.atomic_write(path, write, mode="wb")
   except OSError as e:
-    print(f"warning: embedding cache '{path}' not written ({validation.one_line(e)}); "
-          f"the vectors are recomputed next time.", file=sys.stderr)
+    print(f"warning: embedding cache '{path}' not written ({validation.one_line(e)}); key "
+          f"embeddings are not cached in this run.", file=sys.stderr)
+    return False
+  return True
 
 
 def cached_key_embeddings(lib: library_lib.Library, embedder: Any, keys: KeySet) -> np.ndarray:
@@ -311,13 +313,13 @@ def cached_key_embeddings(lib: library_lib.Library, embedder: Any, keys: KeySet)
   and their digest; a file that fails the check is recomputed, never used.
   """
   directory = os.path.join(lib.root, library_lib.EMBEDDINGS_DIR, embedder.identity)
-  blocks = []
+  blocks, writable = [], True
   for texts in keys.texts_per_expert:
     path = os.path.join(directory, f"{_texts_hash(texts)}.npz")
     block = _read_cached_block(path, embedder.identity, len(texts))
     if block is None:
       block = np.asarray(embedder.embed(texts), np.float32)
-      _write_cached_block(path, embedder.identity, block)
+      writable = writable and _write_cached_block(path, embedder.identity, block)
     blocks.append(block)
   return np.concatenate(blocks, axis=0) if blocks else np.zeros((0, 0), np.float32)
 

@@ -9,6 +9,7 @@ import random
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -91,7 +92,9 @@ def _names(model_dir):
     return set()
 
 
-TRIGGERS = {"any": "config.gin", "save": ".orbax-checkpoint-tmp", "export": ".expert.tmp-"}
+# Where a kill's delay counts from: the run's start ("any": anywhere in the run), or the first
+# checkpoint or expert temp dir in the run directory (inside a save or the export).
+TRIGGERS = {"any": None, "save": ".orbax-checkpoint-tmp", "export": ".expert.tmp-"}
 
 
 def _wait_for(proc, model_dir, name_part):
@@ -100,12 +103,12 @@ def _wait_for(proc, model_dir, name_part):
 
 
 def _kill_at(proc, model_dir, kind, delay):
-  """SIGKILLs `proc` `delay` seconds after its TRIGGERS[kind] file first appears in `model_dir`
-  (config.gin: anywhere in the run; a checkpoint or expert temp dir: inside a save or the export).
+  """SIGKILLs `proc` (just started) `delay` seconds after its TRIGGERS[kind] appears.
 
   Returns (what the kill hit, or None when the run ended first; seconds from the trigger on).
   """
-  _wait_for(proc, model_dir, TRIGGERS[kind])
+  if TRIGGERS[kind]:
+    _wait_for(proc, model_dir, TRIGGERS[kind])
   triggered = time.monotonic()
   while proc.poll() is None and time.monotonic() < triggered + delay:
     time.sleep(0.002)
@@ -114,7 +117,7 @@ def _kill_at(proc, model_dir, kind, delay):
     return None, elapsed
   proc.kill()
   proc.wait()
-  present = ", ".join(n for n in names if "tmp" in n) or names[-1]
+  present = ", ".join(n for n in names if "tmp" in n) or (names or ["nothing yet"])[-1]
   return f"{kind} +{elapsed:.3f}s ({present})", elapsed
 
 
@@ -128,16 +131,17 @@ def test_resume_after_random_kills_is_bitwise_equal(tmp_path):
   rng = random.Random(seed)
   kinds = ["save", *rng.sample(["any", "export"], 2)]
   delays = {"save": rng.uniform(0, 0.4), "export": rng.uniform(0, 0.01)}
-  fraction = rng.random()  # of a run's time from config.gin to its end
+  fraction = rng.random()  # of a run's length, for the "any" kill
   cache, straight, killed = tmp_path / "jax_cache", tmp_path / "straight", tmp_path / "killed"
   reference = _start(straight, cache, log=open(tmp_path / "straight.log", "w"))
+  started, ended = time.monotonic(), []
+  waiter = threading.Thread(target=lambda: ended.append((reference.wait(), time.monotonic())))
+  waiter.start()  # the uninterrupted run goes beside the first leg and times itself
   hits, leg = [], 0
   for kind in kinds:
-    if kind == "any":  # the uninterrupted run (beside the first leg) gives the run's length
-      _wait_for(reference, straight, TRIGGERS["any"])
-      started = time.monotonic()
-      assert reference.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-2000:]
-      delays["any"] = fraction * (time.monotonic() - started)
+    if kind == "any":
+      waiter.join(timeout=600)
+      delays["any"] = fraction * (ended[0][1] - started)
     for _ in range(3):  # a run that ends before the moment is rerun with the moment moved earlier
       proc = _start(killed, cache, log=open(tmp_path / f"leg{leg}.log", "w"))
       leg += 1
@@ -146,7 +150,8 @@ def test_resume_after_random_kills_is_bitwise_equal(tmp_path):
         break
       delays[kind] = fraction * elapsed if kind == "any" else delays[kind] / 2
     hits.append(hit or f"{kind}: each run ended first")
-  assert reference.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-2000:]
+  waiter.join(timeout=600)
+  assert ended[0][0] == 0, (tmp_path / "straight.log").read_text()[-2000:]
   log = tmp_path / "final.log"
   rc = _start(killed, cache, log=open(log, "w")).wait(timeout=600)
   context = f"seed {seed} (rerun with EXPERT_T5X_KILL_SEED={seed}); kills: {hits}"
