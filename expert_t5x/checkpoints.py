@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from expert_t5x import file_io
+from expert_t5x import validation
 
 BASE_JSON = "base.json"
 DIGESTS_JSON = "checkpoint_digests.json"
@@ -279,8 +280,16 @@ def check_base_json(model_dir: str, fingerprint: str, base_path: Optional[str]) 
   path = os.path.join(model_dir, BASE_JSON)
   if not os.path.exists(path):
     return
-  with open(path, encoding="utf-8") as f:
-    recorded = json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      recorded = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    recorded = None
+  if not isinstance(recorded, dict) or not isinstance(recorded.get("fingerprint"), str):
+    raise validation.DataError(
+        f"'{path}' is damaged (expected {{'path', 'fingerprint', 'config_name'}} of the base this "
+        f"run trains on); delete it to resume on INITIAL_CHECKPOINT_PATH={base_path!r} if the "
+        "checkpoints were trained on that base, or use a new MODEL_DIR.")
   if recorded.get("fingerprint") != fingerprint:
     raise ValueError(f"MODEL_DIR {model_dir!r} holds checkpoints trained on base "
                      f"{recorded.get('path')!r} (fingerprint {recorded.get('fingerprint', '')[:12]}), "

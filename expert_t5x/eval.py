@@ -504,7 +504,8 @@ def oracle_main(argv: Sequence[str]) -> int:
   except (ValueError, KeyError, FileNotFoundError) as e:
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"expert-t5x eval --oracle: {message}", file=sys.stderr)
-    return 2
+    from expert_t5x import validation  # pylint: disable=g-import-not-at-top
+    return validation.exit_code(e, default=2)  # a damaged matrix.npz: 1
   if args.output:
     from expert_t5x import results as results_lib  # pylint: disable=g-import-not-at-top
     results_lib.write_json(args.output, result)

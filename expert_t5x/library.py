@@ -81,7 +81,7 @@ def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _group_shared(directory: str) -> bool:
+def group_shared(directory: str) -> bool:
   """A library folder created with `init --group-shared` carries the setgid bit."""
   try:
     return bool(os.stat(directory).st_mode & 0o2000)
@@ -93,7 +93,7 @@ def _write_json(path: str, obj: Any, *, clobber: bool = True, stage: str | None 
   """Writes `obj` atomically (`clobber=False`: no clobber, FileExistsError when `path` exists);
   temporary names start with `.tmp-` so that `index --gc` knows them; `stage` names the test hook
   called between the temporary write and the commit."""
-  mode = file_io.creation_mode(False, _group_shared(os.path.dirname(path))) & 0o777
+  mode = file_io.creation_mode(False, group_shared(os.path.dirname(path))) & 0o777
   with file_io.atomic_path(path, clobber=clobber, prefix=f".tmp-{os.path.basename(path)}-",
                            suffix=".json", file_mode=mode) as tmp:
     with open(tmp, "w", encoding="utf-8") as f:
@@ -596,7 +596,7 @@ class Library:
         return
       raise LibraryError(f"'{final}' exists without a matching entry (left by an interrupted add?); run "
                          f"`expert-t5x library index --gc {self.root}` to remove orphans, then add again.")
-    shared = _group_shared(experts)
+    shared = group_shared(experts)
     with file_io.atomic_directory(final, stem=f".tmp-{expert_id}-", dir_mode=file_io.creation_mode(
         True, shared), commit=functools.partial(_rename_expert_dir, expert_id)) as tmp:
       for fname in sorted(os.listdir(src)):
@@ -653,7 +653,7 @@ class Library:
     """The writers' exclusive flock (entry commits and index rebuilds; readers never take it)."""
     path = os.path.join(self.root, LOCK_FILE)
     with open(path, "a+") as lock:
-      if _group_shared(self.root) and os.stat(path).st_uid == os.getuid():
+      if group_shared(self.root) and os.stat(path).st_uid == os.getuid():
         os.chmod(path, file_io.creation_mode(False, True) & 0o777)  # other members take it too
       fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
       try:

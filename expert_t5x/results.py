@@ -37,6 +37,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from expert_t5x import file_io
+from expert_t5x import validation
 
 SCHEMA_VERSION = 1
 RESULTS_KIND = "expert_t5x.eval_results"
@@ -169,8 +170,15 @@ def validate_results(obj: Mapping[str, Any], where: str = RESULTS_FILE) -> None:
 
 
 def read_results(path: str) -> dict[str, Any]:
-  with open(path, encoding="utf-8") as f:
-    obj = json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      obj = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise validation.DataError(f"'{path}' is not valid JSON ({e}); rerun the evaluation that "
+                               "wrote it.") from e
+  if not isinstance(obj, dict):
+    raise validation.DataError(f"'{path}' holds a JSON {type(obj).__name__}, not a {RESULTS_FILE} "
+                               "object; pass the output directory of an evaluation.")
   validate_results(obj, path)
   return obj
 
@@ -266,8 +274,24 @@ def write_matrix(path: str, acc: np.ndarray, expert_ids: Sequence[str],
 
 
 def read_matrix(path: str) -> tuple[np.ndarray, list[str], list[str]]:
-  with np.load(path) as data:
-    return data["acc"], [str(x) for x in data["expert_ids"]], [str(x) for x in data["prompt_ids"]]
+  """`matrix.npz` as written by `write_matrix`; a damaged or foreign file is one `DataError`."""
+  fix = ("rerun the evaluation that wrote it with the same output directory (it is rebuilt from "
+         "the shards)")
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      acc, expert_ids, prompt_ids = data["acc"], data["expert_ids"], data["prompt_ids"]
+  except Exception as e:  # pylint: disable=broad-except  # zip, npy and missing-array errors alike
+    raise validation.DataError(f"'{path}' is not a readable {MATRIX_FILE} "
+                               f"({validation.one_line(e)}); {fix}.") from e
+  well_formed = (acc.dtype == np.float64 and expert_ids.dtype.kind == prompt_ids.dtype.kind == "U"
+                 and expert_ids.ndim == prompt_ids.ndim == 1
+                 and acc.shape == (len(expert_ids), len(prompt_ids)))
+  if not well_formed or not np.all(np.isnan(acc) | ((acc >= 0) & (acc <= 100))):
+    raise validation.DataError(
+        f"'{path}' holds acc {acc.dtype} {list(acc.shape)}, expert_ids {expert_ids.dtype} "
+        f"{list(expert_ids.shape)} and prompt_ids {prompt_ids.dtype} {list(prompt_ids.shape)}; "
+        f"expected float64 percentages [E, P] for E expert and P prompt id strings; {fix}.")
+  return acc, [str(x) for x in expert_ids], [str(x) for x in prompt_ids]
 
 
 # ------------------------------------------------------------------------------------ anchors

@@ -264,27 +264,71 @@ def _texts_hash(texts: Sequence[str]) -> str:
   return hashlib.sha256(json.dumps(list(texts)).encode("utf-8")).hexdigest()[:32]
 
 
+def _embedding_digest(identity: str, name: str, block: np.ndarray) -> str:
+  """sha256 of a cache block's bytes, shape and dtype, its embedder identity and its file name."""
+  digest = hashlib.sha256(json.dumps([identity, name, list(block.shape), block.dtype.str]).encode())
+  digest.update(np.ascontiguousarray(block).tobytes())
+  return digest.hexdigest()
+
+
+def _read_cached_block(path: str, identity: str, count: int) -> np.ndarray | None:
+  """A cache file's [count, D] block, or None when it is absent or damaged (damage is warned about).
+
+  The stored digest catches what the file format cannot: garbled vectors under an intact header.
+  """
+  if not os.path.isfile(path):
+    return None
+  name = os.path.basename(path)
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      block, stored = data["embeddings"], str(data["digest"])
+  except Exception as e:  # pylint: disable=broad-except  # a cache is only a speed-up: recompute it
+    why = f"unreadable: {validation.one_line(e)}"
+  else:
+    if (block.ndim == 2 and block.dtype == np.float32 and block.shape[0] == count
+        and stored == _embedding_digest(identity, name, block)):
+      return block
+    why = f"{block.shape} {block.dtype} array whose digest does not match"
+  print(f"warning: embedding cache '{path}' is damaged ({why}); recomputing it.", file=sys.stderr)
+  return None
+
+
+def _write_cached_block(path: str, identity: str, block: np.ndarray) -> bool:
+  """Writes a cache file with its digest -> whether it could (a read-only library: no, warned
+  about once). Modes follow the library's: a group-shared library's members share the cache."""
+  directory = os.path.dirname(path)
+  shared = library_lib.group_shared(os.path.dirname(directory))
+  digest = np.array(_embedding_digest(identity, os.path.basename(path), block))
+
+  try:
+    if not os.path.isdir(directory):
+      os.makedirs(directory, exist_ok=True)
+      if shared:
+        os.chmod(directory, file_io.creation_mode(True, True))
+    file_io.atomic_write(path, lambda f: np.savez(f, embeddings=block, digest=digest), mode="wb",
+                         file_mode=file_io.creation_mode(False, shared))
+  except OSError as e:
+    print(f"warning: embedding cache '{path}' not written ({validation.one_line(e)}); key "
+          f"embeddings are not cached in this run.", file=sys.stderr)
+    return False
+  return True
+
+
 def cached_key_embeddings(lib: library_lib.Library, embedder: Any, keys: KeySet) -> np.ndarray:
   """[N, D] key embeddings, cached per expert in the library under the embedder's identity.
 
   Cache files are named by a hash of the expert's formatted key texts, so adding experts embeds only the
-  new keys and a changed text format or key file never reuses stale vectors.
+  new keys and a changed text format or key file never reuses stale vectors. Each holds its vectors
+  and their digest; a file that fails the check is recomputed, never used.
   """
   directory = os.path.join(lib.root, library_lib.EMBEDDINGS_DIR, embedder.identity)
-  os.makedirs(directory, exist_ok=True)
-  blocks = []
+  blocks, writable = [], True
   for texts in keys.texts_per_expert:
-    path = os.path.join(directory, f"{_texts_hash(texts)}.npy")
-    if os.path.isfile(path):
-      try:
-        block = np.load(path)
-        if block.shape[0] == len(texts):
-          blocks.append(block)
-          continue
-      except (OSError, ValueError):
-        pass  # a damaged cache file is recomputed
-    block = np.asarray(embedder.embed(texts), np.float32)
-    file_io.atomic_write(path, lambda f, b=block: np.save(f, b), mode="wb")
+    path = os.path.join(directory, f"{_texts_hash(texts)}.npz")
+    block = _read_cached_block(path, embedder.identity, len(texts))
+    if block is None:
+      block = np.asarray(embedder.embed(texts), np.float32)
+      writable = writable and _write_cached_block(path, embedder.identity, block)
     blocks.append(block)
   return np.concatenate(blocks, axis=0) if blocks else np.zeros((0, 0), np.float32)
 

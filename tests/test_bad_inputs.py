@@ -20,6 +20,16 @@ from expert_t5x import expert_format
 from expert_t5x import library as library_lib
 
 BASE = "b" * 64
+RETRIEVAL_FILES = {  # retrieval files of the wrong shape (merge --retrieval)
+    "r_expert_int.json": {"results": [{"task": "t", "candidates": [{"expert": 5}]}]},
+    "r_results_str.json": {"results": "x"},
+    "r_prompts_int.json": {"prompts": [1]},
+    "r_candidates_str.json": {"candidates": "cosmos_qa_p"},
+    "r_two_tasks.json": {"results": [{"task": "a", "candidates": []},
+                                     {"task": "b", "candidates": []}]},
+    "r_unknown_expert.json": {"candidates": [{"expert": "nope", "votes": 3}]},
+    "r_no_candidates.json": {"candidates": []},
+}
 
 
 def _make_expert(path, seed, dataset):
@@ -55,6 +65,8 @@ def world(tmp_path_factory):
   (root / "nofields.json").write_text("{}")
   (root / "candidates.json").write_text('{"results": [{"task": "t", "candidates": 5}]}')
   (root / "notpickle.pt").write_bytes(b"\x00not a pickle at all")
+  for name, content in RETRIEVAL_FILES.items():
+    (root / name).write_text(json.dumps(content))
   bad = root / "bitflip"
   shutil.copytree(b, bad)
   data = bytearray((bad / expert_format.PARAMS_FILE).read_bytes())
@@ -114,6 +126,9 @@ def _cases():
                     "candidates.json"):
     add(1, "merge", "--library", "{lib}", "--retrieval", f"{{r}}/{retrieval}", "--output",
         "{r}/out")
+  for retrieval in RETRIEVAL_FILES:  # --top-k 1: the file's content is what is refused
+    add(2 if retrieval == "r_no_candidates.json" else 1, "merge", "--library", "{lib}",
+        "--retrieval", f"{{r}}/{retrieval}", "--top-k", "1", "--output", "{r}/out")
   add(2, "merge", "--experts", "{a}", "{a}", "--output", "{r}/out")
   add(2, "merge", "--experts", "{a}", "{b}", "--output", "{a}")
   add(2, "merge", "--experts", "{a}", "{b}", "--output", "{r}/afile")
@@ -316,6 +331,213 @@ def test_damaged_entry_is_skipped_with_a_warning_naming_it(world, tmp_path, caps
   assert rc == 1 and "entries/cosmos_qa_p.json" in err + _ and "fix:" in err + _
 
 
+# ------------------------------------------------------------------------------ embedding caches
+
+class _WordEmbedder:
+  """A transparent dense embedder (hashed bag of words, L2-normalised) counting its embed calls."""
+  kind = "dense"
+  identity = "words-test-v1"
+
+  def __init__(self):
+    self.calls = 0
+
+  def embed(self, texts):
+    self.calls += 1
+    out = np.zeros((len(texts), 16), np.float32)
+    for i, text in enumerate(texts):
+      for word in text.split():
+        out[i, sum(word.encode()) % 16] += 1
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def _rewrite_cache(path, how):
+  """Cache files that read fine as npz but hold the wrong vectors, digest, shape or dtype."""
+  from expert_t5x import retrieval  # pylint: disable=g-import-not-at-top
+  digest_of = retrieval._embedding_digest  # pylint: disable=protected-access
+  with np.load(path) as data:
+    block, digest = data["embeddings"], data["digest"]
+  if how == "bitflip_in_vectors":  # one bit of one vector, the npz and npy headers intact
+    raw = bytearray(path.read_bytes())
+    at = bytes(raw).index(block.tobytes()) + block.nbytes // 2 + 3
+    raw[at] ^= 0x10
+    path.write_bytes(bytes(raw))
+    return
+  if how == "garbled_vectors":  # well-formed npz, the stored digest of other vectors
+    block = block * np.float32(1.75)
+  elif how == "foreign_digest":  # intact vectors whose digest names another embedder
+    digest = np.array(digest_of("other", path.name, block))
+  else:
+    block = {"wrong_rows": block[:1], "float64": block.astype(np.float64)}[how]
+    digest = np.array(digest_of("words-test-v1", path.name, block))
+  with open(path, "wb") as f:
+    np.savez(f, embeddings=block, digest=digest)
+
+
+CACHE_DAMAGE = ("truncate", "bitflip", "delete", "wrong_type", "bitflip_in_vectors",
+                "garbled_vectors", "foreign_digest", "wrong_rows", "float64", "npy_format")
+
+
+@pytest.mark.parametrize("how", CACHE_DAMAGE)
+def test_a_damaged_embedding_cache_is_recomputed_never_used(world, tmp_path, capsys, how):
+  from expert_t5x import retrieval  # pylint: disable=g-import-not-at-top
+  queries = [{"inputs": f"imdb input {i}", "answer_choices": ["a", "b"], "dataset": "rte"}
+             for i in range(3)]
+  shutil.copytree(world / "lib", tmp_path / "clean")
+  clean = retrieval.Retriever(library_lib.Library(tmp_path / "clean"), _WordEmbedder())
+  want = clean.retrieve(queries, guard="seen")
+  shutil.copytree(world / "lib", tmp_path / "lib")
+  lib = library_lib.Library(tmp_path / "lib")
+  retrieval.Retriever(lib, _WordEmbedder())  # writes the cache
+  files = sorted((tmp_path / "lib" / "embeddings" / "words-test-v1").iterdir())
+  assert [f.suffix for f in files] == [".npz", ".npz"]
+  target = files[0]
+  if how == "npy_format":
+    np.save(target.with_suffix(".tmp.npy"), np.load(target)["embeddings"])
+    os.replace(target.with_suffix(".tmp.npy"), target)
+  elif how in CACHE_DAMAGE[:4]:
+    _damage(target, how)
+  else:
+    _rewrite_cache(target, how)
+  capsys.readouterr()
+  embedder = _WordEmbedder()
+  again = retrieval.Retriever(lib, embedder)
+  err = capsys.readouterr().err
+  assert embedder.calls == 1  # only the damaged expert's keys were embedded again
+  np.testing.assert_array_equal(again.key_embeddings, clean.key_embeddings)
+  assert again.retrieve(queries, guard="seen") == want
+  lines = err.strip().splitlines()
+  if how == "delete":
+    assert lines == [], err
+  else:
+    assert len(lines) == 1 and str(target) in lines[0] and "recomputing" in lines[0], err
+  # The recomputed cache is intact: the next reader uses it as it is, silently.
+  embedder = _WordEmbedder()
+  np.testing.assert_array_equal(retrieval.Retriever(lib, embedder).key_embeddings,
+                                clean.key_embeddings)
+  assert embedder.calls == 0 and capsys.readouterr().err == ""
+
+
+def test_an_unwritable_embedding_cache_is_skipped_with_one_warning(world, tmp_path, capsys):
+  from expert_t5x import retrieval  # pylint: disable=g-import-not-at-top
+  shutil.copytree(world / "lib", tmp_path / "clean")
+  want = retrieval.Retriever(library_lib.Library(tmp_path / "clean"), _WordEmbedder())
+  shutil.copytree(world / "lib", tmp_path / "lib")
+  blocker = tmp_path / "lib" / "embeddings" / "words-test-v1"
+  blocker.write_text("not a folder")  # where the cache folder goes (as a read-only library would)
+  capsys.readouterr()
+  got = retrieval.Retriever(library_lib.Library(tmp_path / "lib"), _WordEmbedder())
+  np.testing.assert_array_equal(got.key_embeddings, want.key_embeddings)
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and "not written" in lines[0] and str(blocker) in lines[0], lines
+  assert blocker.read_text() == "not a folder"
+
+
+def test_embedding_cache_modes_follow_the_library(world, tmp_path):
+  from expert_t5x import retrieval  # pylint: disable=g-import-not-at-top
+  old = os.umask(0o022)
+  try:
+    for shared in (False, True):
+      lib = library_lib.Library.init(tmp_path / f"lib{shared}", group_shared=shared)
+      lib.add(world / "a")
+      retrieval.Retriever(lib, _WordEmbedder())
+      folder = tmp_path / f"lib{shared}" / "embeddings" / "words-test-v1"
+      dir_mode, file_mode = (0o2770, 0o660) if shared else (0o755, 0o644)
+      assert folder.stat().st_mode & dir_mode == dir_mode, oct(folder.stat().st_mode)
+      for f in folder.iterdir():
+        assert f.stat().st_mode & file_mode == file_mode, (f, oct(f.stat().st_mode))
+  finally:
+    os.umask(old)
+
+
+# ------------------------------------------------------------------------------ matrix.npz
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+  """An eval output directory of three experts on three prompts: results.json and matrix.npz."""
+  from expert_t5x import results  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("evaluated")
+  tasks = [{"name": f"p{j}", "dataset": f"d{j % 2}"} for j in range(3)]
+  (root / results.RESULTS_FILE).write_text(json.dumps({
+      "schema_version": results.SCHEMA_VERSION, "kind": results.RESULTS_KIND, "protocol": {},
+      "model": {}, "experts": [], "tasks": tasks, "environment": {}, "exclusions": {},
+      "entries": []}))
+  acc = np.array([[50.0, 20.0, np.nan], [10.0, 70.0, 30.0], [60.0, 0.0, 100.0]])
+  results.write_matrix(str(root / results.MATRIX_FILE), acc, ["e0", "e1", "e2"],
+                       [t["name"] for t in tasks])
+  return root
+
+
+def _write_npz(path, **arrays):
+  with open(path, "wb") as f:
+    np.savez(f, **arrays)
+
+
+MATRIX_CONTENT = {  # well-formed npz files that are not an evaluation's matrix
+    "acc_shape": dict(acc=np.zeros((2, 3)), expert_ids=np.array(["a", "b", "c"]),
+                      prompt_ids=np.array(["p0", "p1", "p2"])),
+    "acc_strings": dict(acc=np.array([["x"] * 3] * 3), expert_ids=np.array(["a", "b", "c"]),
+                        prompt_ids=np.array(["p0", "p1", "p2"])),
+    "acc_not_percent": dict(acc=np.full((3, 3), 250.0), expert_ids=np.array(["a", "b", "c"]),
+                            prompt_ids=np.array(["p0", "p1", "p2"])),
+    "acc_1d": dict(acc=np.zeros(3), expert_ids=np.array(["a", "b", "c"]),
+                   prompt_ids=np.array(["p0"])),
+    "ids_numbers": dict(acc=np.zeros((3, 3)), expert_ids=np.arange(3),
+                        prompt_ids=np.array(["p0", "p1", "p2"])),
+    "no_prompt_ids": dict(acc=np.zeros((3, 3)), expert_ids=np.array(["a", "b", "c"])),
+    "pickled": dict(acc=np.array([{"a": 1}], dtype=object), expert_ids=np.array(["a"]),
+                    prompt_ids=np.array(["p0"])),
+}
+MATRIX_DAMAGE = (["truncate", "wrong_type", "npy_format", "empty"] + list(MATRIX_CONTENT)
+                 + [f"bitflip@{k}" for k in range(10)])
+
+
+@pytest.mark.parametrize("how", MATRIX_DAMAGE)
+def test_a_damaged_matrix_is_one_line_or_the_clean_result(evaluated, tmp_path, capsys, monkeypatch,
+                                                         how):
+  from expert_t5x import results  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("EXPERT_T5X_TRACEBACK", raising=False)
+  shutil.copytree(evaluated, tmp_path / "eval")
+  rc, want, _ = _run(["eval", "--oracle", str(tmp_path / "eval")], capsys)
+  assert rc == 0
+  target = tmp_path / "eval" / results.MATRIX_FILE
+  if how.startswith("bitflip@"):  # ten places spread over the file: arrays, headers, directory
+    raw = bytearray(target.read_bytes())
+    raw[(2 * int(how[8:]) + 1) * len(raw) // 20] ^= 0x04
+    target.write_bytes(bytes(raw))
+  elif how == "npy_format":
+    np.save(tmp_path / "acc.npy", np.zeros((3, 3)))
+    os.replace(tmp_path / "acc.npy", target)
+  elif how == "empty":
+    target.write_bytes(b"")
+  elif how in MATRIX_CONTENT:
+    _write_npz(target, **MATRIX_CONTENT[how])
+  else:
+    _damage(target, how)
+  before = _snapshot(tmp_path)
+  rc, out, err = _run(["eval", "--oracle", str(tmp_path / "eval")], capsys)
+  assert "Traceback" not in err, err
+  assert _snapshot(tmp_path) == before
+  if rc == 0 and how.startswith("bitflip@"):  # a bit the reader never uses (e.g. a zip date)
+    assert out == want
+    return
+  lines = err.strip().splitlines()
+  assert rc == 1 and len(lines) == 1 and str(target) in lines[0] and "rerun" in lines[0], err
+
+
+@pytest.mark.parametrize("how", ["truncate", "wrong_type", "delete"])
+def test_a_damaged_results_file_beside_the_matrix_is_one_line(evaluated, tmp_path, capsys,
+                                                             monkeypatch, how):
+  from expert_t5x import results  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("EXPERT_T5X_TRACEBACK", raising=False)
+  shutil.copytree(evaluated, tmp_path / "eval")
+  target = tmp_path / "eval" / results.RESULTS_FILE
+  _damage(target, how)
+  rc, _, err = _run(["eval", "--oracle", str(tmp_path / "eval")], capsys)
+  lines = err.strip().splitlines()
+  assert "Traceback" not in err and len(lines) == 1 and str(target) in lines[0], err
+  assert rc == (2 if how == "delete" else 1), err  # a missing file: the --oracle path is wrong
+
+
 # ------------------------------------------------------------------------------ path traversal
 
 @pytest.mark.parametrize("path", ["../victim", "experts/../../victim", "experts/../entries",
@@ -466,3 +688,23 @@ def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, caps
   assert (tmp_path / "damaged_checkpoints" / "checkpoint_3").is_dir()
   assert manager.latest_step() == 2
   manager.close()
+
+
+@pytest.mark.parametrize("how", ["truncate", "bitflip", "wrong_type", "no_fingerprint"])
+def test_a_damaged_base_json_refuses_to_resume_in_one_line(tmp_path, how):
+  from expert_t5x import checkpoints  # pylint: disable=g-import-not-at-top
+  checkpoints.write_base_json(str(tmp_path), "/base", "f" * 64, "tiny")
+  checkpoints.check_base_json(str(tmp_path), "f" * 64, "/base")  # intact: resumes
+  target = tmp_path / checkpoints.BASE_JSON
+  if how == "no_fingerprint":
+    target.write_text('{"path": "/base", "fingerprint": 7}')
+  else:
+    _damage(target, how)
+  with pytest.raises(ValueError) as info:
+    checkpoints.check_base_json(str(tmp_path), "f" * 64, "/base")
+  message = str(info.value)
+  assert "\n" not in message, message
+  if how == "bitflip":  # the flip lands in the fingerprint: refused as a run on another base
+    assert "holds checkpoints trained on base" in message, message
+  else:
+    assert str(target) in message and "delete it" in message, message

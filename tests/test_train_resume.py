@@ -5,9 +5,12 @@ expert tensors must be bitwise equal (same program, same shapes, CPU).
 """
 
 import os
+import random
 import re
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +23,7 @@ BASE_ARGS = ["--gin_file=experts/prompt_expert.gin", "--gin_file=runs/tiny_overl
              "--gin.optimizers.create_learning_rate_scheduler.base_learning_rate=3e-2"]
 
 
-def _start(model_dir, cache, fault=None, extra=()):
+def _start(model_dir, cache, fault=None, extra=(), log=None):
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env.pop("EXPERT_T5X_FAULT", None)
@@ -28,7 +31,8 @@ def _start(model_dir, cache, fault=None, extra=()):
     env["EXPERT_T5X_FAULT"] = fault
   cmd = [sys.executable, "-m", "expert_t5x.train", *BASE_ARGS, f"--gin.MODEL_DIR='{model_dir}'",
          *extra]
-  return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  out = subprocess.PIPE if log is None else log
+  return subprocess.Popen(cmd, env=env, stdout=out, stderr=out, text=True)
 
 
 def _finish(proc):
@@ -78,6 +82,90 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path):
     # The files too: params.safetensors bytes are deterministic and expert.json keeps the first
     # run's first loss and accuracy before training (train_progress.json), so all are equal.
     assert {p.name: p.read_bytes() for p in (dirs[k] / "expert").iterdir()} == files, k
+
+
+def _names(model_dir):
+  """The names in a run directory (checkpoint and export temp dirs appear there)."""
+  try:
+    return set(os.listdir(model_dir))
+  except FileNotFoundError:
+    return set()
+
+
+# Where a kill's delay counts from: the run's start ("any": anywhere in the run), or the first
+# checkpoint or expert temp dir in the run directory (inside a save or the export).
+TRIGGERS = {"any": None, "save": ".orbax-checkpoint-tmp", "export": ".expert.tmp-"}
+
+
+def _wait_for(proc, model_dir, name_part):
+  while proc.poll() is None and not any(name_part in n for n in _names(model_dir)):
+    time.sleep(0.002)  # polls the run's files, not a clock: kills follow the run's progress
+
+
+def _kill_at(proc, model_dir, kind, delay):
+  """SIGKILLs `proc` (just started) `delay` seconds after its TRIGGERS[kind] appears.
+
+  Returns (what the kill hit, or None when the run ended first; seconds from the trigger on).
+  """
+  if TRIGGERS[kind]:
+    _wait_for(proc, model_dir, TRIGGERS[kind])
+  triggered = time.monotonic()
+  while proc.poll() is None and time.monotonic() < triggered + delay:
+    time.sleep(0.002)
+  elapsed, names = time.monotonic() - triggered, sorted(_names(model_dir))
+  if proc.poll() is not None:
+    return None, elapsed
+  proc.kill()
+  proc.wait()
+  present = ", ".join(n for n in names if "tmp" in n) or (names or ["nothing yet"])[-1]
+  return f"{kind} +{elapsed:.3f}s ({present})", elapsed
+
+
+@pytest.mark.slow
+@pytest.mark.tf
+def test_resume_after_random_kills_is_bitwise_equal(tmp_path):
+  # SIGKILLs at seeded random moments: inside a checkpoint save (first, while the run still saves),
+  # then anywhere in the run and inside the expert export in random order, resuming each time with
+  # the same command. The final expert files equal an uninterrupted run's byte for byte.
+  seed = int(os.environ.get("EXPERT_T5X_KILL_SEED", random.SystemRandom().randrange(2 ** 31)))
+  rng = random.Random(seed)
+  kinds = ["save", *rng.sample(["any", "export"], 2)]
+  delays = {"save": rng.uniform(0, 0.4), "export": rng.uniform(0, 0.01)}
+  fraction = rng.random()  # of a run's length, for the "any" kill
+  cache, straight, killed = tmp_path / "jax_cache", tmp_path / "straight", tmp_path / "killed"
+  reference = _start(straight, cache, log=open(tmp_path / "straight.log", "w"))
+  started, ended = time.monotonic(), []
+  waiter = threading.Thread(target=lambda: ended.append((reference.wait(), time.monotonic())))
+  waiter.start()  # the uninterrupted run goes beside the first leg and times itself
+  hits, leg = [], 0
+  for kind in kinds:
+    if kind == "any":
+      waiter.join(timeout=600)
+      delays["any"] = fraction * (ended[0][1] - started)
+    for _ in range(3):  # a run that ends before the moment is rerun with the moment moved earlier
+      proc = _start(killed, cache, log=open(tmp_path / f"leg{leg}.log", "w"))
+      leg += 1
+      hit, elapsed = _kill_at(proc, killed, kind, delays[kind])
+      if hit:
+        break
+      delays[kind] = fraction * elapsed if kind == "any" else delays[kind] / 2
+    hits.append(hit or f"{kind}: each run ended first")
+  waiter.join(timeout=600)
+  assert ended[0][0] == 0, (tmp_path / "straight.log").read_text()[-2000:]
+  log = tmp_path / "final.log"
+  rc = _start(killed, cache, log=open(log, "w")).wait(timeout=600)
+  context = f"seed {seed} (rerun with EXPERT_T5X_KILL_SEED={seed}); kills: {hits}"
+  print(context)
+  assert rc == 0, f"{context}\n{log.read_text()[-2000:]}"
+  want = {p.name: p.read_bytes() for p in (straight / "expert").iterdir()}
+  got = {p.name: p.read_bytes() for p in (killed / "expert").iterdir()}
+  assert sorted(want) == ["expert.json", "keys.jsonl", "params.safetensors"], context
+  assert sorted(got) == sorted(want), context
+  for name in want:
+    assert got[name] == want[name], f"{name} differs; {context}"
+  # No killed save's or export's temporary folder outlives the final run.
+  leftovers = [n for n in _names(killed) if ("tmp" in n or ".old-" in n) and (killed / n).is_dir()]
+  assert not leftovers, f"{leftovers} left in the run directory; {context}"
 
 
 @pytest.mark.slow
