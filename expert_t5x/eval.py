@@ -225,7 +225,6 @@ def evaluate(*, base: BaseConfig, dataset_cfg: DatasetConfig, output_cfg: Output
     raise ValueError(f"example_subset {dataset_cfg.example_subset!r} applies to the registered "
                      "tasks; a given task_source selects its own examples (pass it the subset, or "
                      "drop one).")
-  partitioner = partitioner or partitioning.PjitPartitioner()
   common = dict(
       tasks=dataset_cfg.mixture_or_task_name, output_dir=output_cfg.output_dir, base=loaded,
       task_source=task_source, split=dataset_cfg.split, max_examples=dataset_cfg.max_examples,
@@ -237,7 +236,7 @@ def evaluate(*, base: BaseConfig, dataset_cfg: DatasetConfig, output_cfg: Output
   if routing is not None:
     from expert_t5x import roe  # pylint: disable=g-import-not-at-top
     results = roe.evaluate(config=routing, include_base=bool(experts.include_base),
-                               previous_results=output_cfg.previous_results, **common)
+                           previous_results=output_cfg.previous_results, **common)
   else:
     results = evaluation.evaluate(
         expert_paths=paths, expert_names=experts.expert_names, include_base=experts.include_base,
