@@ -37,7 +37,8 @@ def _run(root: str, name: str, presets: list[str], experts: list[str]):
   evaluation.Scorer.__init__ = spy
   try:
     gin_utils.parse_gin_flags([], ["runs/eval.gin"] + presets, bindings)
-    eval_entry._GIN_EVALUATE(task_source=eval_fakes.make_source(n=6))  # pylint: disable=protected-access
+    gin_evaluate = eval_entry._GIN_EVALUATE  # pylint: disable=protected-access
+    gin_evaluate(task_source=eval_fakes.make_source(n=6))
   finally:
     evaluation.Scorer.__init__ = original
     gin.clear_config()
@@ -55,9 +56,15 @@ def _mesh_axes(shardings) -> set:
   return axes - {None}
 
 
+def _key(record) -> tuple:
+  return tuple(record["expert_ids"]), record["example_id"]
+
+
 def main():
   assert jax.device_count() == 8, jax.devices()
-  eval_entry._GIN_EVALUATE = gin.configurable(eval_entry.evaluate)  # pylint: disable=protected-access
+  # The gin function as `python -m expert_t5x.eval` registers it.
+  # pylint: disable-next=protected-access
+  eval_entry._GIN_EVALUATE = gin.configurable(eval_entry.evaluate)
   base = evaluation.load_base(model_config="tiny", random_init_seed=0,
                               config_overrides={"vocab_size": eval_fakes.VOCAB_SIZE})
   with tempfile.TemporaryDirectory() as root:
@@ -72,9 +79,8 @@ def main():
   assert fsdp.rules[0] == ("embed", "data") and ("embed", "data") not in plain.rules, fsdp.rules
   assert _mesh_axes(fsdp_sharding) == {"data", "model"}, _mesh_axes(fsdp_sharding)
   assert _mesh_axes(plain_sharding) <= {"model"}, _mesh_axes(plain_sharding)
-  key = lambda r: (tuple(r["expert_ids"]), r["example_id"])  # pylint: disable=unnecessary-lambda-assignment
-  plain_preds, fsdp_preds = sorted(plain_preds, key=key), sorted(fsdp_preds, key=key)
-  assert [key(r) for r in plain_preds] == [key(r) for r in fsdp_preds]
+  plain_preds, fsdp_preds = sorted(plain_preds, key=_key), sorted(fsdp_preds, key=_key)
+  assert [_key(r) for r in plain_preds] == [_key(r) for r in fsdp_preds]
   assert len({r["expert_ids"][0] if r["expert_ids"] else "" for r in plain_preds}) == 2
   for a, b in zip(plain_preds, fsdp_preds):
     np.testing.assert_allclose(a["choice_scores"], b["choice_scores"], rtol=1e-5, atol=1e-5)

@@ -188,7 +188,7 @@ def test_shipped_eval_gin_files_parse():
 
 
 def _fields(config) -> dict:
-  """A config's fields, lists as tuples (gin and argparse give lists where the fields have tuples)."""
+  """A config's fields, lists as tuples (gin and argparse give lists for tuple fields)."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   return {k: tuple(v) if isinstance(v, list) else v for k, v in dataclasses.asdict(config).items()}
 
