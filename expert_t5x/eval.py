@@ -1,6 +1,6 @@
 r"""Zero-shot evaluation entry point (T5X style): a base model, experts or a merge on a suite.
 
-Gin (as T5X's `eval.py`)::
+Gin (as T5X's `eval.py`; `gin/runs/eval.gin` composes the objects below)::
 
     python -m expert_t5x.eval --gin_file=runs/eval.gin \
       --gin.CHECKPOINT_PATH="'/ckpt/t5-xl-lm-adapt'" \
@@ -8,13 +8,25 @@ Gin (as T5X's `eval.py`)::
       --gin.EVAL_OUTPUT_DIR="'/tmp/eval'" \
       --gin.EXPERT_PATHS="['/lib/experts/cosmos_qa_pe']"
 
-Command line (same function, argparse flags)::
+A partitioning preset after the run gin shards evaluation as it shards training
+(`--gin_file=partitioning/model_parallel_2.gin`).
+
+Command line (the same objects, built from argparse flags)::
 
     expert-t5x eval --checkpoint_path /ckpt/t5-xl-lm-adapt --tasks t0_eval_score_eval \
       --output_dir /tmp/eval --experts /lib/experts/a /lib/experts/b
 
+Python::
+
+    eval.evaluate(base=eval.BaseConfig(checkpoint_path='/ckpt/t5-xl-lm-adapt'),
+                  dataset_cfg=eval.DatasetConfig('t0_eval_score_eval'),
+                  output_cfg=eval.OutputConfig('/tmp/eval'),
+                  experts=eval.ExpertsConfig(expert_paths=['/lib/experts/a']),
+                  partitioner=partitioning.PjitPartitioner(num_partitions=2))
+
 Retrieval of Experts from a library (`expert_t5x.roe`): each eval prompt retrieves its expert
-from its own unlabeled examples (or merges the top-k) and is evaluated with it::
+from its own unlabeled examples (or merges the top-k) and is evaluated with it (Python:
+`routing=roe.RoEConfig(library='/lib', ...)` in place of `experts`' paths)::
 
     expert-t5x eval --checkpoint_path /ckpt/t5-xl-lm-adapt --tasks t0_eval_score_eval \
       --output_dir /tmp/roe --library /lib --roe --embedder minilm
@@ -29,156 +41,212 @@ Writes `predictions.jsonl`, `results.json`, `results.csv`, `results.md` and (sev
 `matrix.npz` and its oracle under the output directory; an interrupted run resumes from its
 shards. With `expected` (an anchors file, see `gin/runs/anchors/`), also writes `anchors.md` and
 fails (exit 1) when a number is outside its tolerance.
+
+Every setting has its default once, on its config's field: argparse reads the defaults from the
+fields, and the gin files' macros are checked against them by the tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from expert_t5x import base_models
 from expert_t5x import eval_experts
 from expert_t5x import eval_tasks
 from expert_t5x import evaluation
 from expert_t5x import scoring as scoring_lib
+from expert_t5x import partitioning
+
+if TYPE_CHECKING:
+  from expert_t5x import roe as roe_lib
 
 ANCHORS_FILE = "anchors.md"
 
 
-def evaluate(*, mixture_or_task_name: str | Sequence[str], output_dir: str,
-             checkpoint_path: Optional[str] = None, model_config: Optional[str] = None,
-             random_init_seed: Optional[int] = None,
-             config_overrides: Optional[Mapping[str, Any]] = None,
-             expert_paths: Sequence[str] = (), expert_list_file: Optional[str] = None,
-             expert_names: Optional[Sequence[str]] = None, include_base: Optional[bool] = None,
-             split: str = "validation", max_examples: Optional[int] = None,
-             example_subset: str = "first", batch_size: int = 32,
-             experts_per_pass: int = 8, scoring: str = "sum",
-             logit_vocab_limit: Optional[int] = None, gold_not_in_choices: str = "exclude",
-             task_feature_lengths: Optional[Mapping[str, Optional[int]]] = None,
-             generation_max_length: int = 128, bootstrap_samples: int = 1000, seed: int = 0,
-             num_partitions: int = 1, dtype: str = "float32", allow_base_mismatch: bool = False,
-             write_predictions: bool = True, progress: bool = True,
-             vocabulary_path: Optional[str] = None, expected: Optional[str] = None,
-             task_source: Optional[eval_tasks.TaskSource] = None,
-             library: Optional[str] = None, roe: bool = False, merge: bool = False,
-             roe_level: str = "task", dataset_rule: str = "winner", embedder: str = "minilm",
-             minilm_dir: Optional[str] = None,
-             retrieval_max_seq_length: int = 256, text_format: str = "label_instance",
-             num_queries: int = 32, retrieval_seed: int = 0, votes_per_query: int = 1,
-             guard: str = "zero_shot", abstain_threshold: float = 0.0, fallback: str = "base",
-             merge_method: str = "uniform", merge_top_k: int | Sequence[int] = 3,
-             merge_lam: Optional[float] | Sequence[Optional[float]] = None,
-             merge_params: Optional[Mapping[str, Any]] = None, adapter_reference: str = "auto",
-             previous_results: Optional[str] = None, bertscore_model: Optional[str] = None,
-             bertscore_layers: Optional[int] = None) -> dict[str, Any]:
-  """Loads the base and experts, evaluates, writes the result files; returns results.json's object.
+# ----------------------------------------------------------------------------------- configs
 
-  Args:
-    mixture_or_task_name: a suite (t0_eval_score_eval, bigbench_13, ct0_continual,
-      t0_train_score_eval, demo_heldout), a task, or a list / comma-separated string of them.
-    output_dir: the evaluation directory (resumed when it exists).
-    checkpoint_path: the base: an HF T5 directory or a T5X checkpoint.
+
+@dataclasses.dataclass(frozen=True)
+class BaseConfig:
+  """The frozen base model: a checkpoint, or a named config with random weights.
+
+  Attributes:
+    checkpoint_path: an HF T5 directory or a T5X checkpoint.
     model_config: a named T5 config; with `random_init_seed` and no checkpoint, random weights.
     random_init_seed: seed of random base weights (plumbing checks and demos only).
     config_overrides: T5Config fields to override (e.g. {'vocab_size': 259} for byte tasks).
-    expert_paths: Expert format v1 directories (trained, imported or merged experts).
-    expert_list_file: a text file listing more expert directories, one per line.
-    expert_names: ids for the experts in results (default: directory names).
-    include_base: also evaluate the base alone (default: only when no expert is given).
-    split, max_examples, batch_size, experts_per_pass, generation_max_length, bootstrap_samples,
-    seed, num_partitions, allow_base_mismatch, write_predictions, progress: see
-      `evaluation.evaluate`.
+    dtype: activation dtype, 'float32' or 'bfloat16'.
+    vocabulary_path: the SentencePiece model of the T5 tasks (default: the checkpoint's own
+      spiece.model when the vocabulary is not configured otherwise); infer also takes 'bytes'.
+  """
+  checkpoint_path: Optional[str] = None
+  model_config: Optional[str] = None
+  random_init_seed: Optional[int] = None
+  config_overrides: Optional[Mapping[str, Any]] = None
+  dtype: str = "float32"
+  vocabulary_path: Optional[str] = None
+
+  def load(self) -> base_models.BaseModel:
+    return base_models.load_base(self.checkpoint_path, self.model_config, self.random_init_seed,
+                                self.dtype, self.config_overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+  """The evaluated tasks and how their examples are read (T5X's `dataset_cfg`).
+
+  Attributes:
+    mixture_or_task_name: a suite (t0_eval_score_eval, bigbench_13, ct0_continual,
+      t0_train_score_eval, demo_heldout), a task, or a list / comma-separated string of them.
+    split: the eval split ('validation' for the paper's held-out protocol).
+    max_examples: the first N examples of each task (None: all).
     example_subset: 'first' (the first `max_examples`) or 'paper' (the paper's evaluation subset:
       the first `max_examples`, 300 by default, of torch.randperm with seed 42 over the split,
       after the paper's row slice where it took one; `seqio_tasks.seen_eval`). Recorded.
-    scoring: 'sum' (the paper), 'mean' or 'per_char'.
-    logit_vocab_limit: e.g. 32100 to normalise over the paper's code's 32100 logits.
-    gold_not_in_choices: 'exclude' or 'count_wrong'.
+    batch_size: examples per device call, a multiple of the data-parallel size.
     task_feature_lengths: {'inputs': N, 'targets': M or None}. Without 'inputs' (or None), the
       paper's choice for the run (`evaluation.paper_input_length`): 256, its prompt-expert configs'
-      length, when experts are evaluated or retrieved (`expert_paths`, `roe`); else 512 (the base
-      alone, merges; T0-3B's). The long-input PEs used 512 (gin `runs/input_length_512.gin`).
-    dtype: activation dtype, 'float32' or 'bfloat16'.
-    vocabulary_path: the SentencePiece model of the T5 tasks (default: the checkpoint's own
-      spiece.model when the vocabulary is not configured otherwise).
-    expected: an anchors JSON file to compare with (pass/fail table in anchors.md).
-    task_source: tasks (default: the registered seqio_tasks).
-    library: an expert library; with `roe` or `merge`, each prompt is evaluated with the
-      experts retrieved for it (`expert_t5x.roe`) instead of `expert_paths`.
-    roe: evaluate each prompt with its top-voted expert (the paper's RoE).
-    roe_level: with roe: 'task' (the vote winner), 'dataset' (its dataset's expert) or 'instance'
-      (each example with its own nearest key's expert); `roe.LEVELS`.
-    dataset_rule: with roe_level 'dataset': 'winner' (the paper: the dataset of the task-level
-      winner) or 'pooled' (the dataset whose prompt experts got the most votes together).
-    merge: evaluate each prompt with a merge of its top-k retrieved experts.
-    embedder, minilm_dir, retrieval_max_seq_length, text_format, num_queries, retrieval_seed,
-    votes_per_query, guard, abstain_threshold, fallback: retrieval settings (`roe.RoEConfig`;
-      guard 'zero_shot' for held-out suites, 'seen' for seen-task RoE, or 'off').
-    merge_method, merge_top_k, merge_lam, merge_params, adapter_reference: merge settings; several
-      top-k or λ values are chosen per prompt label-free (lowest mean choice entropy).
-    previous_results: an earlier routed run's results.json: routing changes are reported.
+      length, when experts are evaluated or retrieved; else 512 (the base alone, merges; T0-3B's).
+      The long-input PEs used 512 (gin `runs/eval_input_long_512.gin`).
+    generation_max_length: decode length of generative tasks.
     bertscore_model, bertscore_layers: the BERTScore model directory and layer of the tasks scored
       with it (ct0_target_eval's covid_qa, eli5, empathetic_dialogues, esnli, twitter_top20).
   """
-  options = scoring_lib.ScoringOptions(scoring=scoring, logit_vocab_limit=logit_vocab_limit,
-                                       gold_not_in_choices=gold_not_in_choices)
-  paths = list(expert_paths or [])
-  if expert_list_file:
-    paths += eval_experts.read_expert_list(expert_list_file)
-  if roe or merge:
-    if roe and merge:
-      raise ValueError("Pass one of roe (--roe) or merge (--merge), not both.")
-    if not library:
+  mixture_or_task_name: str | Sequence[str]
+  split: str = "validation"
+  max_examples: Optional[int] = None
+  example_subset: str = "first"
+  batch_size: int = 32
+  task_feature_lengths: Optional[Mapping[str, Optional[int]]] = None
+  generation_max_length: int = 128
+  bertscore_model: Optional[str] = None
+  bertscore_layers: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertsConfig:
+  """The evaluated experts (or merges: a merge is an expert directory too).
+
+  Attributes:
+    expert_paths: Expert format v1 directories (trained, imported or merged experts).
+    expert_list_file: a text file listing more expert directories, one per line.
+    expert_names: ids for the experts in results (default: directory names).
+    include_base: also evaluate the base alone (default: only when no expert is given; with
+      routing, only where a prompt is routed to it).
+    experts_per_pass: stacked experts per pass (bounds device memory).
+    allow_base_mismatch: evaluate experts (or a library) trained on another base.
+  """
+  expert_paths: Sequence[str] = ()
+  expert_list_file: Optional[str] = None
+  expert_names: Optional[Sequence[str]] = None
+  include_base: Optional[bool] = None
+  experts_per_pass: int = 8
+  allow_base_mismatch: bool = False
+
+  def paths(self) -> list[str]:
+    """The expert directories: `expert_paths`, then those of `expert_list_file`."""
+    paths = list(self.expert_paths or [])
+    if self.expert_list_file:
+      paths += eval_experts.read_expert_list(self.expert_list_file)
+    return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+  """Where results go and what is reported.
+
+  Attributes:
+    output_dir: the evaluation directory (resumed when it exists).
+    write_predictions: write predictions.jsonl (large for many experts).
+    progress: show a progress bar with rate and ETA.
+    bootstrap_samples: bootstrap resamples of the confidence intervals; 0 skips them.
+    seed: the bootstrap seed.
+    expected: an anchors JSON file to compare with (pass/fail table in anchors.md).
+    previous_results: an earlier routed run's results.json: routing changes are reported.
+  """
+  output_dir: str
+  write_predictions: bool = True
+  progress: bool = True
+  bootstrap_samples: int = 1000
+  seed: int = 0
+  expected: Optional[str] = None
+  previous_results: Optional[str] = None
+
+
+def routing_mode(roe: bool = False, merge: bool = False) -> str:
+  """`RoEConfig.mode` from the two switches users set (--roe / --merge, gin ROE / MERGE)."""
+  if roe and merge:
+    raise ValueError("Pass one of roe (--roe) or merge (--merge), not both.")
+  if not (roe or merge):
+    raise ValueError("A library is only used with roe (--roe) or merge (--merge); pass one, or "
+                     "evaluate expert directories with --experts.")
+  return "roe" if roe else "merge"
+
+
+# ---------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(*, base: BaseConfig, dataset_cfg: DatasetConfig, output_cfg: OutputConfig,
+             experts: ExpertsConfig = ExpertsConfig(),
+             routing: Optional[roe_lib.RoEConfig] = None,
+             scoring: scoring_lib.ScoringOptions = scoring_lib.ScoringOptions(),
+             partitioner: Optional[partitioning.PjitPartitioner] = None,
+             task_source: Optional[eval_tasks.TaskSource] = None) -> dict[str, Any]:
+  """Loads the base and experts, evaluates, writes the result files; returns results.json's object.
+
+  Args:
+    base: the base model.
+    dataset_cfg: the tasks and how their examples are read.
+    output_cfg: the output directory and what is written and reported.
+    experts: the evaluated experts (with `routing`: only include_base and allow_base_mismatch).
+    routing: Retrieval of Experts (`roe.RoEConfig`, with its library): each prompt is evaluated
+      with the experts retrieved for it instead of `experts`' paths.
+    scoring: the scoring protocol.
+    partitioner: the mesh and logical axis rules (default: `PjitPartitioner()`, data parallel
+      over every device); a gin partitioning preset configures it.
+    task_source: tasks (default: the registered seqio_tasks).
+  """
+  paths = experts.paths()
+  if routing is not None:
+    if not routing.library:
       raise ValueError("RoE and merge evaluation need an expert library (--library LIB).")
     if paths:
       raise ValueError("RoE and merge evaluation use the library's experts; drop expert_paths "
                        "(--experts / --expert_list).")
-  elif library:
-    raise ValueError("A library is only used with roe (--roe) or merge (--merge); pass one, or "
-                     "evaluate expert directories with --experts.")
-  task_feature_lengths = dict(task_feature_lengths or {"targets": None})
-  task_feature_lengths.setdefault("inputs", evaluation.paper_input_length(experts=bool(paths) or roe))
-  base = base_models.load_base(checkpoint_path, model_config, random_init_seed, dtype,
-                               config_overrides)
-  _configure_vocabulary(vocabulary_path, checkpoint_path, task_source)
+  task_feature_lengths = dict(dataset_cfg.task_feature_lengths or {"targets": None})
+  task_feature_lengths.setdefault("inputs", evaluation.paper_input_length(
+      experts=bool(paths) or (routing is not None and routing.mode == "roe")))
+  loaded = base.load()
+  _configure_vocabulary(base.vocabulary_path, base.checkpoint_path, task_source)
   if task_source is None:
-    task_source = eval_tasks.SeqioTaskSource(example_subset)
-  elif example_subset != getattr(task_source, "example_subset", "first"):
-    raise ValueError(f"example_subset {example_subset!r} applies to the registered tasks; a given "
-                     "task_source selects its own examples (pass it the subset, or drop one).")
-  if roe or merge:
-    from expert_t5x import roe as roe_lib  # pylint: disable=g-import-not-at-top
-    config = roe_lib.RoEConfig(
-        mode="roe" if roe else "merge", level=roe_level, dataset_rule=dataset_rule,
-        embedder=embedder, minilm_dir=minilm_dir,
-        max_seq_length=retrieval_max_seq_length, text_format=text_format,
-        num_queries=num_queries, seed=retrieval_seed, votes_per_query=votes_per_query,
-        guard=guard, abstain_threshold=abstain_threshold, fallback=fallback,
-        merge_method=merge_method, merge_top_k=merge_top_k, merge_lam=merge_lam,
-        merge_params=dict(merge_params or {}), adapter_reference=adapter_reference)
-    results = roe_lib.evaluate(
-        library=library, tasks=mixture_or_task_name, output_dir=output_dir, base=base,
-        config=config, task_source=task_source, split=split, max_examples=max_examples,
-        batch_size=batch_size, options=options, feature_lengths=task_feature_lengths,
-        include_base=bool(include_base), num_partitions=num_partitions,
-        allow_base_mismatch=allow_base_mismatch, previous_results=previous_results,
-        generation_max_length=generation_max_length, bootstrap_samples=bootstrap_samples,
-        seed=seed, write_predictions=write_predictions, progress=progress)
-    return _finish(results, output_dir, expected)
-  results = evaluation.evaluate(
-      tasks=mixture_or_task_name, output_dir=output_dir, base=base, expert_paths=paths,
-      expert_names=expert_names, include_base=include_base, split=split,
-      max_examples=max_examples, batch_size=batch_size, experts_per_pass=experts_per_pass,
-      options=options, feature_lengths=task_feature_lengths,
-      generation_max_length=generation_max_length, bootstrap_samples=bootstrap_samples,
-      seed=seed, num_partitions=num_partitions, allow_base_mismatch=allow_base_mismatch,
-      write_predictions=write_predictions, progress=progress, task_source=task_source,
-      bertscore_model=bertscore_model, bertscore_layers=bertscore_layers)
-  return _finish(results, output_dir, expected)
+    task_source = eval_tasks.SeqioTaskSource(dataset_cfg.example_subset)
+  elif dataset_cfg.example_subset != getattr(task_source, "example_subset", "first"):
+    raise ValueError(f"example_subset {dataset_cfg.example_subset!r} applies to the registered "
+                     "tasks; a given task_source selects its own examples (pass it the subset, or "
+                     "drop one).")
+  common = dict(
+      tasks=dataset_cfg.mixture_or_task_name, output_dir=output_cfg.output_dir, base=loaded,
+      task_source=task_source, split=dataset_cfg.split, max_examples=dataset_cfg.max_examples,
+      batch_size=dataset_cfg.batch_size, options=scoring, feature_lengths=task_feature_lengths,
+      partitioner=partitioner, allow_base_mismatch=experts.allow_base_mismatch,
+      generation_max_length=dataset_cfg.generation_max_length,
+      bootstrap_samples=output_cfg.bootstrap_samples, seed=output_cfg.seed,
+      write_predictions=output_cfg.write_predictions, progress=output_cfg.progress)
+  if routing is not None:
+    from expert_t5x import roe  # pylint: disable=g-import-not-at-top
+    results = roe.evaluate(config=routing, include_base=bool(experts.include_base),
+                           previous_results=output_cfg.previous_results, **common)
+  else:
+    results = evaluation.evaluate(
+        expert_paths=paths, expert_names=experts.expert_names, include_base=experts.include_base,
+        experts_per_pass=experts.experts_per_pass, bertscore_model=dataset_cfg.bertscore_model,
+        bertscore_layers=dataset_cfg.bertscore_layers, **common)
+  return _finish(results, output_cfg.output_dir, output_cfg.expected)
 
 
 def _finish(results: dict[str, Any], output_dir: str, expected: Optional[str]) -> dict[str, Any]:
@@ -270,12 +338,28 @@ def gin_main(argv: Optional[Sequence[str]] = None) -> int:
 # ------------------------------------------------------------------------------------- CLI
 
 
+def field_default(cls: type, name: str) -> Any:
+  """The default of a dataclass field: flags take their defaults from the configs' fields."""
+  field = {f.name: f for f in dataclasses.fields(cls)}[name]
+  if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+    return field.default_factory()  # type: ignore[misc]
+  return field.default
+
+
+# Flags of the retrieval group whose `RoEConfig` field has another name.
+_ROE_FLAGS = {"level": "roe_level", "max_seq_length": "retrieval_max_seq_length",
+              "seed": "retrieval_seed"}
+_MERGE_PARAM_FLAGS = ("density", "per_tensor", "sign_method", "drop", "seed", "combine")
+
+
 def _parser() -> argparse.ArgumentParser:
+  from expert_t5x import roe as roe_lib  # pylint: disable=g-import-not-at-top,redefined-outer-name
   p = argparse.ArgumentParser(
       prog="expert-t5x eval",
       description="Zero-shot rank-classification evaluation of a base model, experts or a merge "
       "(the paper's protocol: summed log-probs incl. EOS, argmax, ties to the lowest index). "
       "With --gin_file, runs the gin entry point instead.")
+  default = field_default
   p.add_argument("--tasks", required=True,
                  help="suite (t0_eval_score_eval, bigbench_13, ct0_continual, t0_train_score_eval, "
                  "demo_heldout) or comma-separated task names")
@@ -286,35 +370,44 @@ def _parser() -> argparse.ArgumentParser:
   base.add_argument("--random_init_seed", type=int,
                     help="random base weights with this seed (plumbing checks only)")
   base.add_argument("--vocab_size", type=int, help="override the config's vocab_size")
-  base.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  base.add_argument("--dtype", default=default(BaseConfig, "dtype"),
+                    choices=("float32", "bfloat16"))
   base.add_argument("--vocabulary_path", help="SentencePiece model of the T5 tasks")
   ex = p.add_argument_group("experts")
-  ex.add_argument("--experts", nargs="*", default=[], help="expert directories (or a merge's)")
+  ex.add_argument("--experts", nargs="*", default=list(default(ExpertsConfig, "expert_paths")),
+                  help="expert directories (or a merge's)")
   ex.add_argument("--expert_list", help="file listing expert directories, one per line")
   ex.add_argument("--expert_names", nargs="*", help="ids for the experts (default: dir names)")
   ex.add_argument("--include_base", action="store_true", help="also evaluate the base alone")
-  ex.add_argument("--experts_per_pass", type=int, default=8,
+  ex.add_argument("--experts_per_pass", type=int,
+                  default=default(ExpertsConfig, "experts_per_pass"),
                   help="stacked experts per pass (bounds device memory)")
   ex.add_argument("--allow_base_mismatch", action="store_true",
                   help="evaluate experts trained on another base")
   pr = p.add_argument_group("protocol")
-  pr.add_argument("--split", default="validation")
+  pr.add_argument("--split", default=default(DatasetConfig, "split"))
   pr.add_argument("--max_examples", type=int,
                   help="first N examples of each task (with --example_subset paper: N of the "
                        "paper's subset, 300 by default)")
-  pr.add_argument("--example_subset", default="first", choices=("first", "paper"),
+  pr.add_argument("--example_subset", default=default(DatasetConfig, "example_subset"),
+                  choices=("first", "paper"),
                   help="first: the first --max_examples; paper: the paper's evaluation subset "
                        "(first 300 of torch.randperm with seed 42, ELM's seen_eval_300)")
-  pr.add_argument("--scoring", default="sum", choices=("sum", "mean", "per_char"))
+  pr.add_argument("--scoring", default=default(scoring_lib.ScoringOptions, "scoring"),
+                  choices=("sum", "mean", "per_char"))
   pr.add_argument("--logit_vocab_limit", type=int, help="e.g. 32100 (the paper's code)")
-  pr.add_argument("--gold_not_in_choices", default="exclude", choices=("exclude", "count_wrong"))
+  pr.add_argument("--gold_not_in_choices",
+                  default=default(scoring_lib.ScoringOptions, "gold_not_in_choices"),
+                  choices=("exclude", "count_wrong"))
   pr.add_argument("--max_input_length", type=int,
                   help="default: the paper's per run, 256 (its PE configs) when evaluating or "
                        "retrieving experts, else 512 (base, merges)")
   pr.add_argument("--max_target_length", type=int, help="truncate choices/targets (default: no)")
-  pr.add_argument("--generation_max_length", type=int, default=128)
-  pr.add_argument("--bootstrap_samples", type=int, default=1000)
-  pr.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+  pr.add_argument("--generation_max_length", type=int,
+                  default=default(DatasetConfig, "generation_max_length"))
+  pr.add_argument("--bootstrap_samples", type=int,
+                  default=default(OutputConfig, "bootstrap_samples"))
+  pr.add_argument("--seed", type=int, default=default(OutputConfig, "seed"), help="bootstrap seed")
   pr.add_argument("--bertscore_model",
                   help="transformers directory of microsoft/deberta-large-mnli (BERTScore tasks)")
   pr.add_argument("--bertscore_layers", type=int, help="its hidden layer (default 18)")
@@ -325,28 +418,37 @@ def _parser() -> argparse.ArgumentParser:
                   help="evaluate each prompt with its top-voted expert (the paper's RoE)")
   rl.add_argument("--merge", action="store_true",
                   help="evaluate each prompt with a merge of its top-k retrieved experts")
-  rl.add_argument("--roe_level", default="task", choices=("task", "dataset", "instance"),
+  roe_config = roe_lib.RoEConfig
+  rl.add_argument("--roe_level", default=default(roe_config, "level"), choices=roe_lib.LEVELS,
                   help="with --roe: the prompt's vote winner (task), its dataset expert (dataset) "
                        "or each example's nearest key's expert (instance)")
-  rl.add_argument("--dataset_rule", default="winner", choices=("winner", "pooled"),
+  rl.add_argument("--dataset_rule", default=default(roe_config, "dataset_rule"),
+                  choices=("winner", "pooled"),
                   help="with --roe_level dataset: the vote winner's dataset (the paper) or the "
                        "dataset with the most votes pooled over its prompt experts")
-  rl.add_argument("--embedder", default="minilm", choices=("minilm", "t5", "bm25"),
-                  help="t5 = the evaluated base's encoder")
+  rl.add_argument("--embedder", default=default(roe_config, "embedder"),
+                  choices=("minilm", "t5", "bm25"), help="t5 = the evaluated base's encoder")
   rl.add_argument("--minilm_dir", help="all-MiniLM-L6-v2 sentence-transformers directory")
-  rl.add_argument("--retrieval_max_seq_length", type=int, default=256)
-  rl.add_argument("--text_format", default="label_instance", help="key/query text format")
-  rl.add_argument("--num_queries", type=int, default=32, help="unlabeled queries per prompt (Q)")
-  rl.add_argument("--retrieval_seed", type=int, default=0, help="seed of the query permutation")
-  rl.add_argument("--votes_per_query", type=int, default=1)
-  rl.add_argument("--guard", default="zero_shot", choices=("zero_shot", "seen", "off"),
+  rl.add_argument("--retrieval_max_seq_length", type=int,
+                  default=default(roe_config, "max_seq_length"))
+  rl.add_argument("--text_format", default=default(roe_config, "text_format"),
+                  help="key/query text format")
+  rl.add_argument("--num_queries", type=int, default=default(roe_config, "num_queries"),
+                  help="unlabeled queries per prompt (Q)")
+  rl.add_argument("--retrieval_seed", type=int, default=default(roe_config, "seed"),
+                  help="seed of the query permutation")
+  rl.add_argument("--votes_per_query", type=int, default=default(roe_config, "votes_per_query"))
+  rl.add_argument("--guard", default=default(roe_config, "guard"),
+                  choices=("zero_shot", "seen", "off"),
                   help="contamination guard: zero_shot for held-out suites, seen for seen tasks")
-  rl.add_argument("--abstain_threshold", type=float, default=0.0,
+  rl.add_argument("--abstain_threshold", type=float,
+                  default=default(roe_config, "abstain_threshold"),
                   help="abstain below this vote share and use --fallback")
-  rl.add_argument("--fallback", default="base", choices=("base", "merge"))
-  rl.add_argument("--merge_method", default="uniform",
+  rl.add_argument("--fallback", default=default(roe_config, "fallback"), choices=("base", "merge"))
+  rl.add_argument("--merge_method", default=default(roe_config, "merge_method"),
                   choices=("uniform", "weighted", "task_arithmetic", "ties", "dare"))
-  rl.add_argument("--merge_top_k", type=int, nargs="+", default=[3],
+  rl.add_argument("--merge_top_k", type=int, nargs="+",
+                  default=list(default(roe_config, "merge_top_k")),
                   help="k; several values are chosen per prompt label-free")
   rl.add_argument("--merge_lam", type=float, nargs="+",
                   help="λ (task_arithmetic, ties, dare); several values are chosen label-free")
@@ -358,12 +460,16 @@ def _parser() -> argparse.ArgumentParser:
   rl.add_argument("--merge_seed", type=int, help="DARE mask seed")
   rl.add_argument("--merge_combine", choices=("linear", "ties"),
                   help="DARE: combine linearly or TIES-style")
-  rl.add_argument("--adapter_reference", default="auto", choices=("auto", "init", "zero"))
+  rl.add_argument("--adapter_reference", default=default(roe_config, "adapter_reference"),
+                  choices=("auto", "init", "zero"))
   rl.add_argument("--previous_results",
                   help="an earlier --roe/--merge results.json: report routing changes")
   rt = p.add_argument_group("runtime")
-  rt.add_argument("--batch_size", type=int, default=32)
-  rt.add_argument("--num_partitions", type=int, default=1)
+  rt.add_argument("--batch_size", type=int, default=default(DatasetConfig, "batch_size"))
+  rt.add_argument("--num_partitions", type=int,
+                  default=default(partitioning.PjitPartitioner, "num_partitions"),
+                  help="model-parallel devices (the 'model' mesh axis); gin partitioning presets "
+                       "(--gin_file=partitioning/*.gin) also set the logical axis rules")
   rt.add_argument("--no_predictions", action="store_true", help="skip predictions.jsonl")
   rt.add_argument("--no_progress", action="store_true")
   return p
@@ -397,6 +503,52 @@ def _validate_args(args: argparse.Namespace) -> None:
     validation.existing_dir("--library", args.library, "an expert library")
 
 
+def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  """`evaluate`'s keyword arguments (the config objects) from parsed `expert-t5x eval` flags."""
+  lengths = {"targets": args.max_target_length}
+  if args.max_input_length:
+    lengths["inputs"] = args.max_input_length
+  configs = dict(
+      base=BaseConfig(
+          checkpoint_path=args.checkpoint_path, model_config=args.model_config,
+          random_init_seed=args.random_init_seed,
+          config_overrides={"vocab_size": args.vocab_size} if args.vocab_size else None,
+          dtype=args.dtype, vocabulary_path=args.vocabulary_path),
+      dataset_cfg=DatasetConfig(
+          mixture_or_task_name=args.tasks, split=args.split, max_examples=args.max_examples,
+          example_subset=args.example_subset, batch_size=args.batch_size,
+          task_feature_lengths=lengths, generation_max_length=args.generation_max_length,
+          bertscore_model=args.bertscore_model, bertscore_layers=args.bertscore_layers),
+      output_cfg=OutputConfig(
+          output_dir=args.output_dir, write_predictions=not args.no_predictions,
+          progress=not args.no_progress, bootstrap_samples=args.bootstrap_samples, seed=args.seed,
+          expected=args.expected, previous_results=args.previous_results),
+      experts=ExpertsConfig(
+          expert_paths=args.experts, expert_list_file=args.expert_list,
+          expert_names=args.expert_names, include_base=True if args.include_base else None,
+          experts_per_pass=args.experts_per_pass, allow_base_mismatch=args.allow_base_mismatch),
+      scoring=scoring_lib.ScoringOptions(scoring=args.scoring,
+                                        logit_vocab_limit=args.logit_vocab_limit,
+                                        gold_not_in_choices=args.gold_not_in_choices),
+      partitioner=partitioning.PjitPartitioner(num_partitions=args.num_partitions))
+  if args.roe or args.merge or args.library:
+    configs["routing"] = _roe_config_from_args(args)
+  return configs
+
+
+def _roe_config_from_args(args: argparse.Namespace) -> roe_lib.RoEConfig:
+  from expert_t5x import roe as roe_lib  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  fields = {f.name for f in dataclasses.fields(roe_lib.RoEConfig)} - {"mode", "merge_params"}
+  kwargs = {name: getattr(args, _ROE_FLAGS.get(name, name)) for name in fields}
+  if args.merge_lam is None:  # not given: the config's default
+    del kwargs["merge_lam"]
+  params = {name: getattr(args, f"merge_{name}") for name in _MERGE_PARAM_FLAGS}
+  params["per_tensor"] = params["per_tensor"] or None  # a store_true flag: only when set
+  return roe_lib.RoEConfig(mode=routing_mode(args.roe, args.merge),
+                           merge_params={k: v for k, v in params.items() if v is not None},
+                           **kwargs)
+
+
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
   """`expert-t5x eval ...` (argparse flags; `--gin_file` switches to the gin entry point)."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -408,41 +560,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:
     _validate_args(args)
-    results = evaluate(
-        mixture_or_task_name=args.tasks, output_dir=args.output_dir,
-        checkpoint_path=args.checkpoint_path, model_config=args.model_config,
-        random_init_seed=args.random_init_seed,
-        config_overrides={"vocab_size": args.vocab_size} if args.vocab_size else None,
-        expert_paths=args.experts, expert_list_file=args.expert_list,
-        expert_names=args.expert_names, include_base=True if args.include_base else None,
-        split=args.split, max_examples=args.max_examples, example_subset=args.example_subset,
-        batch_size=args.batch_size,
-        experts_per_pass=args.experts_per_pass, scoring=args.scoring,
-        logit_vocab_limit=args.logit_vocab_limit, gold_not_in_choices=args.gold_not_in_choices,
-        task_feature_lengths=dict({"targets": args.max_target_length}, **(
-            {"inputs": args.max_input_length} if args.max_input_length else {})),
-        generation_max_length=args.generation_max_length,
-        bootstrap_samples=args.bootstrap_samples, seed=args.seed,
-        num_partitions=args.num_partitions, dtype=args.dtype,
-        allow_base_mismatch=args.allow_base_mismatch, write_predictions=not args.no_predictions,
-        progress=not args.no_progress, vocabulary_path=args.vocabulary_path,
-        expected=args.expected, library=args.library, roe=args.roe, merge=args.merge,
-        roe_level=args.roe_level, dataset_rule=args.dataset_rule,
-        embedder=args.embedder, minilm_dir=args.minilm_dir,
-        retrieval_max_seq_length=args.retrieval_max_seq_length, text_format=args.text_format,
-        num_queries=args.num_queries, retrieval_seed=args.retrieval_seed,
-        votes_per_query=args.votes_per_query, guard=args.guard,
-        abstain_threshold=args.abstain_threshold, fallback=args.fallback,
-        merge_method=args.merge_method, merge_top_k=args.merge_top_k,
-        merge_lam=args.merge_lam if args.merge_lam else None,
-        merge_params={k: v for k, v in (("density", args.merge_density),
-                                        ("per_tensor", args.merge_per_tensor or None),
-                                        ("sign_method", args.merge_sign_method),
-                                        ("drop", args.merge_drop), ("seed", args.merge_seed),
-                                        ("combine", args.merge_combine))
-                      if v is not None},
-        adapter_reference=args.adapter_reference, previous_results=args.previous_results,
-        bertscore_model=args.bertscore_model, bertscore_layers=args.bertscore_layers)
+    results = evaluate(**configs_from_args(args))
   except (ValueError, KeyError, OSError) as e:
     from expert_t5x import validation  # pylint: disable=g-import-not-at-top
     return validation.report("expert-t5x eval", e, default=2)  # setup errors: 2

@@ -82,7 +82,8 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
              options: ScoringOptions = ScoringOptions(),
              feature_lengths: Optional[Mapping[str, Optional[int]]] = None,
              generation_max_length: int = 128, bootstrap_samples: int = 1000, seed: int = 0,
-             num_partitions: int = 1, allow_base_mismatch: bool = False,
+             partitioner: Optional[partitioning.PjitPartitioner] = None,
+             num_partitions: Optional[int] = None, allow_base_mismatch: bool = False,
              write_predictions: bool = True, progress: bool = True,
              task_source: Optional[TaskSource] = None, routing: Optional[Routing] = None,
              scorer: Optional[Scorer] = None, bertscore_model: Optional[str] = None,
@@ -108,7 +109,9 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
     generation_max_length: decode length for generative tasks.
     bootstrap_samples: B; 0 skips intervals.
     seed: the bootstrap seed.
-    num_partitions: model-parallel partitions of the mesh.
+    partitioner: the mesh and logical axis rules (default: `PjitPartitioner()`; a scorer's own
+      when `scorer` is given).
+    num_partitions: shorthand for `partitioner=PjitPartitioner(num_partitions=N)`.
     allow_base_mismatch: evaluate experts whose recorded base fingerprint differs.
     write_predictions: write predictions.jsonl (large for many experts).
     progress: show a progress bar with rate and ETA.
@@ -133,8 +136,14 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
   task_names = source.resolve(tasks)
   metas = [source.meta(t) for t in task_names]
   bertscore = _bertscore_settings(metas, bertscore_model, bertscore_layers)
-  partitioner = (scorer.partitioner if scorer is not None
-                 else partitioning.PjitPartitioner(num_partitions=num_partitions))
+  if partitioner is not None and num_partitions is not None:
+    raise ValueError("Pass partitioner or num_partitions, not both (a partitioner has its own "
+                     "num_partitions).")
+  if scorer is not None:
+    partitioner = scorer.partitioner
+  elif partitioner is None:
+    partitioner = (partitioning.PjitPartitioner() if num_partitions is None
+                   else partitioning.PjitPartitioner(num_partitions=num_partitions))
   if batch_size % partitioner.data_parallel_size:
     raise ValueError(f"batch_size {batch_size} is not a multiple of the data-parallel size "
                      f"{partitioner.data_parallel_size}; use a multiple of it.")

@@ -20,6 +20,7 @@ Inputs are strings, or JSONL objects with `inputs` and optionally `targets` or `
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from typing import Any, Mapping, Optional, Sequence
@@ -71,10 +72,14 @@ def infer(*, output_file: Optional[str] = None, inputs: Sequence[Any] = (),
           config_overrides: Optional[Mapping[str, Any]] = None,
           expert_path: Optional[str] = None, vocabulary_path: Optional[str] = None,
           batch_size: int = 8, max_input_length: int = 512, max_decode_length: int = 128,
-          scoring: str = "sum", logit_vocab_limit: Optional[int] = None, num_partitions: int = 1,
+          scoring: str = "sum", logit_vocab_limit: Optional[int] = None,
+          partitioner: Optional[partitioning.PjitPartitioner] = None,
           dtype: str = "float32", allow_base_mismatch: bool = False,
           vocabulary: Any = None) -> list[dict[str, Any]]:
   """Runs the base (+ expert) on free inputs; writes and returns one record per input.
+
+  The base keywords are `eval.BaseConfig`'s fields; `partitioner` is the mesh and logical axis
+  rules (default: `PjitPartitioner()`; gin's partitioning presets configure it).
 
   Returns:
     `predict`: {'inputs', 'prediction'}; `score`: {'inputs', 'choices', 'scores', 'pred'}.
@@ -94,8 +99,8 @@ def infer(*, output_file: Optional[str] = None, inputs: Sequence[Any] = (),
   eval_experts.check_expert_bases(specs, base.fingerprint, allow_base_mismatch)
   eval_tasks.check_vocabulary("infer inputs", vocabulary, base.config.vocab_size, options,
                               {"the base checkpoint": base.vocab_fingerprint})
-  partitioner = partitioning.PjitPartitioner(num_partitions=num_partitions)
-  scorer = scoring_lib.Scorer(base.config, base.params, partitioner, options)
+  scorer = scoring_lib.Scorer(base.config, base.params,
+                             partitioner or partitioning.PjitPartitioner(), options)
   scorer.set_chunk(eval_experts.Chunk(specs))
   lengths = {"inputs": max_input_length, "targets": None}
   if mode == "predict":
@@ -172,11 +177,13 @@ def gin_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+  # Defaults come from `infer`'s signature and the partitioner's field: declared once.
+  defaults = {k: v.default for k, v in inspect.signature(infer).parameters.items()}
   p = argparse.ArgumentParser(prog="expert-t5x infer",
                               description="Generate or score free inputs with a base + expert.")
-  p.add_argument("--inputs", nargs="*", default=[], help="input strings")
+  p.add_argument("--inputs", nargs="*", default=list(defaults["inputs"]), help="input strings")
   p.add_argument("--input_file", help=".jsonl with inputs (+ targets/answer_choices) or .txt")
-  p.add_argument("--mode", default="predict", choices=MODES)
+  p.add_argument("--mode", default=defaults["mode"], choices=MODES)
   p.add_argument("--output_file", help="write records as JSONL (also printed)")
   p.add_argument("--checkpoint_path")
   p.add_argument("--model_config")
@@ -184,13 +191,14 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--vocab_size", type=int)
   p.add_argument("--expert", help="an expert or merge directory")
   p.add_argument("--vocabulary_path", help="spiece.model, or 'bytes'")
-  p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--max_input_length", type=int, default=512)
-  p.add_argument("--max_decode_length", type=int, default=128)
-  p.add_argument("--scoring", default="sum", choices=("sum", "mean", "per_char"))
+  for flag in ("batch_size", "max_input_length", "max_decode_length"):
+    p.add_argument(f"--{flag}", type=int, default=defaults[flag])
+  p.add_argument("--scoring", default=defaults["scoring"], choices=("sum", "mean", "per_char"))
   p.add_argument("--logit_vocab_limit", type=int)
-  p.add_argument("--num_partitions", type=int, default=1)
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--num_partitions", type=int,
+                 default=partitioning.PjitPartitioner.num_partitions,  # the field's default
+                 help="model-parallel devices (gin partitioning presets also set the rules)")
+  p.add_argument("--dtype", default=defaults["dtype"], choices=("float32", "bfloat16"))
   p.add_argument("--allow_base_mismatch", action="store_true")
   return p
 
@@ -229,7 +237,8 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         expert_path=args.expert, vocabulary_path=args.vocabulary_path,
         batch_size=args.batch_size, max_input_length=args.max_input_length,
         max_decode_length=args.max_decode_length, scoring=args.scoring,
-        logit_vocab_limit=args.logit_vocab_limit, num_partitions=args.num_partitions,
+        logit_vocab_limit=args.logit_vocab_limit,
+        partitioner=partitioning.PjitPartitioner(num_partitions=args.num_partitions),
         dtype=args.dtype, allow_base_mismatch=args.allow_base_mismatch)
   except (ValueError, KeyError, OSError) as e:
     from expert_t5x import validation  # pylint: disable=g-import-not-at-top

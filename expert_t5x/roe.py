@@ -1,7 +1,8 @@
 """Evaluation with Retrieval of Experts: retrieve (or merge) library experts per eval prompt, evaluate.
 
-`expert-t5x eval --library LIB --roe` (or `--merge`), and `expert_t5x.eval.evaluate(library=...,
-roe=True)` in gin, run the paper's protocol (reference/elm_method §6-7) end to end:
+`expert-t5x eval --library LIB --roe` (or `--merge`), `expert_t5x.eval.evaluate(routing=
+RoEConfig(library=...))` and gin's `runs/eval_roe.gin` run the paper's protocol
+(reference/elm_method §6-7) end to end:
 
 1. **Retrieve.** For each eval prompt (task), Q unlabeled queries, the first Q of a seeded
    permutation of its eval examples (labels are stripped before retrieval), vote for library
@@ -88,6 +89,7 @@ class RoEConfig:
     merge_lam: λ of task_arithmetic/ties/dare (None: the method's default), or several values.
     merge_params: other method parameters (density, per_tensor, sign_method, drop, seed, combine).
     adapter_reference: task-vector reference of adapter inputs ('auto', 'init', 'zero').
+    library: the expert library directory (or URL) retrieved from (`roe.evaluate`'s `library`).
   """
   mode: str = "roe"
   level: str = "task"
@@ -107,9 +109,11 @@ class RoEConfig:
   merge_lam: Sequence[Optional[float]] = (None,)
   merge_params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   adapter_reference: str = "auto"
+  library: Optional[str] = None
 
   def __post_init__(self):
     self.merge_top_k = _as_tuple(self.merge_top_k)
+    self.merge_params = dict(self.merge_params or {})  # None (gin's MERGE_PARAMS) is no params
     self.merge_lam = _as_tuple(self.merge_lam)
     checks = [
         (self.mode in MODES, f"mode must be one of {MODES}; got {self.mode!r}."),
@@ -308,26 +312,27 @@ def _check_library_base(lib: library_lib.Library, base: base_models.BaseModel,
                      "or allow_base_mismatch=True (--allow_base_mismatch).")
 
 
-def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
-             base: base_models.BaseModel, config: RoEConfig,
+def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: base_models.BaseModel,
+             config: RoEConfig, library: Optional[str] = None,
              task_source: Optional[eval_tasks.TaskSource] = None, split: str = "validation",
              max_examples: Optional[int] = None, batch_size: int = 32,
              options: scoring.ScoringOptions = scoring.ScoringOptions(),
              feature_lengths: Optional[Mapping[str, Optional[int]]] = None,
-             include_base: bool = False, num_partitions: int = 1,
+             include_base: bool = False,
+             partitioner: Optional[partitioning.PjitPartitioner] = None,
              allow_base_mismatch: bool = False, previous_results: Optional[str] = None,
              embedder: Any = None, lookup: Optional[retrieval.TemplateLookup] = None,
              **evaluate_kwargs: Any) -> dict[str, Any]:
   """Retrieves (and merges) per eval prompt, then evaluates; returns results.json's object.
 
   Args:
-    library: the expert library directory.
     tasks: a suite, a task, or a list / comma-separated string of them.
     output_dir: the evaluation directory (resumed when it exists).
     base: the frozen base (`base_models.load_base`); its fingerprint must match the library's.
     config: retrieval and merging settings.
+    library: the expert library directory (default: `config.library`).
     task_source: tasks and examples (default: the registered seqio_tasks).
-    split, max_examples, batch_size, options, feature_lengths, num_partitions,
+    split, max_examples, batch_size, options, feature_lengths, partitioner,
     allow_base_mismatch: as `evaluation.evaluate`.
     include_base: also evaluate the base alone on every prompt.
     previous_results: an earlier routed run's results.json: report routing changes against it.
@@ -335,6 +340,12 @@ def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
     lookup: template lookup for `choice` text formats (default: promptsource's templates).
     **evaluate_kwargs: passed to `evaluation.evaluate` (bootstrap_samples, seed, progress, ...).
   """
+  if library and config.library and library != config.library:
+    raise ValueError(f"Two libraries given: library {library!r} and config.library "
+                     f"{config.library!r}; pass one of them.")
+  library = library or config.library
+  if not library:
+    raise ValueError("RoE and merge evaluation need an expert library (--library LIB).")
   lib = library_lib.Library(library)
   _check_library_base(lib, base, allow_base_mismatch)
   source = CachedTaskSource(task_source or eval_tasks.SeqioTaskSource())
@@ -371,8 +382,7 @@ def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
   scorer = None
   if config.merges and config.num_candidates > 1:
     scorer = scoring.Scorer(base.config, base.params,
-                               partitioning.PjitPartitioner(num_partitions=num_partitions),
-                               options)
+                               partitioner or partitioning.PjitPartitioner(), options)
   merges = _Merges(lib, output_dir, config, base)
   routes, used, details, dirs = {}, {}, {}, {}
   for t in task_names:
@@ -407,7 +417,7 @@ def evaluate(*, library: str, tasks: str | Sequence[str], output_dir: str,
       tasks=task_names, output_dir=output_dir, base=base, expert_paths=[dirs[i] for i in ids],
       expert_names=ids, include_base=include_base, split=split, max_examples=max_examples,
       batch_size=batch_size, options=options, feature_lengths=feature_lengths,
-      num_partitions=num_partitions, allow_base_mismatch=allow_base_mismatch,
+      partitioner=partitioner, allow_base_mismatch=allow_base_mismatch,
       task_source=source, routing=routing, scorer=scorer, **evaluate_kwargs)
 
 

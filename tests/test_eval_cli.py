@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from expert_t5x import base_models
+from expert_t5x import scoring
 from expert_t5x import eval as eval_entry
 from expert_t5x import results
 
@@ -185,3 +186,43 @@ def test_shipped_eval_gin_files_parse():
     finally:
       gin.clear_config()
   assert os.path.isfile(eval_entry._resolve_expected("runs/anchors/t0_3b_expected.json"))
+
+
+def _fields(config) -> dict:
+  """A config's fields, lists as tuples (gin and argparse give lists for tuple fields)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in dataclasses.asdict(config).items()}
+
+
+@pytest.mark.tf
+def test_gin_macros_and_flags_default_to_the_config_fields():
+  # Each default is declared once, on its config's field: runs/eval_roe.gin (which includes
+  # runs/eval.gin) and the flags, given only what is required, build the default configs.
+  import gin  # pylint: disable=g-import-not-at-top
+  from expert_t5x import gin_utils, partitioning, roe  # pylint: disable=g-import-not-at-top
+  import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
+  eval_entry._GIN_EVALUATE = eval_entry._GIN_EVALUATE or gin.configurable(eval_entry.evaluate)
+  want = {"base": eval_entry.BaseConfig(checkpoint_path="/ckpt"),
+          "dataset_cfg": eval_entry.DatasetConfig("demo_heldout"),
+          "experts": eval_entry.ExpertsConfig(), "scoring": scoring.ScoringOptions(),
+          "output_cfg": eval_entry.OutputConfig("/tmp/x"), "routing": roe.RoEConfig(library="/lib")}
+  bindings = ["CHECKPOINT_PATH = '/ckpt'", "EVAL_OUTPUT_DIR = '/tmp/x'",
+              "MIXTURE_OR_TASK_NAME = 'demo_heldout'", "LIBRARY_PATH = '/lib'"]
+  try:
+    gin_utils.parse_gin_flags([], ["runs/eval_roe.gin"], bindings, finalize=False)
+    for config in want.values():
+      assert _fields(gin.get_configurable(type(config))()) == _fields(config), type(config)
+    partitioner = gin.get_configurable(partitioning.PjitPartitioner)()
+  finally:
+    gin.clear_config()
+  default = partitioning.PjitPartitioner()
+  assert (partitioner.num_partitions, partitioner.rules) == (default.num_partitions, default.rules)
+  # The flags: the same configs (no --max_target_length: the targets are not truncated).
+  want["base"] = eval_entry.BaseConfig()
+  want["dataset_cfg"] = eval_entry.DatasetConfig("demo_heldout",
+                                                 task_feature_lengths={"targets": None})
+  args = eval_entry._parser().parse_args(["--tasks", "demo_heldout", "--output_dir", "/tmp/x",
+                                          "--library", "/lib", "--roe"])
+  got = eval_entry.configs_from_args(args)
+  assert got.pop("partitioner").num_partitions == default.num_partitions
+  assert {k: _fields(v) for k, v in got.items()} == {k: _fields(v) for k, v in want.items()}

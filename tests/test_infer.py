@@ -102,3 +102,34 @@ def test_gin_entry_point(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   records = results.read_jsonl(str(out))
   assert len(records) == 1 and set(records[0]) == {"inputs", "prediction"}
+
+
+def test_gin_macros_default_to_the_signature():
+  # Each default is declared once, in `infer`'s signature: runs/infer.gin's macros repeat them.
+  import inspect  # pylint: disable=g-import-not-at-top
+  import gin  # pylint: disable=g-import-not-at-top
+  from expert_t5x import gin_utils  # pylint: disable=g-import-not-at-top
+  # pylint: disable=protected-access
+  infer._GIN_INFER = infer._GIN_INFER or gin.configurable(infer.infer)
+  try:
+    gin_utils.parse_gin_flags([], ["runs/infer.gin"], ["CHECKPOINT_PATH = '/ckpt'",
+                                                       "INFER_OUTPUT_FILE = '/tmp/x.jsonl'"],
+                              finalize=False)
+    signature = inspect.signature(infer.infer).parameters
+    checked = []
+    for name, param in signature.items():
+      try:
+        value = gin.query_parameter(f"expert_t5x.infer.infer.{name}")
+      except ValueError:
+        continue  # not bound in the gin file
+      while getattr(value, "scoped_selector", "").endswith("gin.macro"):
+        value = gin.query_parameter(value.scoped_selector + ".value")
+      if name in ("checkpoint_path", "output_file", "partitioner"):
+        continue
+      if isinstance(value, list):  # gin's list for a tuple default
+        value = tuple(value)
+      assert value == param.default, name
+      checked.append(name)
+  finally:
+    gin.clear_config()
+  assert "batch_size" in checked and "max_decode_length" in checked, checked

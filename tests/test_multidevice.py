@@ -22,3 +22,10 @@ def run_isolated(script: str, timeout: int = 600) -> str:
 def test_4x2_mesh_equals_single_device():
   # Compares the sharded program with the same computation jitted on one device.
   assert "OK" in run_isolated("multidevice_model_check.py")
+
+
+@pytest.mark.multidevice
+def test_gin_partitioning_preset_shapes_the_evaluation_mesh():
+  # runs/eval.gin + partitioning/fsdp.gin: the evaluator's Scorer gets the preset's 4 x 2 mesh and
+  # rules, and scores as the default data-parallel run does.
+  assert "OK" in run_isolated("eval_partitioning_check.py")
