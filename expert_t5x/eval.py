@@ -24,9 +24,9 @@ Python::
                   experts=eval.ExpertsConfig(expert_paths=['/lib/experts/a']),
                   partitioner=partitioning.PjitPartitioner(num_partitions=2))
 
-Retrieval of Experts from a library (`expert_t5x.roe`): each eval prompt retrieves its expert
+Retrieval of Experts from a library (`expert_t5x.routed_evaluation`): each eval prompt retrieves its expert
 from its own unlabeled examples (or merges the top-k) and is evaluated with it (Python:
-`routing=roe.RoEConfig(library='/lib', ...)` in place of `experts`' paths)::
+`routing=routed_evaluation.RoEConfig(library='/lib', ...)` in place of `experts`' paths)::
 
     expert-t5x eval --checkpoint_path /ckpt/t5-xl-lm-adapt --tasks t0_eval_score_eval \
       --output_dir /tmp/roe --library /lib --roe --embedder minilm
@@ -63,7 +63,7 @@ from expert_t5x import scoring as scoring_lib
 from expert_t5x import partitioning
 
 if TYPE_CHECKING:
-  from expert_t5x import roe as roe_lib
+  from expert_t5x import routed_evaluation as roe_lib
 
 ANCHORS_FILE = "anchors.md"
 
@@ -204,7 +204,7 @@ def evaluate(*, base: BaseConfig, dataset_cfg: DatasetConfig, output_cfg: Output
     dataset_cfg: the tasks and how their examples are read.
     output_cfg: the output directory and what is written and reported.
     experts: the evaluated experts (with `routing`: only include_base and allow_base_mismatch).
-    routing: Retrieval of Experts (`roe.RoEConfig`, with its library): each prompt is evaluated
+    routing: Retrieval of Experts (`routed_evaluation.RoEConfig`, with its library): each prompt is evaluated
       with the experts retrieved for it instead of `experts`' paths.
     scoring: the scoring protocol.
     partitioner: the mesh and logical axis rules (default: `PjitPartitioner()`, data parallel
@@ -238,8 +238,8 @@ def evaluate(*, base: BaseConfig, dataset_cfg: DatasetConfig, output_cfg: Output
       bootstrap_samples=output_cfg.bootstrap_samples, seed=output_cfg.seed,
       write_predictions=output_cfg.write_predictions, progress=output_cfg.progress)
   if routing is not None:
-    from expert_t5x import roe  # pylint: disable=g-import-not-at-top
-    results = roe.evaluate(config=routing, include_base=bool(experts.include_base),
+    from expert_t5x import routed_evaluation  # pylint: disable=g-import-not-at-top
+    results = routed_evaluation.evaluate(config=routing, include_base=bool(experts.include_base),
                            previous_results=output_cfg.previous_results, **common)
   else:
     results = evaluation.evaluate(
@@ -353,7 +353,8 @@ _MERGE_PARAM_FLAGS = ("density", "per_tensor", "sign_method", "drop", "seed", "c
 
 
 def _parser() -> argparse.ArgumentParser:
-  from expert_t5x import roe as roe_lib  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  from expert_t5x import merging  # pylint: disable=g-import-not-at-top
+  from expert_t5x import routed_evaluation as roe_lib  # pylint: disable=g-import-not-at-top,redefined-outer-name
   p = argparse.ArgumentParser(
       prog="expert-t5x eval",
       description="Zero-shot rank-classification evaluation of a base model, experts or a merge "
@@ -441,12 +442,16 @@ def _parser() -> argparse.ArgumentParser:
   rl.add_argument("--guard", default=default(roe_config, "guard"),
                   choices=("zero_shot", "seen", "off"),
                   help="contamination guard: zero_shot for held-out suites, seen for seen tasks")
+  rl.add_argument("--allow_unknown_provenance", action="store_true",
+                  default=default(roe_config, "allow_unknown_provenance"),
+                  help="zero_shot guard: admit experts whose training data is unknown (they may "
+                       "have been trained on the eval dataset; refused by default)")
   rl.add_argument("--abstain_threshold", type=float,
                   default=default(roe_config, "abstain_threshold"),
                   help="abstain below this vote share and use --fallback")
   rl.add_argument("--fallback", default=default(roe_config, "fallback"), choices=("base", "merge"))
   rl.add_argument("--merge_method", default=default(roe_config, "merge_method"),
-                  choices=("uniform", "weighted", "task_arithmetic", "ties", "dare"))
+                  choices=merging.METHODS)
   rl.add_argument("--merge_top_k", type=int, nargs="+",
                   default=list(default(roe_config, "merge_top_k")),
                   help="k; several values are chosen per prompt label-free")
@@ -455,13 +460,13 @@ def _parser() -> argparse.ArgumentParser:
   rl.add_argument("--merge_density", type=float, help="TIES density")
   rl.add_argument("--merge_per_tensor", action="store_true",
                   help="TIES: trim per tensor instead of per expert")
-  rl.add_argument("--merge_sign_method", choices=("mass", "count"), help="TIES sign election")
+  rl.add_argument("--merge_sign_method", choices=merging.SIGN_METHODS, help="TIES sign election")
   rl.add_argument("--merge_drop", type=float, help="DARE drop probability")
   rl.add_argument("--merge_seed", type=int, help="DARE mask seed")
-  rl.add_argument("--merge_combine", choices=("linear", "ties"),
+  rl.add_argument("--merge_combine", choices=merging.DARE_COMBINES,
                   help="DARE: combine linearly or TIES-style")
   rl.add_argument("--adapter_reference", default=default(roe_config, "adapter_reference"),
-                  choices=("auto", "init", "zero"))
+                  choices=merging.ADAPTER_REFERENCES)
   rl.add_argument("--previous_results",
                   help="an earlier --roe/--merge results.json: report routing changes")
   rt = p.add_argument_group("runtime")
@@ -537,7 +542,7 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _roe_config_from_args(args: argparse.Namespace) -> roe_lib.RoEConfig:
-  from expert_t5x import roe as roe_lib  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  from expert_t5x import routed_evaluation as roe_lib  # pylint: disable=g-import-not-at-top,redefined-outer-name
   fields = {f.name for f in dataclasses.fields(roe_lib.RoEConfig)} - {"mode", "merge_params"}
   kwargs = {name: getattr(args, _ROE_FLAGS.get(name, name)) for name in fields}
   if args.merge_lam is None:  # not given: the config's default

@@ -12,7 +12,7 @@ axis) and every example is repeated once per expert of the chunk with a per-row 
 the data are read and tokenized once per task whatever the number of experts. `experts_per_pass`
 bounds device memory. A merged expert is just another Expert format v1 directory.
 
-A `Routing` evaluates one composed entry instead (RoE, per-prompt merges; see `expert_t5x.roe`):
+A `Routing` evaluates one composed entry instead (RoE, per-prompt merges; see `expert_t5x.routed_evaluation`):
 each task only under the expert routed to it, one chunk per expert over all of its tasks.
 
 Shards are written atomically under `<output_dir>/shards/`; a rerun skips every intact shard whose

@@ -2,7 +2,7 @@
 the plan of (chunk, tasks) passes an evaluation runs.
 
 Without a routing every chunk scores every task. With one (RoE, per-prompt merges, oracles; see
-`expert_t5x.roe`), each task is scored only under the expert routed to it, one chunk per expert
+`expert_t5x.routed_evaluation`), each task is scored only under the expert routed to it, one chunk per expert
 over all of its tasks: one pass per distinct expert, not experts x tasks.
 """
 

@@ -199,7 +199,7 @@ def test_gin_macros_and_flags_default_to_the_config_fields():
   # Each default is declared once, on its config's field: runs/eval_roe.gin (which includes
   # runs/eval.gin) and the flags, given only what is required, build the default configs.
   import gin  # pylint: disable=g-import-not-at-top
-  from expert_t5x import gin_utils, partitioning, roe  # pylint: disable=g-import-not-at-top
+  from expert_t5x import gin_utils, partitioning, routed_evaluation as roe  # pylint: disable=g-import-not-at-top
   import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
   eval_entry._GIN_EVALUATE = eval_entry._GIN_EVALUATE or gin.configurable(eval_entry.evaluate)
   want = {"base": eval_entry.BaseConfig(checkpoint_path="/ckpt"),

@@ -14,7 +14,7 @@ from expert_t5x import infer
 from expert_t5x import models
 from expert_t5x import network
 from expert_t5x import partitioning
-from expert_t5x import roe
+from expert_t5x import routed_evaluation as roe
 from expert_t5x import scoring
 
 import eval_fakes

@@ -163,8 +163,8 @@ def test_roe_on_bigbench_examples(root, tmp_path):
   guard excludes it by the task's dataset; `choice` formats (no promptsource template) fail with one
   line naming the prompt."""
   from expert_t5x import library as library_lib  # pylint: disable=g-import-not-at-top
-  from expert_t5x import retrieval, roe  # pylint: disable=g-import-not-at-top
-  queries = roe.unlabeled(examples.load_examples("bigbench_winowhy", "validation"))
+  from expert_t5x import retrieval  # pylint: disable=g-import-not-at-top
+  queries = retrieval.unlabeled(examples.load_examples("bigbench_winowhy", "validation"))
   assert queries[0]["dataset"] == "bigbench_winowhy" and "targets" not in queries[0]
   lib = library_lib.Library.init(tmp_path / "lib")
   own = lib.add(_keyed_expert(tmp_path / "own", "bigbench_winowhy", queries, 1))["id"]

@@ -58,10 +58,6 @@ LEVELS = ("task", "dataset", "instance")
 FALLBACKS = ("base", "merge")
 RETRIEVAL_FILE = "retrieval.json"
 MERGED_DIR = "merged"
-# What retrieval may read of an eval example: never its label or target.
-UNLABELED_FIELDS = ("inputs", "answer_choices", "answer_choices_template", "dataset", "subset",
-                    "prompt", "task", "example_id")
-
 
 @dataclasses.dataclass
 class RoEConfig:
@@ -83,13 +79,15 @@ class RoEConfig:
     seed: seed of the query permutation.
     votes_per_query: keys per query that vote (1 in the paper).
     guard: contamination guard mode (`library.GUARD_MODES`).
+    allow_unknown_provenance: under the zero_shot guard, admit experts whose training data is
+      unknown (refused by default: they may have been trained on the eval dataset).
     abstain_threshold: abstain below this vote share; then `fallback` ('base' or 'merge').
     merge_method: `merging.METHODS`; 'weighted' weighs the inputs by their votes.
     merge_top_k: k, or several values to choose from label-free.
     merge_lam: λ of task_arithmetic/ties/dare (None: the method's default), or several values.
     merge_params: other method parameters (density, per_tensor, sign_method, drop, seed, combine).
     adapter_reference: task-vector reference of adapter inputs ('auto', 'init', 'zero').
-    library: the expert library directory (or URL) retrieved from (`roe.evaluate`'s `library`).
+    library: the expert library directory (or URL) retrieved from (`evaluate`'s `library`).
   """
   mode: str = "roe"
   level: str = "task"
@@ -109,6 +107,7 @@ class RoEConfig:
   merge_lam: Sequence[Optional[float]] = (None,)
   merge_params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   adapter_reference: str = "auto"
+  allow_unknown_provenance: bool = False
   library: Optional[str] = None
 
   def __post_init__(self):
@@ -162,6 +161,7 @@ class RoEConfig:
            "text_format": self.text_format, "num_queries": self.num_queries, "seed": self.seed,
            "votes_per_query": self.votes_per_query, "guard_mode": self.guard,
            "abstain_threshold": self.abstain_threshold, "fallback": self.fallback,
+           **({"allow_unknown_provenance": True} if self.allow_unknown_provenance else {}),
            "queries": ("every eval example (instance-level), labels unread" if self.level == "instance"
                        else "the first Q of a seeded permutation of each prompt's eval examples, "
                             "labels unread")}
@@ -207,11 +207,6 @@ class CachedTaskSource:
     if key not in self._examples:
       self._examples[key] = self._source.examples(task, split, max_examples)
     return self._examples[key]
-
-
-def unlabeled(examples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  """The examples without labels or targets (what retrieval and label-free selection may see)."""
-  return [{k: ex[k] for k in UNLABELED_FIELDS if k in ex} for ex in examples]
 
 
 def compact(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -288,7 +283,7 @@ def query_choice_scores(scorer: scoring.Scorer, expert_dir: str, examples: Seque
 
   Absent choices are -inf; queries without choices are left out.
   """
-  queries = [dict(q, label_index=-1, targets="") for q in unlabeled(examples)
+  queries = [dict(q, label_index=-1, targets="") for q in retrieval.unlabeled(examples)
              if q.get("answer_choices")]
   if not queries:
     return np.zeros((0, 0), np.float32)
@@ -362,8 +357,8 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: base_models.B
   num_queries = (max(len(examples[t]) for t in task_names) if config.level == "instance"
                  else config.num_queries)
   results = retriever.retrieve_many(
-      [unlabeled(examples[t]) for t in task_names], guard=config.guard,
-      num_queries=num_queries, seed=config.seed, votes_per_query=config.votes_per_query,
+      [retrieval.unlabeled(examples[t]) for t in task_names], guard=config.guard,
+      allow_unknown_provenance=config.allow_unknown_provenance, num_queries=num_queries, seed=config.seed, votes_per_query=config.votes_per_query,
       abstain_threshold=config.abstain_threshold, fallback=config.fallback,
       dataset_rule=config.dataset_rule)
   library_info = {"path": lib.url if lib.remote else lib.root, "num_experts": len(retriever.entries),

@@ -22,7 +22,7 @@ from expert_t5x import experts as experts_lib
 from expert_t5x import library as library_lib
 from expert_t5x import merging
 from expert_t5x import results
-from expert_t5x import roe
+from expert_t5x import routed_evaluation as roe
 from expert_t5x import routing as routing_lib
 from expert_t5x import shards
 
