@@ -32,8 +32,10 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    # fiddle and cached-property: imported by upstream T5X, which the bridge tests run.
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "fiddle==0.3.1", "cached-property==2.0.1"],
+    # fiddle and cached-property: imported by upstream T5X, which the bridge tests run; ruff: the
+    # line-width and pyflakes check that tests/run.sh runs first (settings in ruff.toml).
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "fiddle==0.3.1", "cached-property==2.0.1",
+             "ruff==0.17.5"],
     # Reference implementations, only for parity tests and benchmarks (CPU PyTorch).
     "parity": ["torch==2.13.0", "transformers==5.23.0", "sentence-transformers==6.2.0",
                "bert-score==0.3.13"],

@@ -1,5 +1,8 @@
 """Imports and exports T5 checkpoints: Hugging Face directories and T5X checkpoints.
 
+(Over 600 lines on purpose: every conversion between our tree and a base checkpoint format, as
+T5X's `checkpoint_importer.py`, so a format's reader and writer sit side by side.)
+
 Everything is converted into our parameter tree, which is T5X's tree exactly
 (`token_embedder/embedding`, `encoder/layers_0/attention/query/kernel`, ...,
 plain float32 numpy arrays). Supported inputs:

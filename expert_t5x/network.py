@@ -1,5 +1,8 @@
 """T5 1.1 / LM-adapted encoder-decoder in Flax linen, parameter-compatible with T5X.
 
+(One module over 600 lines on purpose: T5X's `network.py` and the layers it uses, kept together so
+the parameter tree can be read against T5X's in one place.)
+
 Class names, config fields, call signatures and the parameter tree (names, shapes, float32 storage,
 2-D flattened attention kernels) follow T5X's `t5x/examples/t5/network.py`, so a T5X checkpoint's
 `target` loads without renaming. On top of T5X, every block accepts keyword-only expert hooks:
