@@ -50,12 +50,15 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
-    packages=setuptools.find_packages(include=["expert_t5x", "expert_t5x.*", "seqio_tasks", "seqio_tasks.*"])
-    + ["expert_t5x.gin_configs"],
+    packages=setuptools.find_packages(
+        include=["expert_t5x", "expert_t5x.*", "seqio_tasks", "seqio_tasks.*"]) +
+    ["expert_t5x.gin_configs"],
     # The top-level gin/ folder ships inside the package as expert_t5x/gin_configs.
     package_dir={"expert_t5x.gin_configs": "gin"},
-    package_data={"expert_t5x.gin_configs": ["**/*.gin", "**/*.json"], "expert_t5x": ["data/*.json"],
-                  "seqio_tasks": ["data/**/*"]},
+    package_data={
+        "expert_t5x.gin_configs": ["**/*.gin", "**/*.json"], "expert_t5x": ["data/*.json"],
+        "seqio_tasks": ["data/**/*"]
+    },
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

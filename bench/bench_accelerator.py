@@ -83,7 +83,8 @@ class Setup:
         loss_normalizing_factor="NUM_REAL_TARGET_TOKENS",
         base_dtype="float32" if self.full or not accel else "bfloat16")
     shapes = {"encoder_input_tokens": (batch, li), "decoder_input_tokens": (batch, lt)}
-    abstract = jax.eval_shape(lambda: self.model.get_initial_variables(jax.random.PRNGKey(0), shapes))
+    abstract = jax.eval_shape(
+        lambda: self.model.get_initial_variables(jax.random.PRNGKey(0), shapes))
     axes = partitioning.params_logical_axes(abstract)
     flat_cfg = self.config.replace(scan_layers=False)
     flat = jax.eval_shape(lambda: network.Transformer(flat_cfg).init(
@@ -92,7 +93,8 @@ class Setup:
     axes = {**partitioning.params_logical_axes(flat), **axes}
     self.partitioner = partitioning.PjitPartitioner(devices=jax.devices()[:1])
     base_sh = self.partitioner.sharding_for(
-        partitioning.logical_axes_tree(abstract["params"], partitioning.params_logical_axes(abstract)))
+        partitioning.logical_axes_tree(abstract["params"],
+                                       partitioning.params_logical_axes(abstract)))
     init = self.partitioner.partition(
         lambda r: self.model.cast_base(self.model.get_initial_variables(r, shapes)["params"]),
         in_shardings=None, out_shardings=base_sh)

@@ -47,7 +47,8 @@ def run(size: str, steps: int, batch: int, li: int, lt: int) -> dict:
   for dtype in ("float32", "bfloat16"):
     model = _model(size, dtype)
     part = partitioning.PjitPartitioner(devices=jax.devices()[:1])
-    tr = trainer.Trainer(model, part, optimizers.create_learning_rate_scheduler("constant", 1e-3, 0))
+    tr = trainer.Trainer(model, part,
+                         optimizers.create_learning_rate_scheduler("constant", 1e-3, 0))
     expert = experts.init_expert(model.expert_config, model.config, jax.tree.map(np.asarray, base))
     base_sh = part.sharding_for(partitioning.logical_axes_tree(base, axes))
     tr.compile(jax.eval_shape(lambda e=expert: e), base_sh, axes)

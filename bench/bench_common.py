@@ -21,7 +21,8 @@ def cpu_model() -> str:
 
 
 def pin_threads(threads: int) -> None:
-  """Pins the process (hence XLA's CPU pool) and OpenMP pools to `threads` cores (before jax/torch import)."""
+  """Pins the process (hence XLA's CPU pool) and OpenMP pools to `threads` cores (before jax/torch
+  import)."""
   cores = sorted(os.sched_getaffinity(0))
   if threads > len(cores):
     sys.exit(f"--threads={threads} but only {len(cores)} cores are available.")

@@ -1,4 +1,5 @@
-"""Benchmark: merge wall time and peak memory vs the number k of merged experts (`merge_expert_dirs`).
+"""Benchmark: merge wall time and peak memory vs the number k of merged experts
+(`merge_expert_dirs`).
 
   python bench/bench_merge.py [--config xl] [--reduction_factor 32] [--ks 1 2 4 8 16]
       [--methods uniform task_arithmetic ties dare]
@@ -8,7 +9,8 @@ Not a test; results and the machine in bench/RESULTS_merge.md.
 Synthetic adapter experts in Expert format v1 are written to a temporary directory (removed at the
 end): their tensor names and shapes are those of `experts.init_expert` for the named T5 1.1 config
 (default: the paper's T5-XL with reduction factor 32, 97.8 MiB per expert), their values θ_init
-+ noise, with layer-norm scales base + noise, so task-vector methods take adapters against θ_init and
++ noise, with layer-norm scales base + noise, so task-vector methods take adapters against θ_init
+  and
 layer norms against the base exactly as on real experts. The base is represented by its layer-norm
 scales only (the only base tensors an adapter merge reads), with shapes from `jax.eval_shape`.
 
@@ -52,9 +54,18 @@ NOISE = 0.01  # std of θ − θ_init; only magnitudes' spread matters to TIES, 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--config", default="xl", help="T5 1.1 size whose adapter shapes are used (paper: xl)")
-  p.add_argument("--reduction_factor", type=int, default=32, help="adapter reduction factor (paper: 32)")
-  p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="numbers of experts to merge")
+  p.add_argument("--config",
+                 default="xl",
+                 help="T5 1.1 size whose adapter shapes are used (paper: xl)")
+  p.add_argument("--reduction_factor",
+                 type=int,
+                 default=32,
+                 help="adapter reduction factor (paper: 32)")
+  p.add_argument("--ks",
+                 type=int,
+                 nargs="+",
+                 default=[1, 2, 4, 8, 16],
+                 help="numbers of experts to merge")
   p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
   p.add_argument("--sample_ms", type=float, default=10.0, help="RSS sampling period in the child")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -99,35 +110,42 @@ def _status_kib(*fields: str) -> dict[str, int]:
 
 
 def layer_norm_base(config_name: str) -> dict[str, np.ndarray]:
-  """The base's layer-norm scales ({flat path: float32}), shapes from an abstract init (no weights)."""
+  """The base's layer-norm scales ({flat path: float32}), shapes from an abstract init (no
+  weights)."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from expert_t5x import models, network  # pylint: disable=g-import-not-at-top
   model = models.EncoderDecoderModel(network.Transformer(network.get_config(config_name)))
   abstract = jax.eval_shape(lambda: model.get_initial_variables(
       jax.random.PRNGKey(0), {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)}))
-  shapes = {p: s.shape for p, s in traverse_util.flatten_dict(dict(abstract["params"]), sep="/").items()}
+  shapes = {
+      p: s.shape for p, s in traverse_util.flatten_dict(dict(abstract["params"]), sep="/").items()
+  }
   rng = np.random.default_rng(1234)
   # Trained T5 scales are far from 1; their exact values do not change the merge's cost.
   return {p: rng.uniform(0.05, 2.0, shape).astype(np.float32)
           for p, shape in sorted(shapes.items()) if p.endswith("/scale")}
 
 
-def write_experts(work: str, config_name: str, reduction_factor: int, count: int) -> tuple[list[str], float]:
-  """Writes θ_init, the layer-norm base and `count` experts under `work`; returns (dirs, MiB/expert)."""
+def write_experts(work: str, config_name: str, reduction_factor: int,
+                  count: int) -> tuple[list[str], float]:
+  """Writes θ_init, the layer-norm base and `count` experts under `work`; returns (dirs,
+  MiB/expert)."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   from expert_t5x import expert_format, experts, network  # pylint: disable=g-import-not-at-top
   base = layer_norm_base(config_name)
   config = experts.AdapterConfig(reduction_factor=reduction_factor, init_seed=0)
   init = expert_format.flatten_params(
-      experts.init_expert(config, network.get_config(config_name), expert_format.unflatten_params(base)))
+      experts.init_expert(config, network.get_config(config_name),
+                          expert_format.unflatten_params(base)))
   save_file(init, os.path.join(work, "init.safetensors"))
   save_file(base, os.path.join(work, "base.safetensors"))
   fingerprint = expert_format.tree_digest(base)
   dirs = []
   for i in range(count):
     rng = np.random.default_rng(i + 1)
-    params = {n: x + NOISE * rng.standard_normal(x.shape, dtype=np.float32) for n, x in init.items()}
+    params = {n: x + NOISE * rng.standard_normal(x.shape, dtype=np.float32)
+              for n, x in init.items()}
     meta = expert_format.build_metadata(
         "adapter", experts.config_to_json(config), base_fingerprint=fingerprint,
         base_config_name=config_name,
@@ -198,19 +216,22 @@ def child(args: argparse.Namespace) -> None:
   maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
   sampler.stop()
   shutil.rmtree(out_dir)
-  print(json.dumps({
-      "seconds": seconds, "rss_before_kib": before.get("VmRSS"), "hwm_before_kib": before.get("VmHWM"),
-      "hwm_reset": reset, "peak_kib": peak if peak is not None else maxrss, "ru_maxrss_kib": maxrss,
-      "anon_before_kib": before.get("RssAnon"),
-      "file_before_kib": before.get("RssFile"), "anon_peak_kib": sampler.peak["RssAnon"],
-      "file_peak_kib": sampler.peak["RssFile"]}))
+  print(
+      json.dumps({
+          "seconds": seconds, "rss_before_kib": before.get("VmRSS"),
+          "hwm_before_kib": before.get("VmHWM"), "hwm_reset": reset,
+          "peak_kib": peak if peak is not None else maxrss, "ru_maxrss_kib": maxrss,
+          "anon_before_kib": before.get("RssAnon"), "file_before_kib": before.get("RssFile"),
+          "anon_peak_kib": sampler.peak["RssAnon"], "file_peak_kib": sampler.peak["RssFile"]
+      }))
 
 
 def run_child(args: argparse.Namespace, work: str, method: str, dirs: list[str]) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--child", "--work", work, "--method", method,
          "--sample_ms", str(args.sample_ms), "--experts", *dirs]
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+  env = dict(os.environ,
+             PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
   if out.returncode != 0:
     raise RuntimeError(f"merge child ({method}, k={len(dirs)}) failed:\n{out.stderr[-3000:]}")
@@ -268,8 +289,11 @@ def main(argv=None) -> None:
               flush=True)
   finally:
     shutil.rmtree(work, ignore_errors=True)
-  print(f"# expert size {expert_mib:.1f} MiB; extra RSS = child's peak RSS (VmHWM, reset just before "
-        f"the merge) - its RSS just before the merge; heap / mapped-file columns: sampled every {args.sample_ms:g} ms")
+  print(
+      f"# expert size {expert_mib:.1f} MiB; extra RSS = child's peak RSS (VmHWM, reset just before "
+      f"the merge) - its RSS just before the merge; heap / mapped-file columns: sampled every "
+      f"{args.sample_ms:g} ms"
+  )
   print_table(rows, expert_mib)
   print(f"# load average after: {load_average()}")
 

@@ -1,9 +1,10 @@
-"""Benchmarks all-MiniLM-L6-v2 embedding on CPU: expert_t5x's JAX MiniLMEmbedder vs sentence-transformers.
+"""Benchmarks all-MiniLM-L6-v2 embedding on CPU: expert_t5x's JAX MiniLMEmbedder vs
+sentence-transformers.
 
   python bench/bench_minilm.py --threads 2 --batch_sizes 32,128 --runs 5
 
-Needs the weights (`expert-t5x data fetch minilm`) and sentence-transformers, which only the `parity`
-extra installs (`pip install -e ".[parity]"`; the embedder itself never imports it).
+Needs the weights (`expert-t5x data fetch minilm`) and sentence-transformers, which only the
+`parity` extra installs (`pip install -e ".[parity]"`; the embedder itself never imports it).
 
 Both sides load the same local sentence-transformers directory (never a hub download), truncate at
 the same `--max_seq_length` (256, the project's default) and embed the same deterministic texts:
@@ -41,17 +42,21 @@ def parse_args(argv=None):
   parser.add_argument("--max_seq_length", type=int, default=256)
   parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=1, help="untimed runs each (at least 1)")
-  parser.add_argument("--minilm_dir", default=None,
-                      help="sentence-transformers directory (default: $EXPERT_T5X_MINILM_DIR, else where "
-                           "`expert-t5x data fetch minilm` puts it)")
+  parser.add_argument(
+      "--minilm_dir",
+      default=None,
+      help="sentence-transformers directory (default: $EXPERT_T5X_MINILM_DIR, else where "
+      "`expert-t5x data fetch minilm` puts it)")
   return parser.parse_args(argv)
 
 
 def default_minilm_dir() -> str:
   """Where `expert-t5x data fetch minilm` puts the model, computed here rather than imported from
   seqio_tasks, whose import pulls in TensorFlow (its threads would share the pinned cores)."""
-  cache = os.environ.get("EXPERT_T5X_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "expert_t5x")
-  return os.environ.get("EXPERT_T5X_MINILM_DIR") or os.path.join(cache, "minilm", "all-MiniLM-L6-v2")
+  cache = os.environ.get("EXPERT_T5X_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                             "expert_t5x")
+  return os.environ.get("EXPERT_T5X_MINILM_DIR") or os.path.join(cache, "minilm",
+                                                                 "all-MiniLM-L6-v2")
 
 
 def word_list(directory: str) -> list[str]:
@@ -83,7 +88,8 @@ def agreement(ours, theirs) -> tuple[float, float]:
   """Max |difference| and min cosine similarity over rows (both sides L2-normalised again)."""
   import numpy as np
   ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-  cos = np.sum(ours * theirs, axis=1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
+  cos = np.sum(ours * theirs,
+               axis=1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
   return float(np.max(np.abs(ours - theirs))), float(np.min(cos))
 
 
@@ -105,8 +111,9 @@ def main(argv=None):
 
   directory = args.minilm_dir or default_minilm_dir()
   if not os.path.isfile(os.path.join(directory, "vocab.txt")):
-    sys.exit(f"--minilm_dir '{directory}' has no vocab.txt; pass a sentence-transformers directory of "
-             f"all-MiniLM-L6-v2 (`expert-t5x data fetch minilm`).")
+    sys.exit(
+        f"--minilm_dir '{directory}' has no vocab.txt; pass a sentence-transformers directory of "
+        f"all-MiniLM-L6-v2 (`expert-t5x data fetch minilm`).")
   ours = retrieval.make_embedder("minilm", minilm_dir=directory, max_seq_length=args.max_seq_length)
   theirs = sentence_transformers.SentenceTransformer(directory, device="cpu", local_files_only=True)
   theirs.max_seq_length = args.max_seq_length
@@ -120,9 +127,11 @@ def main(argv=None):
     sys.exit(f"--sets has {unknown}; expected a comma-separated subset of {sorted(sizes)}.")
   batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
-  print(f"# {cpu_model()}, {args.threads} thread(s) of {os.cpu_count()} cores; jax {jax.__version__}, "
-        f"torch {torch.__version__}, sentence-transformers {sentence_transformers.__version__}, "
-        f"transformers {transformers.__version__}, tokenizers {tokenizers.__version__}")
+  print(
+      f"# {cpu_model()}, {args.threads} thread(s) of {os.cpu_count()} cores; jax "
+      f"{jax.__version__}, "
+      f"torch {torch.__version__}, sentence-transformers {sentence_transformers.__version__}, "
+      f"transformers {transformers.__version__}, tokenizers {tokenizers.__version__}")
   print(f"# max_seq_length {args.max_seq_length}, median of {args.runs} alternating runs after "
         f"{args.warmup} warm-up each; load average before: "
         + " ".join(f"{x:.2f}" for x in load_before))
@@ -150,11 +159,15 @@ def main(argv=None):
         start = time.perf_counter()
         run()
         cold.append(time.perf_counter() - start)
-      t_ours, t_theirs = time_interleaved([run_ours, run_theirs], args.runs, max(args.warmup - 1, 0))
+      t_ours, t_theirs = time_interleaved([run_ours, run_theirs], args.runs,
+                                          max(args.warmup - 1, 0))
       max_diff, min_cos = agreement(outputs["jax"], outputs["st"])
-      label = f"{name} ({count} texts, {statistics.mean(tokens):.0f} tokens mean, {truncated} truncated)"
-      print(f"# {label}, batch {batch_size}: first call jax {cold[0]:.2f} s, st {cold[1]:.2f} s; s/run jax "
-            + " ".join(f"{t:.3f}" for t in t_ours) + "; st " + " ".join(f"{t:.3f}" for t in t_theirs))
+      label = (f"{name} ({count} texts, {statistics.mean(tokens):.0f} tokens mean, "
+               f"{truncated} truncated)")
+      print(
+          f"# {label}, batch {batch_size}: first call jax {cold[0]:.2f} s, st {cold[1]:.2f} s; "
+          "s/run jax "
+          + " ".join(f"{t:.3f}" for t in t_ours) + "; st " + " ".join(f"{t:.3f}" for t in t_theirs))
       rows.append((label, batch_size, count, t_ours, t_theirs, max_diff, min_cos))
 
   print("# load average after the runs: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
@@ -165,8 +178,9 @@ def main(argv=None):
     rate = lambda t, count=count: f"{count / statistics.median(t):,.1f}"
     ratio = (f"{statistics.median(t_theirs) / statistics.median(t_ours):.2f}x; "
              f"{min(t_theirs) / min(t_ours):.2f}x")
-    print(f"| {label} | {batch_size} | {rate(t_ours)} | {rate(t_theirs)} | {ratio} | {max_diff:.2e} "
-          f"| {min_cos:.9f} |")
+    print(
+        f"| {label} | {batch_size} | {rate(t_ours)} | {rate(t_theirs)} | {ratio} | {max_diff:.2e} "
+        f"| {min_cos:.9f} |")
 
 
 if __name__ == "__main__":

@@ -63,12 +63,16 @@ def build_library(root: str) -> library_lib.Library:
     keys = [{"inputs": f"expert {e} key {k}", "targets": "a", "answer_choices": ["a", "b"],
              "example_id": k, "task": task, "dataset": f"train{e // 8}", "subset": None,
              "prompt": f"p{e % 8}"} for k in range(KEYS_PER_EXPERT)]
-    meta = expert_format.build_metadata(
-        "adapter", {"kind": "adapter"}, base_fingerprint="bench", base_config_name="tiny",
-        provenance=[{"task": task, "dataset": f"train{e // 8}", "subset": None, "prompt": f"p{e % 8}",
-                     "role": "train"}])
+    meta = expert_format.build_metadata("adapter", {"kind": "adapter"},
+                                        base_fingerprint="bench",
+                                        base_config_name="tiny",
+                                        provenance=[{
+                                            "task": task, "dataset": f"train{e // 8}",
+                                            "subset": None, "prompt": f"p{e % 8}", "role": "train"
+                                        }])
     path = os.path.join(root, "experts", task)
-    expert_format.save_expert(path, {"encoder/x/kernel": np.full((2, 2), e, np.float32)}, meta, keys)
+    expert_format.save_expert(path, {"encoder/x/kernel": np.full((2, 2), e, np.float32)}, meta,
+                              keys)
     lib.add(path, copy=False)
   return lib
 
@@ -97,24 +101,30 @@ def main(argv=None):
   parser.add_argument("--dim", type=int, default=384)
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as root:
-    print(f"building a library of {NUM_EXPERTS} experts x {KEYS_PER_EXPERT} keys ...", file=sys.stderr)
+    print(f"building a library of {NUM_EXPERTS} experts x {KEYS_PER_EXPERT} keys ...",
+          file=sys.stderr)
     retriever = retrieval.Retriever(build_library(root), LookupEmbedder(args.dim))
     prompts = eval_prompts()
     embedder = retriever.embedder
     per_prompt_s, per_prompt = timed(
-        lambda: [retriever.retrieve(rows, num_queries=NUM_QUERIES) for rows in prompts], args.repeats, embedder)
-    many_s, many = timed(lambda: retriever.retrieve_many(prompts, num_queries=NUM_QUERIES), args.repeats,
-                         embedder)
+        lambda: [retriever.retrieve(rows, num_queries=NUM_QUERIES) for rows in prompts],
+        args.repeats, embedder)
+    many_s, many = timed(lambda: retriever.retrieve_many(prompts, num_queries=NUM_QUERIES),
+                         args.repeats, embedder)
     queries = retriever.embedder.embed([f"eval prompt {p} example {i}" for p in range(NUM_PROMPTS)
                                         for i in range(NUM_QUERIES)])
-    out = np.empty((queries.shape[0], retriever.key_embeddings.shape[0]), np.float32)  # no page faults
-    product_s, _ = timed(lambda: np.matmul(queries, retriever.key_embeddings.T, out=out), args.repeats)
+    # no page faults
+    out = np.empty((queries.shape[0], retriever.key_embeddings.shape[0]), np.float32)
+    product_s, _ = timed(lambda: np.matmul(queries, retriever.key_embeddings.T, out=out),
+                         args.repeats)
   assert [r["winner"] for r in per_prompt] == [r["winner"] for r in many]
   assert [r["candidates"] for r in per_prompt] == [r["candidates"] for r in many]
   load = os.getloadavg()[0]
-  print(f"RoE: {NUM_PROMPTS} prompts x {NUM_QUERIES} queries vs {NUM_EXPERTS * KEYS_PER_EXPERT} keys, "
-        f"dim {args.dim}, embedding excluded (median of {args.repeats}; goal < 0.5 s; "
-        f"load average after: {load:.2f})")
+  print(
+      f"RoE: {NUM_PROMPTS} prompts x {NUM_QUERIES} queries vs {NUM_EXPERTS * KEYS_PER_EXPERT} "
+      "keys, "
+      f"dim {args.dim}, embedding excluded (median of {args.repeats}; goal < 0.5 s; "
+      f"load average after: {load:.2f})")
   print("| variant | seconds | speed-up |\n|---|---|---|")
   for name, t in (("Retriever.retrieve, once per prompt", per_prompt_s),
                   ("Retriever.retrieve_many (one product)", many_s),

@@ -159,14 +159,16 @@ def _lower(case: Case, mesh_spec: Mesh, layers: Optional[int], scan: bool):
   variables = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), shapes))
   axes = partitioning.params_logical_axes(variables)
   flat_model = _model(case, layers, False)  # experts are laid out per block, whatever the base
-  flat_vars = jax.eval_shape(lambda: flat_model.get_initial_variables(jax.random.PRNGKey(0), shapes))
+  flat_vars = jax.eval_shape(
+      lambda: flat_model.get_initial_variables(jax.random.PRNGKey(0), shapes))
   axes_all = {**partitioning.params_logical_axes(flat_vars), **axes}
   rules = partitioning.standard_logical_axis_rules(
       parameter_partitioning_dims=2 if mesh_spec.fsdp else 1)
   part = partitioning.PjitPartitioner(num_partitions=mesh_spec.model, logical_axis_rules=rules)
   base_sh = part.sharding_for(partitioning.logical_axes_tree(variables["params"], axes))
-  base = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, model.base_dtype_jnp, sharding=sh),
-                      variables["params"], base_sh)
+  base = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, model.base_dtype_jnp, sharding=sh),
+      variables["params"], base_sh)
   i32 = jnp.int32
   if case.kind == "score":
     return _lower_score(case, model, part, base, flat_vars["params"])
@@ -202,8 +204,9 @@ def _lower_score(case: Case, model, part, base, flat_base):
   stacked = case.num_experts is not None
   expert = index = None
   if stacked:
-    expert = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=part.replicated),
-                          _abstract_expert(case, model, flat_base))
+    expert = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=part.replicated),
+        _abstract_expert(case, model, flat_base))
     index = jax.ShapeDtypeStruct((case.batch,), jnp.int32, sharding=bsh)
   inputs = jax.ShapeDtypeStruct((case.batch, case.inputs), jnp.int32, sharding=bsh)
   choices = jax.ShapeDtypeStruct((case.batch, case.choices, case.targets), jnp.int32, sharding=bsh)

@@ -82,10 +82,12 @@ class _Setup:
         optimizer_def=optimizers.AdamW(global_norm_clip_threshold=1.0))
     shapes = {"encoder_input_tokens": (batch, lengths["inputs"]),
               "decoder_input_tokens": (batch, lengths["targets"])}
-    abstract = jax.eval_shape(lambda: self.model.get_initial_variables(jax.random.PRNGKey(0), shapes))
+    abstract = jax.eval_shape(
+        lambda: self.model.get_initial_variables(jax.random.PRNGKey(0), shapes))
     axes = partitioning.params_logical_axes(abstract)
     self.partitioner = partitioning.PjitPartitioner()
-    base_sh = self.partitioner.sharding_for(partitioning.logical_axes_tree(abstract["params"], axes))
+    base_sh = self.partitioner.sharding_for(partitioning.logical_axes_tree(
+        abstract["params"], axes))
     init = self.partitioner.partition(
         lambda r: self.model.get_initial_variables(r, shapes)["params"], in_shardings=None,
         out_shardings=base_sh)
@@ -123,8 +125,8 @@ class _Setup:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     batch = jax.device_put(batch, self.trainer.batch_sharding())
-    state, metrics = self.compiled(None if self.full else self.base, state, batch, jnp.asarray(self.seed_keys),
-                                   jnp.asarray(self.budget))
+    state, metrics = self.compiled(None if self.full else self.base, state, batch,
+                                   jnp.asarray(self.seed_keys), jnp.asarray(self.budget))
     jax.block_until_ready(metrics)
     return state, metrics
 
@@ -282,10 +284,11 @@ def report(rows: list[dict], stacked: list[dict], info: dict, matmul: float,
            command: str) -> str:
   peak = info["nominal_peak_flops"]
   lines = [
-      "| model | lengths x batch | expert | trainable params | tokens/s | step (median) | compile | "
+      "| model | lengths x batch | expert | trainable params | tokens/s | step (median) | compile "
+      "| "
       "FLOPs/step (formula / XLA) | MFU nominal | MFU vs matmul | step buffers (args + temp) | "
-      "peak RSS (above start-up) |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+      "peak RSS (above start-up) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"
+  ]
   by_size: dict[str, dict[str, dict]] = {}
   for r in rows:
     by_size.setdefault(r["size"], {})[r["kind"]] = r

@@ -167,7 +167,8 @@ def bootstrap(entries: Mapping[str, Sequence[PromptOutcomes]],
   rng = np.random.default_rng(seed)
   grouped = {e: _by_dataset(o) for e, o in entries.items()}
   datasets = sorted({d for g in grouped.values() for d in g})
-  # replicate accuracies: prompt_reps[entry][task] = [B]; dataset_reps[entry][dataset] = (mean, median)
+  # replicate accuracies: prompt_reps[entry][task] = [B]; dataset_reps[entry][dataset] = (mean,
+  # median)
   prompt_reps: dict[str, dict[str, np.ndarray]] = {e: {} for e in entries}
   for dataset in datasets:
     ids = np.unique(np.concatenate([o.example_ids for g in grouped.values()
@@ -248,7 +249,8 @@ def oracle(acc: np.ndarray, expert_ids: Sequence[str], prompt_ids: Sequence[str]
     {'prompts': [{'task', 'dataset', 'expert', 'accuracy', 'candidates'}], 'datasets', 'mean',
      'median', 'num_datasets', 'num_experts'}; a prompt no expert scored has expert None.
     `candidates` ranks the experts that scored the prompt by accuracy (ties: `expert_ids` order) as
-    [{'expert', 'accuracy'}], the format `expert-t5x merge --retrieval` reads: the oracle top-k merge.
+    [{'expert', 'accuracy'}], the format `expert-t5x merge --retrieval` reads: the oracle top-k
+    merge.
   """
   acc = np.asarray(acc, np.float64)
   if acc.shape != (len(expert_ids), len(prompt_ids)):

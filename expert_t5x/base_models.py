@@ -106,8 +106,9 @@ def load_base(checkpoint_path: Optional[str] = None, model_config: Optional[str]
     return BaseModel(ckpt.params, config, os.path.abspath(checkpoint_path),
                      checkpoint_importer.base_fingerprint(ckpt.params), ckpt.vocab_fingerprint)
   if model_config is None or random_init_seed is None:
-    raise ValueError("No base model: pass checkpoint_path (--checkpoint_path, an HF T5 directory or "
-                     "a T5X checkpoint), or model_config and random_init_seed for random parameters.")
+    raise ValueError(
+        "No base model: pass checkpoint_path (--checkpoint_path, an HF T5 directory or "
+        "a T5X checkpoint), or model_config and random_init_seed for random parameters.")
   config = network.get_config(model_config, **overrides)
   params = jax.tree.map(np.asarray, _random_init(config)(jax.random.PRNGKey(random_init_seed)))
   return BaseModel(params, config, f"random:{model_config}:seed={random_init_seed}",

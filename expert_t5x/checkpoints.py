@@ -74,7 +74,8 @@ def _ocp():
 
 
 class FaultHook:
-  """Test-only fault injection from `EXPERT_T5X_FAULT` (`kill_after_step:N`, `kill_during_save:N`)."""
+  """Test-only fault injection from `EXPERT_T5X_FAULT` (`kill_after_step:N`,
+  `kill_during_save:N`)."""
 
   def __init__(self, spec: Optional[str]):
     self.kind, self.step = None, None
@@ -291,10 +292,11 @@ def check_base_json(model_dir: str, fingerprint: str, base_path: Optional[str]) 
         f"run trains on); delete it to resume on INITIAL_CHECKPOINT_PATH={base_path!r} if the "
         "checkpoints were trained on that base, or use a new MODEL_DIR.")
   if recorded.get("fingerprint") != fingerprint:
-    raise ValueError(f"MODEL_DIR {model_dir!r} holds checkpoints trained on base "
-                     f"{recorded.get('path')!r} (fingerprint {recorded.get('fingerprint', '')[:12]}), "
-                     f"but INITIAL_CHECKPOINT_PATH={base_path!r} has fingerprint {fingerprint[:12]}; "
-                     "use the original base or a new MODEL_DIR.")
+    raise ValueError(
+        f"MODEL_DIR {model_dir!r} holds checkpoints trained on base "
+        f"{recorded.get('path')!r} (fingerprint {recorded.get('fingerprint', '')[:12]}), "
+        f"but INITIAL_CHECKPOINT_PATH={base_path!r} has fingerprint {fingerprint[:12]}; "
+        "use the original base or a new MODEL_DIR.")
 
 
 class PreemptionHandler:

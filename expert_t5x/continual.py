@@ -8,7 +8,8 @@ library and retrains nothing, so the seen tasks keep their scores exactly. This 
 
 1. **seen, before**: each seen task is evaluated under its own library expert (the expert whose
    provenance names the task; its `_score_eval` twin when one is registered);
-2. **train**: the new experts with the paper's settings (`seqio_tasks.sources.continual.CT0_EXPERTS`:
+2. **train**: the new experts with the paper's settings
+  (`seqio_tasks.sources.continual.CT0_EXPERTS`:
    batch size, epochs, 1e-4, 512 -> 256, at most 100k examples), through `python -m
    expert_t5x.train --gin_file=experts/prompt_expert.gin`, one stacked job per group of equal
    settings; extra `--gin_file` / `--gin.X=V` arguments come after ours (e.g. the base's model gin);
@@ -162,8 +163,8 @@ def train_experts(tasks: Sequence[str], base: str, out_dir: str, gin_args: Seque
   out: dict[str, str] = {}
   for index, (settings, group) in enumerate(groups or training_groups(tasks)):
     model_dir = os.path.join(out_dir, f"group_{index}")
-    dirs = ({t: os.path.join(model_dir, "experts", t) for t in group}
-            if expert_gin == PROMPT_EXPERT_GIN else {_single(group): os.path.join(model_dir, "expert")})
+    dirs = ({t: os.path.join(model_dir, "experts", t) for t in group} if expert_gin
+            == PROMPT_EXPERT_GIN else {_single(group): os.path.join(model_dir, "expert")})
     if not all(expert_format.is_expert_dir(d) for d in dirs.values()):
       command = train_command(group, settings, base, model_dir, gin_args, expert_gin)
       if log:
@@ -275,7 +276,8 @@ def run(*, library: str, base: str, tasks: str | Sequence[str], output_dir: str,
 
   _evaluate_routed(base_model, lib, routes, os.path.join(output_dir, "seen_after"),
                    split=seen_split, max_examples=seen_max_examples, common=common)
-  seen = compare_seen(os.path.join(output_dir, "seen_before"), os.path.join(output_dir, "seen_after"))
+  seen = compare_seen(os.path.join(output_dir, "seen_before"),
+                      os.path.join(output_dir, "seen_after"))
   hashes_after = _entry_hashes(lib, old_ids)
   seen["old_experts_unchanged"] = hashes_after == hashes_before
   report = {"library": os.path.abspath(library), "base": base_model.fingerprint,

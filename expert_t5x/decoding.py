@@ -1,4 +1,5 @@
-"""Autoregressive decoding with a key/value cache: temperature sampling (greedy at 0) and beam search.
+"""Autoregressive decoding with a key/value cache: temperature sampling (greedy at 0) and beam
+search.
 
 Both take `tokens_to_logits(tokens [N, 1], cache) -> (logits [N, V], cache)` over a flat batch of
 N rows, so they are independent of the network. Token 0 starts decoding and pads after EOS.

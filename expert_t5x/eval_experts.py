@@ -131,9 +131,10 @@ def check_expert_bases(specs: Sequence[ExpertSpec], base_fingerprint: Optional[s
   for s in specs:
     theirs = (s.metadata.get("base") or {}).get("fingerprint")
     if base_fingerprint and theirs and theirs != base_fingerprint:
-      message = (f"Expert {s.id!r} ('{s.path}') was trained on base {theirs[:16]}... but the "
-                 f"evaluated base is {base_fingerprint[:16]}...; pass the base checkpoint it was "
-                 "trained on, or allow_base_mismatch=True (--allow_base_mismatch) to evaluate anyway.")
+      message = (
+          f"Expert {s.id!r} ('{s.path}') was trained on base {theirs[:16]}... but the "
+          f"evaluated base is {base_fingerprint[:16]}...; pass the base checkpoint it was "
+          "trained on, or allow_base_mismatch=True (--allow_base_mismatch) to evaluate anyway.")
       if not allow_mismatch:
         raise ValueError(message)
       logging.warning("%s", message)

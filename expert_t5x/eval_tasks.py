@@ -55,7 +55,8 @@ class SeqioTaskSource:
   """Tasks registered by `seqio_tasks` (imports TensorFlow/seqio on first use).
 
   `example_subset`: 'first' (the first `max_examples`) or 'paper' (the paper's evaluation subset:
-  the first `max_examples`, 300 by default, of torch's seed-42 permutation; `seqio_tasks.seen_eval`).
+  the first `max_examples`, 300 by default, of torch's seed-42 permutation;
+  `seqio_tasks.seen_eval`).
   """
 
   def __init__(self, example_subset: str = "first"):
@@ -79,7 +80,8 @@ class SeqioTaskSource:
 
   def meta(self, task: str) -> TaskMeta:
     info = self._tasks.get_info(task)
-    dataset = info.eval_dataset or (f"{info.dataset}_{info.subset}" if info.subset else info.dataset)
+    dataset = info.eval_dataset or (f"{info.dataset}_{info.subset}"
+                                    if info.subset else info.dataset)
     from seqio_tasks import provenance  # pylint: disable=g-import-not-at-top
     return TaskMeta(name=task, dataset=dataset, prompt=info.prompt or task,
                     scoring=bool(info.has_choices), metrics=tuple(info.metrics),
@@ -156,6 +158,7 @@ def check_vocabulary(task: str, vocabulary: Vocabulary, model_vocab_size: int,
   for who, theirs in known.items():
     theirs = vocab_identity.comparable(theirs)
     if fingerprint and theirs and fingerprint != theirs:
-      raise ValueError(f"Vocabulary mismatch: task {task!r} uses vocabulary {fingerprint[:24]} but "
-                       f"{who} was built with {theirs[:24]}; point seqio_tasks.vocab.VOCABULARY_PATH "
-                       "at the model's spiece.model.")
+      raise ValueError(
+          f"Vocabulary mismatch: task {task!r} uses vocabulary {fingerprint[:24]} but "
+          f"{who} was built with {theirs[:24]}; point seqio_tasks.vocab.VOCABULARY_PATH "
+          "at the model's spiece.model.")

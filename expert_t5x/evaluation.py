@@ -12,8 +12,9 @@ axis) and every example is repeated once per expert of the chunk with a per-row 
 the data are read and tokenized once per task whatever the number of experts. `experts_per_pass`
 bounds device memory. A merged expert is just another Expert format v1 directory.
 
-A `Routing` evaluates one composed entry instead (RoE, per-prompt merges; see `expert_t5x.routed_evaluation`):
-each task only under the expert routed to it, one chunk per expert over all of its tasks.
+A `Routing` evaluates one composed entry instead (RoE, per-prompt merges; see
+`expert_t5x.routed_evaluation`): each task only under the expert routed to it, one chunk per expert
+over all of its tasks.
 
 Shards are written atomically under `<output_dir>/shards/`; a rerun skips every intact shard whose
 header matches (same task, experts, protocol), so an interrupted evaluation resumes where it
@@ -169,14 +170,17 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: BaseModel,
     if routing is not None and routing.per_example(meta.name):
       check_example_routes(routing, meta.name, loaded[-1][1])
   os.makedirs(output_dir, exist_ok=True)
-  todo = []  # (meta, examples, vocabulary, [(chunk, path, header, rows)]) of shards still to compute.
+  todo = [
+  ]  # (meta, examples, vocabulary, [(chunk, path, header, rows)]) of shards still to compute.
   for meta, examples, vocabulary in loaded:
     pending = []
     for chunk in (c for c, chunk_tasks in plan if meta.name in chunk_tasks):
       subset = shards.routed_subset(routing, include_base, chunk, meta.name)
       path = shards.shard_path(output_dir, chunk, meta.name, subset)
-      rows = (list(range(len(examples))) if not subset else
-              [i for i, ex in enumerate(examples) if routing.routed_to(meta.name, chunk.ids[0], ex["example_id"])])
+      rows = (list(range(len(examples))) if not subset else [
+          i for i, ex in enumerate(examples)
+          if routing.routed_to(meta.name, chunk.ids[0], ex["example_id"])
+      ])
       header = shards.shard_header(meta, chunk, [examples[i] for i in rows], settings)
       if not shards.shard_done(path, header):
         pending.append((chunk, path, header, rows))
@@ -220,9 +224,10 @@ def _bertscore_settings(metas: Sequence[TaskMeta], model_dir: Optional[str],
   if not wanted:
     return None
   if not model_dir:
-    raise ValueError(f"{wanted[0]} (and {len(wanted) - 1} more) is scored with BERTScore precision; "
-                     "pass bertscore_model (--bertscore_model DIR): a transformers directory of "
-                     "microsoft/deberta-large-mnli, as the paper used.")
+    raise ValueError(
+        f"{wanted[0]} (and {len(wanted) - 1} more) is scored with BERTScore precision; "
+        "pass bertscore_model (--bertscore_model DIR): a transformers directory of "
+        "microsoft/deberta-large-mnli, as the paper used.")
   from seqio_tasks import bertscore as bertscore_lib  # pylint: disable=g-import-not-at-top
   layers = bertscore_lib.DEBERTA_LARGE_MNLI_LAYERS if num_layers is None else num_layers
   return {"model": os.path.abspath(model_dir), "num_layers": int(layers), "tasks": wanted}

@@ -1,14 +1,14 @@
 """Expert parameterizations on a frozen T5 base: adapters, LoRA and full deltas.
 
-An *expert* is a pytree of trainable parameters kept apart from the frozen base tree. Its paths mirror
-the base tree so that the network's hooks find each piece where it acts:
+An *expert* is a pytree of trainable parameters kept apart from the frozen base tree. Its paths
+mirror the base tree so that the network's hooks find each piece where it acts:
 
-* ``adapter`` (the paper's prompt experts): per block, a bottleneck ``d -> d/r -> d`` with tanh-GELU and
-  an internal residual on the self-attention output and the MLP output (not cross-attention):
+* ``adapter`` (the paper's prompt experts): per block, a bottleneck ``d -> d/r -> d`` with tanh-GELU
+  and an internal residual on the self-attention output and the MLP output (not cross-attention):
   ``encoder/layers_i/{attention_adapter,mlp_adapter}/{wi,wo}/{kernel,bias}`` and
-  ``decoder/layers_i/{self_attention_adapter,mlp_adapter}/...``; plus every layer-norm scale of the base
-  (``.../pre_attention_layer_norm/scale``, ``encoder/encoder_norm/scale``...), stored as absolute values
-  that replace the base scales.
+  ``decoder/layers_i/{self_attention_adapter,mlp_adapter}/...``; plus every layer-norm scale of the
+  base (``.../pre_attention_layer_norm/scale``, ``encoder/encoder_norm/scale``...), stored as
+  absolute values that replace the base scales.
 * ``lora``: ``<module>/lora_a [in, r]`` and ``<module>/lora_b [r, out]`` beside a base kernel, with
   ``delta W = (alpha / r) A @ B`` in T5X's ``[in, out]`` kernel layout.
 * ``full``: the full parameter delta ``theta - theta_base`` at the base's paths.
@@ -233,8 +233,9 @@ def fold_expert(base_params: PyTree, expert: PyTree, config: ExpertConfig) -> Py
   flat_base = {k: np.asarray(v) for k, v in trees.flatten(base_params).items()}
   flat_e = {k: np.asarray(v) for k, v in trees.flatten(expert).items()}
   if isinstance(config, AdapterConfig):
-    raise ValueError("Adapter experts cannot be folded into the base weights (the bottleneck is "
-                     "nonlinear); evaluate them with expert=... instead, or use a LoRA/full expert.")
+    raise ValueError(
+        "Adapter experts cannot be folded into the base weights (the bottleneck is "
+        "nonlinear); evaluate them with expert=... instead, or use a LoRA/full expert.")
   out = dict(flat_base)
   if isinstance(config, FullConfig):
     for k, v in flat_e.items():
@@ -253,8 +254,9 @@ def fold_expert(base_params: PyTree, expert: PyTree, config: ExpertConfig) -> Py
 
 def _check_path(path: str, flat_base: Mapping[str, Any]) -> None:
   if path not in flat_base:
-    raise ValueError(f"Expert parameter {path!r} has no counterpart in the base tree; is the expert "
-                     "for a different base architecture?")
+    raise ValueError(
+        f"Expert parameter {path!r} has no counterpart in the base tree; is the expert "
+        "for a different base architecture?")
 
 
 # ------------------------------------------------------------------------------ stacking

@@ -46,7 +46,8 @@ def creation_mode(directory: bool, group_shared: bool = False) -> int:
 
 
 def temp_dir_prefix(stem: str) -> str:
-  """`stem` + this writer's host and pid: a later run can tell a killed writer's leftovers (pid gone)
+  """`stem` + this writer's host and pid: a later run can tell a killed writer's leftovers (pid
+  gone)
   from a live concurrent writer's folder."""
   return f"{stem}{socket.gethostname()}-{os.getpid()}-"
 
@@ -124,7 +125,10 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, **options: Any) -
   atomic_write(path, lambda f: f.write(text), **options)
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, options: dict[str, Any] | None = None,
+def atomic_write_json(path: str | os.PathLike[str],
+                      obj: Any,
+                      *,
+                      options: dict[str, Any] | None = None,
                       **dump: Any) -> None:
   """Writes `json.dump(obj, **dump)` atomically; `options` are `atomic_path`'s keywords."""
   atomic_write(path, lambda f: json.dump(obj, f, **dump), **(options or {}))

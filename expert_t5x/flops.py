@@ -24,7 +24,8 @@ STEP_KINDS = ("frozen_base", "full", "score")
 
 def _forward_parts(config: Any, li: int, lt: int, num_choices: int) -> tuple[float, float, float]:
   """(W_blocks, W_logits, A) forward FLOPs per encoded input; lt is per target row."""
-  e, hd, f, v = config.emb_dim, config.num_heads * config.head_dim, config.mlp_dim, config.vocab_size
+  e, hd = config.emb_dim, config.num_heads * config.head_dim
+  f, v = config.mlp_dim, config.vocab_size
   rows = lt * num_choices  # decoder tokens per input
   mlp = 2 * (len(config.mlp_activations) * e * f + f * e)
   enc_w = config.num_encoder_layers * (2 * 4 * e * hd + mlp) * li
@@ -44,7 +45,8 @@ def expert_forward_flops(expert_config: Any, config: Any, li: int, lt: int,
   if kind == "adapter":
     r = max(1, e // expert_config.reduction_factor)
     # Two sites per block (attention/self-attention and MLP), each e -> r -> e.
-    return float(2 * 2 * 2 * e * r * (config.num_encoder_layers * li + config.num_decoder_layers * rows))
+    return float(2 * 2 * 2 * e * r *
+                 (config.num_encoder_layers * li + config.num_decoder_layers * rows))
   if kind == "lora":
     import re  # pylint: disable=g-import-not-at-top
     patterns = [re.compile(p) for p in expert_config.target_patterns()]

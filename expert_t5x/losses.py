@@ -1,4 +1,5 @@
-"""Token cross-entropy with z-loss and label smoothing, and loss normalizing factors (T5X semantics).
+"""Token cross-entropy with z-loss and label smoothing, and loss normalizing factors (T5X
+semantics).
 
 The loss is a *sum* over target tokens, optionally divided by a loss normalizing factor: a number,
 or one of `NUM_REAL_TARGET_TOKENS` (the mean over real target tokens, as HF / the paper's code),

@@ -36,7 +36,9 @@ def shift_right(targets: Array, bos_id: int = 0) -> Array:
   return shifted[..., :-1]
 
 
-def token_log_probs(logits: Array, targets: Array, logit_vocab_limit: Optional[int] = None) -> Array:
+def token_log_probs(logits: Array,
+                    targets: Array,
+                    logit_vocab_limit: Optional[int] = None) -> Array:
   """`[..., L]` log p(target) from `[..., L, V]` logits, normalised over the first
   `logit_vocab_limit` logits when set (the paper's code scored over 32100 of T5's 32128)."""
   logits = logits.astype(jnp.float32)
@@ -64,7 +66,8 @@ class EncoderDecoderModel:
       raise ValueError(f"EncoderDecoderModel.base_dtype={base_dtype!r} needs a frozen base, but "
                        "full fine-tuning trains it; keep base_dtype='float32' for full experts.")
     if decode_fn not in ("beam_search", "temperature_sample"):
-      raise ValueError(f"decode_fn must be 'beam_search' or 'temperature_sample'; got {decode_fn!r}.")
+      raise ValueError(
+          f"decode_fn must be 'beam_search' or 'temperature_sample'; got {decode_fn!r}.")
     if isinstance(expert_config, experts_lib.LoraConfig) and expert_config.dropout_rate:
       module = network.Transformer(
           module.config.replace(lora_dropout_rate=expert_config.dropout_rate))

@@ -7,7 +7,8 @@ Class names, config fields, call signatures and the parameter tree (names, shape
 2-D flattened attention kernels) follow T5X's `t5x/examples/t5/network.py`, so a T5X checkpoint's
 `target` loads without renaming. On top of T5X, every block accepts keyword-only expert hooks:
 
-  expert:       a pytree of expert parameters mirroring the base tree's paths (adapters, LoRA factors,
+  expert:       a pytree of expert parameters mirroring the base tree's paths (adapters, LoRA
+  factors,
                 layer-norm scale overrides; see `expert_t5x.experts`). Leaves may carry a leading
                 `expert` axis (stacked experts).
   expert_index: `[batch]` int32 selecting, per example, one expert of a stacked `expert` tree.
@@ -48,7 +49,8 @@ REMAT_POLICIES = {
 
 @struct.dataclass
 class T5Config:
-  """Global hyper-parameters of the T5 network (T5X's field names, plus memory and dropout switches)."""
+  """Global hyper-parameters of the T5 network (T5X's field names, plus memory and dropout
+  switches)."""
   vocab_size: int
   # Activation dtype; parameters are always float32.
   dtype: Any = jnp.float32
@@ -65,7 +67,8 @@ class T5Config:
   float32_attention_logits: bool = False
   # 'length_broadcast' (T5X) or 'elementwise' (HF T5 / the paper's code).
   dropout_mode: str = "length_broadcast"
-  # 'none', 'full' or 'minimal' (save matmul outputs): rematerialise each block in the backward pass.
+  # 'none', 'full' or 'minimal' (save matmul outputs): rematerialise each block in the backward
+  # pass.
   remat_policy: str = "none"
   layer_norm_epsilon: float = 1e-6
   relative_attention_num_buckets: int = 32
@@ -340,8 +343,11 @@ class MultiHeadDotProductAttention(nn.Module):
     def query_init(*args):
       return nn.initializers.variance_scaling(1.0, "fan_in", "normal")(*args) / depth_scaling
 
-    projection = functools.partial(DenseGeneral, features=(h, d), kernel_axes=("embed", "joined_kv"),
-                                   dtype=self.dtype, lora_dropout_rate=self.lora_dropout_rate)
+    projection = functools.partial(DenseGeneral,
+                                   features=(h, d),
+                                   kernel_axes=("embed", "joined_kv"),
+                                   dtype=self.dtype,
+                                   lora_dropout_rate=self.lora_dropout_rate)
     kv_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
     query = projection(kernel_init=query_init, name="query")(
         inputs_q, _child(lora, "query"), expert_index, deterministic)
@@ -495,8 +501,8 @@ class DecoderLayer(nn.Module):
   """Pre-LN decoder block: causal self-attention, cross-attention, MLP.
 
   With `num_choices=K`, the batch holds K consecutive target rows per encoded input
-  (`[B*K, L]` targets against `[B, Li, E]` encodings): cross-attention then folds the K rows into the
-  query axis, so the encoder's keys and values are computed once per input rather than K times.
+  (`[B*K, L]` targets against `[B, Li, E]` encodings): cross-attention then folds the K rows into
+  the query axis, so the encoder's keys and values are computed once per input rather than K times.
   """
   config: T5Config
   deterministic: bool = False
@@ -696,7 +702,8 @@ class Transformer(nn.Module):
                                                  encoder_input_tokens)
     else:
       decoder_mask = nn.make_causal_mask(decoder_target_tokens, dtype=jnp.float32)
-      decoder_mask = decoder_mask * make_attention_mask(decoder_target_tokens, decoder_target_tokens)
+      decoder_mask = decoder_mask * make_attention_mask(decoder_target_tokens,
+                                                        decoder_target_tokens)
       if decoder_segment_ids is not None:
         decoder_mask = decoder_mask * _segment_mask(decoder_segment_ids, decoder_segment_ids)
       target_rows = decoder_target_tokens

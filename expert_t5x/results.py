@@ -16,7 +16,8 @@ One evaluation directory holds (schema version `SCHEMA_VERSION`; later stages re
 * Routed runs (`eval --roe` / `--merge`, `routing.Routing`): one composed entry whose prompts
   list their `expert_ids`; its prediction lines add `entry` and carry the experts their prompt
   used (routed per example: their example's expert); results.json adds `routing` (settings, and
-  per prompt the experts, votes, confidence, guard). Both are additions: schema version 1 readers ignore them.
+  per prompt the experts, votes, confidence, guard). Both are additions: schema version 1 readers
+  ignore them.
 
 Every file is written to a temporary name and renamed, so a crash never leaves a partial file.
 """

@@ -2,8 +2,8 @@
 the plan of (chunk, tasks) passes an evaluation runs.
 
 Without a routing every chunk scores every task. With one (RoE, per-prompt merges, oracles; see
-`expert_t5x.routed_evaluation`), each task is scored only under the expert routed to it, one chunk per expert
-over all of its tasks: one pass per distinct expert, not experts x tasks.
+`expert_t5x.routed_evaluation`), each task is scored only under the expert routed to it, one chunk
+per expert over all of its tasks: one pass per distinct expert, not experts x tasks.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def make_plan(specs: Sequence[ExpertSpec], task_names: Sequence[str], include_ba
     raise ValueError(f"Routing {routing.name!r} names experts {unknown[:5]} that are not among the "
                      "evaluated experts; pass their directories too.")
   if routing.name in known:
-    raise ValueError(f"Routing entry name {routing.name!r} equals an expert id; choose another name.")
+    raise ValueError(
+        f"Routing entry name {routing.name!r} equals an expert id; choose another name.")
   plan: Plan = []
   base_tasks = [t for t in task_names if include_base or BASE_ID in experts_of[t]]
   if base_tasks:
@@ -106,9 +107,11 @@ def check_example_routes(routing: Routing, task: str,
   ids = [ex["example_id"] for ex in examples]
   unrouted = [i for i in ids if i not in routing.routes[task]]
   if unrouted:
-    raise ValueError(f"Routing {routing.name!r} routes task {task!r} per example but not its examples "
-                     f"{unrouted[:5]}; route every example (or the whole task).")
+    raise ValueError(
+        f"Routing {routing.name!r} routes task {task!r} per example but not its examples "
+        f"{unrouted[:5]}; route every example (or the whole task).")
   unknown = sorted(set(routing.routes[task]) - set(ids), key=str)
   if unknown:
-    raise ValueError(f"Routing {routing.name!r} routes examples {unknown[:5]} that task {task!r} does not "
-                     f"have here (another split or max_examples?); route only the evaluated examples.")
+    raise ValueError(
+        f"Routing {routing.name!r} routes examples {unknown[:5]} that task {task!r} does not "
+        f"have here (another split or max_examples?); route only the evaluated examples.")

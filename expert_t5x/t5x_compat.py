@@ -54,7 +54,8 @@ def _cached(what: str, expert: Any, config: network.T5Config, make: Callable[[],
   return _CACHE[key]
 
 
-def _initial_expert(expert: experts.ExpertConfig, config: network.T5Config) -> dict[str, np.ndarray]:
+def _initial_expert(expert: experts.ExpertConfig,
+                    config: network.T5Config) -> dict[str, np.ndarray]:
   """The seeded initial expert (as `expert_t5x.train` makes it), without layer-norm copies."""
   def make():
     shapes = checkpoint_importer.expected_shapes(config)
@@ -125,7 +126,8 @@ class ExpertTransformer(network.Transformer):
 
   Attributes:
     config: the base `network.T5Config`.
-    expert_config: `experts.AdapterConfig` / `experts.LoraConfig` (the expert trained beside the base),
+    expert_config: `experts.AdapterConfig` / `experts.LoraConfig` (the expert trained beside the
+    base),
       `experts.FullConfig` or None (no extra parameters: full fine-tuning trains the base itself).
 
   The expert's initial values are `experts.init_expert`'s (seeded by its `init_seed`, whatever rng

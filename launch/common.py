@@ -49,8 +49,9 @@ def gin_literal(value: Any) -> str:
   if isinstance(value, (list, tuple)):
     items = ", ".join(gin_literal(v) for v in value)
     return f"[{items}]" if isinstance(value, list) else f"({items}{',' if len(value) == 1 else ''})"
-  raise LaunchError(f"Cannot write {value!r} ({type(value).__name__}) as a gin value; use a string, "
-                    f"number, bool, None, list, tuple or dict.")
+  raise LaunchError(
+      f"Cannot write {value!r} ({type(value).__name__}) as a gin value; use a string, "
+      f"number, bool, None, list, tuple or dict.")
 
 
 def gin_flag(name: str, value: Any) -> str:
@@ -158,7 +159,8 @@ def _seqio_tasks_dir() -> str:
     local = os.path.join(REPO_ROOT, "seqio_tasks")
     if os.path.isdir(local):
       return local
-    raise LaunchError("Package seqio_tasks is not installed; run `pip install -e .` in the repository.")
+    raise LaunchError(
+        "Package seqio_tasks is not installed; run `pip install -e .` in the repository.")
   return list(spec.submodule_search_locations)[0]
 
 

@@ -1,10 +1,13 @@
-# python -m launch.sweep slurm --grid=paper --expert_type=prompt --stack=8 --library=/shared/lib --model_root=/shared/runs --out_dir=/shared/sweeps/pe --gin.INITIAL_CHECKPOINT_PATH='"/shared/t5-xl-lm-adapt"' --dry_run
+# python -m launch.sweep slurm --grid=paper --expert_type=prompt --stack=8 --library=/shared/lib
+# --model_root=/shared/runs --out_dir=/shared/sweeps/pe
+# --gin.INITIAL_CHECKPOINT_PATH='"/shared/t5-xl-lm-adapt"' --dry_run
 """Expert sweeps: one job per expert (or per stacked group) on SLURM, Kubernetes or this machine.
 
   python -m launch.sweep list   ...   the jobs, one line each
   python -m launch.sweep local  ...   run the jobs one after another here
   python -m launch.sweep slurm  ...   write a SLURM job array (`sbatch` it, or pass --submit)
-  python -m launch.sweep k8s    ...   write a Kubernetes indexed Job (`kubectl apply` it, or --submit)
+  python -m launch.sweep k8s    ...   write a Kubernetes indexed Job (`kubectl apply` it, or
+  --submit)
 
 The experts come from the paper's grid (`--grid=paper`: 296 prompts over 36 datasets, with the
 per-expert settings of the grid), a SeqIO suite (`--suite=NAME`) or explicit task names
@@ -121,13 +124,16 @@ def load_grid_settings(path: str | None = None) -> list[GridEntry]:
   for i, entry in enumerate(entries):
     unknown = sorted(set(entry.get("settings", {})) - set(SETTING_BINDINGS))
     if unknown:
-      raise common.LaunchError(f"Grid settings file {path} entry {i} has unknown settings {unknown}; "
-                               f"known: {sorted(SETTING_BINDINGS)} (or give gin bindings under 'gin').")
+      raise common.LaunchError(
+          f"Grid settings file {path} entry {i} has unknown settings {unknown}; "
+          f"known: {sorted(SETTING_BINDINGS)} (or give gin bindings under 'gin').")
   return list(entries)
 
 
 # The trainer's grid file: one entry per expert, its fields -> SETTING_BINDINGS names.
-_TRAINER_GRID_RECIPES = {"prompt_experts": "prompt_expert", "dataset_experts": "dataset_expert_adapter"}
+_TRAINER_GRID_RECIPES = {
+    "prompt_experts": "prompt_expert", "dataset_experts": "dataset_expert_adapter"
+}
 
 
 def _grid_settings(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -154,8 +160,8 @@ def _entries_from_trainer_grid(grid: Mapping[str, Any]) -> list[GridEntry]:
   return entries
 
 
-def lookup_settings(entries: Sequence[GridEntry], expert_type: str, dataset: str, subset: str | None,
-                    prompt: str | None) -> dict[str, Any]:
+def lookup_settings(entries: Sequence[GridEntry], expert_type: str, dataset: str,
+                    subset: str | None, prompt: str | None) -> dict[str, Any]:
   """Gin bindings for one expert of the grid (empty: the recipe's defaults apply)."""
   recipe = os.path.splitext(os.path.basename(EXPERT_TYPES[expert_type].recipe))[0]
   bindings: dict[str, Any] = {}
@@ -199,10 +205,11 @@ class Job:
   done: list[str] = dataclasses.field(default_factory=list)  # ids already in the library
 
   def to_json(self) -> dict[str, Any]:
-    return {"index": self.index, "name": self.name, "expert_type": self.expert_type,
-            "experts": [dataclasses.asdict(e) | {"settings": e.settings_dict} for e in self.experts],
-            "model_dir": self.model_dir, "argv": self.argv, "exports": self.exports,
-            "done": self.done}
+    return {
+        "index": self.index, "name": self.name, "expert_type": self.expert_type,
+        "experts": [dataclasses.asdict(e) | {"settings": e.settings_dict} for e in self.experts],
+        "model_dir": self.model_dir, "argv": self.argv, "exports": self.exports, "done": self.done
+    }
 
 
 # ----------------------------------------------------------------------------
@@ -250,21 +257,25 @@ def suite_experts(suite: str, expert_type: str) -> list[Expert]:
       prefix = names.dataset_task_prefix(info.dataset, info.subset)
       task = prefix + kind.task_suffix
       seqio_tasks.get_info(task)  # a dataset without that task fails here, naming close ones
-      experts.setdefault(task, Expert(prefix + kind.id_suffix, task, info.dataset, info.subset, None))
+      experts.setdefault(task, Expert(prefix + kind.id_suffix, task, info.dataset, info.subset,
+                                      None))
     return list(experts.values())
   except KeyError as e:
-    raise common.LaunchError(f"--suite={suite} with --expert_type={expert_type}: {e.args[0]}") from None
+    raise common.LaunchError(
+        f"--suite={suite} with --expert_type={expert_type}: {e.args[0]}") from None
 
 
 def named_experts(tasks: Sequence[str], expert_type: str) -> list[Expert]:
   kind = EXPERT_TYPES[expert_type]
   if kind.per != "prompt":
-    raise common.LaunchError(f"--tasks gives task names, but --expert_type={expert_type} trains one "
-                             f"expert per dataset; use --grid=paper or --suite=NAME for it.")
+    raise common.LaunchError(
+        f"--tasks gives task names, but --expert_type={expert_type} trains one "
+        f"expert per dataset; use --grid=paper or --suite=NAME for it.")
   bad = [t for t in tasks if not re.fullmatch(r"[\w.]+", t)]
   if bad:
-    raise common.LaunchError(f"--tasks has names that are not SeqIO task names: {bad}; task names use "
-                             f"letters, digits, '_' and '.' (see `expert-t5x tasks list`).")
+    raise common.LaunchError(
+        f"--tasks has names that are not SeqIO task names: {bad}; task names use "
+        f"letters, digits, '_' and '.' (see `expert-t5x tasks list`).")
   return [Expert(t + kind.id_suffix, t, None, None, None) for t in dict.fromkeys(tasks)]
 
 
@@ -278,8 +289,9 @@ def group_experts(experts: Sequence[Expert], stack: int, expert_type: str) -> li
   if stack < 1:
     raise common.LaunchError(f"--stack={stack} must be >= 1 (1 = one job per expert).")
   if stack > 1 and not EXPERT_TYPES[expert_type].stackable:
-    raise common.LaunchError(f"--expert_type={expert_type} is full fine-tuning, which is never stacked; "
-                             f"use --stack=1.")
+    raise common.LaunchError(
+        f"--expert_type={expert_type} is full fine-tuning, which is never stacked; "
+        f"use --stack=1.")
   if stack == 1:
     return [[e] for e in experts]
   buckets: dict[tuple, list[list[Expert]]] = {}
@@ -303,7 +315,8 @@ def job_name(group: Sequence[Expert]) -> str:
 
 def train_argv(group: Sequence[Expert], expert_type: str, model_dir: str, args: argparse.Namespace,
                gin_overrides: Sequence[str]) -> list[str]:
-  """The trainer command of one job (recipe, user gin files, per-expert settings, user overrides)."""
+  """The trainer command of one job (recipe, user gin files, per-expert settings, user
+  overrides)."""
   argv = shlex.split(args.train_cmd) if args.train_cmd else [args.python, "-m", common.TRAIN_MODULE]
   argv += [f"--gin_file={EXPERT_TYPES[expert_type].recipe}"]
   argv += [f"--gin_file={f}" for f in args.gin_file]
@@ -394,13 +407,17 @@ def _parser() -> argparse.ArgumentParser:
              "settings (so they win).")
   parser.add_argument("target", choices=("list", "local", "slurm", "k8s"))
   g = parser.add_argument_group("experts")
-  g.add_argument("--grid", help="'paper': the paper's 296 prompts / 36 datasets with per-expert settings")
+  g.add_argument("--grid",
+                 help="'paper': the paper's 296 prompts / 36 datasets with per-expert settings")
   g.add_argument("--suite", help="a SeqIO suite, e.g. demo_train (imports TensorFlow)")
   g.add_argument("--tasks", help="comma-separated SeqIO task names (prompt or LoRA experts)")
   g.add_argument("--expert_type", default="prompt", choices=sorted(EXPERT_TYPES))
   g.add_argument("--only", help="regular expression on expert ids")
   g.add_argument("--limit", type=int, help="first N experts only")
-  g.add_argument("--stack", type=int, default=1, help="experts per job (stacked training); 1 = one each")
+  g.add_argument("--stack",
+                 type=int,
+                 default=1,
+                 help="experts per job (stacked training); 1 = one each")
   g = parser.add_argument_group("training")
   g.add_argument("--library", required=True, help="expert library (POSIX path shared by the jobs)")
   g.add_argument("--model_root", required=True, help="MODEL_DIRs go under <root>/<expert_type>/")
@@ -410,13 +427,17 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--train_cmd", help="replace `PYTHON -m expert_t5x.train` (e.g. a wrapper)")
   g.add_argument("--setup", action="append", default=[], help="shell line run before training "
                  "(e.g. 'source /shared/venv/bin/activate'); repeatable")
-  g.add_argument("--gpu_env", action="store_true", help="JAX GPU memory settings in the jobs (default "
+  g.add_argument("--gpu_env",
+                 action="store_true",
+                 help="JAX GPU memory settings in the jobs (default "
                  "for slurm and k8s --accelerator=gpu)")
   g = parser.add_argument_group("output")
   g.add_argument("--out_dir", help="where the job scripts (and sbatch/YAML) are written "
                  "(default: <model_root>/sweeps/<name>)")
   g.add_argument("--name", help="sweep name (default: <expert_type>-<grid|suite|tasks>)")
-  g.add_argument("--dry_run", action="store_true", help="print what would be written/run; touch nothing")
+  g.add_argument("--dry_run",
+                 action="store_true",
+                 help="print what would be written/run; touch nothing")
   g.add_argument("--submit", action="store_true", help="run sbatch / kubectl apply after writing")
   sweep_targets.add_target_flags(parser)
   return parser
@@ -432,12 +453,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for override in gin_overrides:
       common.parse_gin_override(override)
     if "://" in args.library:
-      raise common.LaunchError(f"--library={args.library!r} is an object-store URL; libraries need a "
-                               f"POSIX filesystem shared by the jobs (NFS, Filestore, Lustre).")
+      raise common.LaunchError(
+          f"--library={args.library!r} is an object-store URL; libraries need a "
+          f"POSIX filesystem shared by the jobs (NFS, Filestore, Lustre).")
     if "://" in args.model_root:
-      raise common.LaunchError(f"--model_root={args.model_root!r} is an object-store URL; the trainer "
-                               f"writes MODEL_DIR and the exported experts through the filesystem, so "
-                               f"use a path shared by the jobs (NFS, Filestore, a gcsfuse mount).")
+      raise common.LaunchError(
+          f"--model_root={args.model_root!r} is an object-store URL; the trainer "
+          f"writes MODEL_DIR and the exported experts through the filesystem, so "
+          f"use a path shared by the jobs (NFS, Filestore, a gcsfuse mount).")
     args.name = sweep_targets.sweep_name(args)
     experts = select_experts(args)
     jobs, skipped = build_jobs(experts, args, gin_overrides)

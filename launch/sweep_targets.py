@@ -41,15 +41,20 @@ def add_target_flags(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--gpus_per_job", type=int, default=1)
   g.add_argument("--cpus_per_job", type=int, default=8)
   g.add_argument("--mem", default="64G", help="memory per job")
-  g.add_argument("--max_parallel", type=int, help="jobs running at once (array throttle / parallelism)")
-  g.add_argument("--workdir", help="directory the jobs start in (default: this checkout; in k8s the "
+  g.add_argument("--max_parallel",
+                 type=int,
+                 help="jobs running at once (array throttle / parallelism)")
+  g.add_argument("--workdir",
+                 help="directory the jobs start in (default: this checkout; in k8s the "
                  "image's working directory)")
   g.add_argument("--sbatch_flag", action="append", default=[], help="extra '#SBATCH' line content")
   g = parser.add_argument_group("k8s")
   g.add_argument("--image", help="container image with the package installed")
   g.add_argument("--namespace")
   g.add_argument("--accelerator", choices=("gpu", "tpu"), default="gpu")
-  g.add_argument("--gpu_type", default="nvidia-l4", help="GKE node label cloud.google.com/gke-accelerator")
+  g.add_argument("--gpu_type",
+                 default="nvidia-l4",
+                 help="GKE node label cloud.google.com/gke-accelerator")
   g.add_argument("--tpu_type", default="tpu-v5-lite-podslice",
                  help="GKE node label cloud.google.com/gke-tpu-accelerator")
   g.add_argument("--tpu_topology", default="2x2", help="single-host TPU topology (chips = product)")
@@ -116,7 +121,8 @@ def job_script(job: Any, total: int, args: argparse.Namespace, gpu_env: bool) ->
       "fi",
       'echo "$TAG training ${#todo[@]} of ${#EXPERT_IDS[@]} experts in $MODEL_DIR"',
       "",
-      "# The trainer resumes from MODEL_DIR's latest checkpoint by itself. SIGTERM (preemption, time",
+      "# The trainer resumes from MODEL_DIR's latest checkpoint by itself. SIGTERM (preemption, "
+      "time",
       "# limit, pod deletion) is forwarded so it saves a checkpoint before exiting.",
       _train_command(job.argv, args) + " &",
       "child=$!",
@@ -134,7 +140,8 @@ def job_script(job: Any, total: int, args: argparse.Namespace, gpu_env: bool) ->
       'for i in "${!EXPERT_IDS[@]}"; do',
       '  id="${EXPERT_IDS[$i]}"',
       '  in_library "$id" && continue',
-      '  "$PYTHON" ' + LIBRARY_CLI + ' add "$LIBRARY" "${EXPORTS[$i]}" --name "$id" || in_library "$id"',
+      '  "$PYTHON" ' + LIBRARY_CLI +
+      ' add "$LIBRARY" "${EXPORTS[$i]}" --name "$id" || in_library "$id"',
       "done",
       'echo "$TAG done."',
   ]
@@ -156,8 +163,9 @@ def _train_command(argv: Sequence[str], args: argparse.Namespace) -> str:
 def slurm_script(args: argparse.Namespace, num_jobs: int, out_dir: str, workdir: str) -> str:
   """A SLURM job array over the job scripts; index i runs jobs/job_<i>.sh."""
   if num_jobs > SLURM_MAX_ARRAY:
-    raise common.LaunchError(f"{num_jobs} jobs exceed SLURM's default MaxArraySize {SLURM_MAX_ARRAY}; "
-                             f"group experts with --stack=K or split the sweep with --only.")
+    raise common.LaunchError(
+        f"{num_jobs} jobs exceed SLURM's default MaxArraySize {SLURM_MAX_ARRAY}; "
+        f"group experts with --stack=K or split the sweep with --only.")
   array = f"0-{num_jobs - 1}" + (f"%{args.max_parallel}" if args.max_parallel else "")
   sbatch = [f"--job-name={args.name}", f"--array={array}",
             f"--output={os.path.join(out_dir, 'logs', '%x_%A_%a.out')}", "--open-mode=append",
@@ -208,17 +216,20 @@ def _under(path: str, root: str) -> bool:
 def k8s_manifest(args: argparse.Namespace, scripts: dict[str, str]) -> str:
   """A ConfigMap with the job scripts and an indexed Job whose index i runs job_<i>.sh."""
   if not args.image:
-    raise common.LaunchError("k8s needs --image=IMAGE: a container image with this package installed "
-                             "(e.g. built from the repository with `pip install -e .[cuda]`).")
+    raise common.LaunchError(
+        "k8s needs --image=IMAGE: a container image with this package installed "
+        "(e.g. built from the repository with `pip install -e .[cuda]`).")
   if args.pvc:
     outside = [p for p in (args.library, args.model_root) if not _under(p, args.mount_path)]
     if outside:
-      raise common.LaunchError(f"{outside} are not under --mount_path={args.mount_path}, where --pvc is "
-                               f"mounted, so pods cannot share them; put them under {args.mount_path}/.")
+      raise common.LaunchError(
+          f"{outside} are not under --mount_path={args.mount_path}, where --pvc is "
+          f"mounted, so pods cannot share them; put them under {args.mount_path}/.")
   size = sum(len(s.encode()) for s in scripts.values())
   if size > CONFIGMAP_LIMIT:
-    raise common.LaunchError(f"The {len(scripts)} job scripts take {size} bytes, over Kubernetes' 1 MiB "
-                             f"ConfigMap limit; group experts with --stack=K or split with --only.")
+    raise common.LaunchError(
+        f"The {len(scripts)} job scripts take {size} bytes, over Kubernetes' 1 MiB "
+        f"ConfigMap limit; group experts with --stack=K or split with --only.")
   labels = {"app.kubernetes.io/name": "expert-t5x-sweep", "expert-t5x/sweep": args.name}
   meta = {"name": f"{args.name}-jobs", "labels": labels}
   if args.namespace:
@@ -298,20 +309,27 @@ def run_local(runner: common.Runner, paths: Sequence[str], out=sys.stdout) -> in
       continue
     code = subprocess.run(["bash", path], check=False).returncode
     status = "ok" if code == 0 else f"FAILED (exit {code})"
-    print(f"[{i + 1}/{len(paths)}] {os.path.basename(path)}: {status} in {time.time() - start:.1f}s",
-          file=out, flush=True)
+    print(
+        f"[{i + 1}/{len(paths)}] {os.path.basename(path)}: {status} in {time.time() - start:.1f}s",
+        file=out,
+        flush=True)
     if code != 0:
       failed.append(os.path.basename(path))
   if failed:
-    print(f"{len(failed)} of {len(paths)} jobs failed: {', '.join(failed)}; rerun the same command to "
-          f"resume them.", file=out)
+    print(
+        f"{len(failed)} of {len(paths)} jobs failed: {', '.join(failed)}; rerun the same command "
+        "to "
+        f"resume them.",
+        file=out)
     return 1
   return 0
 
 
 # Short names of the per-expert gin bindings in the settings table.
-_SHORT = {"optimizers.create_learning_rate_scheduler.base_learning_rate": "lr", "BATCH_SIZE": "batch",
-          "NUM_MICROBATCHES": "microbatches", "NUM_EPOCHS": "epochs", "MAX_EXAMPLES": "max_examples"}
+_SHORT = {
+    "optimizers.create_learning_rate_scheduler.base_learning_rate": "lr", "BATCH_SIZE": "batch",
+    "NUM_MICROBATCHES": "microbatches", "NUM_EPOCHS": "epochs", "MAX_EXAMPLES": "max_examples"
+}
 
 
 def settings_lines(jobs: Sequence[Any]) -> list[str]:
@@ -343,8 +361,9 @@ def dispatch(args: argparse.Namespace, jobs: Sequence[Any], num_experts: int, sk
     return 0
   out_dir = args.out_dir or os.path.join(args.model_root, "sweeps", args.name)
   if "://" in out_dir:
-    raise common.LaunchError(f"Job scripts go to {out_dir!r}, an object-store URL, but schedulers run "
-                             f"them from a filesystem; pass --out_dir=DIR on a shared filesystem.")
+    raise common.LaunchError(
+        f"Job scripts go to {out_dir!r}, an object-store URL, but schedulers run "
+        f"them from a filesystem; pass --out_dir=DIR on a shared filesystem.")
   out_dir = os.path.abspath(out_dir)
   gpu_env = (args.gpu_env or (args.target == "slurm" and args.gpus_per_job > 0)
              or (args.target == "k8s" and args.accelerator == "gpu"))
@@ -364,7 +383,8 @@ def dispatch(args: argparse.Namespace, jobs: Sequence[Any], num_experts: int, sk
   _write_plan(runner, out_dir, jobs)
   if args.target == "slurm":
     path = os.path.join(out_dir, "sweep.sbatch")
-    runner.write_file(path, slurm_script(args, len(jobs), out_dir, args.workdir or common.REPO_ROOT))
+    runner.write_file(path, slurm_script(args, len(jobs), out_dir, args.workdir or
+                                         common.REPO_ROOT))
     if not args.dry_run:
       os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
     return _submit(args, runner, ["sbatch", path])

@@ -1,4 +1,6 @@
-# python -m launch.tpu_vm up --name=my-tpu --zone=us-central2-b --accelerator_type=v4-32 --model_dir=/mnt/shared/runs/pe --model_dir_is_shared --gin_file=experts/prompt_expert.gin --gin.MIXTURE_OR_TASK_NAME="'cosmos_qa_no_prompt_text'" --dry_run
+# python -m launch.tpu_vm up --name=my-tpu --zone=us-central2-b --accelerator_type=v4-32
+# --model_dir=/mnt/shared/runs/pe --model_dir_is_shared --gin_file=experts/prompt_expert.gin
+# --gin.MIXTURE_OR_TASK_NAME="'cosmos_qa_no_prompt_text'" --dry_run
 """Cloud TPU VM launcher: create a VM or slice, install the package, train on every worker.
 
 Subcommands (each prints every gcloud command before running it; `--dry_run` only prints):
@@ -13,8 +15,9 @@ Subcommands (each prints every gcloud command before running it; `--dry_run` onl
   delete   delete the VM
 
 A multi-host slice needs a MODEL_DIR that every worker sees (mount a Filestore share or a bucket
-through gcsfuse on the workers). A rerun of `run` with the same `--model_dir` resumes from its latest checkpoint (the trainer does
-that on its own), so preempted Spot slices are resumed by running the same command again.
+through gcsfuse on the workers). A rerun of `run` with the same `--model_dir` resumes from its
+latest checkpoint (the trainer does that on its own), so preempted Spot slices are resumed by
+running the same command again.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def parse_accelerator_type(accelerator_type: str) -> tuple[str, int]:
 
 
 def num_workers(accelerator_type: str) -> int:
-  """Host VMs in a slice: v4-8 -> 1, v4-32 -> 4, v5litepod-8 -> 1, v5litepod-16 -> 4, v6e-64 -> 16."""
+  """Host VMs in a slice: v4-8 -> 1, v4-32 -> 4, v5litepod-8 -> 1, v5litepod-16 -> 4, v6e-64 ->
+  16."""
   generation, size = parse_accelerator_type(accelerator_type)
   unit, per_host, _ = _GENERATIONS[generation]
   if unit == "chips" and size <= 8:
@@ -142,7 +146,8 @@ def worker_script(args: argparse.Namespace, argv: Sequence[str], workers: int) -
   """
   lines = [
       "#!/usr/bin/env bash",
-      f"# bash ~/{worker_script_name(args.name)} PROCESS_INDEX COORDINATOR_IP   (on every worker of "
+      f"# bash ~/{worker_script_name(args.name)} PROCESS_INDEX COORDINATOR_IP   (on every worker "
+      "of "
       f"TPU {args.name}; written by `python -m launch.tpu_vm run`)",
       "set -euo pipefail",
       f'cd "$HOME/{REMOTE_REPO}"',
@@ -174,7 +179,8 @@ def describe_endpoints(args: argparse.Namespace, runner: common.Runner, expected
   ips = [e.get("ipAddress") for e in info.get("networkEndpoints", [])]
   if len(ips) != expected or not all(ips):
     raise common.LaunchError(
-        f"TPU {args.name!r} reports {len(ips)} workers but --accelerator_type={args.accelerator_type} "
+        f"TPU {args.name!r} reports {len(ips)} workers but "
+        f"--accelerator_type={args.accelerator_type} "
         f"implies {expected}; pass --num_workers={len(ips)} if the slice is right.")
   return ips
 
@@ -191,9 +197,12 @@ def do_create(args: argparse.Namespace, runner: common.Runner) -> None:
 def do_setup(args: argparse.Namespace, runner: common.Runner) -> None:
   archive = os.path.join(args.archive_dir, ARCHIVE_NAME)
   # Committed files only: what is shipped is exactly a revision anyone can check out again.
-  runner.run(["git", "-C", args.source, "archive", "--format=tar.gz", f"--output={archive}", args.ref])
-  runner.run(["gcloud", "compute", "tpus", "tpu-vm", "scp", archive, f"{args.name}:~/{ARCHIVE_NAME}",
-              *_location(args), "--worker=all"])
+  runner.run(
+      ["git", "-C", args.source, "archive", "--format=tar.gz", f"--output={archive}", args.ref])
+  runner.run([
+      "gcloud", "compute", "tpus", "tpu-vm", "scp", archive, f"{args.name}:~/{ARCHIVE_NAME}",
+      *_location(args), "--worker=all"
+  ])
   runner.run(ssh_command(args, "all", install_script(args.python)))
 
 
@@ -202,15 +211,18 @@ def do_run(args: argparse.Namespace, runner: common.Runner, gin_overrides: Seque
   if "://" in args.model_dir:
     raise common.LaunchError(
         f"--model_dir={args.model_dir!r} is an object-store URL, but the trainer writes MODEL_DIR "
-        f"through the filesystem; mount the bucket (gcsfuse) or a Filestore share on every worker and "
+        f"through the filesystem; mount the bucket (gcsfuse) or a Filestore share on every worker "
+        "and "
         f"pass its path, e.g. --model_dir=/mnt/shared/runs/x --model_dir_is_shared.")
   if not os.path.isabs(args.model_dir):
-    raise common.LaunchError(f"--model_dir={args.model_dir!r} is relative; on the workers it would land "
-                             f"inside the shipped checkout. Use an absolute path.")
+    raise common.LaunchError(
+        f"--model_dir={args.model_dir!r} is relative; on the workers it would land "
+        f"inside the shipped checkout. Use an absolute path.")
   if workers > 1 and not args.model_dir_is_shared:
     raise common.LaunchError(
         f"--model_dir={args.model_dir!r} must be shared by all {workers} workers, which write one "
-        f"checkpoint together; mount a shared filesystem (Filestore, gcsfuse) on every worker and pass "
+        f"checkpoint together; mount a shared filesystem (Filestore, gcsfuse) on every worker and "
+        "pass "
         f"--model_dir_is_shared.")
   script = worker_script(args, train_argv(args, gin_overrides), workers)
   local = os.path.join(args.archive_dir, worker_script_name(args.name))
@@ -226,7 +238,8 @@ def do_run(args: argparse.Namespace, runner: common.Runner, gin_overrides: Seque
 
 
 def do_delete(args: argparse.Namespace, runner: common.Runner) -> None:
-  runner.run(["gcloud", "compute", "tpus", "tpu-vm", "delete", args.name, *_location(args), "--quiet"])
+  runner.run(
+      ["gcloud", "compute", "tpus", "tpu-vm", "delete", args.name, *_location(args), "--quiet"])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -237,7 +250,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--name", required=True, help="TPU VM name")
   parser.add_argument("--zone", required=True, help="e.g. us-central2-b (v4), us-west4-a (v5e)")
   parser.add_argument("--project", help="GCP project (default: gcloud's configured project)")
-  parser.add_argument("--accelerator_type", default="v4-8", help="e.g. v4-8, v4-32, v5litepod-16, v6e-8")
+  parser.add_argument("--accelerator_type",
+                      default="v4-8",
+                      help="e.g. v4-8, v4-32, v5litepod-16, v6e-8")
   parser.add_argument("--num_workers", type=int, help="override the host count implied by the type")
   parser.add_argument("--runtime_version", help="TPU software version (default per generation)")
   parser.add_argument("--spot", action="store_true", help="create a Spot (preemptible) VM")
@@ -246,15 +261,20 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--ref", default="HEAD", help="git revision to ship")
   parser.add_argument("--archive_dir", default="/tmp", help="where the local archive is written")
   parser.add_argument("--python", default="python3.11", help="Python interpreter to install/use")
-  parser.add_argument("--gin_file", action="append", default=[], help="trainer gin file (repeatable)")
+  parser.add_argument("--gin_file",
+                      action="append",
+                      default=[],
+                      help="trainer gin file (repeatable)")
   parser.add_argument("--gin_search_paths", help="comma-separated gin search paths for the trainer")
   parser.add_argument("--model_dir", help="MODEL_DIR: an absolute path (shared by all workers of a "
                       "multi-host slice: a Filestore or gcsfuse mount)")
   parser.add_argument("--model_dir_is_shared", action="store_true",
                       help="the model_dir is a filesystem shared by all workers")
   parser.add_argument("--coordinator_ip", help="override worker 0's internal IP")
-  parser.add_argument("--detach", action="store_true",
-                      help="run in the background on the workers (logs in ~/train_<name>_worker<i>.log)")
+  parser.add_argument(
+      "--detach",
+      action="store_true",
+      help="run in the background on the workers (logs in ~/train_<name>_worker<i>.log)")
   parser.add_argument("--dry_run", action="store_true", help="print every command, run nothing")
   return parser
 
@@ -271,8 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       parse_accelerator_type(args.accelerator_type)
     if args.command in ("run", "up"):
       if not args.gin_file or not args.model_dir:
-        raise common.LaunchError(f"`{args.command}` needs --gin_file=... and --model_dir=...; e.g. "
-                                 f"--gin_file=experts/prompt_expert.gin --model_dir=/mnt/shared/runs/x.")
+        raise common.LaunchError(
+            f"`{args.command}` needs --gin_file=... and --model_dir=...; e.g. "
+            f"--gin_file=experts/prompt_expert.gin --model_dir=/mnt/shared/runs/x.")
     if args.command in ("create", "up"):
       do_create(args, runner)
     if args.command in ("setup", "up"):

@@ -59,7 +59,8 @@ def _embed(tokenizer: Any, model: Any, text: str, num_layers: int) -> tuple[np.n
   import torch  # pylint: disable=g-import-not-at-top
   ids = _encode(tokenizer, text)
   with torch.no_grad():
-    out = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    out = model(input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                 output_hidden_states=True)
   hidden = out.hidden_states[num_layers][0].double().numpy()
   return hidden / np.linalg.norm(hidden, axis=-1, keepdims=True), ids

@@ -1,8 +1,8 @@
 """`expert-t5x tasks ...` and `expert-t5x data ...`: list, show, check, render tasks; fetch data.
 
-    expert-t5x tasks list [--suite S] [--kind K] [--role R] [--source SRC] [--dataset D] [--match TEXT]
-    expert-t5x tasks show NAME [-n N] [--split SPLIT] [--bigbench_multiple_gold {first,skip,error}]
-    expert-t5x tasks check [NAME_OR_SUITE ...]
+    expert-t5x tasks list [--suite S] [--kind K] [--role R] [--source SRC] [--dataset D] [--match
+    TEXT] expert-t5x tasks show NAME [-n N] [--split SPLIT] [--bigbench_multiple_gold
+    {first,skip,error}] expert-t5x tasks check [NAME_OR_SUITE ...]
     expert-t5x tasks render NAME_OR_SUITE ... --out DIR [--split SPLIT] [-n N] [--with-token-ids]
                                                      [--bigbench_multiple_gold R]
     expert-t5x data fetch {promptsource,bigbench,minilm} [--cache DIR]
@@ -165,10 +165,12 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def _add_bigbench_options(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--bigbench_multiple_gold", choices=("first", "skip", "error"),
-                 help="BIG-bench examples with several top-scored choices: first (default; "
-                 "BIG-bench's gold rule), skip (counted) or error; also "
-                 "$EXPERT_T5X_BIGBENCH_MULTIPLE_GOLD or gin seqio_tasks.settings.BIGBENCH_MULTIPLE_GOLD")
+  p.add_argument(
+      "--bigbench_multiple_gold",
+      choices=("first", "skip", "error"),
+      help="BIG-bench examples with several top-scored choices: first (default; "
+      "BIG-bench's gold rule), skip (counted) or error; also "
+      "$EXPERT_T5X_BIGBENCH_MULTIPLE_GOLD or gin seqio_tasks.settings.BIGBENCH_MULTIPLE_GOLD")
 
 
 def _tasks_parser() -> argparse.ArgumentParser:

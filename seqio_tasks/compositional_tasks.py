@@ -59,9 +59,14 @@ def register_all(vocabulary: Optional[seqio.Vocabulary] = None) -> list[str]:
   _add(SUMMARY_TASK, "xsum", None, compositional.SUMMARY_PROMPT, train_splits, "train",
        compositional.summary_examples, vocabulary)
   for lang in compositional.LANGUAGES:
-    _add(translation_task(lang), "tatoeba", f"eng-{lang}", compositional.translation_instruction(lang),
-         train_splits, "train",
-         lambda split, lang=lang: compositional.translation_examples(lang, split), vocabulary)
+    _add(translation_task(lang),
+         "tatoeba",
+         f"eng-{lang}",
+         compositional.translation_instruction(lang),
+         train_splits,
+         "train",
+         lambda split, lang=lang: compositional.translation_examples(lang, split),
+         vocabulary)
     _add(composed_task(lang), "xlsum", lang, compositional.composed_instruction(lang),
          ("validation",), "heldout",
          lambda split, lang=lang: compositional.composed_examples(lang, split), vocabulary)

@@ -28,8 +28,8 @@ from typing import Any, Callable, Optional
 
 from seqio_tasks import examples as examples_lib
 
-FILLER = ("the", "a", "cat", "dog", "bird", "sat", "ran", "on", "mat", "big", "small", "red", "blue",
-          "we", "saw", "it")
+FILLER = ("the", "a", "cat", "dog", "bird", "sat", "ran", "on", "mat", "big", "small", "red",
+          "blue", "we", "saw", "it")
 # Keywords share no word with FILLER and differ from it in more than one byte (an earlier
 # lexicon's "sad" vs the filler "sat" kept a byte-level tiny T5 near chance).
 POSITIVE = ("great", "happy", "lovely", "superb")

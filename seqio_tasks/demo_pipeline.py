@@ -1,4 +1,5 @@
-"""Tasks the demo pipeline adds to the synthetic demo tasks: a pre-training corpus and dataset tasks.
+"""Tasks the demo pipeline adds to the synthetic demo tasks: a pre-training corpus and dataset
+tasks.
 
 * `demo_pretrain_corpus`: T5-style span corruption over synthetic sentences drawn from a lexicon
   that shares no word with the demo tasks (their fillers, keywords, templates and answer choices),
@@ -30,14 +31,18 @@ CORPUS_SPLITS = {"train": 20000, "validation": 200}
 
 # A generic lexicon; words used anywhere by the demo tasks are removed below (see `corpus_words`).
 _LEXICON = (
-    "old new boat lake river hill tree house road car train city town farm field garden window door "
-    "table chair book paper letter pen cup plate spoon glass water milk tea coffee rain snow wind sun "
+    "old new boat lake river hill tree house road car train city town farm field garden window "
+    "door "
+    "table chair book paper letter pen cup plate spoon glass water milk tea coffee rain snow wind "
+    "sun "
     "moon star cloud sky morning evening night day week year summer winter spring autumn man woman "
     "child boy girl friend teacher doctor farmer driver king queen horse cow sheep goat fish duck "
-    "walked drifted climbed opened closed carried found lost built painted read wrote cooked washed "
+    "walked drifted climbed opened closed carried found lost built painted read wrote cooked "
+    "washed "
     "slowly quickly quietly loudly gently early late often never always soon across under over "
     "near behind beside into from with without before after during green yellow white black brown "
-    "warm cold wet dry soft hard tall low bright dark quiet busy empty full young ancient heavy light"
+    "warm cold wet dry soft hard tall low bright dark quiet busy empty full young ancient heavy "
+    "light"
 )
 SENTINEL = "[{}]"
 MAX_SENTINELS = 2

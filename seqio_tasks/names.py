@@ -26,7 +26,8 @@ BIGBENCH_FORMAT_SUFFIX = "_bbfmt"
 
 
 def task_clean(text: str) -> str:
-  """t-zero's `task_clean`: every run of characters other than word characters, '.' and '_' -> '_'."""
+  """t-zero's `task_clean`: every run of characters other than word characters, '.' and '_' ->
+  '_'."""
   return re.sub(r"[^\w\d\._]+", "_", text)
 
 
@@ -144,5 +145,6 @@ def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
 
 def unknown_name_error(kind: str, name: str, candidates: Sequence[str]) -> KeyError:
   near = closest(name, candidates)
-  hint = f" Did you mean: {', '.join(near)}?" if near else " Run `expert-t5x tasks list` to see them."
+  hint = (f" Did you mean: {', '.join(near)}?" if near
+          else " Run `expert-t5x tasks list` to see them.")
   return KeyError(f"unknown {kind} {name!r}.{hint}")

@@ -49,8 +49,12 @@ def add_task(info: provenance.TaskInfo, source: canonical.CanonicalSource, *,
              seqio.preprocessors.append_eos_after_trim]
     metric_fns = list(metric_fns or [metrics.accuracy])
     postprocess = metrics.strip_postprocessor
-  seqio.TaskRegistry.add(info.name, source=source, output_features=vocab.output_features(vocabulary),
-                         preprocessors=steps, postprocess_fn=postprocess, metric_fns=metric_fns)
+  seqio.TaskRegistry.add(info.name,
+                         source=source,
+                         output_features=vocab.output_features(vocabulary),
+                         preprocessors=steps,
+                         postprocess_fn=postprocess,
+                         metric_fns=metric_fns)
   provenance.register(info, source.iter_examples)
 
 

@@ -7,11 +7,16 @@ the "validation" split of a training dataset is whatever its task class returns:
 | dataset | the paper's `validation` (tasks.py) | here |
 |---|---|---|
 | ag_news, trec | `x['test']` (GeneralTask; TREC) | the `test` split |
-| imdb, dbpedia_14 | `test[0:300]` (IMDB; DBPEDIA14, from its test.csv) | `test`; the slice with the paper subset |
-| yelp_review_full | `test.csv` rows 1..300 (YELPREVIEWFULL) | `test`; the slice with the paper subset |
-| amazon_polarity | `train.csv` rows `[50000 - i for i in range(300)]` (AMAZONPOLARITY) | those `train` rows, always |
-| app_reviews | `train.select([len(train) - i for i in range(300)])` (APPREVIEWS) | those `train` rows, always |
-| wiki_hop, gigaword, multi_news, rotten_tomatoes | `validation[0:300]` | `validation`; the slice with the paper subset |
+| imdb, dbpedia_14 | `test[0:300]` (IMDB; DBPEDIA14, from its test.csv) | `test`; the slice with the
+paper subset |
+| yelp_review_full | `test.csv` rows 1..300 (YELPREVIEWFULL) | `test`; the slice with the paper
+subset |
+| amazon_polarity | `train.csv` rows `[50000 - i for i in range(300)]` (AMAZONPOLARITY) | those
+`train` rows, always |
+| app_reviews | `train.select([len(train) - i for i in range(300)])` (APPREVIEWS) | those `train`
+rows, always |
+| wiki_hop, gigaword, multi_news, rotten_tomatoes | `validation[0:300]` | `validation`; the slice
+with the paper subset |
 | wiki_bio | `x['val']` | the `val` split |
 | the others | `validation` | `validation` |
 
@@ -151,4 +156,5 @@ def apply_subset(examples: Sequence[Mapping[str, Any]], subset: str, max_example
                      "max_examples) or 'paper' (the paper's 300 drawn with seed 42).")
   if subset == "first":
     return list(examples if max_examples is None else examples[:max_examples])
-  return paper_subset(examples, dataset, PAPER_SUBSET_SIZE if max_examples is None else max_examples)
+  return paper_subset(examples, dataset,
+                      PAPER_SUBSET_SIZE if max_examples is None else max_examples)

@@ -48,7 +48,8 @@ def set_path(name: str, value: Optional[str]) -> None:
 
 
 def set_option(name: str, value: Optional[str]) -> None:
-  """Sets (or with None, clears) a loader option, e.g. `set_option("BIGBENCH_MULTIPLE_GOLD", "skip")`."""
+  """Sets (or with None, clears) a loader option, e.g. `set_option("BIGBENCH_MULTIPLE_GOLD",
+  "skip")`."""
   if name not in _OPTIONS:
     raise KeyError(f"unknown option {name!r}; expected one of {sorted(_OPTIONS)}.")
   _OVERRIDES[name] = None if value is None else _checked(name, value, "set_option")
@@ -97,7 +98,8 @@ def register_gin_module(module_name: str, cls: type, name: str) -> Any:
 
 
 class _GinSettings(GinModule):
-  """Gin's view of the roots and options: bind `seqio_tasks.settings.<NAME> = "..."` in a gin file."""
+  """Gin's view of the roots and options: bind `seqio_tasks.settings.<NAME> = "..."` in a gin
+  file."""
 
   def __call__(self, P3_DIR=None, RAW_DIR=None, PROMPTSOURCE_DIR=None, BIGBENCH_DIR=None,  # pylint: disable=invalid-name
                CONTINUAL_DIR=None, COMPOSITIONAL_DIR=None,

@@ -4,8 +4,8 @@ For every prompt: `<task>` (inputs -> target, the prompt expert's data) and, whe
 answer choices, `<task>_score_eval` (rank classification). For each of the 36 training datasets:
 `<ds>[_<subset>]_all_prompts` (all its prompts concatenated: the adapter dataset expert) and
 `<ds>[_<subset>]_random_prompt` (one seeded random prompt per row: the full-fine-tuning dataset
-expert). Sources: P3-layout TFRecords under P3_DIR when present, else promptsource templates over raw
-rows. Templates are loaded at first use, never at registration.
+expert). Sources: P3-layout TFRecords under P3_DIR when present, else promptsource templates over
+raw rows. Templates are loaded at first use, never at registration.
 """
 
 from __future__ import annotations

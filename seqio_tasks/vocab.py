@@ -1,10 +1,11 @@
-"""Vocabularies of the registered tasks: a lazily resolved T5 SentencePiece model and the demo bytes.
+"""Vocabularies of the registered tasks: a lazily resolved T5 SentencePiece model and the demo
+bytes.
 
 Tasks bind their vocabulary when they are registered, which happens at import, before gin files are
-parsed. The prompt / P3 / BIG-bench / continual tasks therefore share one `LazySentencePieceVocabulary`
-whose model file is resolved at first use from, in order: `set_vocabulary_path()`, the gin binding
-`seqio_tasks.vocab.VOCABULARY_PATH`, the environment variable `EXPERT_T5X_VOCAB`. Importing this
-module never reads a file.
+parsed. The prompt / P3 / BIG-bench / continual tasks therefore share one
+`LazySentencePieceVocabulary` whose model file is resolved at first use from, in order:
+`set_vocabulary_path()`, the gin binding `seqio_tasks.vocab.VOCABULARY_PATH`, the environment
+variable `EXPERT_T5X_VOCAB`. Importing this module never reads a file.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Run in its own process with 8 fake CPU devices: the evaluator on a 4 (data) x 2 (model) mesh,
-with stacked experts, gives the scores of per-pair scoring on one device. Exits non-zero on mismatch."""
+with stacked experts, gives the scores of per-pair scoring on one device. Exits non-zero on
+mismatch."""
 
 import os
 import sys
@@ -52,8 +53,10 @@ def main():
     tgt_a = np.zeros((len(tgt), 16), np.int32)
     for i, (e, t) in enumerate(zip(enc, tgt)):
       enc_a[i, :len(e)], tgt_a[i, :len(t)] = e, t
-    batch = {"encoder_input_tokens": jnp.asarray(enc_a), "decoder_target_tokens": jnp.asarray(tgt_a),
-             "decoder_input_tokens": models.shift_right(jnp.asarray(tgt_a))}
+    batch = {
+        "encoder_input_tokens": jnp.asarray(enc_a), "decoder_target_tokens": jnp.asarray(tgt_a),
+        "decoder_input_tokens": models.shift_right(jnp.asarray(tgt_a))
+    }
     want = np.asarray(scorers["base" if tree is None else "adapter"](base.params, batch, tree))
     got = np.concatenate([r["choice_scores"] for r in recs])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

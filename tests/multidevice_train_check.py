@@ -35,11 +35,14 @@ def main():
   assert jax.device_count() == 8, jax.devices()
   cfg = network.get_config("tiny", vocab_size=64)
   for expert_config in (experts.AdapterConfig(reduction_factor=4), experts.FullConfig()):
-    model = models.EncoderDecoderModel(network.Transformer(cfg), expert_config=expert_config,
-                                       # eps = 1 keeps the update linear in small gradients, so float32
-                                       # reduction-order noise is not amplified to a full step.
-                                       optimizer_def=optimizers.AdamW(eps=1.0, global_norm_clip_threshold=1.0),
-                                       loss_normalizing_factor="NUM_REAL_TARGET_TOKENS")
+    model = models.EncoderDecoderModel(
+        network.Transformer(cfg),
+        expert_config=expert_config,
+        # eps = 1 keeps the update linear in small gradients, so
+        # float32 reduction-order noise is not amplified to a full
+        # step.
+        optimizer_def=optimizers.AdamW(eps=1.0, global_norm_clip_threshold=1.0),
+        loss_normalizing_factor="NUM_REAL_TARGET_TOKENS")
     variables = model.get_initial_variables(
         jax.random.PRNGKey(0), {"encoder_input_tokens": (8, 10), "decoder_input_tokens": (8, 6)})
     params = variables["params"]

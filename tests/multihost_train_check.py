@@ -100,8 +100,11 @@ def _check_restore(model_dir, state, step):
   assert manager.all_steps() == [1, 2], manager.all_steps()
   rep = state.step.sharding  # replicated over the global mesh
   scalar = jax.ShapeDtypeStruct((), np.int64, sharding=rep)
-  restored = manager.restore(step, {**abstract, "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=rep),
-                                    "data": {"seed": scalar, "batches_consumed": scalar}})
+  restored = manager.restore(
+      step, {
+          **abstract, "rng": jax.ShapeDtypeStruct(
+              (2,), np.uint32, sharding=rep), "data": {"seed": scalar, "batches_consumed": scalar}
+      })
   manager.close()
   assert int(np.asarray(restored["data"]["batches_consumed"])) == step, restored["data"]
   count = 0

@@ -120,11 +120,14 @@ def test_compositional_command_end_to_end(tmp_path, monkeypatch):
   try:
     base = _tiny_base(tmp_path / "base")
     _existing_summarizer(base, tmp_path / "summarizer", lib_dir)
-    code = cli.main(["compositional", "--base", base, "--library", str(lib_dir), "--output",
-                     str(out), "--languages", "kor", "--lam", "0.75", "--max_examples", "2",
-                     "--generation_max_length", "4", "--batch_size", "2",
-                     "--gin_file=runs/tiny_overlay.gin", "--gin.TRAIN_STEPS=1",
-                     "--gin.BATCH_SIZE=2", "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"])
+    code = cli.main([
+        "compositional", "--base", base, "--library",
+        str(lib_dir), "--output",
+        str(out), "--languages", "kor", "--lam", "0.75", "--max_examples", "2",
+        "--generation_max_length", "4", "--batch_size", "2", "--gin_file=runs/tiny_overlay.gin",
+        "--gin.TRAIN_STEPS=1", "--gin.BATCH_SIZE=2",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"
+    ])
   finally:
     vocab.T5_VOCABULARY.reset()
   assert code == 0
@@ -136,7 +139,9 @@ def test_compositional_command_end_to_end(tmp_path, monkeypatch):
   # The merge is θ_pre + λ(τ_sum + τ_trans): full experts store τ, so the merged delta is λ(τ1+τ2).
   recipe = report["merge"]["recipes"]["kor"]
   assert recipe["method"] == "task_arithmetic" and recipe["params"] == {"lam": 0.75}
-  readers = [expert_format.ExpertReader(lib.expert_dir(report["experts"][t])) for t in (summ, trans)]
+  readers = [
+      expert_format.ExpertReader(lib.expert_dir(report["experts"][t])) for t in (summ, trans)
+  ]
   merged = expert_format.ExpertReader(str(out / "merged" / "kor"))
   try:
     assert merged.metadata["merge"]["output_hash"] == recipe["output_hash"]

@@ -104,7 +104,10 @@ def _tiny_base(path):
   params = models.EncoderDecoderModel(network.Transformer(config)).get_initial_variables(
       jax.random.PRNGKey(0), {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4)}
   )["params"]
-  checkpoint_importer.export_hf_t5(jax.tree.map(np.asarray, params), config, str(path), overwrite=True)
+  checkpoint_importer.export_hf_t5(jax.tree.map(np.asarray, params),
+                                   config,
+                                   str(path),
+                                   overwrite=True)
   return str(path)
 
 
@@ -116,13 +119,19 @@ def _old_library(tmp_path, base):
       network.Transformer(network.get_config("tiny")), optimizer_def=optimizers.AdamW(),
       expert_config=experts.AdapterConfig(reduction_factor=4))
   run_dir = tmp_path / "old_run"
-  train.train(model=model, train_dataset_cfg=train_data.DatasetConfig(
-                  SEEN, {"inputs": 32, "targets": 8}, batch_size=2),
-              model_dir=str(run_dir), total_steps=1, num_retrieval_keys=2,
-              trainer_cls=functools.partial(trainer.Trainer, learning_rate_fn=lambda step, total: 1e-3),
+  train.train(model=model,
+              train_dataset_cfg=train_data.DatasetConfig(SEEN, {"inputs": 32, "targets": 8},
+                                                         batch_size=2),
+              model_dir=str(run_dir),
+              total_steps=1,
+              num_retrieval_keys=2,
+              trainer_cls=functools.partial(trainer.Trainer,
+                                            learning_rate_fn=lambda step, total: 1e-3),
               checkpoint_cfg=tc.CheckpointConfig(save=tc.SaveCheckpointConfig(period=None, keep=1),
                                                  restore=tc.RestoreCheckpointConfig(path=base)),
-              eval_before_and_after=False, summarize_config_fn=None, show_progress=False)
+              eval_before_and_after=False,
+              summarize_config_fn=None,
+              show_progress=False)
   lib = library.Library.init(str(tmp_path / "lib"))
   lib.add(str(run_dir / "expert"), name=SEEN)
   return str(tmp_path / "lib")

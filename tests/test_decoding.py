@@ -68,7 +68,9 @@ def test_beam_search_finds_the_brute_force_best(small_vocab_model):
     score = sum(logp[i, t] for i, t in enumerate(seq))
     if score > best + 1e-9:
       best, best_seq = score, seq
-  batch = {"encoder_input_tokens": inputs, "decoder_input_tokens": jnp.zeros((1, MAX_LEN), jnp.int32)}
+  batch = {
+      "encoder_input_tokens": inputs, "decoder_input_tokens": jnp.zeros((1, MAX_LEN), jnp.int32)
+  }
   top, aux = beam_model.predict_batch_with_aux(params, batch, num_decodes=VOCAB ** (MAX_LEN - 1),
                                                decoder_params={"alpha": 0.0})
   want = np.zeros(MAX_LEN, np.int32)

@@ -1,4 +1,5 @@
-"""Tests for the embedders: JAX BERT vs transformers' BertModel, BM25, and the T5-encoder embedder."""
+"""Tests for the embedders: JAX BERT vs transformers' BertModel, BM25, and the T5-encoder
+embedder."""
 
 import json
 import os
@@ -8,12 +9,15 @@ import pytest
 
 from expert_t5x import embedders
 
-WORDS = ["answer", "choices", "instance", "yes", "no", "maybe", "the", "sky", "is", "blue", "none", "cat",
-         "dog", "summarize", "question", "true", "false"]
+WORDS = [
+    "answer", "choices", "instance", "yes", "no", "maybe", "the", "sky", "is", "blue", "none",
+    "cat", "dog", "summarize", "question", "true", "false"
+]
 
 
 def make_tokenizer_json(path):
-  """A BERT-style WordPiece tokenizer.json built with `tokenizers` (lower-case, char-level fallback)."""
+  """A BERT-style WordPiece tokenizer.json built with `tokenizers` (lower-case, char-level
+  fallback)."""
   from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
   specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
   letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789")
@@ -29,7 +33,13 @@ def make_tokenizer_json(path):
   return len(vocab)
 
 
-def make_tiny_minilm(directory, hidden=32, layers=2, heads=4, intermediate=64, positions=64, seed=0):
+def make_tiny_minilm(directory,
+                     hidden=32,
+                     layers=2,
+                     heads=4,
+                     intermediate=64,
+                     positions=64,
+                     seed=0):
   """A random tiny BERT saved like a sentence-transformers directory (HF key names, safetensors)."""
   from safetensors.numpy import save_file
   os.makedirs(directory, exist_ok=True)
@@ -43,17 +53,21 @@ def make_tiny_minilm(directory, hidden=32, layers=2, heads=4, intermediate=64, p
            "pooler.dense.weight": w(hidden, hidden), "pooler.dense.bias": w(hidden)}
   for i in range(layers):
     p = f"encoder.layer.{i}."
-    for name, (o, n) in {"attention.self.query": (hidden, hidden), "attention.self.key": (hidden, hidden),
-                         "attention.self.value": (hidden, hidden), "attention.output.dense": (hidden, hidden),
-                         "intermediate.dense": (intermediate, hidden), "output.dense": (hidden, intermediate)}.items():
+    for name, (o, n) in {
+        "attention.self.query": (hidden, hidden), "attention.self.key": (hidden, hidden),
+        "attention.self.value": (hidden, hidden), "attention.output.dense": (hidden, hidden),
+        "intermediate.dense": (intermediate, hidden), "output.dense": (hidden, intermediate)
+    }.items():
       state[p + name + ".weight"], state[p + name + ".bias"] = w(o, n), w(o)
     for name in ("attention.output.LayerNorm", "output.LayerNorm"):
       state[p + name + ".weight"], state[p + name + ".bias"] = 1 + w(hidden), w(hidden)
   save_file(state, os.path.join(directory, "model.safetensors"))
-  config = {"architectures": ["BertModel"], "model_type": "bert", "hidden_act": "gelu", "hidden_size": hidden,
-            "num_hidden_layers": layers, "num_attention_heads": heads, "intermediate_size": intermediate,
-            "max_position_embeddings": positions, "type_vocab_size": 2, "vocab_size": vocab_size,
-            "layer_norm_eps": 1e-12, "pad_token_id": 0}
+  config = {
+      "architectures": ["BertModel"], "model_type": "bert", "hidden_act": "gelu",
+      "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+      "intermediate_size": intermediate, "max_position_embeddings": positions, "type_vocab_size": 2,
+      "vocab_size": vocab_size, "layer_norm_eps": 1e-12, "pad_token_id": 0
+  }
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(config, f)
   return str(directory)
@@ -105,7 +119,8 @@ def test_minilm_batching_does_not_change_embeddings(tmp_path):
 
 @pytest.mark.parity
 def test_minilm_matches_transformers_bert(tmp_path):
-  """Compares with transformers' BertModel + attention-masked mean pooling + L2 norm (sentence-transformers)."""
+  """Compares with transformers' BertModel + attention-masked mean pooling + L2 norm
+  (sentence-transformers)."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   directory = make_tiny_minilm(tmp_path / "m")
@@ -122,17 +137,22 @@ def test_minilm_matches_transformers_bert(tmp_path):
   with torch.no_grad():
     hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
   m = mask.unsqueeze(-1).float()
-  ref = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1).numpy()
+  ref = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9),
+                                      dim=-1).numpy()
   assert np.abs(ours - ref).max() <= 1e-5
-  tok = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(directory, "tokenizer.json"))
-  assert [tok(t, truncation=True, max_length=48)["input_ids"] for t in TEXTS] == [e.ids for e in encodings]
+  tok = transformers.PreTrainedTokenizerFast(
+      tokenizer_file=os.path.join(directory, "tokenizer.json"))
+  assert [tok(t, truncation=True, max_length=48)["input_ids"] for t in TEXTS
+         ] == [e.ids for e in encodings]
 
 
 @pytest.mark.parity
-@pytest.mark.skipif(not os.environ.get("EXPERT_T5X_MINILM_DIR"), reason="set EXPERT_T5X_MINILM_DIR to the "
+@pytest.mark.skipif(not os.environ.get("EXPERT_T5X_MINILM_DIR"),
+                    reason="set EXPERT_T5X_MINILM_DIR to the "
                     "all-MiniLM-L6-v2 directory (expert-t5x data fetch minilm)")
 def test_real_minilm_matches_transformers():
-  """On the real all-MiniLM-L6-v2: same token ids as the HF fast tokenizer, cosine >= 0.9999 to BertModel."""
+  """On the real all-MiniLM-L6-v2: same token ids as the HF fast tokenizer, cosine >= 0.9999 to
+  BertModel."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   directory = os.environ["EXPERT_T5X_MINILM_DIR"]
@@ -150,7 +170,8 @@ def test_real_minilm_matches_transformers():
 
 
 def test_bm25_scores():
-  """Compares with the BM25 ranking a reader expects: a query shares rare words with one document."""
+  """Compares with the BM25 ranking a reader expects: a query shares rare words with one
+  document."""
   docs = ["the cat sat on the mat", "dogs bark loudly at night", "the sky is blue today"]
   scores = embedders.BM25Scorer().scores(["a blue sky", "cats and dogs bark", "zzz unknown"], docs)
   assert scores.shape == (3, 3)
@@ -165,15 +186,25 @@ def _tiny_spm(directory):
   corpus = os.path.join(directory, "corpus.txt")
   with open(corpus, "w") as f:
     for i in range(200):
-      f.write(f"answer choices yes no instance {i} the sky is blue and the cat sat on mat number {i % 7}\n")
-  spm.SentencePieceTrainer.train(input=corpus, model_prefix=os.path.join(directory, "sp"), vocab_size=48,
-                                 pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram",
+      f.write(
+          f"answer choices yes no instance {i} the sky is blue and the cat sat on mat number "
+          f"{i % 7}\n"
+      )
+  spm.SentencePieceTrainer.train(input=corpus,
+                                 model_prefix=os.path.join(directory, "sp"),
+                                 vocab_size=48,
+                                 pad_id=0,
+                                 eos_id=1,
+                                 unk_id=2,
+                                 bos_id=-1,
+                                 model_type="unigram",
                                  minloglevel=2)
   return os.path.join(directory, "sp.model")
 
 
 def test_t5_encoder_embedder_masked_mean(tmp_path):
-  """Compares with the network's encoder applied to each unpadded text, mean over all its positions."""
+  """Compares with the network's encoder applied to each unpadded text, mean over all its
+  positions."""
   import jax
   from expert_t5x import network
   config = network.get_config("tiny", dropout_rate=0.0)
@@ -187,7 +218,8 @@ def test_t5_encoder_embedder_masked_mean(tmp_path):
   for text, row in zip(texts, out):
     ids = np.array([emb.tokenize([text])[0]], np.int32)
     assert ids.shape[1] <= 16 and ids[0, -1] == 1  # truncated, EOS kept
-    hidden = np.asarray(model.apply({"params": params}, ids, enable_dropout=False, method=model.encode))
+    hidden = np.asarray(
+        model.apply({"params": params}, ids, enable_dropout=False, method=model.encode))
     ref = hidden[0].mean(axis=0)
     np.testing.assert_allclose(row, ref / np.linalg.norm(ref), atol=2e-5)
 
@@ -208,6 +240,8 @@ def test_minilm_matches_sentence_transformers(tmp_path):
   emb = embedders.MiniLMEmbedder(str(tmp_path / "st"), max_seq_length=48)
   ours = emb.embed(TEXTS)
   features = model.tokenize(TEXTS)
-  want_ids = [row[m.bool()].tolist() for row, m in zip(features["input_ids"], features["attention_mask"])]
+  want_ids = [
+      row[m.bool()].tolist() for row, m in zip(features["input_ids"], features["attention_mask"])
+  ]
   assert [e.ids for e in emb.tokenize(TEXTS)] == want_ids
   assert (ours * ref).sum(-1).min() >= 0.9999 and np.abs(ours - ref).max() <= 1e-5

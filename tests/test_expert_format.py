@@ -177,11 +177,13 @@ def test_reader_matches_safetensors_own_reader(tmp_path):
       np.testing.assert_array_equal(got, want.get_tensor(name).astype(np.float32))
   params = (path / ef.PARAMS_FILE).read_bytes()
   header_len = int.from_bytes(params[:8], "little")
-  for damaged, why in [(params[:5], "shorter than"), (b"\xff" * 8 + params[8:], "exceeds the file size"),
+  for damaged, why in [(params[:5], "shorter than"),
+                       (b"\xff" * 8 + params[8:], "exceeds the file size"),
                        (params[:8] + b"{" * header_len + params[8 + header_len:], "not JSON"),
                        (params[:8 + header_len], "do not fit")]:
     (path / ef.PARAMS_FILE).write_bytes(damaged)
-    with pytest.raises(ValueError, match=f"params.safetensors' is not a valid safetensors file.*{why}"):
+    with pytest.raises(ValueError,
+                       match=f"params.safetensors' is not a valid safetensors file.*{why}"):
       ef.ExpertReader(path)
 
 

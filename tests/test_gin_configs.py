@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN = os.path.join(ROOT, "gin")
 REQUIRED = ["--gin.MODEL_DIR='{d}'", "--gin.INITIAL_CHECKPOINT_PATH='/ckpt'"]
 EXPERT_GINS = sorted(f"experts/{f}" for f in os.listdir(os.path.join(GIN, "experts")))
-PARTITIONING_GINS = sorted(f"partitioning/{f}" for f in os.listdir(os.path.join(GIN, "partitioning")))
+PARTITIONING_GINS = sorted(
+    f"partitioning/{f}" for f in os.listdir(os.path.join(GIN, "partitioning")))
 MODEL_GINS = sorted(f"models/{f}" for f in os.listdir(os.path.join(GIN, "models")))
 MEMORY_GINS = sorted(f"memory/{f}" for f in os.listdir(os.path.join(GIN, "memory")))
 

@@ -1,10 +1,10 @@
 """The shipped training grid (`expert_t5x/data/grid.json`) against the paper's own configs.
 
 Compared with `tests/fixtures/elm_grid_reference.json`: a trimmed copy of the reference grids read
-from joeljang/ELM's `configs/experiment/*/*.json` (commit 27fc2a3; provenance inside the file), whose
-raw values were re-checked against every config at that commit. Then: the sweep turns every entry
-into the trainer's gin bindings, stacks only experts that share every setting, and a dry run prints
-the settings of every expert. Pure JSON and argument parsing: no TensorFlow, no training.
+from joeljang/ELM's `configs/experiment/*/*.json` (commit 27fc2a3; provenance inside the file),
+whose raw values were re-checked against every config at that commit. Then: the sweep turns every
+entry into the trainer's gin bindings, stacks only experts that share every setting, and a dry run
+prints the settings of every expert. Pure JSON and argument parsing: no TensorFlow, no training.
 """
 
 import collections
@@ -127,7 +127,9 @@ def test_dry_run_shows_settings_per_expert(tmp_path, capsys):
                      f"--library={tmp_path}/lib", f"--model_root={tmp_path}/runs", "--dry_run"])
   out = capsys.readouterr().out
   assert code == 0 and not os.path.exists(tmp_path / "runs")
-  lines = {l.split("\t")[2]: l.split("\t")[3] for l in out.splitlines() if l.startswith("settings\t")}
+  lines = {
+      l.split("\t")[2]: l.split("\t")[3] for l in out.splitlines() if l.startswith("settings\t")
+  }
   assert len(lines) == 7 + 6
   assert lines["samsum_Sum_up_the_following_dialogue"] == (
       "batch=2 max_examples=10000 epochs=5 lengths=512/128 lr=0.0003")

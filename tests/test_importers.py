@@ -1,4 +1,5 @@
-"""Tests for importers, on generated fixtures that use the real key names of the paper's and PEFT's files."""
+"""Tests for importers, on generated fixtures that use the real key names of the paper's and PEFT's
+files."""
 
 import json
 import os
@@ -16,7 +17,8 @@ D, R, LAYERS = 8, 2, 2
 
 
 def paper_state(task="cosmos_qa", seed=0):
-  """A paper adapter state dict with the original HF names (adapters embed the training-task key)."""
+  """A paper adapter state dict with the original HF names (adapters embed the training-task
+  key)."""
   rng = np.random.default_rng(seed)
   state = {}
   for stack, subs in (("encoder", (0, 1)), ("decoder", (0, 2))):
@@ -28,7 +30,8 @@ def paper_state(task="cosmos_qa", seed=0):
         state[p + "up_sampler.weight"] = rng.normal(size=(D, R)).astype(np.float32)
         state[p + "up_sampler.bias"] = rng.normal(size=(D,)).astype(np.float32)
       for sub in ((0, 1) if stack == "encoder" else (0, 1, 2)):
-        state[f"{stack}.block.{i}.layer.{sub}.layer_norm.weight"] = rng.normal(size=(D,)).astype(np.float32)
+        state[f"{stack}.block.{i}.layer.{sub}.layer_norm.weight"] = rng.normal(size=(D,)).astype(
+            np.float32)
     state[f"{stack}.final_layer_norm.weight"] = rng.normal(size=(D,)).astype(np.float32)
   return state
 
@@ -50,7 +53,8 @@ def test_convert_paper_adapter_names_and_orientation():
                                       "up_sampler.weight"].T)
   np.testing.assert_array_equal(flat["decoder/layers_0/pre_cross_attention_layer_norm/scale"],
                                 state["decoder.block.0.layer.1.layer_norm.weight"])
-  np.testing.assert_array_equal(flat["encoder/encoder_norm/scale"], state["encoder.final_layer_norm.weight"])
+  np.testing.assert_array_equal(flat["encoder/encoder_norm/scale"],
+                                state["encoder.final_layer_norm.weight"])
   assert flat["encoder/layers_0/attention_adapter/wi/kernel"].shape == (D, R)
 
 
@@ -62,14 +66,17 @@ def test_convert_paper_adapter_errors():
     importers.convert_paper_adapter(mixed)
   with pytest.raises(importers.ImportError_, match="not paper adapter"):
     importers.convert_paper_adapter(dict(state, **{"shared.weight": np.zeros((3, D))}))
-  cross = {"decoder.block.0.layer.1.adapter_controller.adapters.t.down_sampler.weight": np.zeros((R, D))}
+  cross = {
+      "decoder.block.0.layer.1.adapter_controller.adapters.t.down_sampler.weight": np.zeros((R, D))
+  }
   with pytest.raises(importers.ImportError_, match="sub-layer 1"):
     importers.convert_paper_adapter(cross)
 
 
 @pytest.mark.parity
 def test_import_paper_adapter_pt_files(tmp_path):
-  """Reads per-parameter .pt files written by torch.save, as the paper's run_seq2seq.py saved them."""
+  """Reads per-parameter .pt files written by torch.save, as the paper's run_seq2seq.py saved
+  them."""
   torch = pytest.importorskip("torch")
   src = tmp_path / "expert_weights" / "cosmos_qa" / "no_prompt_text" / "adapter_params"
   src.mkdir(parents=True)
@@ -77,11 +84,15 @@ def test_import_paper_adapter_pt_files(tmp_path):
   for name, value in state.items():
     torch.save(torch.from_numpy(value), src / f"{name}.pt")
   out = tmp_path / "expert"
-  assert importers.import_main(["paper-adapter", str(src), "--output", str(out), "--base-fingerprint", BASE,
-                                "--base-config", "tiny"]) == 0
+  assert importers.import_main([
+      "paper-adapter",
+      str(src), "--output",
+      str(out), "--base-fingerprint", BASE, "--base-config", "tiny"
+  ]) == 0
   params, meta = expert_format.load_expert(out)
   assert meta["type"] == "adapter" and meta["config"]["init_seed"] is None
-  assert meta["provenance"][0]["dataset"] == "cosmos_qa" and meta["provenance"][0]["prompt"] == "no_prompt_text"
+  assert meta["provenance"][0]["dataset"] == "cosmos_qa" and meta["provenance"][0][
+      "prompt"] == "no_prompt_text"
   assert meta["training"]["task_key"] == "cosmos_qa"
   flat = expert_format.flatten_params(params)
   np.testing.assert_array_equal(flat["encoder/layers_0/attention_adapter/wo/kernel"],
@@ -89,19 +100,25 @@ def test_import_paper_adapter_pt_files(tmp_path):
                                       "up_sampler.weight"].T)
   # One state-dict .pt file imports to the same tensors.
   torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "state.pt")
-  h = importers.import_paper_adapter(str(tmp_path / "state.pt"), str(tmp_path / "e2"), base_fingerprint=BASE)
+  h = importers.import_paper_adapter(str(tmp_path / "state.pt"),
+                                     str(tmp_path / "e2"),
+                                     base_fingerprint=BASE)
   assert h == meta["content_hash"]
 
 
 def peft_fixture(directory, seed=0, r=4, alpha=8, rslora=False, extra_config=None):
-  """A PEFT LoRA adapter directory for T5 (q/v of every attention, wo of the MLP), real key names."""
+  """A PEFT LoRA adapter directory for T5 (q/v of every attention, wo of the MLP), real key
+  names."""
   rng = np.random.default_rng(seed)
   modules = []
   for i in range(LAYERS):
     modules += [f"encoder.block.{i}.layer.0.SelfAttention.{p}" for p in "qv"]
     modules += [f"decoder.block.{i}.layer.0.SelfAttention.{p}" for p in "qv"]
     modules += [f"decoder.block.{i}.layer.1.EncDecAttention.{p}" for p in "qv"]
-    modules += [f"encoder.block.{i}.layer.1.DenseReluDense.wo", f"decoder.block.{i}.layer.2.DenseReluDense.wo"]
+    modules += [
+        f"encoder.block.{i}.layer.1.DenseReluDense.wo",
+        f"decoder.block.{i}.layer.2.DenseReluDense.wo"
+    ]
   state = {}
   for m in modules:
     fan_in = 3 * D if m.endswith("wo") else D
@@ -109,10 +126,12 @@ def peft_fixture(directory, seed=0, r=4, alpha=8, rslora=False, extra_config=Non
     state[f"base_model.model.{m}.lora_B.weight"] = rng.normal(size=(D, r)).astype(np.float32)
   os.makedirs(directory, exist_ok=True)
   save_file(state, os.path.join(directory, "adapter_model.safetensors"))
-  config = {"peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "r": r, "lora_alpha": alpha,
-            "target_modules": ["q", "v", "wo"], "lora_dropout": 0.05, "bias": "none", "use_rslora": rslora,
-            "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
-            "base_model_name_or_path": "google/t5-xl-lm-adapt", **(extra_config or {})}
+  config = {
+      "peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "r": r, "lora_alpha": alpha,
+      "target_modules": ["q", "v", "wo"], "lora_dropout": 0.05, "bias": "none",
+      "use_rslora": rslora, "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
+      "base_model_name_or_path": "google/t5-xl-lm-adapt", **(extra_config or {})
+  }
   with open(os.path.join(directory, "adapter_config.json"), "w") as f:
     json.dump(config, f)
   return state
@@ -127,10 +146,12 @@ def test_import_peft_lora_delta_w_matches_peft(tmp_path, rslora):
                                 "--base-fingerprint", BASE, "--dataset", "xsum"]) == 0
   params, meta = expert_format.load_expert(out)
   flat = expert_format.flatten_params(params)
-  assert meta["type"] == "lora" and meta["config"]["rank"] == 4 and meta["provenance"][0]["dataset"] == "xsum"
+  assert meta["type"] == "lora" and meta["config"]["rank"] == 4 and meta["provenance"][0][
+      "dataset"] == "xsum"
   scale = 8 / (2.0 if rslora else 4.0)
   ours_scale = meta["config"]["alpha"] / meta["config"]["rank"]
-  for hf, ours in [("decoder.block.1.layer.1.EncDecAttention.v", "decoder/layers_1/encoder_decoder_attention/value"),
+  for hf, ours in [("decoder.block.1.layer.1.EncDecAttention.v",
+                    "decoder/layers_1/encoder_decoder_attention/value"),
                    ("encoder.block.0.layer.1.DenseReluDense.wo", "encoder/layers_0/mlp/wo"),
                    ("encoder.block.1.layer.0.SelfAttention.q", "encoder/layers_1/attention/query")]:
     peft_delta = scale * state[f"base_model.model.{hf}.lora_B.weight"].astype(np.float64) @ \
@@ -155,9 +176,10 @@ def test_peft_alpha_pattern_matches_module_suffixes_first_pattern_first(tmp_path
   for hf, ours, scale in [
       ("encoder.block.0.layer.0.SelfAttention.q", "encoder/layers_0/attention/query", 8 / 4),
       ("encoder.block.0.layer.0.SelfAttention.v", "encoder/layers_0/attention/value", 2 / 4),
-      ("decoder.block.1.layer.1.EncDecAttention.v", "decoder/layers_1/encoder_decoder_attention/value",
-       32 / 4),
-      ("encoder.block.1.layer.1.DenseReluDense.wo", "encoder/layers_1/mlp/wo", 8 / 4)]:
+      ("decoder.block.1.layer.1.EncDecAttention.v",
+       "decoder/layers_1/encoder_decoder_attention/value", 32 / 4),
+      ("encoder.block.1.layer.1.DenseReluDense.wo", "encoder/layers_1/mlp/wo", 8 / 4)
+  ]:
     want = scale * state[f"base_model.model.{hf}.lora_B.weight"].astype(np.float64)
     np.testing.assert_allclose(flat[f"{ours}/lora_b"], want.T, rtol=1e-6)
 
@@ -167,8 +189,11 @@ def test_import_peft_lora_errors(tmp_path, capsys):
   with pytest.raises(importers.ImportError_, match="rank_pattern"):
     importers.import_peft_lora(str(tmp_path / "p1"), str(tmp_path / "o1"), base_fingerprint=BASE)
   with pytest.raises(importers.ImportError_, match="not a T5"):
-    importers.convert_peft_lora({"base_model.model.foo.bar.lora_A.weight": np.zeros((2, 2)),
-                                 "base_model.model.foo.bar.lora_B.weight": np.zeros((2, 2))}, {"r": 2})
+    importers.convert_peft_lora(
+        {
+            "base_model.model.foo.bar.lora_A.weight": np.zeros(
+                (2, 2)), "base_model.model.foo.bar.lora_B.weight": np.zeros((2, 2))
+        }, {"r": 2})
   with pytest.raises(importers.ImportError_, match="not a LoRA factor"):
     importers.convert_peft_lora({"base_model.model.shared.weight": np.zeros((2, 2))}, {"r": 2})
   assert importers.import_main(["peft-lora", str(tmp_path), "--output", str(tmp_path / "o2"),

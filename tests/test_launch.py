@@ -52,9 +52,11 @@ def _heredocs(output):
 
 
 def test_launchers_import_neither_tensorflow_nor_jax():
-  code = ("import sys; sys.path.insert(0, '.'); import launch.tpu_vm, launch.sweep, launch.sweep_targets;"
-          "launch.common.task_names();"
-          "print(sorted(m for m in ('tensorflow', 'jax', 'seqio', 'seqio_tasks') if m in sys.modules))")
+  code = (
+      "import sys; sys.path.insert(0, '.'); import launch.tpu_vm, launch.sweep, "
+      "launch.sweep_targets;"
+      "launch.common.task_names();"
+      "print(sorted(m for m in ('tensorflow', 'jax', 'seqio', 'seqio_tasks') if m in sys.modules))")
   result = _run([sys.executable, "-c", code])
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == "[]"
@@ -125,8 +127,8 @@ def _tpu_dry_run(*extra):
 
 
 def test_tpu_up_multi_host_dry_run(tmp_path):
-  code, out = _tpu_dry_run("up", "--accelerator_type=v4-32", "--spot", "--model_dir=/mnt/shared/runs/pe",
-                           "--model_dir_is_shared",
+  code, out = _tpu_dry_run("up", "--accelerator_type=v4-32", "--spot",
+                           "--model_dir=/mnt/shared/runs/pe", "--model_dir_is_shared",
                            "--gin_file=experts/prompt_expert.gin", f"--archive_dir={tmp_path}",
                            "--gin.MIXTURE_OR_TASK_NAME=\"cosmos_qa_no_prompt_text\"")
   assert code == 0
@@ -157,7 +159,8 @@ def test_tpu_worker_script_passes_coordinator_flags(tmp_path):
   venv_bin = home / "expert_t5x_venv" / "bin"
   venv_bin.mkdir(parents=True)
   (venv_bin / "python").write_text(
-      f"#!{sys.executable}\nimport json, os, sys\nprint(json.dumps([os.getcwd()] + sys.argv[1:]))\n")
+      f"#!{sys.executable}\nimport json, os, sys\nprint(json.dumps([os.getcwd()] + sys.argv[1:]))\n"
+  )
   (venv_bin / "python").chmod(0o755)
   (home / "run.sh").write_text(script)
   result = subprocess.run(["bash", str(home / "run.sh"), "2", "10.1.2.3"], capture_output=True,
@@ -181,8 +184,10 @@ def test_tpu_single_host_has_no_coordinator():
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["run", "--accelerator_type=v4-32", "--model_dir=/tmp/m", "--gin_file=a.gin"], "must be shared"),
-    (["run", "--accelerator_type=v4-8", "--model_dir=gs://b/m", "--gin_file=a.gin"], "object-store"),
+    (["run", "--accelerator_type=v4-32", "--model_dir=/tmp/m", "--gin_file=a.gin"
+     ], "must be shared"),
+    (["run", "--accelerator_type=v4-8", "--model_dir=gs://b/m", "--gin_file=a.gin"
+     ], "object-store"),
     (["run", "--accelerator_type=v9-8", "--model_dir=/tmp/m", "--gin_file=a.gin"], "not a known"),
     (["run", "--accelerator_type=v4-8", "--model_dir=/tmp/m"], "needs --gin_file"),
     (["run", "--accelerator_type=v4-8", "--model_dir=runs/m", "--gin_file=a.gin"], "is relative"),
@@ -197,7 +202,8 @@ def test_tpu_bad_input(extra, message, capsys):
 def test_tpu_delete_dry_run():
   code, out = _tpu_dry_run("delete")
   assert code == 0
-  assert out.strip() == "+ gcloud compute tpus tpu-vm delete t1 --zone=us-central2-b --project=p --quiet"
+  assert out.strip(
+  ) == "+ gcloud compute tpus tpu-vm delete t1 --zone=us-central2-b --project=p --quiet"
 
 
 # ----------------------------------------------------------------------------
@@ -209,8 +215,9 @@ LOCAL_GPU = os.path.join(REPO, "launch", "local_gpu.sh")
 
 def test_local_gpu_syntax_and_dry_run():
   assert subprocess.run(["bash", "-n", LOCAL_GPU]).returncode == 0
-  result = _run(["bash", LOCAL_GPU, "--dry_run", "--gpus=0,1", "--gin_file=experts/prompt_expert.gin"],
-                env={"XLA_PYTHON_CLIENT_PREALLOCATE": ""})
+  result = _run(
+      ["bash", LOCAL_GPU, "--dry_run", "--gpus=0,1", "--gin_file=experts/prompt_expert.gin"],
+      env={"XLA_PYTHON_CLIENT_PREALLOCATE": ""})
   assert result.returncode == 0, result.stderr
   assert "export CUDA_VISIBLE_DEVICES=0,1" in result.stdout
   assert "export XLA_PYTHON_CLIENT_PREALLOCATE=" in result.stdout
@@ -231,7 +238,8 @@ def test_local_gpu_hides_gpus_from_tensorflow_then_runs_trainer_as_main(tmp_path
       "    open(os.environ['FAKE_TF_LOG'], 'a').write(f'{devices} {kind}\\n')\n")
   (tmp_path / "fake_trainer.py").write_text(
       "import json, os, sys\n"
-      "print(json.dumps({'name': __name__, 'argv': sys.argv[1:], 'tf_loaded': 'tensorflow' in sys.modules,"
+      "print(json.dumps({'name': __name__, 'argv': sys.argv[1:], 'tf_loaded': 'tensorflow' in "
+      "sys.modules,"
       " 'prealloc': os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'],"
       " 'tf_log': open(os.environ['FAKE_TF_LOG']).read()}))\n")
   env = {"PYTHONPATH": str(tmp_path), "FAKE_TF_LOG": str(tmp_path / "tf.log"),
@@ -285,7 +293,8 @@ def test_paper_grid_dataset_experts():
                      e["dataset"]) for e in grid]
   assert len(experts) == 36
   assert [e.task for e in experts] == [p + "_random_prompt" for p in prefixes]
-  assert [e.task for e in sweep.paper_grid("dataset_adapter")] == [p + "_all_prompts" for p in prefixes]
+  assert [e.task for e in sweep.paper_grid("dataset_adapter")
+         ] == [p + "_all_prompts" for p in prefixes]
 
 
 def _args(tmp_path, target="list", *extra):
@@ -491,7 +500,8 @@ while step < 5:
 
 for task in tasks:
   seed = int(hashlib.sha256(task.encode()).hexdigest()[:8], 16)
-  params = {"encoder": {"adapter": np.random.default_rng(seed).normal(size=(2, 3)).astype("float32")}}
+  adapter = np.random.default_rng(seed).normal(size=(2, 3)).astype("float32")
+  params = {"encoder": {"adapter": adapter}}
   meta = expert_format.build_metadata(
       "adapter", {"kind": "adapter"}, base_fingerprint="f" * 64, base_config_name="tiny",
       provenance=[{"task": task, "dataset": task, "subset": None, "prompt": None, "role": "train"}])
@@ -573,8 +583,12 @@ def test_local_runner_stacked_group_partly_done(tmp_path):
   assert _library_ids(tmp_path) == ["s_a", "s_b", "s_c"]
   # Remove one expert: the group keeps its members (same MODEL_DIR, so it resumes, here from its
   # final checkpoint) and only the missing expert is added again.
-  subprocess.run([sys.executable, "-m", "expert_t5x.cli", "library", "remove", str(tmp_path / "lib"),
-                  "s_b"], check=True, capture_output=True, cwd=REPO)
+  subprocess.run(
+      [sys.executable, "-m", "expert_t5x.cli", "library", "remove",
+       str(tmp_path / "lib"), "s_b"],
+      check=True,
+      capture_output=True,
+      cwd=REPO)
   result = _local_sweep(tmp_path, trainer, env, *args)
   assert result.returncode == 0, result.stdout + result.stderr
   assert "1 more done inside partly finished groups" not in result.stdout
@@ -593,8 +607,11 @@ def test_job_script_forwards_sigterm_and_adds_nothing(tmp_path):
   assert sweep.main(["slurm", "--tasks=t_a", f"--library={tmp_path / 'lib'}",
                      f"--model_root={tmp_path / 'runs'}", f"--out_dir={out_dir}",
                      f"--python={sys.executable}", f"--train_cmd={sys.executable} {trainer}"]) == 0
-  proc = subprocess.Popen(["bash", str(out_dir / "jobs" / "job_0000.sh")], env=dict(os.environ, **env),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(["bash", str(out_dir / "jobs" / "job_0000.sh")],
+                          env=dict(os.environ, **env),
+                          stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE,
+                          text=True)
   started = tmp_path / "runs" / "prompt" / "t_a" / "started"
   deadline = time.time() + 60
   while not started.exists() and time.time() < deadline and proc.poll() is None:
@@ -631,15 +648,28 @@ def test_suite_experts_follow_the_suite(tmp_path):
 
 def test_grid_settings_reach_commands_and_split_groups(tmp_path, monkeypatch):
   path = tmp_path / "grid.json"
-  path.write_text(json.dumps({"experts": [
-      {"recipe": "prompt_expert", "dataset": "trec", "subset": None, "prompt": None,
-       "settings": {"num_epochs": 10}},
-      {"recipe": "prompt_expert", "dataset": "app_reviews", "subset": None,
-       "prompt": "convert_to_rating", "settings": {"learning_rate": 3e-4}},
-      {"dataset": "xsum", "subset": None,
-       "gin": {"TASK_FEATURE_LENGTHS": {"inputs": 512, "targets": 128}, "MAX_EXAMPLES": 10000}},
-      {"recipe": "dataset_expert", "dataset": "trec", "subset": None, "settings": {"batch_size": 64}},
-  ]}))
+  path.write_text(
+      json.dumps({
+          "experts": [
+              {
+                  "recipe": "prompt_expert", "dataset": "trec", "subset": None, "prompt": None,
+                  "settings": {"num_epochs": 10}
+              },
+              {
+                  "recipe": "prompt_expert", "dataset": "app_reviews", "subset": None,
+                  "prompt": "convert_to_rating", "settings": {"learning_rate": 3e-4}
+              },
+              {
+                  "dataset": "xsum", "subset": None, "gin": {
+                      "TASK_FEATURE_LENGTHS": {"inputs": 512, "targets": 128}, "MAX_EXAMPLES": 10000
+                  }
+              },
+              {
+                  "recipe": "dataset_expert", "dataset": "trec", "subset": None,
+                  "settings": {"batch_size": 64}
+              },
+          ]
+      }))
   monkeypatch.setattr(sweep, "GRID_SETTINGS_PATH", str(path))
   experts = {e.id: e.settings_dict for e in sweep.paper_grid("prompt")}
   assert sum(s == {"NUM_EPOCHS": 10} for s in experts.values()) == 18

@@ -24,9 +24,10 @@ def make_expert(path, seed=0, dataset="cosmos_qa", subset=None, prompt="no_promp
       base_config_name="tiny",
       provenance=[{"task": task, "dataset": dataset, "subset": subset, "prompt": prompt,
                    "role": "train"}])
-  keys = [{"inputs": f"{dataset} input {i}", "targets": "t", "answer_choices": ["a", "b"], "example_id": i,
-           "task": task, "dataset": dataset, "subset": subset, "prompt": prompt}
-          for i in range(num_keys)]
+  keys = [{
+      "inputs": f"{dataset} input {i}", "targets": "t", "answer_choices": ["a", "b"],
+      "example_id": i, "task": task, "dataset": dataset, "subset": subset, "prompt": prompt
+  } for i in range(num_keys)]
   expert_format.save_expert(path, params, meta, keys)
   return str(path)
 
@@ -125,7 +126,9 @@ def test_one_expert_added_twice_at_once_under_two_names_is_kept_once(tmp_path):
   expert = make_expert(tmp_path / "e", 0, "ds")
   ctx = multiprocessing.get_context("spawn")
   barrier = ctx.Barrier(2)
-  procs = [ctx.Process(target=_concurrent_add, args=(root, expert, barrier, name)) for name in ("a", "b")]
+  procs = [
+      ctx.Process(target=_concurrent_add, args=(root, expert, barrier, name)) for name in ("a", "b")
+  ]
   for p in procs:
     p.start()
   for p in procs:
@@ -188,7 +191,8 @@ def test_guard_modes_and_overlap_report(tmp_path):
   zs = lib.guard("super_glue/rte", None, "zero_shot")
   assert [x["id"] for x in zs.excluded] == ["super_glue_rte_p1"]
   assert len(zs.allowed) == 2
-  assert lib.guard("super_glue", "cb", "zero_shot").excluded[0]["id"] == "Super-Glue_CB_p2"  # normalised
+  # normalised
+  assert lib.guard("super_glue", "cb", "zero_shot").excluded[0]["id"] == "Super-Glue_CB_p2"
   assert lib.guard("super_glue", "rte", "seen").excluded == []
   assert lib.guard("super_glue", "rte", "off").to_json()["mode"] == "off"
   with pytest.raises(library_lib.LibraryError, match="Unknown guard mode"):
@@ -202,14 +206,16 @@ def test_guard_modes_and_overlap_report(tmp_path):
 def test_cli(tmp_path, capsys):
   root = str(tmp_path / "lib")
   assert library_lib.library_main(["init", root, "--base-fingerprint", BASE]) == 0
-  assert library_lib.library_main(["add", root, make_expert(tmp_path / "a", 0, "super_glue", "rte", "p")]) == 0
+  assert library_lib.library_main(
+      ["add", root, make_expert(tmp_path / "a", 0, "super_glue", "rte", "p")]) == 0
   assert library_lib.library_main(["list", root, "--json"]) == 0
   out = capsys.readouterr().out
   assert json.loads(out[out.index("{"):])["experts"][0]["id"] == "super_glue_rte_p"
   assert library_lib.library_main(["show", root, "super_glue_rte_p", "--verify"]) == 0
   assert '"verified": true' in capsys.readouterr().out
   suite = tmp_path / "suite.json"
-  suite.write_text(json.dumps([{"eval_dataset": "rte", "hf_dataset": "super_glue", "hf_subset": "rte"}]))
+  suite.write_text(
+      json.dumps([{"eval_dataset": "rte", "hf_dataset": "super_glue", "hf_subset": "rte"}]))
   assert library_lib.library_main(["report-overlaps", root, "--eval-suite", str(suite)]) == 0
   assert "1 overlapping" in capsys.readouterr().out
   assert library_lib.library_main(["show", root, "nope"]) == 1
@@ -222,7 +228,8 @@ def test_cli(tmp_path, capsys):
 
 
 @pytest.mark.tf
-def test_object_store_library_is_single_writer_through_a_working_copy(tmp_path, monkeypatch, capsys):
+def test_object_store_library_is_single_writer_through_a_working_copy(tmp_path, monkeypatch,
+                                                                      capsys):
   """A library on TensorFlow's in-memory file system (ram://: an object store, no flock or atomic
   rename): the CLI says it is single-writer; a reader with its own working copy (another machine)
   sees every expert, downloads keys without weights, verifies content hashes, and sees removals."""
@@ -230,7 +237,8 @@ def test_object_store_library_is_single_writer_through_a_working_copy(tmp_path, 
   url = f"ram://{tmp_path.name}/lib"
   assert library_lib.library_main(["init", url, "--base-fingerprint", BASE]) == 0
   assert "single-writer" in capsys.readouterr().err
-  assert library_lib.library_main(["add", url, make_expert(tmp_path / "a", 0, "super_glue", "rte", "p")]) == 0
+  assert library_lib.library_main(
+      ["add", url, make_expert(tmp_path / "a", 0, "super_glue", "rte", "p")]) == 0
   writer = library_lib.Library(url)
   writer.add(make_expert(tmp_path / "b", 1, "dream"))
   with pytest.raises(library_lib.LibraryError, match="without --no-copy"):
@@ -287,7 +295,8 @@ def test_zero_shot_guard_refuses_unknown_provenance_unless_allowed(tmp_path, cap
 
 
 def test_training_records_unknown_provenance_explicitly(caplog):
-  """A task registered outside seqio_tasks has no readable provenance: recorded as unknown (not None,
+  """A task registered outside seqio_tasks has no readable provenance: recorded as unknown (not
+  None,
   which the guard could not tell from 'does not apply'), with the reason logged."""
   from expert_t5x import train  # pylint: disable=g-import-not-at-top
   with caplog.at_level("WARNING"):

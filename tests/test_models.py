@@ -29,7 +29,8 @@ def test_score_batch_equals_numpy_log_softmax_gather(tiny_model, tiny_params):
   limited = np.asarray(tiny_model.score_batch(tiny_params, batch, logit_vocab_limit=60))
   sub = logits[..., :60]
   logp60 = sub - np.log(np.exp(sub).sum(-1, keepdims=True))
-  want60 = (np.take_along_axis(logp60, np.minimum(tgt, 59)[..., None], -1)[..., 0] * (tgt > 0)).sum(-1)
+  want60 = (np.take_along_axis(logp60,
+                               np.minimum(tgt, 59)[..., None], -1)[..., 0] * (tgt > 0)).sum(-1)
   np.testing.assert_allclose(limited, want60, rtol=1e-5)
 
 

@@ -74,9 +74,12 @@ def test_remat_gives_the_same_gradients(tiny_config, tiny_params, policy):
   batch = random_batch(1)
 
   def loss(params, cfg):
-    logits = network.Transformer(cfg).apply(
-        {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-        batch["decoder_target_tokens"], enable_dropout=True, rngs={"dropout": jax.random.PRNGKey(0)})
+    logits = network.Transformer(cfg).apply({"params": params},
+                                            batch["encoder_input_tokens"],
+                                            batch["decoder_input_tokens"],
+                                            batch["decoder_target_tokens"],
+                                            enable_dropout=True,
+                                            rngs={"dropout": jax.random.PRNGKey(0)})
     return jnp.sum(jax.nn.log_softmax(logits)[..., 2])
 
   grad = jax.jit(jax.grad(loss), static_argnums=1)

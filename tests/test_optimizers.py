@@ -1,4 +1,5 @@
-"""Optimizers and schedules against independent numpy implementations of the published algorithms."""
+"""Optimizers and schedules against independent numpy implementations of the published
+algorithms."""
 
 import jax
 import jax.numpy as jnp

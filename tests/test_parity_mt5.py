@@ -47,7 +47,8 @@ def test_mt5_checkpoint_imports_and_matches_transformers(tmp_path):
   (hub_dir / "config.json").write_text(json.dumps(released))
   params2, config2, _ = checkpoint_importer.load_hf_t5(hub_dir, dropout_rate=0.0)
   assert config2 == config
-  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)))
+  assert all(
+      np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)))
   assert config.mlp_activations == ("gelu", "linear") and not config.logits_via_embedding
   enc, dec_in, tgt = _batch()
   _, hf_logits = _torch_forward(model, enc, dec_in)

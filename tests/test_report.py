@@ -31,7 +31,8 @@ def _summary() -> dict:
   methods = []
   for group, task in (("seen_task", "demo_a_p2_score_eval"),
                       ("heldout_task", "demo_c_p1_score_eval")):
-    for name, mean in (("base", 50.0), ("RoE (prompt expert)", 80.0 if group == "seen_task" else 55.0)):
+    for name, mean in (("base", 50.0), ("RoE (prompt expert)",
+                                        80.0 if group == "seen_task" else 55.0)):
       methods.append({"name": name, "group": group, "mean": mean, "ci": [mean - 10, mean + 5],
                       "num_prompts": 1,
                       "prompts": {task: {"accuracy": mean, "experts": ["demo_a_p1"]}}})

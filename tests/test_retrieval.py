@@ -1,4 +1,5 @@
-"""Tests for Retrieval of Experts: text formats, voting with known answers and ties, cache, guard, CLI."""
+"""Tests for Retrieval of Experts: text formats, voting with known answers and ties, cache, guard,
+CLI."""
 
 import hashlib
 import json
@@ -14,8 +15,10 @@ from expert_t5x import retrieval
 from test_embedders import make_tiny_minilm
 
 BASE = "b" * 64
-ROW = {"inputs": "Is the sky blue?", "answer_choices": ["yes", "no"], "dataset": "super_glue", "subset": "rte",
-       "prompt": "p1", "answer_choices_template": "Yes ||| No"}
+ROW = {
+    "inputs": "Is the sky blue?", "answer_choices": ["yes", "no"], "dataset": "super_glue",
+    "subset": "rte", "prompt": "p1", "answer_choices_template": "Yes ||| No"
+}
 
 
 def test_text_formats_as_the_paper():
@@ -34,7 +37,8 @@ def test_text_formats_as_the_paper():
   assert f("label", generative) == "Answer Choices: "
   assert f("choice_instance", generative) == "Answer Choices: None, Instance: Is the sky blue?"
   no_template = {k: v for k, v in ROW.items() if k != "answer_choices_template"}
-  assert f("choice", no_template, lookup=lambda d, s, p: "{{a}} ||| {{b}}") == "Answer Choices: {{a}} ||| {{b}}"
+  assert f("choice", no_template,
+           lookup=lambda d, s, p: "{{a}} ||| {{b}}") == "Answer Choices: {{a}} ||| {{b}}"
 
   def failing(d, s, p):
     raise KeyError(p)
@@ -85,7 +89,8 @@ def test_key_and_query_texts_equal_elm_with_and_without_choices(text_format):
   rows = [
       (ROW, ["yes", "no"], "Yes ||| No"),
       (dict(ROW, answer_choices=[], answer_choices_template=None), None, None),
-      (dict(ROW, answer_choices=[], answer_choices_template=None), [], None),  # an empty labels_list
+      # an empty labels_list
+      (dict(ROW, answer_choices=[], answer_choices_template=None), [], None),
   ]
   for row, label_list, raw in rows:
     want = _elm_get_text_format(text_format, row["inputs"], raw, label_list)
@@ -104,7 +109,8 @@ def test_query_selection_is_seeded_and_recorded():
 
 
 def test_vote_known_answers_and_ties():
-  # Keys 0,1 -> expert 0; keys 2,3 -> expert 1; key 4 -> expert 2. Each row's best key is set by hand.
+  # Keys 0,1 -> expert 0; keys 2,3 -> expert 1; key 4 -> expert 2. Each row's best key is set by
+  # hand.
   key_expert = np.array([0, 0, 1, 1, 2])
   best = [3, 1, 4, 2, 0]
   scores = np.zeros((5, 5))
@@ -128,7 +134,8 @@ def test_vote_known_answers_and_ties():
 
 
 def test_top_key_by_expert_equals_argmax_with_ties_and_empty_experts():
-  """The nearest key found through per-expert maxima vs numpy's argmax over all keys (lowest id among
+  """The nearest key found through per-expert maxima vs numpy's argmax over all keys (lowest id
+  among
   ties), on integer scores with many exact ties and experts of 0..7 keys."""
   rng = np.random.default_rng(0)
   counts = rng.integers(0, 8, size=40)
@@ -169,7 +176,8 @@ def test_unvoted_candidates_ranked_by_similarity_then_id():
   keys = _keyset([["a"], ["b"], ["c"], ["d"]])
   scores = np.array([[0.2, 0.5, 0.2, 0.9], [0.2, 0.5, 0.2, 0.8]])
   s = retrieval.summarize(scores, keys)
-  assert [(c["expert"], c["votes"]) for c in s["candidates"]] == [("e3", 2), ("e1", 0), ("e0", 0), ("e2", 0)]
+  assert [(c["expert"], c["votes"]) for c in s["candidates"]] == [("e3", 2), ("e1", 0), ("e0", 0),
+                                                                  ("e2", 0)]
   assert all(type(c["votes"]) is int and type(c["similarity"]) is float for c in s["candidates"])
 
 
@@ -181,7 +189,8 @@ def _paper_dataset_level(stats, dataset_of):
 
 
 def test_dataset_level_rules_disagree_on_a_hand_built_vote():
-  """e0 (dataset X) wins the task-level vote 3-2-2; e1 and e2 (both dataset Y) pool 4 votes. The paper
+  """e0 (dataset X) wins the task-level vote 3-2-2; e1 and e2 (both dataset Y) pool 4 votes. The
+  paper
   (run_task_32.py) takes the winner's dataset X; the pooled rule takes Y."""
   keys = _keyset([["a"], ["b"], ["c"]])
   scores = np.zeros((7, 3))
@@ -203,7 +212,8 @@ def test_dataset_level_rules_disagree_on_a_hand_built_vote():
 
 
 class HashEmbedder:
-  """Bag-of-words hashing embedder with an embed-call log (an independent, transparent dense embedder)."""
+  """Bag-of-words hashing embedder with an embed-call log (an independent, transparent dense
+  embedder)."""
   kind = "dense"
   identity = "hash-test-v1"
 
@@ -221,13 +231,17 @@ class HashEmbedder:
 
 def _expert(path, dataset, prompt, words, choices, seed, subset=None):
   task = "_".join(x for x in (dataset, subset, prompt) if x)
-  keys = [{"inputs": f"{words} example {i}", "targets": "t", "answer_choices": choices, "example_id": i,
-           "task": task, "dataset": dataset, "subset": subset, "prompt": prompt}
-          for i in range(4)]
-  meta = expert_format.build_metadata(
-      "adapter", {"kind": "adapter", "init_seed": 0}, base_fingerprint=BASE, base_config_name="tiny",
-      provenance=[{"task": task, "dataset": dataset, "subset": subset, "prompt": prompt,
-                   "role": "train"}])
+  keys = [{
+      "inputs": f"{words} example {i}", "targets": "t", "answer_choices": choices, "example_id": i,
+      "task": task, "dataset": dataset, "subset": subset, "prompt": prompt
+  } for i in range(4)]
+  meta = expert_format.build_metadata("adapter", {"kind": "adapter", "init_seed": 0},
+                                      base_fingerprint=BASE,
+                                      base_config_name="tiny",
+                                      provenance=[{
+                                          "task": task, "dataset": dataset, "subset": subset,
+                                          "prompt": prompt, "role": "train"
+                                      }])
   params = {"encoder/layers_0/mlp_adapter/wi/kernel": np.full((2, 2), seed, np.float32)}
   expert_format.save_expert(path, params, meta, keys)
   return str(path)
@@ -237,15 +251,22 @@ def _expert(path, dataset, prompt, words, choices, seed, subset=None):
 def lib(tmp_path):
   lib = library_lib.Library.init(tmp_path / "lib")
   lib.add(_expert(tmp_path / "a", "cosmos_qa", "p1", "story about people", ["a", "b", "c", "d"], 1))
-  lib.add(_expert(tmp_path / "b", "super_glue", "p2", "premise hypothesis entail", ["yes", "no"], 2, "rte"))
-  lib.add(_expert(tmp_path / "c", "super_glue", "p3", "premise hypothesis entail", ["true", "false"], 3, "rte"))
-  lib.add(_expert(tmp_path / "d", "imdb", "p4", "movie review sentiment", ["positive", "negative"], 4))
+  lib.add(
+      _expert(tmp_path / "b", "super_glue", "p2", "premise hypothesis entail", ["yes", "no"], 2,
+              "rte"))
+  lib.add(
+      _expert(tmp_path / "c", "super_glue", "p3", "premise hypothesis entail", ["true", "false"], 3,
+              "rte"))
+  lib.add(
+      _expert(tmp_path / "d", "imdb", "p4", "movie review sentiment", ["positive", "negative"], 4))
   return lib
 
 
 def _queries(words, choices, dataset="anli", n=40):
-  return [{"inputs": f"{words} query {i}", "answer_choices": choices, "dataset": dataset, "subset": None,
-           "prompt": "q", "task": f"{dataset}_q"} for i in range(n)]
+  return [{
+      "inputs": f"{words} query {i}", "answer_choices": choices, "dataset": dataset, "subset": None,
+      "prompt": "q", "task": f"{dataset}_q"
+  } for i in range(n)]
 
 
 def test_retriever_end_to_end_with_cache_and_guard(lib, tmp_path):
@@ -253,7 +274,8 @@ def test_retriever_end_to_end_with_cache_and_guard(lib, tmp_path):
   r = retrieval.Retriever(lib, emb)
   assert len(emb.calls) == 4 and len(r.keys.texts) == 16  # one embed call per expert's keys
   res = r.retrieve(_queries("premise hypothesis entail", ["yes", "no"]), guard="zero_shot")
-  assert res["winner"] == "super_glue_rte_p2" and res["num_queries"] == 32 and res["confidence"] == 1.0
+  assert res["winner"] == "super_glue_rte_p2" and res["num_queries"] == 32 and res[
+      "confidence"] == 1.0
   assert res["guard"]["mode"] == "zero_shot" and res["guard"]["excluded"] == []
   assert res["dataset_level"]["dataset"] == "super_glue/rte"
   # Under zero_shot, an rte eval task may not use rte experts; under seen it may.
@@ -272,7 +294,8 @@ def test_retriever_end_to_end_with_cache_and_guard(lib, tmp_path):
 
 
 def test_retrieve_many_equals_one_product_per_prompt(lib, monkeypatch):
-  """Batched retrieval (one product per allowed expert set, in row blocks) vs an independent per-prompt
+  """Batched retrieval (one product per allowed expert set, in row blocks) vs an independent
+  per-prompt
   reference: numpy scores of each prompt's queries against its guard's keys, then `summarize`. With
   3-row blocks every prompt's queries are split over several products."""
   emb = HashEmbedder()
@@ -312,19 +335,26 @@ def test_retrieve_and_merge_cli_with_bm25(lib, tmp_path, capsys):
       "story about people", ["a", "b", "c", "d"], dataset="hellaswag")
   qfile.write_text("".join(json.dumps(r) + "\n" for r in rows))
   out = tmp_path / "r.json"
-  assert retrieval.retrieve_main(["--library", lib.root, "--queries", str(qfile), "--embedder", "bm25",
-                                  "--num-queries", "8", "--output", str(out)]) == 0
+  assert retrieval.retrieve_main([
+      "--library", lib.root, "--queries",
+      str(qfile), "--embedder", "bm25", "--num-queries", "8", "--output",
+      str(out)
+  ]) == 0
   data = json.load(open(out))
   assert data["guard_mode"] == "zero_shot" and data["text_format"] == "label_instance"
   winners = {r["task"]: r["winner"] for r in data["results"]}
   assert winners == {"anli_q": "imdb_p4", "hellaswag_q": "cosmos_qa_p1"}
   assert len(data["results"][0]["query_indices"]) == 8
   merged = tmp_path / "merged"
-  assert merging.merge_main(["--library", lib.root, "--retrieval", str(out), "--task", "anli_q", "--top-k", "2",
-                             "--output", str(merged)]) == 0
+  assert merging.merge_main([
+      "--library", lib.root, "--retrieval",
+      str(out), "--task", "anli_q", "--top-k", "2", "--output",
+      str(merged)
+  ]) == 0
   meta = expert_format.read_metadata(merged)
   assert meta["merge"]["inputs"][0]["name"] == "imdb_p4" and len(meta["merge"]["inputs"]) == 2
-  assert retrieval.retrieve_main(["--library", lib.root, "--queries", str(qfile), "--task", "nope"]) == 1
+  assert retrieval.retrieve_main(["--library", lib.root, "--queries",
+                                  str(qfile), "--task", "nope"]) == 1
   assert "not in" in capsys.readouterr().err
   with pytest.raises(SystemExit) as e:
     retrieval.retrieve_main(["--help"])
@@ -334,10 +364,15 @@ def test_retrieve_and_merge_cli_with_bm25(lib, tmp_path, capsys):
 def test_retrieve_cli_with_minilm(lib, tmp_path, monkeypatch, capsys):
   directory = make_tiny_minilm(tmp_path / "minilm")
   qfile = tmp_path / "q.jsonl"
-  qfile.write_text("".join(json.dumps(r) + "\n" for r in _queries("story about people", ["a", "b", "c", "d"])))
+  qfile.write_text("".join(
+      json.dumps(r) + "\n" for r in _queries("story about people", ["a", "b", "c", "d"])))
   out = tmp_path / "r.json"
-  assert retrieval.retrieve_main(["--library", lib.root, "--queries", str(qfile), "--minilm-dir", directory,
-                                  "--max-seq-length", "64", "--votes-per-query", "2", "--output", str(out)]) == 0
+  assert retrieval.retrieve_main([
+      "--library", lib.root, "--queries",
+      str(qfile), "--minilm-dir", directory, "--max-seq-length", "64", "--votes-per-query", "2",
+      "--output",
+      str(out)
+  ]) == 0
   data = json.load(open(out))
   assert data["embedder"].startswith("minilm-") and data["results"][0]["total_votes"] == 64
   assert os.listdir(os.path.join(lib.root, "embeddings", data["embedder"]))

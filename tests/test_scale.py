@@ -32,7 +32,8 @@ def _adapter_model(config, base_dtype):
 
 def test_bfloat16_base_rounds_only_the_weights(tiny_config, tiny_params):
   f32, bf16 = _adapter_model(tiny_config, "float32"), _adapter_model(tiny_config, "bfloat16")
-  expert = experts.init_expert(f32.expert_config, tiny_config, jax.tree.map(np.asarray, tiny_params))
+  expert = experts.init_expert(f32.expert_config, tiny_config,
+                               jax.tree.map(np.asarray, tiny_params))
   batch = _batch(tiny_config.vocab_size)
   grad = jax.grad(lambda e, m, p: m.loss_fn(p, batch, None, expert=e)[0])
   stored = bf16.cast_base(tiny_params)

@@ -1,9 +1,10 @@
-"""Seen-task evaluation data as the paper read it (ELM seq2seq/extract_data_subset_seen_eval.py and the
-task classes of seq2seq/data/tasks.py): the split of the 7 training datasets without a validation split,
-the paper's row slices, and its 300-example subset drawn with torch.randperm(seed 42).
+"""Seen-task evaluation data as the paper read it (ELM seq2seq/extract_data_subset_seen_eval.py and
+the task classes of seq2seq/data/tasks.py): the split of the 7 training datasets without a
+validation split, the paper's row slices, and its 300-example subset drawn with torch.randperm(seed
+42).
 
-Raw rows are generated in the Hugging Face column formats of each dataset (JSONL under RAW_DIR), with a
-promptsource-format templates.yaml per dataset naming a real grid prompt.
+Raw rows are generated in the Hugging Face column formats of each dataset (JSONL under RAW_DIR),
+with a promptsource-format templates.yaml per dataset naming a real grid prompt.
 """
 
 import json
@@ -18,7 +19,8 @@ from seqio_tasks import vocab
 # `torch.randperm(10, generator=torch.Generator().manual_seed(42)).tolist()`, printed by torch 2.13.
 TORCH_RANDPERM_10 = [2, 6, 1, 8, 4, 5, 0, 9, 3, 7]
 
-# dataset -> (prompt, answer choices, jinja over the dataset's HF columns, raw split, row maker, rows)
+# dataset -> (prompt, answer choices, jinja over the dataset's HF columns, raw split, row maker,
+# rows)
 DATASETS = {
     "imdb": ("Movie Expressed Sentiment", "negative ||| positive",
              "{{text}} The sentiment expressed for the movie is ||| {{ answer_choices[label] }}",
@@ -37,14 +39,15 @@ DATASETS = {
     "yelp_review_full": ("based_on_that", "1 star ||| 2 stars ||| 3 stars ||| 4 stars ||| 5 stars",
                          "{{ text }} So I would give it ||| {{ answer_choices[label] }}", "test",
                          lambda i: {"text": f"place {i}", "label": i % 5}, 400),
-    "app_reviews": ("categorize_rating_using_review",
-                    "Not at all ||| No ||| Maybe ||| Yes ||| Definitely",
-                    "{{review}} Recommend? ||| {{ answer_choices[star - 1] }}", "train",
-                    lambda i: {"package_name": "p", "review": f"app {i}", "date": "d",
-                               "star": i % 5 + 1}, 1000),
-    "amazon_polarity": ("Is_this_review", "Negative ||| Positive",
-                        "Title: {{title}} Review: {{content}} ||| {{ answer_choices[label] }}", "train",
-                        lambda i: {"label": i % 2, "title": "t", "content": f"r{i}"}, 50010),
+    "app_reviews":
+        ("categorize_rating_using_review", "Not at all ||| No ||| Maybe ||| Yes ||| Definitely",
+         "{{review}} Recommend? ||| {{ answer_choices[star - 1] }}", "train",
+         lambda i: {"package_name": "p", "review": f"app {i}", "date": "d", "star": i % 5 + 1}, 1000
+        ),
+    "amazon_polarity":
+        ("Is_this_review", "Negative ||| Positive",
+         "Title: {{title}} Review: {{content}} ||| {{ answer_choices[label] }}", "train",
+         lambda i: {"label": i % 2, "title": "t", "content": f"r{i}"}, 50010),
 }
 
 
@@ -118,11 +121,13 @@ def test_paper_subset_is_the_first_300_of_randperm_42_after_the_papers_slice(env
 
 @pytest.mark.tf
 def test_p3_test_split_serves_validation(env, tmp_path, monkeypatch):
-  """A P3 directory holding only `test` (bigscience/P3's layout for imdb) is read for `validation`."""
+  """A P3 directory holding only `test` (bigscience/P3's layout for imdb) is read for
+  `validation`."""
   from seqio_tasks.sources import p3  # pylint: disable=g-import-not-at-top
   base = names.prompt_task_name("imdb", None, DATASETS["imdb"][0])
   rows = seqio_tasks.load_examples(_task("imdb"), "validation", 3)
-  p3.write_split(str(tmp_path / base), "test", [dict(r, inputs="from p3 " + r["inputs"]) for r in rows])
+  p3.write_split(str(tmp_path / base), "test",
+                 [dict(r, inputs="from p3 " + r["inputs"]) for r in rows])
   monkeypatch.setenv("EXPERT_T5X_P3_DIR", str(tmp_path))
   got = seqio_tasks.load_examples(_task("imdb"), "validation")
   assert [r["inputs"] for r in got] == ["from p3 " + r["inputs"] for r in rows]

@@ -88,7 +88,8 @@ def test_labels_and_freeze_base_updates():
   expected = sorted([k for k in labels if k.startswith("expert/")] + scales)
   assert trainable == expected
   no_norms = dataclasses.replace(adapter, train_layer_norms=False)
-  assert all(v == t5x_compat.FROZEN for k, v in _flat(t5x_compat.param_labels(params, no_norms)).items()
+  assert all(v == t5x_compat.FROZEN
+             for k, v in _flat(t5x_compat.param_labels(params, no_norms)).items()
              if not k.startswith("expert/"))
   assert set(_flat(t5x_compat.param_labels(params, None)).values()) == {t5x_compat.TRAINABLE}
   # One AdamW step: the frozen leaves get exactly zero updates, the expert's do not.

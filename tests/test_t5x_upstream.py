@@ -210,7 +210,8 @@ a = settings("experts/dataset_expert.gin", expert_t5x.train.train, COMMON + [
     "optimizers.create_learning_rate_scheduler.base_learning_rate", "NUM_MICROBATCHES"])
 b = settings("t5x/dataset_expert.gin", t5x.train.train, COMMON + [
     f"adafactor.Adafactor.{f}" for f in fields] + [
-    "utils.create_learning_rate_scheduler.base_learning_rate", "t5x.trainer.Trainer.num_microbatches"])
+    "utils.create_learning_rate_scheduler.base_learning_rate",
+    "t5x.trainer.Trainer.num_microbatches"])
 assert a == b, ("dataset_expert", a, b)
 print("settings equal")
 """

@@ -105,7 +105,8 @@ def test_several_top_scored_choices_follow_the_named_rule(root, monkeypatch, cap
       "format": "bigbench", "multiple_gold": "skip"}
   gin.parse_config("seqio_tasks.settings.BIGBENCH_MULTIPLE_GOLD = 'error'")
   try:
-    with pytest.raises(ValueError, match=r"example 0: 2 choices share the top score .*'first' or 'skip'"):
+    with pytest.raises(ValueError,
+                       match=r"example 0: 2 choices share the top score .*'first' or 'skip'"):
       examples.load_examples("bigbench_hindu_knowledge", "validation")
   finally:
     gin.clear_config()
@@ -128,7 +129,8 @@ def test_tasks_cli_multiple_gold_flag(root, capsys):
   assert cli.tasks_main(["show", "bigbench_hindu_knowledge", "-n", "5",
                          "--bigbench_multiple_gold", "skip"]) == 0
   assert capsys.readouterr().out.count("--- bigbench_hindu_knowledge") == 1
-  assert cli.tasks_main(["show", "bigbench_hindu_knowledge", "--bigbench_multiple_gold", "error"]) == 2
+  assert cli.tasks_main(["show", "bigbench_hindu_knowledge", "--bigbench_multiple_gold",
+                         "error"]) == 2
   assert "share the top score" in capsys.readouterr().err
   assert settings.get_option("BIGBENCH_MULTIPLE_GOLD") == "first"  # The flag does not leak.
 
@@ -148,19 +150,27 @@ def test_13_tasks_registered_in_both_formats():
 def _keyed_expert(path, dataset, rows, seed):
   """A tiny adapter expert whose retrieval keys are `rows` (provenance: `dataset`)."""
   from expert_t5x import expert_format  # pylint: disable=g-import-not-at-top
-  meta = expert_format.build_metadata(
-      "adapter", {"kind": "adapter", "init_seed": 0}, base_fingerprint="bb-test", base_config_name="tiny",
-      provenance=[{"task": dataset, "dataset": dataset, "subset": None, "prompt": "p", "role": "train"}])
-  keys = [dict(r, targets=None, example_id=i, task=dataset, dataset=dataset, subset=None, prompt="p")
-          for i, r in enumerate(rows)]
-  expert_format.save_expert(path, {"encoder/x/kernel": np.full((2, 2), seed, np.float32)}, meta, keys)
+  meta = expert_format.build_metadata("adapter", {"kind": "adapter", "init_seed": 0},
+                                      base_fingerprint="bb-test",
+                                      base_config_name="tiny",
+                                      provenance=[{
+                                          "task": dataset, "dataset": dataset, "subset": None,
+                                          "prompt": "p", "role": "train"
+                                      }])
+  keys = [
+      dict(r, targets=None, example_id=i, task=dataset, dataset=dataset, subset=None, prompt="p")
+      for i, r in enumerate(rows)
+  ]
+  expert_format.save_expert(path, {"encoder/x/kernel": np.full((2, 2), seed, np.float32)}, meta,
+                            keys)
   return str(path)
 
 
 def test_roe_on_bigbench_examples(root, tmp_path):
-  """Retrieval for a BIG-bench eval task from its own loaded examples (labels stripped): under `seen`
-  the expert keyed by the very same examples wins (identical texts, BM25), under `zero_shot` the
-  guard excludes it by the task's dataset; `choice` formats (no promptsource template) fail with one
+  """Retrieval for a BIG-bench eval task from its own loaded examples (labels stripped): under
+  `seen` the expert keyed by the very same examples wins (identical texts, BM25), under `zero_shot`
+  the guard excludes it by the task's dataset; `choice` formats (no promptsource template) fail with
+  one
   line naming the prompt."""
   from expert_t5x import library as library_lib  # pylint: disable=g-import-not-at-top
   from expert_t5x import retrieval  # pylint: disable=g-import-not-at-top
@@ -168,9 +178,11 @@ def test_roe_on_bigbench_examples(root, tmp_path):
   assert queries[0]["dataset"] == "bigbench_winowhy" and "targets" not in queries[0]
   lib = library_lib.Library.init(tmp_path / "lib")
   own = lib.add(_keyed_expert(tmp_path / "own", "bigbench_winowhy", queries, 1))["id"]
-  other = lib.add(_keyed_expert(tmp_path / "other", "arithmetic", [
-      {"inputs": f"\nQ: {a}+{a}?\n choice: {2 * a}\n choice: {a}\nA: ", "answer_choices": [str(2 * a), str(a)]}
-      for a in range(1, 5)], 2))["id"]
+  other = lib.add(
+      _keyed_expert(tmp_path / "other", "arithmetic", [{
+          "inputs": f"\nQ: {a}+{a}?\n choice: {2 * a}\n choice: {a}\nA: ",
+          "answer_choices": [str(2 * a), str(a)]
+      } for a in range(1, 5)], 2))["id"]
   retriever = retrieval.Retriever(lib, retrieval.make_embedder("bm25"))
   seen = retriever.retrieve(queries, guard="seen", num_queries=3)
   assert seen["winner"] == own and seen["votes_per_query"] == 1

@@ -1,20 +1,22 @@
-"""Both BIG-bench formats on every example of the 13 real tasks (bigbench==1.0.0), against their owners.
+"""Both BIG-bench formats on every example of the 13 real tasks (bigbench==1.0.0), against their
+owners.
 
 * `bigbench` (`_bbfmt`): BIG-bench's own code from the `bigbench==1.0.0` sdist (Apache-2.0),
-  imported from the files `expert-t5x data fetch bigbench` keeps (`<dir>/api/`): `JsonTask(task.json)`
-  loads each task (dedup, prefixes, subtasks, `default_format_fn`) and each (sub)task's
-  `evaluate_fixed_shot(model, 0)` (what `evaluate_model` runs) hands a recording model the exact
-  `inputs` and choice lists it would score; the model stops it there. The gold
+  imported from the files `expert-t5x data fetch bigbench` keeps (`<dir>/api/`):
+  `JsonTask(task.json)` loads each task (dedup, prefixes, subtasks, `default_format_fn`) and each
+  (sub)task's `evaluate_fixed_shot(model, 0)` (what `evaluate_model` runs) hands a recording model
+  the exact `inputs` and choice lists it would score; the model stops it there. The gold
   is `default_format_fn`'s own pick (the first key with the maximal score) on the example's scores.
   Only `task_metrics` (scoring, never reached) and the task registry package are stubbed.
 * `elm`: an independent reading of joeljang/ELM `retrieval/make_benchmarks.py` (commit 27fc2a3;
-  ELM's repository has no licence, so its code is not copied here): lines 15-19 (each prefix from the
-  task file, defaults "", "\\nQ: ", "\\nA: ", "\\n choice: ", True), 23-31 (`f'{task_prefix}
+  ELM's repository has no licence, so its code is not copied here): lines 15-19 (each prefix from
+  the task file, defaults "", "\\nQ: ", "\\nA: ", "\\n choice: ", True), 23-31 (`f'{task_prefix}
   {input_prefix}{input}{choice_prefix + choice_prefix.join(labels) if append_choices_to_input}
   {output_prefix}'`), 85-96 (labels in JSON order, target = the label scored 1; where line 92 raises
   on a second one, the `first` rule keeps the first), pooled in the order of its `bigbench_tasks`
   list (lines 47-61, where conceptual_combinations/homonyms is listed twice; we pool it once).
-  Our output also matches, per task, the sha256 of what ELM's script itself wrote (ELM_OUTPUT_SHA256).
+  Our output also matches, per task, the sha256 of what ELM's script itself wrote
+  (ELM_OUTPUT_SHA256).
 
 The files come from the package registry through the project's fetch (pip's cache keeps the sdist);
 the test skips only when the registry cannot be reached.
@@ -46,19 +48,32 @@ ELM_ORDER = {
 # changed: line 92's `raise` on a second label scored 1 (hindu_knowledge) became `continue`, i.e.
 # the `first` rule; the second homonyms run dropped.
 ELM_OUTPUT_SHA256 = {
-    "code_line_description": "226140971ac15659c44fcf79d11e6c3d7675f1213bba6392d46d1316070ac0d6",
-    "conceptual_combinations": "091056302c128e8c803cb4336639ee70ac73d7c70c2e69c2cb765c018cde3e9b",
-    "formal_fallacies_syllogisms_negation": "6cfe33d2299910e5d7f556dcf707e99ed3eafd747ad372a25b9a1c532b25c23c",
-    "hindu_knowledge": "2507f74ae411a63d104d849402ea694a73f7c4abab16ad081229da86ef4c6ab7",
-    "known_unknowns": "c7ba6fcb5d32545051d8736b9a5d3e1be5b66181d9961bd2078cfb73d8c9ca0b",
-    "language_identification": "ff6beeb51466d90fb148bd36004b88fbf753fb2cf7f5d333292c82ce240e133b",
-    "logic_grid_puzzle": "2e7b4a7f3286d47d56f9bc009c0be5a9dedfb1a7d9e494407caf3ccec9ae0f1b",
-    "logical_deduction": "daa94ecb1759613e85d1ad4c88d8314b71217b792f520ba4f74cf5cf8a6743fb",
-    "misconceptions": "08a70c29179f4de3e0bb92a96b7d9b928ce28e1b104e7158711866c56f897eb0",
-    "movie_dialog_same_or_different": "71b15adec432850c75a94426896a278bada12882ee1b3036f5036fa8d34e6b5a",
-    "strategyqa": "8ad0ea356408c5d5b56f7e3b489510fbd5bc7e17ef414c616e3e0babd9a5072e",
-    "vitaminc_fact_verification": "eaa593992915ccb4647205d128a45fd1de53ba435c91bc819ad573c6a38ae007",
-    "winowhy": "b75f07935ac7bd5f7922cce9f3a1dcc7f8a01a000c66335593af59eb57aed77c",
+    "code_line_description":
+        "226140971ac15659c44fcf79d11e6c3d7675f1213bba6392d46d1316070ac0d6",
+    "conceptual_combinations":
+        "091056302c128e8c803cb4336639ee70ac73d7c70c2e69c2cb765c018cde3e9b",
+    "formal_fallacies_syllogisms_negation":
+        "6cfe33d2299910e5d7f556dcf707e99ed3eafd747ad372a25b9a1c532b25c23c",
+    "hindu_knowledge":
+        "2507f74ae411a63d104d849402ea694a73f7c4abab16ad081229da86ef4c6ab7",
+    "known_unknowns":
+        "c7ba6fcb5d32545051d8736b9a5d3e1be5b66181d9961bd2078cfb73d8c9ca0b",
+    "language_identification":
+        "ff6beeb51466d90fb148bd36004b88fbf753fb2cf7f5d333292c82ce240e133b",
+    "logic_grid_puzzle":
+        "2e7b4a7f3286d47d56f9bc009c0be5a9dedfb1a7d9e494407caf3ccec9ae0f1b",
+    "logical_deduction":
+        "daa94ecb1759613e85d1ad4c88d8314b71217b792f520ba4f74cf5cf8a6743fb",
+    "misconceptions":
+        "08a70c29179f4de3e0bb92a96b7d9b928ce28e1b104e7158711866c56f897eb0",
+    "movie_dialog_same_or_different":
+        "71b15adec432850c75a94426896a278bada12882ee1b3036f5036fa8d34e6b5a",
+    "strategyqa":
+        "8ad0ea356408c5d5b56f7e3b489510fbd5bc7e17ef414c616e3e0babd9a5072e",
+    "vitaminc_fact_verification":
+        "eaa593992915ccb4647205d128a45fd1de53ba435c91bc819ad573c6a38ae007",
+    "winowhy":
+        "b75f07935ac7bd5f7922cce9f3a1dcc7f8a01a000c66335593af59eb57aed77c",
 }
 EXPECTED_EXAMPLES = 137126  # 137122 distinct (winowhy 3, strategyqa 1 duplicates).
 
@@ -211,7 +226,8 @@ def test_elm_format_equals_make_benchmarks_on_every_example(bigbench_dir):
 
 
 def test_multiple_gold_rules_on_hindu_knowledge(bigbench_dir):
-  """The one real example with two choices scored 1: `first` keeps it, `skip` drops and counts it."""
+  """The one real example with two choices scored 1: `first` keeps it, `skip` drops and counts
+  it."""
   for fmt in bigbench.FORMATS:
     first, skipped = examples.ExampleStats(), examples.ExampleStats()
     kept = list(bigbench.iter_examples("hindu_knowledge", fmt=fmt, rule="first", stats=first))

@@ -86,7 +86,8 @@ ELM_CT0_CONFIGS = {
 def test_expert_settings_equal_elm_configs():
   from seqio_tasks import continual_tasks  # pylint: disable=g-import-not-at-top
   from seqio_tasks.sources import continual  # pylint: disable=g-import-not-at-top
-  got = {s.config: (d, p, s.batch_size, s.num_epochs) for (d, p), s in continual.CT0_EXPERTS.items()}
+  got = {s.config: (d, p, s.batch_size, s.num_epochs)
+         for (d, p), s in continual.CT0_EXPERTS.items()}
   assert got == ELM_CT0_CONFIGS
   for s in continual.CT0_EXPERTS.values():
     assert (s.learning_rate, s.inputs_length, s.targets_length, s.max_examples,
@@ -101,9 +102,11 @@ def test_target_prompts_and_metrics_follow_elm():
   suite = seqio_tasks.suite("ct0_target_eval")
   assert len(suite) == 16 and set(seqio_tasks.suite("ct0_continual")) < set(suite)
   paper = {info.dataset: info.metrics[0] for info in map(seqio_tasks.get_info, suite)}
-  assert paper == {"wiki_auto": "BLEU", "asset": "BLEU", "ct0_gigaword": "ROUGE", "haiku": "ROUGE",
-                   "covid_qa": "BERTScore", "eli5": "BERTScore", "empathetic_dialogues": "BERTScore",
-                   "esnli": "BERTScore", "twitter_top20": "BERTScore"}
+  assert paper == {
+      "wiki_auto": "BLEU", "asset": "BLEU", "ct0_gigaword": "ROUGE", "haiku": "ROUGE",
+      "covid_qa": "BERTScore", "eli5": "BERTScore", "empathetic_dialogues": "BERTScore",
+      "esnli": "BERTScore", "twitter_top20": "BERTScore"
+  }
   asset = seqio_tasks.get_info("asset_simplification_1")
   assert asset.splits == ("validation", "target_eval") and asset.role == "heldout"
 

@@ -70,10 +70,15 @@ def _expected_cb(row, example_id):
 @pytest.fixture()
 def spm_path(tmp_path):
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(["Suppose it rained. Can we infer that yes no maybe always never"] * 50),
-      model_writer=model, vocab_size=60, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-      hard_vocab_limit=False)
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(
+      ["Suppose it rained. Can we infer that yes no maybe always never"] * 50),
+                                 model_writer=model,
+                                 vocab_size=60,
+                                 pad_id=0,
+                                 eos_id=1,
+                                 unk_id=2,
+                                 bos_id=-1,
+                                 hard_vocab_limit=False)
   path = tmp_path / "spiece.model"
   path.write_bytes(model.getvalue())
   return str(path)

@@ -50,7 +50,9 @@ def test_tf_modes_match_python_twin(mode):
          preprocessors.rank_classification_canonical(_ds(), mode=mode).as_numpy_iterator()]
   want = preprocessors.rank_classification_rows(CANONICAL, mode=mode)
   for row in got:
-    row["inputs"] = [s.decode() if isinstance(s, bytes) else s for s in np.atleast_1d(row["inputs"])]
+    row["inputs"] = [
+        s.decode() if isinstance(s, bytes) else s for s in np.atleast_1d(row["inputs"])
+    ]
   for row in want:
     row["inputs"] = list(np.atleast_1d(row["inputs"]))
   assert [{k: r[k] for k in ("idx", "inputs", "targets", "is_correct")} for r in got] == [

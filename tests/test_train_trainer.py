@@ -21,9 +21,10 @@ K, STEPS, BUDGETS = 3, 4, (2, 4, 3)
 def _setup(num_microbatches=None):
   cfg = network.get_config("tiny", vocab_size=64)  # dropout 0.1: per-expert rngs matter
   acfg = experts.AdapterConfig(reduction_factor=4)
-  model = models.EncoderDecoderModel(
-      network.Transformer(cfg), expert_config=acfg, loss_normalizing_factor="NUM_REAL_TARGET_TOKENS",
-      optimizer_def=optimizers.AdamW(global_norm_clip_threshold=1.0))
+  model = models.EncoderDecoderModel(network.Transformer(cfg),
+                                     expert_config=acfg,
+                                     loss_normalizing_factor="NUM_REAL_TARGET_TOKENS",
+                                     optimizer_def=optimizers.AdamW(global_norm_clip_threshold=1.0))
   variables = model.get_initial_variables(
       jax.random.PRNGKey(0), {"encoder_input_tokens": (4, 10), "decoder_input_tokens": (4, 6)})
   params, axes = variables["params"], partitioning.params_logical_axes(variables)
@@ -95,9 +96,10 @@ def test_microbatched_gradients_equal_full_batch():
   # Gradients accumulated over 2 microbatches vs one pass over the batch (dropout off, so both
   # compute the same function); the loss is normalised over the whole batch's tokens in both.
   model, params, axes, part, base_sh, sched, expert = _setup()
-  model = models.EncoderDecoderModel(
-      network.Transformer(model.config.replace(dropout_rate=0.0)), expert_config=model.expert_config,
-      loss_normalizing_factor="NUM_REAL_TARGET_TOKENS", optimizer_def=model.optimizer_def)
+  model = models.EncoderDecoderModel(network.Transformer(model.config.replace(dropout_rate=0.0)),
+                                     expert_config=model.expert_config,
+                                     loss_normalizing_factor="NUM_REAL_TARGET_TOKENS",
+                                     optimizer_def=model.optimizer_def)
   batch = random_batch(3, batch=4)
   out = []
   for m in (None, 2):

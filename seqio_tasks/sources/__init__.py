@@ -1,1 +1,2 @@
-"""Data sources: P3 TFRecords, promptsource templates over raw rows, BIG-bench JSON, continual JSONL."""
+"""Data sources: P3 TFRecords, promptsource templates over raw rows, BIG-bench JSON, continual
+JSONL."""

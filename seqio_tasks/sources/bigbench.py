@@ -145,7 +145,8 @@ def iter_task_file(path: str, *, fmt: str, dataset: str, subset: str, prompt: st
                    first_id: int = 0, seed: int = DEFAULT_SEED, rule: Optional[str] = None,
                    stats: Optional[examples_lib.ExampleStats] = None
                    ) -> Iterator[dict[str, Any]]:
-  """Canonical examples of one `task.json` (examples without `target_scores` are counted, skipped)."""
+  """Canonical examples of one `task.json` (examples without `target_scores` are counted,
+  skipped)."""
   if fmt not in FORMATS:
     raise ValueError(f"BIG-bench format {fmt!r} is not one of {FORMATS}.")
   rule = multiple_gold_rule(rule)

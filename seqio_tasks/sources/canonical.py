@@ -43,7 +43,8 @@ class CanonicalSource(seqio.DataSource):
     return [split]
 
   def _locate(self, split: str) -> tuple[Optional[str], str]:
-    """(P3-layout directory, its split name) this source reads `split` from; (None, split) if none."""
+    """(P3-layout directory, its split name) this source reads `split` from; (None, split) if
+    none."""
     for name in (split, self._aliases.get(split)):
       for dir_name in self._dir_names if name else ():
         found = p3.find_task_dir(dir_name)

@@ -134,6 +134,7 @@ def missing_files(dataset: str, subset: str | None) -> list[str]:
       return []
     wanted = [os.path.join(root, "xlsum", subset, "validation.jsonl")]
   else:
-    folder = os.path.join(root, "xsum") if dataset == "xsum" else os.path.join(root, "tatoeba", subset)
+    folder = os.path.join(root, "xsum") if dataset == "xsum" else os.path.join(
+        root, "tatoeba", subset)
     wanted = [os.path.join(folder, f"{s}.jsonl") for s in ("train", "validation")]
   return [p for p in wanted if not os.path.exists(p)]

@@ -193,7 +193,8 @@ def iter_examples(*, task: str, dataset: str, prompt: str, split: str) -> Iterat
   if not os.path.exists(templates_path(dataset)):
     raise FileNotFoundError(
         f"{task}: neither ELM's file {path!r} nor {templates_path(dataset)!r} exists; unzip ELM's "
-        f"additional_data.zip and point {settings.env_var('CONTINUAL_DIR')} at its ct0_data folder.")
+        f"additional_data.zip and point {settings.env_var('CONTINUAL_DIR')} at its ct0_data folder."
+    )
   all_templates = templates_lib.load_templates_file(templates_path(dataset))
   if prompt not in all_templates:
     raise KeyError(f"{templates_path(dataset)} has no template named {prompt!r}; it has "

@@ -77,8 +77,10 @@ def _feature_description():
       "targets_pretokenized": fixed(tf.string, ""),
       "answer_choices": tf.io.VarLenFeature(tf.string),
       "label_index": fixed(tf.int64, -2),  # -2: absent, computed from the choices.
-      "example_id": fixed(tf.int64, -1),   # -1: absent, the row position is used.
-      "dataset": fixed(tf.string, ""), "subset": fixed(tf.string, ""), "prompt": fixed(tf.string, ""),
+      "example_id": fixed(tf.int64, -1),  # -1: absent, the row position is used.
+      "dataset": fixed(tf.string, ""),
+      "subset": fixed(tf.string, ""),
+      "prompt": fixed(tf.string, ""),
       "idx": tf.io.FixedLenFeature([2], tf.int64, default_value=[-1, -1]),
       "is_correct": fixed(tf.int64, 0),
       "weight": fixed(tf.float32, 1.0),

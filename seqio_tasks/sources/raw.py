@@ -1,4 +1,5 @@
-"""Raw dataset rows for promptsource templates: local JSONL / Parquet files or Hugging Face `datasets`.
+"""Raw dataset rows for promptsource templates: local JSONL / Parquet files or Hugging Face
+`datasets`.
 
 Rows are looked up under each RAW_DIR root (`seqio_tasks.settings`; `EXPERT_T5X_RAW_DIR`,
 several roots separated by `os.pathsep`), in this order:
@@ -92,7 +93,8 @@ def iter_rows(dataset: str, subset: Optional[str], split: str) -> Iterator[dict[
     raise FileNotFoundError(
         f"no raw rows for dataset {dataset!r} subset {subset!r} split {split!r}: looked for "
         f"{looked or 'nothing (RAW_DIR is not set)'}; set {settings.env_var('RAW_DIR')} to a "
-        "directory of <dataset>[/<subset>]/<split>.jsonl files (or 'hf:' for datasets.load_dataset),"
+        "directory of <dataset>[/<subset>]/<split>.jsonl files (or 'hf:' for "
+        "datasets.load_dataset),"
         f" or point {settings.env_var('P3_DIR')} at P3 / rendered TFRecords.")
   if where == HF_ROOT:
     yield from _iter_datasets(dataset, subset, split, None)
