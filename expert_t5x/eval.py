@@ -613,6 +613,7 @@ def _roe_config_from_args(args: argparse.Namespace) -> roe_lib.RoEConfig:
     del kwargs["merge_lam"]
   params = {name: getattr(args, f"merge_{name}") for name in _MERGE_PARAM_FLAGS}
   params["per_tensor"] = params["per_tensor"] or None  # a store_true flag: only when set
+  roe_lib.check_library(args.library)  # a wrong path before the missing --roe / --merge
   return roe_lib.RoEConfig(mode=routing_mode(args.roe, args.merge),
                            merge_params={k: v for k, v in params.items() if v is not None},
                            **kwargs)

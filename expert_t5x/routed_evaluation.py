@@ -170,8 +170,7 @@ class RoEConfig:
 
   def check_paths(self) -> None:
     """The library is a directory (a URL is read later); the MiniLM directory exists."""
-    if self.library and not validation.is_remote(self.library):
-      validation.existing_dir(validation.label(self, "library"), self.library, "an expert library")
+    check_library(self.library)
     if self.minilm_dir and not validation.is_remote(self.minilm_dir):
       validation.existing_dir(validation.label(self, "minilm_dir"), self.minilm_dir,
                               "an all-MiniLM-L6-v2 directory")
@@ -204,6 +203,12 @@ class RoEConfig:
   @property
   def num_candidates(self) -> int:
     return len(self.merge_top_k) * len(self.merge_lam)
+
+
+def check_library(path: Optional[str]) -> None:
+  """`RoEConfig.library` is a directory (a URL is read later)."""
+  if path and not validation.is_remote(path):
+    validation.existing_dir(validation.label(RoEConfig, "library"), path, "an expert library")
 
 
 def _as_tuple(value: Any) -> tuple:
