@@ -43,7 +43,9 @@ shards. With `expected` (an anchors file, see `gin/runs/anchors/`), also writes 
 fails (exit 1) when a number is outside its tolerance.
 
 Every setting has its default once, on its config's field: argparse reads the defaults from the
-fields, and the gin files' macros are checked against them by the tests.
+fields, and the gin files' macros are checked against them by the tests. Its checks are declared
+once too, on the configs (`expert_t5x.validation`): a bad value is the same one-line error from
+the flags, gin and Python.
 """
 
 from __future__ import annotations
@@ -263,10 +265,11 @@ class OutputConfig:
 def routing_mode(roe: bool = False, merge: bool = False) -> str:
   """`RoEConfig.mode` from the two switches users set (--roe / --merge, gin ROE / MERGE)."""
   if roe and merge:
-    raise ValueError("Pass one of roe (--roe) or merge (--merge), not both.")
+    raise validation.UsageError("Pass one of roe (--roe) or merge (--merge), not both.")
   if not (roe or merge):
-    raise ValueError("A library is only used with roe (--roe) or merge (--merge); pass one, or "
-                     "evaluate expert directories with --experts.")
+    raise validation.UsageError(
+        "A library is only used with roe (--roe) or merge (--merge); pass one, or "
+        "evaluate expert directories with --experts.")
   return "roe" if roe else "merge"
 
 
@@ -439,9 +442,6 @@ def field_default(cls: type, name: str) -> Any:
   return field.default
 
 
-# Flags of the retrieval group whose `RoEConfig` field has another name.
-_ROE_FLAGS = {"level": "roe_level", "max_seq_length": "retrieval_max_seq_length",
-              "seed": "retrieval_seed"}
 _MERGE_PARAM_FLAGS = ("density", "per_tensor", "sign_method", "drop", "seed", "combine")
 
 
@@ -608,7 +608,8 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def _roe_config_from_args(args: argparse.Namespace) -> roe_lib.RoEConfig:
   from expert_t5x import routed_evaluation as roe_lib  # pylint: disable=g-import-not-at-top,redefined-outer-name
   fields = {f.name for f in dataclasses.fields(roe_lib.RoEConfig)} - {"mode", "merge_params"}
-  kwargs = {name: getattr(args, _ROE_FLAGS.get(name, name)) for name in fields}
+  flags = roe_lib.RoEConfig.FLAGS  # fields whose flag has another name
+  kwargs = {name: getattr(args, flags.get(name, f"--{name}")[2:]) for name in fields}
   if args.merge_lam is None:  # not given: the config's default
     del kwargs["merge_lam"]
   params = {name: getattr(args, f"merge_{name}") for name in _MERGE_PARAM_FLAGS}

@@ -58,8 +58,9 @@ def make_mesh(num_partitions: int = 1, devices: Optional[Sequence[jax.Device]] =
   """
   devices = list(jax.devices() if devices is None else devices)
   if num_partitions < 1 or len(devices) % num_partitions:
-    raise validation.UsageError(f"num_partitions={num_partitions} must divide the {len(devices)} devices; "
-                     "set num_partitions to a divisor of the device count.")
+    raise validation.UsageError(
+        f"num_partitions={num_partitions} must divide the {len(devices)} devices; set "
+        "num_partitions to a divisor of the device count.")
   grid = np.array(devices).reshape(len(devices) // num_partitions, num_partitions)
   return Mesh(grid, (DATA_AXIS, MODEL_AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
 

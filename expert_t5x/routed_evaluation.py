@@ -30,6 +30,7 @@ Q, seed, guard mode, merge method and parameters. Given an earlier run's results
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -120,7 +121,7 @@ class RoEConfig:
     self.merge_top_k = _as_tuple(self.merge_top_k)
     self.merge_params = dict(self.merge_params or {})  # None (gin's MERGE_PARAMS) is no params
     self.merge_lam = _as_tuple(self.merge_lam)
-    label = lambda field: validation.label(self, field)  # pylint: disable=unnecessary-lambda-assignment
+    label = functools.partial(validation.label, self)
     for field in ("num_queries", "votes_per_query", "max_seq_length"):
       validation.positive_int(label(field), getattr(self, field))
     validation.finite(label("abstain_threshold"), self.abstain_threshold,
@@ -152,7 +153,6 @@ class RoEConfig:
         (self.fallback in FALLBACKS, f"fallback must be one of {FALLBACKS}; got {self.fallback!r}."),
         (self.merge_method in merging.METHODS,
          f"merge_method must be one of {merging.METHODS}; got {self.merge_method!r}."),
-        (self.num_queries >= 1, f"num_queries must be >= 1; got {self.num_queries}."),
         (0.0 <= self.abstain_threshold <= 1.0,
          f"abstain_threshold is a vote share in [0, 1]; got {self.abstain_threshold}."),
         (bool(self.merge_top_k) and all(isinstance(k, int) and k >= 1 for k in self.merge_top_k),
