@@ -53,6 +53,12 @@ class SaveCheckpointConfig:
   dtype: str = "float32"
   async_save: bool = True
 
+  def check(self) -> None:
+    """Settings out of range, named by their gin macros (`train` calls it before writing)."""
+    validation.optional_positive_int("CHECKPOINT_PERIOD", self.period,
+                                     "use None to save only at the end")
+    validation.optional_positive_int("CHECKPOINTS_TO_KEEP", self.keep, "use None to keep all")
+
 
 @dataclasses.dataclass
 class RestoreCheckpointConfig:

@@ -43,17 +43,20 @@ shards. With `expected` (an anchors file, see `gin/runs/anchors/`), also writes 
 fails (exit 1) when a number is outside its tolerance.
 
 Every setting has its default once, on its config's field: argparse reads the defaults from the
-fields, and the gin files' macros are checked against them by the tests.
+fields, and the gin files' macros are checked against them by the tests. Its checks are declared
+once too, on the configs (`expert_t5x.validation`): a bad value is the same one-line error from
+the flags, gin and Python.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence
 
 from expert_t5x import base_models
 from expert_t5x import eval_experts
@@ -61,11 +64,14 @@ from expert_t5x import eval_tasks
 from expert_t5x import evaluation
 from expert_t5x import scoring as scoring_lib
 from expert_t5x import partitioning
+from expert_t5x import validation
 
 if TYPE_CHECKING:
   from expert_t5x import routed_evaluation as roe_lib
 
 ANCHORS_FILE = "anchors.md"
+DTYPES = ("float32", "bfloat16")
+EXAMPLE_SUBSETS = ("first", "paper")
 
 
 # ----------------------------------------------------------------------------------- configs
@@ -90,6 +96,24 @@ class BaseConfig:
   config_overrides: Optional[Mapping[str, Any]] = None
   dtype: str = "float32"
   vocabulary_path: Optional[str] = None
+
+  FLAGS: ClassVar[Mapping[str, Optional[str]]] = {"config_overrides": "--vocab_size"}
+
+  def __post_init__(self):
+    validation.one_of(validation.label(self, "dtype"), self.dtype, DTYPES)
+    if self.random_init_seed is not None:
+      validation.non_negative_int(validation.label(self, "random_init_seed"),
+                                  self.random_init_seed)
+    vocab_size = (self.config_overrides or {}).get("vocab_size")
+    if vocab_size is not None:
+      validation.positive_int(validation.label(self, "config_overrides") + "['vocab_size']",
+                              vocab_size)
+
+  def check_paths(self) -> None:
+    """The vocabulary file exists ('bytes' names the byte vocabulary, a URL is read later)."""
+    path = self.vocabulary_path
+    if path and path != "bytes" and not validation.is_remote(path):
+      validation.existing_file(validation.label(self, "vocabulary_path"), path)
 
   def load(self) -> base_models.BaseModel:
     return base_models.load_base(self.checkpoint_path, self.model_config, self.random_init_seed,
@@ -127,6 +151,28 @@ class DatasetConfig:
   bertscore_model: Optional[str] = None
   bertscore_layers: Optional[int] = None
 
+  FLAGS: ClassVar[Mapping[str, Optional[str]]] = {"mixture_or_task_name": "--tasks"}
+  _LENGTH_FLAGS: ClassVar[Mapping[str, str]] = {"inputs": "--max_input_length",
+                                                "targets": "--max_target_length"}
+
+  def __post_init__(self):
+    label = functools.partial(validation.label, self)
+    names = self.mixture_or_task_name
+    validation.non_empty(label("mixture_or_task_name"),
+                         [names] if isinstance(names, str) and names.strip(",") else
+                         [] if isinstance(names, str) else list(names),
+                         "name a suite or tasks")
+    validation.one_of(label("example_subset"), self.example_subset, EXAMPLE_SUBSETS)
+    for name in ("max_examples", "bertscore_layers"):
+      validation.optional_positive_int(label(name), getattr(self, name))
+    for name in ("batch_size", "generation_max_length"):
+      validation.positive_int(label(name), getattr(self, name))
+    for feature, length in (self.task_feature_lengths or {}).items():
+      flag = self._LENGTH_FLAGS.get(feature)
+      name = f"{flag} / " if flag else ""
+      validation.optional_positive_int(
+          f"{name}DatasetConfig.task_feature_lengths[{feature!r}]", length)
+
 
 @dataclasses.dataclass(frozen=True)
 class ExpertsConfig:
@@ -147,6 +193,25 @@ class ExpertsConfig:
   include_base: Optional[bool] = None
   experts_per_pass: int = 8
   allow_base_mismatch: bool = False
+
+  FLAGS: ClassVar[Mapping[str, Optional[str]]] = {"expert_paths": "--experts",
+                                                  "expert_list_file": "--expert_list"}
+
+  def __post_init__(self):
+    validation.positive_int(validation.label(self, "experts_per_pass"), self.experts_per_pass)
+    if isinstance(self.expert_paths, str):
+      raise validation.UsageError(
+          f"{validation.label(self, 'expert_paths')}={self.expert_paths!r} is one string; pass a "
+          "list of expert directories.")
+
+  def check_paths(self) -> None:
+    """Each expert is a directory, the expert list a file (URLs are read later)."""
+    for path in self.expert_paths or []:
+      if not validation.is_remote(path):
+        validation.existing_dir(validation.label(self, "expert_paths"), path,
+                                "an expert directory")
+    if self.expert_list_file and not validation.is_remote(self.expert_list_file):
+      validation.existing_file(validation.label(self, "expert_list_file"), self.expert_list_file)
 
   def paths(self) -> list[str]:
     """The expert directories: `expert_paths`, then those of `expert_list_file`."""
@@ -177,14 +242,34 @@ class OutputConfig:
   expected: Optional[str] = None
   previous_results: Optional[str] = None
 
+  FLAGS: ClassVar[Mapping[str, Optional[str]]] = {"write_predictions": "--no_predictions",
+                                                  "progress": "--no_progress"}
+
+  def __post_init__(self):
+    if not self.output_dir:
+      raise validation.UsageError(f"{validation.label(self, 'output_dir')}={self.output_dir!r} "
+                                  "is empty; pass the evaluation directory to write.")
+    validation.non_negative_int(validation.label(self, "bootstrap_samples"),
+                                self.bootstrap_samples, "0: no confidence intervals")
+
+  def check_paths(self, inputs: Sequence[str] = ()) -> None:
+    """The output is a directory and none of `inputs`; the files it reads exist."""
+    validation.output_dir(validation.label(self, "output_dir"), self.output_dir, inputs)
+    if self.expected and not validation.is_remote(self.expected):
+      _resolve_expected(self.expected)
+    if self.previous_results and not validation.is_remote(self.previous_results):
+      validation.existing_file(validation.label(self, "previous_results"), self.previous_results,
+                               "an earlier routed run's results.json")
+
 
 def routing_mode(roe: bool = False, merge: bool = False) -> str:
   """`RoEConfig.mode` from the two switches users set (--roe / --merge, gin ROE / MERGE)."""
   if roe and merge:
-    raise ValueError("Pass one of roe (--roe) or merge (--merge), not both.")
+    raise validation.UsageError("Pass one of roe (--roe) or merge (--merge), not both.")
   if not (roe or merge):
-    raise ValueError("A library is only used with roe (--roe) or merge (--merge); pass one, or "
-                     "evaluate expert directories with --experts.")
+    raise validation.UsageError(
+        "A library is only used with roe (--roe) or merge (--merge); pass one, or "
+        "evaluate expert directories with --experts.")
   return "roe" if roe else "merge"
 
 
@@ -211,13 +296,15 @@ def evaluate(*, base: BaseConfig, dataset_cfg: DatasetConfig, output_cfg: Output
       over every device); a gin partitioning preset configures it.
     task_source: tasks (default: the registered seqio_tasks).
   """
+  _check_paths(base, output_cfg, experts, routing)
   paths = experts.paths()
   if routing is not None:
     if not routing.library:
-      raise ValueError("RoE and merge evaluation need an expert library (--library LIB).")
+      raise validation.UsageError("RoE and merge evaluation need an expert library (--library "
+                                  "LIB).")
     if paths:
-      raise ValueError("RoE and merge evaluation use the library's experts; drop expert_paths "
-                       "(--experts / --expert_list).")
+      raise validation.UsageError("RoE and merge evaluation use the library's experts; drop "
+                                  "expert_paths (--experts / --expert_list).")
   task_feature_lengths = dict(dataset_cfg.task_feature_lengths or {"targets": None})
   task_feature_lengths.setdefault("inputs", evaluation.paper_input_length(
       experts=bool(paths) or (routing is not None and routing.mode == "roe")))
@@ -249,6 +336,16 @@ def evaluate(*, base: BaseConfig, dataset_cfg: DatasetConfig, output_cfg: Output
   return _finish(results, output_cfg.output_dir, output_cfg.expected)
 
 
+def _check_paths(base: BaseConfig, output_cfg: OutputConfig, experts: ExpertsConfig,
+                 routing: Optional[roe_lib.RoEConfig]) -> None:
+  """The configs' path checks, before anything is loaded or written (the output is no input)."""
+  experts.check_paths()
+  output_cfg.check_paths(inputs=list(experts.expert_paths or []))
+  base.check_paths()
+  if routing is not None:
+    routing.check_paths()
+
+
 def _finish(results: dict[str, Any], output_dir: str, expected: Optional[str]) -> dict[str, Any]:
   """Logs each entry's means and compares with an anchors file when given."""
   for entry in results["entries"]:
@@ -273,8 +370,9 @@ def _resolve_expected(path: str) -> str:
   shipped = os.path.join(gin_utils.shipped_gin_dir(), path)
   if os.path.isfile(shipped):
     return shipped
-  raise FileNotFoundError(f"Anchors file '{path}' not found (also looked in "
-                          f"'{gin_utils.shipped_gin_dir()}'); pass a path to an expected.json.")
+  raise validation.DataError(
+      f"{validation.label(OutputConfig, 'expected')} {path!r} does not exist (also looked in "
+      f"'{gin_utils.shipped_gin_dir()}'); pass the path of an anchors expected.json.")
 
 
 def _configure_vocabulary(vocabulary_path: Optional[str], checkpoint_path: Optional[str],
@@ -319,9 +417,7 @@ def main(argv: Sequence[str]) -> None:
       return
     results = _GIN_EVALUATE()
   except (ValueError, KeyError, FileNotFoundError) as e:
-    message = e.args[0] if isinstance(e, KeyError) and e.args else e
-    print(f"expert_t5x.eval: {message}", file=sys.stderr)
-    raise SystemExit(2) from None
+    raise SystemExit(validation.report("expert_t5x.eval", e, default=2)) from None
   print(open(os.path.join(results["output_dir"], "results.md"), encoding="utf-8").read())
   if results.get("anchors"):
     print(results["anchors"]["markdown"])
@@ -346,9 +442,6 @@ def field_default(cls: type, name: str) -> Any:
   return field.default
 
 
-# Flags of the retrieval group whose `RoEConfig` field has another name.
-_ROE_FLAGS = {"level": "roe_level", "max_seq_length": "retrieval_max_seq_length",
-              "seed": "retrieval_seed"}
 _MERGE_PARAM_FLAGS = ("density", "per_tensor", "sign_method", "drop", "seed", "combine")
 
 
@@ -371,8 +464,7 @@ def _parser() -> argparse.ArgumentParser:
   base.add_argument("--random_init_seed", type=int,
                     help="random base weights with this seed (plumbing checks only)")
   base.add_argument("--vocab_size", type=int, help="override the config's vocab_size")
-  base.add_argument("--dtype", default=default(BaseConfig, "dtype"),
-                    choices=("float32", "bfloat16"))
+  base.add_argument("--dtype", default=default(BaseConfig, "dtype"), choices=DTYPES)
   base.add_argument("--vocabulary_path", help="SentencePiece model of the T5 tasks")
   ex = p.add_argument_group("experts")
   ex.add_argument("--experts", nargs="*", default=list(default(ExpertsConfig, "expert_paths")),
@@ -480,34 +572,6 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _validate_args(args: argparse.Namespace) -> None:
-  """Ranges and path kinds of the flags, before anything is loaded or written."""
-  from expert_t5x import validation  # pylint: disable=g-import-not-at-top
-  for flag in ("max_examples", "batch_size", "experts_per_pass", "max_input_length",
-               "max_target_length", "generation_max_length", "num_partitions", "num_queries",
-               "votes_per_query", "retrieval_max_seq_length", "logit_vocab_limit", "vocab_size"):
-    if getattr(args, flag, None) is not None:
-      validation.positive_int(f"--{flag}", getattr(args, flag))
-  if args.bootstrap_samples < 0:
-    raise validation.UsageError(f"--bootstrap_samples={args.bootstrap_samples} must be >= 0 (0: no "
-                                "confidence intervals).")
-  validation.finite("--abstain_threshold", args.abstain_threshold, 0.0, 1.0, "it is a vote share")
-  validation.finite_all("--merge_lam", args.merge_lam or [])
-  for k in args.merge_top_k or []:
-    validation.positive_int("--merge_top_k", k)
-  for flag in ("merge_density", "merge_drop"):
-    if getattr(args, flag) is not None:
-      validation.finite(f"--{flag}", getattr(args, flag), 0.0, 1.0)
-  validation.output_dir("--output_dir", args.output_dir, args.experts or [])
-  for path in args.experts or []:
-    validation.existing_dir("--experts", path, "an expert directory")
-  for flag in ("expert_list", "expected", "vocabulary_path"):
-    if getattr(args, flag) and "://" not in getattr(args, flag):
-      validation.existing_file(f"--{flag}", getattr(args, flag))
-  if args.library and "://" not in args.library:
-    validation.existing_dir("--library", args.library, "an expert library")
-
-
 def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
   """`evaluate`'s keyword arguments (the config objects) from parsed `expert-t5x eval` flags."""
   lengths = {"targets": args.max_target_length}
@@ -544,11 +608,13 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def _roe_config_from_args(args: argparse.Namespace) -> roe_lib.RoEConfig:
   from expert_t5x import routed_evaluation as roe_lib  # pylint: disable=g-import-not-at-top,redefined-outer-name
   fields = {f.name for f in dataclasses.fields(roe_lib.RoEConfig)} - {"mode", "merge_params"}
-  kwargs = {name: getattr(args, _ROE_FLAGS.get(name, name)) for name in fields}
+  flags = roe_lib.RoEConfig.FLAGS  # fields whose flag has another name
+  kwargs = {name: getattr(args, flags.get(name, f"--{name}")[2:]) for name in fields}
   if args.merge_lam is None:  # not given: the config's default
     del kwargs["merge_lam"]
   params = {name: getattr(args, f"merge_{name}") for name in _MERGE_PARAM_FLAGS}
   params["per_tensor"] = params["per_tensor"] or None  # a store_true flag: only when set
+  roe_lib.check_library(args.library)  # a wrong path before the missing --roe / --merge
   return roe_lib.RoEConfig(mode=routing_mode(args.roe, args.merge),
                            merge_params={k: v for k, v in params.items() if v is not None},
                            **kwargs)
@@ -564,10 +630,8 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:
-    _validate_args(args)
     results = evaluate(**configs_from_args(args))
   except (ValueError, KeyError, OSError) as e:
-    from expert_t5x import validation  # pylint: disable=g-import-not-at-top
     return validation.report("expert-t5x eval", e, default=2)  # setup errors: 2
   print(open(os.path.join(args.output_dir, "results.md"), encoding="utf-8").read())
   if results.get("anchors"):

@@ -27,12 +27,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 
 from expert_t5x import aggregation
-from expert_t5x import base_models
 from expert_t5x import eval_experts
 from expert_t5x import eval_tasks
 from expert_t5x import partitioning
 from expert_t5x import results as results_lib
 from expert_t5x import scoring as scoring_lib
+from expert_t5x import validation
 
 MODES = ("predict", "score")
 
@@ -85,15 +85,21 @@ def infer(*, output_file: Optional[str] = None, inputs: Sequence[Any] = (),
     `predict`: {'inputs', 'prediction'}; `score`: {'inputs', 'choices', 'scores', 'pred'}.
   """
   if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
+    raise validation.UsageError(f"mode must be one of {MODES}; got {mode!r}.")
+  from expert_t5x import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  base_cfg = eval_lib.BaseConfig(checkpoint_path, model_config, random_init_seed, config_overrides,
+                                 dtype, vocabulary_path)
+  _check_inputs(output_file=output_file, input_file=input_file, expert_path=expert_path,
+                batch_size=batch_size, max_input_length=max_input_length,
+                max_decode_length=max_decode_length)
+  base_cfg.check_paths()
   rows = [r if isinstance(r, Mapping) else {"inputs": str(r)} for r in inputs]
   if input_file:
     rows += read_inputs(input_file)
   if not rows:
     raise ValueError("No inputs: pass inputs (INFER_INPUTS / --inputs) or an input_file.")
   options = scoring_lib.ScoringOptions(scoring=scoring, logit_vocab_limit=logit_vocab_limit)
-  base = base_models.load_base(checkpoint_path, model_config, random_init_seed, dtype,
-                               config_overrides)
+  base = base_cfg.load()
   vocabulary = vocabulary or make_vocabulary(vocabulary_path, checkpoint_path)
   specs = eval_experts.load_expert_specs([expert_path]) if expert_path else []
   eval_experts.check_expert_bases(specs, base.fingerprint, allow_base_mismatch)
@@ -110,6 +116,19 @@ def infer(*, output_file: Optional[str] = None, inputs: Sequence[Any] = (),
   if output_file:
     results_lib.write_jsonl(output_file, out)
   return out
+
+
+def _check_inputs(*, output_file: Optional[str], input_file: Optional[str],
+                  expert_path: Optional[str], **lengths: int) -> None:
+  """`infer`'s own keywords (its base's are `eval.BaseConfig`'s), named by their flags."""
+  for name, value in lengths.items():
+    validation.positive_int(f"--{name}", value)
+  if input_file:
+    validation.existing_file("--input_file", input_file, "a .jsonl or .txt file of inputs")
+  if expert_path:
+    validation.existing_dir("--expert", expert_path, "an expert directory")
+  if output_file:
+    validation.output_file("--output_file", output_file, [input_file or ""])
 
 
 def _predict(scorer, rows, vocabulary, lengths, batch_size, max_decode_length):
@@ -165,9 +184,7 @@ def main(argv: Sequence[str]) -> None:
     for record in _GIN_INFER():
       print(results_lib.dumps(record))
   except (ValueError, KeyError, FileNotFoundError) as e:
-    print(f"expert_t5x.infer: {e.args[0] if isinstance(e, KeyError) and e.args else e}",
-          file=sys.stderr)
-    raise SystemExit(2) from None
+    raise SystemExit(validation.report("expert_t5x.infer", e, default=2)) from None
 
 
 def gin_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -203,24 +220,6 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _validate_args(args: Any) -> None:
-  """Ranges and path kinds of the flags, before a model is loaded."""
-  from expert_t5x import validation  # pylint: disable=g-import-not-at-top
-  for flag in ("batch_size", "max_input_length", "max_decode_length", "num_partitions",
-               "logit_vocab_limit", "vocab_size"):
-    if getattr(args, flag) is not None:
-      validation.positive_int(f"--{flag}", getattr(args, flag))
-  if args.input_file:
-    validation.existing_file("--input_file", args.input_file, "a .jsonl or .txt file of inputs")
-  if args.expert:
-    validation.existing_dir("--expert", args.expert, "an expert directory")
-  if args.vocabulary_path and args.vocabulary_path != "bytes" and "://" not in args.vocabulary_path:
-    validation.existing_file("--vocabulary_path", args.vocabulary_path,
-                             "a SentencePiece model (spiece.model), or 'bytes'")
-  if args.output_file:
-    validation.output_file("--output_file", args.output_file, [args.input_file or ""])
-
-
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
   """`expert-t5x infer ...` (`--gin_file` switches to the gin entry point)."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -228,7 +227,6 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     return gin_main(["expert-t5x infer"] + argv)
   args = _parser().parse_args(argv)
   try:
-    _validate_args(args)
     records = infer(
         output_file=args.output_file, inputs=args.inputs, input_file=args.input_file,
         mode=args.mode, checkpoint_path=args.checkpoint_path, model_config=args.model_config,
@@ -241,7 +239,6 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         partitioner=partitioning.PjitPartitioner(num_partitions=args.num_partitions),
         dtype=args.dtype, allow_base_mismatch=args.allow_base_mismatch)
   except (ValueError, KeyError, OSError) as e:
-    from expert_t5x import validation  # pylint: disable=g-import-not-at-top
     return validation.report("expert-t5x infer", e, default=2)  # setup errors: 2
   for record in records:
     print(results_lib.dumps(record))

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from expert_t5x import trees
+from expert_t5x import validation
 
 PyTree = Any
 LogicalRules = Sequence[tuple[str, Optional[str]]]
@@ -57,8 +58,9 @@ def make_mesh(num_partitions: int = 1, devices: Optional[Sequence[jax.Device]] =
   """
   devices = list(jax.devices() if devices is None else devices)
   if num_partitions < 1 or len(devices) % num_partitions:
-    raise ValueError(f"num_partitions={num_partitions} must divide the {len(devices)} devices; "
-                     "set num_partitions to a divisor of the device count.")
+    raise validation.UsageError(
+        f"num_partitions={num_partitions} must divide the {len(devices)} devices; set "
+        "num_partitions to a divisor of the device count.")
   grid = np.array(devices).reshape(len(devices) // num_partitions, num_partitions)
   return Mesh(grid, (DATA_AXIS, MODEL_AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
 
@@ -101,6 +103,8 @@ class PjitPartitioner:
   devices: Optional[Sequence[jax.Device]] = None
 
   def __post_init__(self):
+    validation.positive_int(validation.label(self, "num_partitions"), self.num_partitions,
+                            "it is the number of model-parallel devices")
     self.rules = list(self.logical_axis_rules or standard_logical_axis_rules())
     self.mesh = make_mesh(self.num_partitions, self.devices)
 

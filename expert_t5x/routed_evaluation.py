@@ -30,6 +30,7 @@ Q, seed, guard mode, merge method and parameters. Given an earlier run's results
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -49,6 +50,7 @@ from expert_t5x import results as results_lib
 from expert_t5x import retrieval
 from expert_t5x import routing as routing_lib
 from expert_t5x import scoring
+from expert_t5x import validation
 
 MODES = ("roe", "merge")
 # Whose expert a prompt's examples use (the paper's retrieval variants): the task-level vote's
@@ -110,10 +112,28 @@ class RoEConfig:
   allow_unknown_provenance: bool = False
   library: Optional[str] = None
 
+  # The CLI flags of fields not named `--<field>` (`validation.label`); mode is --roe / --merge.
+  FLAGS = {"level": "--roe_level", "max_seq_length": "--retrieval_max_seq_length",
+           "seed": "--retrieval_seed", "mode": None, "merge_params": None}
+  _UNIT_PARAMS = ("density", "drop")  # merge_params in [0, 1]
+
   def __post_init__(self):
     self.merge_top_k = _as_tuple(self.merge_top_k)
     self.merge_params = dict(self.merge_params or {})  # None (gin's MERGE_PARAMS) is no params
     self.merge_lam = _as_tuple(self.merge_lam)
+    label = functools.partial(validation.label, self)
+    for field in ("num_queries", "votes_per_query", "max_seq_length"):
+      validation.positive_int(label(field), getattr(self, field))
+    validation.finite(label("abstain_threshold"), self.abstain_threshold,
+                      fix="it is a vote share in [0, 1]")
+    for k in self.merge_top_k:
+      validation.positive_int(label("merge_top_k"), k)
+    validation.no_duplicates(label("merge_top_k"), self.merge_top_k)
+    validation.finite_all(label("merge_lam"), [x for x in self.merge_lam if x is not None])
+    for name in self._UNIT_PARAMS:
+      if self.merge_params.get(name) is not None:
+        validation.finite(f"--merge_{name} / RoEConfig.merge_params[{name!r}]",
+                          self.merge_params[name], 0.0, 1.0)
     checks = [
         (self.mode in MODES, f"mode must be one of {MODES}; got {self.mode!r}."),
         (self.level in LEVELS, f"level must be one of {LEVELS}; got {self.level!r}."),
@@ -133,7 +153,6 @@ class RoEConfig:
         (self.fallback in FALLBACKS, f"fallback must be one of {FALLBACKS}; got {self.fallback!r}."),
         (self.merge_method in merging.METHODS,
          f"merge_method must be one of {merging.METHODS}; got {self.merge_method!r}."),
-        (self.num_queries >= 1, f"num_queries must be >= 1; got {self.num_queries}."),
         (0.0 <= self.abstain_threshold <= 1.0,
          f"abstain_threshold is a vote share in [0, 1]; got {self.abstain_threshold}."),
         (bool(self.merge_top_k) and all(isinstance(k, int) and k >= 1 for k in self.merge_top_k),
@@ -147,7 +166,14 @@ class RoEConfig:
     ]
     for ok, message in checks:
       if not ok:
-        raise ValueError(f"RoE setting: {message}")
+        raise validation.UsageError(f"RoE setting: {message}")
+
+  def check_paths(self) -> None:
+    """The library is a directory (a URL is read later); the MiniLM directory exists."""
+    check_library(self.library)
+    if self.minilm_dir and not validation.is_remote(self.minilm_dir):
+      validation.existing_dir(validation.label(self, "minilm_dir"), self.minilm_dir,
+                              "an all-MiniLM-L6-v2 directory")
 
   @property
   def merges(self) -> bool:
@@ -177,6 +203,12 @@ class RoEConfig:
   @property
   def num_candidates(self) -> int:
     return len(self.merge_top_k) * len(self.merge_lam)
+
+
+def check_library(path: Optional[str]) -> None:
+  """`RoEConfig.library` is a directory (a URL is read later)."""
+  if path and not validation.is_remote(path):
+    validation.existing_dir(validation.label(RoEConfig, "library"), path, "an expert library")
 
 
 def _as_tuple(value: Any) -> tuple:

@@ -27,6 +27,7 @@ from expert_t5x import experts as experts_lib
 from expert_t5x import models
 from expert_t5x import network
 from expert_t5x import partitioning
+from expert_t5x import validation
 
 if TYPE_CHECKING:
   from expert_t5x.eval_experts import Chunk
@@ -57,10 +58,13 @@ class ScoringOptions:
   def __post_init__(self):
     aggregation.check_scoring(self.scoring)
     if self.gold_not_in_choices not in GOLD_POLICIES:
-      raise ValueError(f"gold_not_in_choices must be one of {GOLD_POLICIES}; got "
+      raise validation.UsageError(f"gold_not_in_choices must be one of {GOLD_POLICIES}; got "
                        f"{self.gold_not_in_choices!r}.")
-    if self.logit_vocab_limit is not None and self.logit_vocab_limit < 2:
-      raise ValueError(f"logit_vocab_limit must be None or >= 2; got {self.logit_vocab_limit}.")
+    if self.logit_vocab_limit is not None:
+      validation.positive_int(validation.label(self, "logit_vocab_limit"), self.logit_vocab_limit)
+      if self.logit_vocab_limit < 2:
+        raise validation.UsageError(f"logit_vocab_limit must be None or >= 2; got "
+                                    f"{self.logit_vocab_limit}.")
 
   def to_json(self) -> dict[str, Any]:
     return {"scoring": self.scoring, "logit_vocab_limit": self.logit_vocab_limit,

@@ -472,14 +472,8 @@ def _validate_settings(data_cfg: train_data.DatasetConfig, total_steps: Any,
     if steps is not None:
       validation.positive_int("TRAIN_STEPS", steps, "set --gin.TRAIN_STEPS=N (or None with "
                               "NUM_EPOCHS)")
-  validation.positive_int("BATCH_SIZE", data_cfg.batch_size, "set --gin.BATCH_SIZE=N")
-  validation.optional_positive_int("NUM_EPOCHS", data_cfg.num_epochs or None)
-  validation.optional_positive_int("MAX_EXAMPLES", data_cfg.max_examples)
-  validation.optional_positive_int("CHECKPOINT_PERIOD", save_cfg.period,
-                                   "use None to save only at the end")
-  validation.optional_positive_int("CHECKPOINTS_TO_KEEP", save_cfg.keep, "use None to keep all")
-  for key, length in dict(data_cfg.task_feature_lengths or {}).items():
-    validation.positive_int(f"TASK_FEATURE_LENGTHS[{key!r}]", length)
+  data_cfg.check()
+  save_cfg.check()
 
 
 PROGRESS_JSON = "train_progress.json"

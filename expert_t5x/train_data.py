@@ -32,6 +32,8 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from expert_t5x import validation
+
 EXAMPLE_KEY = "example_key"
 _HASH_BUCKETS = 2**62
 _SHUFFLE_BUFFER = 10_000
@@ -68,6 +70,15 @@ class DatasetConfig:
   max_examples: Optional[int] = None
   subsample_seed: int = 42
   shuffle_buffer_size: int = _SHUFFLE_BUFFER
+
+  def check(self) -> None:
+    """Settings out of range, named by their gin macros (`train` calls it before writing; not on
+    construction, so a config can be built, then replaced field by field)."""
+    validation.positive_int("BATCH_SIZE", self.batch_size, "set --gin.BATCH_SIZE=N")
+    validation.optional_positive_int("NUM_EPOCHS", self.num_epochs or None)
+    validation.optional_positive_int("MAX_EXAMPLES", self.max_examples)
+    for key, length in dict(self.task_feature_lengths or {}).items():
+      validation.positive_int(f"TASK_FEATURE_LENGTHS[{key!r}]", length)
 
 
 def _tf():

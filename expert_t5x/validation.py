@@ -5,6 +5,16 @@ Every check names the flag or file, the value, what is expected and how to fix i
 a file that is missing, damaged or of the wrong kind. Both are `ValueError`s, so library code that
 already catches `ValueError` keeps working. `report(prog, error)` prints the line; entry points
 call it from one top-level handler, and `EXPERT_T5X_TRACEBACK=1` re-raises instead (for bugs).
+
+Where the checks live: beside the typed configs, so the CLI, gin and the Python API share one
+declaration. A config's `__post_init__` checks ranges, finiteness, kinds and duplicates (nothing
+on disk: a config may describe files of another machine); its `check_paths()` checks the kinds of
+its paths and is called by the entry point before anything is loaded or written. Each error names
+the field as `label(config, field)` does: the CLI flag that sets it and the config field (which is
+what gin binds), e.g. `--batch_size / DatasetConfig.batch_size=0 must be ...`, so the same bad
+value gives the same line whichever way it came in. A field's flag is `--<field>` unless the
+class's `FLAGS` maps it to another (or to None: no flag). A CLI's own `_validate_args` keeps only
+what no config sees (combinations of flags, or inputs of commands without a config).
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ import math
 import os
 import re
 import sys
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 TRACEBACK_ENV = "EXPERT_T5X_TRACEBACK"
 USAGE_EXIT = 2
@@ -51,6 +61,19 @@ def report(prog: str, error: BaseException, default: int = DATA_EXIT) -> int:
     raise error
   print(f"{prog}: {one_line(error)}", file=sys.stderr)
   return exit_code(error, default)
+
+
+def label(config: Any, field: str) -> str:
+  """`--flag / Class.field`: how an error names a config's field (the flag from `FLAGS`)."""
+  cls = config if isinstance(config, type) else type(config)
+  flags: Mapping[str, Optional[str]] = getattr(cls, "FLAGS", {})
+  flag = flags.get(field, f"--{field}")
+  return f"{flag} / {cls.__name__}.{field}" if flag else f"{cls.__name__}.{field}"
+
+
+def is_remote(path: Optional[str]) -> bool:
+  """A URL (gs://..., https://...): its kind is checked by whoever reads it."""
+  return bool(path) and "://" in str(path)
 
 
 def positive_int(name: str, value: Any, fix: str = "") -> int:
@@ -91,6 +114,20 @@ def no_duplicates(name: str, values: Sequence[Any], fix: str = "") -> None:
     if v in seen:
       raise UsageError(f"{name} lists {v!r} twice; give each once{'; ' + fix if fix else ''}.")
     seen.add(v)
+
+
+def non_negative_int(name: str, value: Any, fix: str = "") -> int:
+  """`value` as an int >= 0."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+      or value < 0:
+    raise UsageError(f"{name}={value!r} must be a whole number >= 0{'; ' + fix if fix else ''}.")
+  return int(value)
+
+
+def one_of(name: str, value: Any, choices: Sequence[Any]) -> Any:
+  if value not in choices:
+    raise UsageError(f"{name}={value!r} must be one of {', '.join(map(repr, choices))}.")
+  return value
 
 
 def non_empty(name: str, values: Sequence[Any], fix: str = "") -> None:

@@ -708,3 +708,94 @@ def test_a_damaged_base_json_refuses_to_resume_in_one_line(tmp_path, how):
     assert "holds checkpoints trained on base" in message, message
   else:
     assert str(target) in message and "delete it" in message, message
+
+
+# ------------------------------------------------- one declaration: CLI, gin and Python agree
+
+def _python_eval(world, dataset=None, experts=None, routing=None, partitioner=None):
+  """`eval.evaluate` from Python with one bad config (the others valid); returns its error."""
+  from expert_t5x import eval as eval_entry  # pylint: disable=g-import-not-at-top
+  from expert_t5x import validation  # pylint: disable=g-import-not-at-top
+  r, lib = str(world), str(world / "lib")
+  with pytest.raises((validation.UsageError, validation.DataError)) as info:
+    eval_entry.evaluate(
+        base=eval_entry.BaseConfig(model_config="tiny", random_init_seed=0),
+        dataset_cfg=dataset(r, lib) if dataset else eval_entry.DatasetConfig("demo_heldout"),
+        output_cfg=eval_entry.OutputConfig(f"{r}/evalout"),
+        experts=experts(r, lib) if experts else eval_entry.ExpertsConfig(),
+        routing=routing(r, lib) if routing else None,
+        partitioner=partitioner(r, lib) if partitioner else None)
+  return info.value
+
+
+def _same_value_cases():
+  from expert_t5x import eval as eval_entry  # pylint: disable=g-import-not-at-top
+  from expert_t5x import partitioning  # pylint: disable=g-import-not-at-top
+  from expert_t5x import routed_evaluation as roe  # pylint: disable=g-import-not-at-top
+  return [  # (rc, CLI flags, gin file, gin bindings, the Python API's bad config)
+      (2, ["--batch_size", "0"], "eval", ["BATCH_SIZE=0"],
+       dict(dataset=lambda r, lib: eval_entry.DatasetConfig("demo_heldout", batch_size=0))),
+      (2, ["--max_examples", "-1"], "eval", ["MAX_EXAMPLES=-1"],
+       dict(dataset=lambda r, lib: eval_entry.DatasetConfig("demo_heldout", max_examples=-1))),
+      (2, ["--num_partitions", "0"], "eval", ["NUM_PARTITIONS=0"],
+       dict(partitioner=lambda r, lib: partitioning.PjitPartitioner(num_partitions=0))),
+      (1, ["--experts", "{r}/missing"], "eval", ["EXPERT_PATHS=['{r}/missing']"],
+       dict(experts=lambda r, lib: eval_entry.ExpertsConfig(expert_paths=[f"{r}/missing"]))),
+      (2, ["--experts", "{a}", "--output_dir", "{a}"], "eval",
+       ["EXPERT_PATHS=['{a}']", "EVAL_OUTPUT_DIR='{a}'"], None),
+      (2, ["--library", "{lib}", "--roe", "--num_queries", "0"], "eval_roe",
+       ["LIBRARY_PATH='{lib}'", "NUM_QUERIES=0"],
+       dict(routing=lambda r, lib: roe.RoEConfig(library=lib, num_queries=0))),
+      (2, ["--library", "{lib}", "--roe", "--abstain_threshold", "2"], "eval_roe",
+       ["LIBRARY_PATH='{lib}'", "ABSTAIN_THRESHOLD=2.0"],
+       dict(routing=lambda r, lib: roe.RoEConfig(library=lib, abstain_threshold=2.0))),
+      (1, ["--library", "{r}/missing", "--roe"], "eval_roe", ["LIBRARY_PATH='{r}/missing'"],
+       dict(routing=lambda r, lib: roe.RoEConfig(library=f"{r}/missing"))),
+  ]
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("case", range(8))
+def test_the_same_bad_value_is_the_same_line_through_cli_gin_and_python(world, capsys,
+                                                                        monkeypatch, case):
+  # The checks are declared once, on the configs: each way in reports the same line.
+  import gin  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("EXPERT_T5X_TRACEBACK", raising=False)
+  rc, flags, gin_file, bindings, python = _same_value_cases()[case]
+  before = _snapshot(world)
+  e = ["eval", "--tasks", "demo_heldout", "--output_dir", "{r}/evalout", "--model_config", "tiny"]
+  got_rc, _, err = _run(_fmt(e + flags, world), capsys)
+  assert got_rc == rc and len(err.strip().splitlines()) == 1, err
+  cli_line = err.strip().split(": ", 1)[1]
+  gin_argv = ["eval", f"--gin_file=runs/{gin_file}.gin", "--gin.CHECKPOINT_PATH=None",
+              "--gin.MODEL_CONFIG='tiny'", "--gin.MIXTURE_OR_TASK_NAME='demo_heldout'",
+              "--gin.EVAL_OUTPUT_DIR='{r}/evalout'"] + [f"--gin.{b}" for b in bindings]
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  # gin's bindings and absl's repeated --gin_bindings live in the process: clear the last run's.
+  gin.clear_config()
+  if flags.FLAGS.is_parsed():
+    flags.FLAGS.unparse_flags()
+  try:
+    got_rc, _, err = _run(_fmt(gin_argv, world), capsys)
+  finally:
+    gin.clear_config()
+  lines = [line for line in err.splitlines() if line.startswith("expert_t5x.eval: ")]
+  assert got_rc == rc and "Traceback" not in err and len(lines) == 1, err
+  assert lines[0].split(": ", 1)[1] == cli_line
+  if python:  # (the Python API's output can't equal an expert without an ExpertsConfig)
+    assert str(_python_eval(world, **python)) == cli_line
+  assert _snapshot(world) == before
+
+
+def test_configs_refuse_bad_values_on_construction():
+  from expert_t5x import eval as eval_entry  # pylint: disable=g-import-not-at-top
+  from expert_t5x import validation  # pylint: disable=g-import-not-at-top
+  for make in (lambda: eval_entry.DatasetConfig("demo_heldout", batch_size=0),
+               lambda: eval_entry.DatasetConfig(""),
+               lambda: eval_entry.DatasetConfig("t", task_feature_lengths={"inputs": 0}),
+               lambda: eval_entry.OutputConfig("x", bootstrap_samples=-1),
+               lambda: eval_entry.ExpertsConfig(experts_per_pass=0),
+               lambda: eval_entry.BaseConfig(dtype="float16")):
+    with pytest.raises(validation.UsageError) as info:
+      make()
+    assert "\n" not in str(info.value) and " / " in str(info.value), info.value
