@@ -237,6 +237,11 @@ def define_flags() -> None:
 def run(main: Callable[[list[str]], None], argv: Optional[Sequence[str]] = None) -> None:
   """`absl.app.run(main)` with `--gin.X=` rewriting; `--help` exits 0 (absl's exits 1)."""
   from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if flags.FLAGS.is_parsed():
+    # A second run in one process (the CLI called twice) starts from the defaults: absl would
+    # otherwise extend multi-valued flags such as --gin_bindings with the first run's values.
+    flags.FLAGS.unparse_flags()
   argv = rewrite_gin_args(list(sys.argv if argv is None else argv))
   wants_help = any(a in ("--help", "-h", "--helpfull", "--helpshort", "-?") for a in argv[1:])
   if not any(a.startswith(("--verbosity", "-v=", "--v=")) for a in argv[1:]):

@@ -770,11 +770,8 @@ def test_the_same_bad_value_is_the_same_line_through_cli_gin_and_python(world, c
   gin_argv = ["eval", f"--gin_file=runs/{gin_file}.gin", "--gin.CHECKPOINT_PATH=None",
               "--gin.MODEL_CONFIG='tiny'", "--gin.MIXTURE_OR_TASK_NAME='demo_heldout'",
               "--gin.EVAL_OUTPUT_DIR='{r}/evalout'"] + [f"--gin.{b}" for b in bindings]
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  # gin's bindings and absl's repeated --gin_bindings live in the process: clear the last run's.
+  # gin's bindings live in the process: clear the last run's (absl's flags are reset by the CLI).
   gin.clear_config()
-  if flags.FLAGS.is_parsed():
-    flags.FLAGS.unparse_flags()
   try:
     got_rc, _, err = _run(_fmt(gin_argv, world), capsys)
   finally:
