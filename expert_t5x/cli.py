@@ -29,7 +29,7 @@ register("infer", "expert_t5x.infer", "cli_main",
          "generate or score free inputs with a base model + expert or merge")
 register("library", "expert_t5x.library_cli", "main",
          "init, add, list, show, remove, index experts; report-overlaps")
-register("retrieve", "expert_t5x.retrieval", "retrieve_main",
+register("retrieve", "expert_t5x.retrieval_cli", "main",
          "retrieve experts for a task from a few unlabeled examples (RoE)")
 register("merge", "expert_t5x.merge_cli", "main", "merge experts into a new expert")
 register("demo", "expert_t5x.demo", "demo_main",

@@ -1,19 +1,25 @@
-"""Retrieval of Experts (RoE): key texts as the paper, cached key embeddings, voting and diagnostics.
+"""Retrieval of Experts (RoE): key texts as the paper, cached key embeddings, voting and
+diagnostics.
 
-Task-level RoE (reference/elm_method §6): take Q (32) unlabeled instances of the eval prompt (the first Q
-of a seeded permutation, recorded), let each vote for the expert of its nearest key(s), and pick the
-majority. Ties go to the expert whose best voted key has the lowest key id, then to the lowest expert id
-(the paper's code broke ties by insertion order and by float-keyed dicts). The result carries the ranked
-candidate list with vote counts (for top-k merging), a confidence (winner's vote share) with an optional
-abstain threshold and fallback, and a warning when winning votes came from key texts shared by several
-experts (e.g. all generative experts under `label` formats). Instance-level and dataset-expert-level
-variants are provided. Search is one BLAS matrix product for all prompts that see the same experts.
+(Over 600 lines on purpose: the key texts, the key-embedding cache, the vote and its diagnostics are
+one protocol, read together against the paper's retrieval code.)
+
+Task-level RoE (reference/elm_method §6): take Q (32) unlabeled instances of the eval prompt (the
+first Q of a seeded permutation, recorded), let each vote for the expert of its nearest key(s), and
+pick the majority. Ties go to the expert whose best voted key has the lowest key id, then to the
+lowest expert id (the paper's code broke ties by insertion order and by float-keyed dicts). The
+result carries the ranked candidate list with vote counts (for top-k merging), a confidence
+(winner's vote share) with an optional abstain threshold and fallback, and a warning when winning
+votes came from key texts shared by several experts (e.g. all generative experts under `label`
+formats). Instance-level and dataset-expert-level variants are provided. Search is one BLAS matrix
+product for all prompts that see the same experts.
 
 Key texts (`format_text`), exactly the paper's `get_text_format` (retrieval/make_index.py for keys,
 retrieval/run_retrieval.py for queries):
   instance        "Instance: {inputs}"
-  label           "Answer Choices: {', '.join(answer_choices)}"     (empty when there are no choices)
-  choice          "Answer Choices: {raw promptsource answer_choices expression}"   ("None" when the
+  label           "Answer Choices: {', '.join(answer_choices)}"     (empty when there are no
+  choices) choice          "Answer Choices: {raw promptsource answer_choices expression}"   ("None"
+  when the
                   template has none: the paper formats Python's None)
   label_instance  "Answer Choices: {labels}, Instance: {inputs}"    (default)
   choice_instance "Answer Choices: {choices}, Instance: {inputs}"
@@ -24,7 +30,6 @@ Experts without answer choices (generative prompts) thus all share the key text 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -38,7 +43,6 @@ import numpy as np
 from expert_t5x import embedders as embedders_lib
 from expert_t5x import file_io
 from expert_t5x import library as library_lib
-from expert_t5x import library_cli
 from expert_t5x import validation
 
 TEXT_FORMATS = ("instance", "label", "choice", "label_instance", "choice_instance", "instance_new",
@@ -76,13 +80,15 @@ def _raw_choices(row: Mapping[str, Any], lookup: TemplateLookup | None) -> str:
     try:
       raw = lookup(row.get("dataset"), row.get("subset"), row.get("prompt"))
     except (LookupError, FileNotFoundError) as e:
-      raise RetrievalError(f"Template lookup failed for ({row.get('dataset')}, {row.get('subset')}, "
-                           f"{row.get('prompt')!r}): {e}. `choice` formats need the promptsource template; "
-                           f"use a label format or fix the prompt name.") from e
+      raise RetrievalError(
+          f"Template lookup failed for ({row.get('dataset')}, {row.get('subset')}, "
+          f"{row.get('prompt')!r}): {e}. `choice` formats need the promptsource template; "
+          f"use a label format or fix the prompt name.") from e
   else:
-    raise RetrievalError(f"Text format 'choice*' needs the raw answer_choices expression of prompt "
-                         f"{row.get('prompt')!r}: keys/queries lack 'answer_choices_template' and no "
-                         f"template lookup was given. Use a label format (e.g. label_instance).")
+    raise RetrievalError(
+        f"Text format 'choice*' needs the raw answer_choices expression of prompt "
+        f"{row.get('prompt')!r}: keys/queries lack 'answer_choices_template' and no "
+        f"template lookup was given. Use a label format (e.g. label_instance).")
   # The paper formats the template's `answer_choices` as is: None (no choices) becomes "None".
   return f"{raw}"
 
@@ -118,7 +124,9 @@ def unlabeled(examples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   return [{k: ex[k] for k in UNLABELED_FIELDS if k in ex} for ex in examples]
 
 
-def select_queries(num_examples: int, num_queries: int = DEFAULT_NUM_QUERIES, seed: int = 0) -> list[int]:
+def select_queries(num_examples: int,
+                   num_queries: int = DEFAULT_NUM_QUERIES,
+                   seed: int = 0) -> list[int]:
   """Indices of the unlabeled queries: the first Q of a seeded permutation of the eval split."""
   perm = np.random.default_rng(seed).permutation(num_examples)
   return [int(i) for i in perm[:num_queries]]
@@ -145,11 +153,13 @@ def top_keys(scores: np.ndarray, k: int = 1) -> np.ndarray:
 
 
 def top_key_by_expert(scores: np.ndarray, best: np.ndarray, key_offsets: np.ndarray) -> np.ndarray:
-  """[Q] each query's best key, found through its per-expert maxima `best` [Q, E] (`per_expert_max`).
+  """[Q] each query's best key, found through its per-expert maxima `best` [Q, E]
+  (`per_expert_max`).
 
-  Equals `top_keys(scores, 1)[:, 0]` exactly, ties included: keys are ordered by expert, so the lowest
-  key holding the maximum lies in the lowest expert whose maximum it is, and only that expert's keys
-  are searched. This reads Q x (keys per expert) scores instead of all Q x N a second time.
+  Equals `top_keys(scores, 1)[:, 0]` exactly, ties included: keys are ordered by expert, so the
+  lowest key holding the maximum lies in the lowest expert whose maximum it is, and only that
+  expert's keys are searched. This reads Q x (keys per expert) scores instead of all Q x N a second
+  time.
   """
   winner = np.argmax(best, axis=1)
   starts = key_offsets[winner]
@@ -164,7 +174,8 @@ def top_key_by_expert(scores: np.ndarray, best: np.ndarray, key_offsets: np.ndar
 
 def vote(scores: np.ndarray, key_expert: np.ndarray, num_experts: int,
          votes_per_query: int = 1, top: np.ndarray | None = None) -> dict[str, Any]:
-  """Task-level vote: each query's top keys vote for their experts; ranked by (-votes, best key, expert).
+  """Task-level vote: each query's top keys vote for their experts; ranked by (-votes, best key,
+  expert).
 
   Args:
     scores: [Q, N] query-key similarities.
@@ -178,13 +189,17 @@ def vote(scores: np.ndarray, key_expert: np.ndarray, num_experts: int,
      'first_key' [E] lowest voted key id per expert (N if none)}.
   """
   top = top_keys(scores, votes_per_query) if top is None else top
-  votes, first_key = _vote_counts(top, np.asarray(key_expert), np.zeros(len(top), np.int64), 1, num_experts,
-                                  scores.shape[1])
-  return {"votes": votes[0], "ranked": _ranked(votes[0], first_key[0]), "top": top, "first_key": first_key[0]}
+  votes, first_key = _vote_counts(top, np.asarray(key_expert), np.zeros(len(top), np.int64), 1,
+                                  num_experts, scores.shape[1])
+  return {
+      "votes": votes[0], "ranked": _ranked(votes[0], first_key[0]), "top": top,
+      "first_key": first_key[0]
+  }
 
 
-def _vote_counts(top: np.ndarray, key_expert: np.ndarray, prompt_of_row: np.ndarray, num_prompts: int,
-                 num_experts: int, num_keys: int) -> tuple[np.ndarray, np.ndarray]:
+def _vote_counts(top: np.ndarray, key_expert: np.ndarray, prompt_of_row: np.ndarray,
+                 num_prompts: int, num_experts: int,
+                 num_keys: int) -> tuple[np.ndarray, np.ndarray]:
   """([P, E] votes, [P, E] lowest voted key id, N if none) of several prompts' queries at once."""
   cell = (prompt_of_row[:, None] * num_experts + key_expert[top]).ravel()
   votes = np.bincount(cell, minlength=num_prompts * num_experts).reshape(num_prompts, num_experts)
@@ -194,7 +209,8 @@ def _vote_counts(top: np.ndarray, key_expert: np.ndarray, prompt_of_row: np.ndar
 
 
 def _ranked(votes: np.ndarray, first_key: np.ndarray) -> list[int]:
-  """Experts with votes by (-votes, lowest voted key, expert id): lexsort's last key is the primary."""
+  """Experts with votes by (-votes, lowest voted key, expert id): lexsort's last key is the
+  primary."""
   voted = np.flatnonzero(votes)
   return voted[np.lexsort((voted, first_key[voted], -votes[voted]))].tolist()
 
@@ -212,13 +228,15 @@ def per_expert_max(scores: np.ndarray, key_offsets: np.ndarray) -> np.ndarray:
 
 
 def expert_similarity(scores: np.ndarray, key_offsets: np.ndarray) -> np.ndarray:
-  """[E] mean over queries of each expert's best key score (keys of expert e: offsets[e]:offsets[e+1]);
+  """[E] mean over queries of each expert's best key score (keys of expert e:
+  offsets[e]:offsets[e+1]);
   `summarize` reports it as each candidate's `similarity`."""
   return _mean_per_prompt(per_expert_max(scores, key_offsets), np.array([0, len(scores)]))[0]
 
 
 def _mean_per_prompt(best: np.ndarray, starts: np.ndarray) -> np.ndarray:
-  """[P, E] mean over each prompt's rows (starts[p]:starts[p+1]) of [R, E] maxima, summed in float64."""
+  """[P, E] mean over each prompt's rows (starts[p]:starts[p+1]) of [R, E] maxima, summed in
+  float64."""
   return np.add.reduceat(best.astype(np.float64), starts[:-1], axis=0) / np.diff(starts)[:, None]
 
 
@@ -317,9 +335,9 @@ def _write_cached_block(path: str, identity: str, block: np.ndarray) -> bool:
 def cached_key_embeddings(lib: library_lib.Library, embedder: Any, keys: KeySet) -> np.ndarray:
   """[N, D] key embeddings, cached per expert in the library under the embedder's identity.
 
-  Cache files are named by a hash of the expert's formatted key texts, so adding experts embeds only the
-  new keys and a changed text format or key file never reuses stale vectors. Each holds its vectors
-  and their digest; a file that fails the check is recomputed, never used.
+  Cache files are named by a hash of the expert's formatted key texts, so adding experts embeds only
+  the new keys and a changed text format or key file never reuses stale vectors. Each holds its
+  vectors and their digest; a file that fails the check is recomputed, never used.
   """
   directory = os.path.join(lib.root, library_lib.EMBEDDINGS_DIR, embedder.identity)
   blocks, writable = [], True
@@ -338,22 +356,31 @@ def cached_key_embeddings(lib: library_lib.Library, embedder: Any, keys: KeySet)
 # ----------------------------------------------------------------------------
 
 
-def reduce_scores(scores: np.ndarray, keys: KeySet, votes_per_query: int = 1) -> tuple[np.ndarray, np.ndarray]:
-  """What a summary needs of an [R, N] score matrix: [R, E] per-expert maxima and [R, k] voting keys.
+def reduce_scores(scores: np.ndarray,
+                  keys: KeySet,
+                  votes_per_query: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """What a summary needs of an [R, N] score matrix: [R, E] per-expert maxima and [R, k] voting
+  keys.
 
   Rows are independent, so a matrix may be reduced in row blocks and the results concatenated.
   """
   if scores.shape[1] == 0:
     raise RetrievalError("No keys to retrieve from (every expert excluded by the guard?).")
   best = per_expert_max(scores, keys.offsets)
-  # One vote per query (the paper): find the nearest key through `best` rather than a second full pass.
+  # One vote per query (the paper): find the nearest key through `best` rather than a second full
+  # pass.
   top = (top_key_by_expert(scores, best, keys.offsets)[:, None] if votes_per_query == 1
          else top_keys(scores, votes_per_query))
   return best, top
 
 
-def summarize(scores: np.ndarray, keys: KeySet, *, votes_per_query: int = 1, **options: Any) -> dict[str, Any]:
-  """Task-level decision, ranked candidates and diagnostics from one prompt's [Q, N] score matrix."""
+def summarize(scores: np.ndarray,
+              keys: KeySet,
+              *,
+              votes_per_query: int = 1,
+              **options: Any) -> dict[str, Any]:
+  """Task-level decision, ranked candidates and diagnostics from one prompt's [Q, N] score
+  matrix."""
   best, top = reduce_scores(scores, keys, votes_per_query)
   return summarize_reduced(best, top, keys, np.array([0, scores.shape[0]]), **options)[0]
 
@@ -372,8 +399,10 @@ def summarize_reduced(best: np.ndarray, top: np.ndarray, keys: KeySet, starts: n
   votes, first_key = _vote_counts(top, keys.key_expert, np.repeat(np.arange(num_prompts), counts),
                                   num_prompts, num_experts, keys.key_expert.size)
   similarity = _mean_per_prompt(best, starts)
-  # Unvoted experts by (-similarity, id), every prompt at once: lexsort's last key is the primary one.
-  by_similarity = np.lexsort((np.broadcast_to(np.arange(num_experts), similarity.shape), -similarity))
+  # Unvoted experts by (-similarity, id), every prompt at once: lexsort's last key is the primary
+  # one.
+  by_similarity = np.lexsort((np.broadcast_to(np.arange(num_experts),
+                                              similarity.shape), -similarity))
   voted_expert = keys.key_expert[top]
   results = []
   for p in range(num_prompts):
@@ -389,8 +418,10 @@ def summarize_reduced(best: np.ndarray, top: np.ndarray, keys: KeySet, starts: n
     result = {
         "winner": keys.expert_ids[winner],
         "candidates": [{"expert": keys.expert_ids[e], "votes": n, "similarity": sim}
-                       for e, n, sim in zip(order, v[order].tolist(), similarity[p, order].tolist())],
-        "total_votes": total, "confidence": confidence,
+                       for e, n, sim in zip(order, v[order].tolist(), similarity[p,
+                                                                                 order].tolist())],
+        "total_votes": total,
+        "confidence": confidence,
         "margin": float(v[winner] - runner_up) / total,
         "abstained": confidence < abstain_threshold,
         "identical_key_votes": identical,
@@ -400,9 +431,10 @@ def summarize_reduced(best: np.ndarray, top: np.ndarray, keys: KeySet, starts: n
     if identical:
       sharing = sorted({keys.expert_ids[e] for k in top[rows][winning] for e in range(num_experts)
                         if keys.shared[k] and keys.texts[k] in keys.texts_per_expert[e]})
-      result["warning"] = (f"{identical} of the winner's {int(v[winner])} votes came from key texts "
-                           f"shared with other experts ({', '.join(sharing[:5])}); those votes cannot "
-                           f"discriminate.")
+      result["warning"] = (
+          f"{identical} of the winner's {int(v[winner])} votes came from key texts "
+          f"shared with other experts ({', '.join(sharing[:5])}); those votes cannot "
+          f"discriminate.")
     if dataset_experts is not None:
       result["dataset_level"] = dataset_vote(result["candidates"], dataset_experts, dataset_rule)
     results.append(result)
@@ -411,7 +443,8 @@ def summarize_reduced(best: np.ndarray, top: np.ndarray, keys: KeySet, starts: n
 
 def dataset_vote(candidates: Sequence[Mapping[str, Any]], dataset_of: Mapping[str, str],
                  rule: str = DEFAULT_DATASET_RULE) -> dict[str, Any]:
-  """Dataset-expert-level RoE: the dataset whose expert the prompt uses, by `rule` (`DATASET_RULES`).
+  """Dataset-expert-level RoE: the dataset whose expert the prompt uses, by `rule`
+  (`DATASET_RULES`).
 
   'winner' (the paper) takes the dataset of the top-ranked candidate, the task-level winner;
   'pooled' sums each prompt expert's votes per dataset (ties to the first ranked). Both record the
@@ -426,22 +459,27 @@ def dataset_vote(candidates: Sequence[Mapping[str, Any]], dataset_of: Mapping[st
     if d is not None:
       totals[d] = totals.get(d, 0) + c["votes"]
   if rule == "winner":
-    best = dataset_of.get(candidates[0]["expert"]) if candidates and candidates[0]["votes"] else None
+    best = dataset_of.get(
+        candidates[0]["expert"]) if candidates and candidates[0]["votes"] else None
   else:
     best = max(totals, key=lambda d: totals[d]) if totals else None  # dict order breaks ties
   return {"rule": rule, "dataset": best, "votes": totals}
 
 
 def _entry_dataset(entry: Mapping[str, Any]) -> str | None:
-  pairs = {library_lib.normalize_dataset(p.get("dataset"), p.get("subset")) for p in entry["provenance"]}
+  pairs = {
+      library_lib.normalize_dataset(p.get("dataset"), p.get("subset")) for p in entry["provenance"]
+  }
   if len(pairs) != 1:
     return None
   ds, sub = next(iter(pairs))
   return None if ds is None else ds + (f"/{sub}" if sub else "")
 
 
-def dataset_expert_map(entries: Sequence[Mapping[str, Any]]) -> tuple[dict[str, str], dict[str, str]]:
-  """(expert id -> its dataset, dataset -> its dataset expert id); a DE covers one dataset, >1 prompt."""
+def dataset_expert_map(
+    entries: Sequence[Mapping[str, Any]]) -> tuple[dict[str, str], dict[str, str]]:
+  """(expert id -> its dataset, dataset -> its dataset expert id); a DE covers one dataset, >1
+  prompt."""
   dataset_of, experts_of = {}, {}
   for e in entries:
     d = _entry_dataset(e)
@@ -461,7 +499,11 @@ class Retriever:
     result = r.retrieve(query_rows, dataset='super_glue', subset='rte', guard='zero_shot')
   """
 
-  def __init__(self, lib: library_lib.Library, embedder: Any, *, text_format: str = DEFAULT_TEXT_FORMAT,
+  def __init__(self,
+               lib: library_lib.Library,
+               embedder: Any,
+               *,
+               text_format: str = DEFAULT_TEXT_FORMAT,
                lookup: TemplateLookup | None = None):
     if text_format not in TEXT_FORMATS:
       raise RetrievalError(f"Unknown text format {text_format!r}; expected one of {TEXT_FORMATS}.")
@@ -482,12 +524,14 @@ class Retriever:
     idx = [i for i, eid in enumerate(self.keys.expert_ids) if eid in allowed_set]
     if len(idx) == len(self.keys.expert_ids):
       return self.keys, self.key_embeddings
-    sub = KeySet([self.keys.expert_ids[i] for i in idx], [self.keys.texts_per_expert[i] for i in idx],
+    sub = KeySet([self.keys.expert_ids[i] for i in idx],
+                 [self.keys.texts_per_expert[i] for i in idx],
                  [self.keys.rows[self.keys.offsets[i]:self.keys.offsets[i + 1]] for i in idx])
     if self.key_embeddings is None:
       return sub, None
-    rows = np.concatenate([np.arange(self.keys.offsets[i], self.keys.offsets[i + 1]) for i in idx]) if idx \
-        else np.zeros(0, np.int64)
+    offsets = self.keys.offsets
+    rows = (np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in idx]) if idx
+            else np.zeros(0, np.int64))
     return sub, self.key_embeddings[rows]
 
   def retrieve(self, examples: Sequence[Mapping[str, Any]], *, dataset: str | None = None,
@@ -503,22 +547,26 @@ class Retriever:
                     allow_unknown_provenance: bool = False) -> list[dict[str, Any]]:
     """Retrieves for several eval prompts at once; records queries and guard mode in each result.
 
-    All prompts' queries are embedded in one call, and prompts whose guard leaves the same experts share
-    one matrix product against those keys (one large product is several times faster than one per
+    All prompts' queries are embedded in one call, and prompts whose guard leaves the same experts
+    share one matrix product against those keys (one large product is several times faster than one
+    per
     prompt: the keys stream through the cache once, not once per prompt).
 
     Args:
       prompts: each eval prompt's (unlabeled) examples.
-      datasets: (dataset, subset) per prompt for the guard (default: from each prompt's first example).
-      guard, num_queries, seed, votes_per_query, abstain_threshold, fallback, dataset_rule,
+      datasets: (dataset, subset) per prompt for the guard (default: from each prompt's first
+      example). guard, num_queries, seed, votes_per_query, abstain_threshold, fallback,
+      dataset_rule,
         allow_unknown_provenance: as the CLI flags.
     """
     if dataset_rule not in DATASET_RULES:
-      raise RetrievalError(f"Unknown dataset rule {dataset_rule!r}; expected one of {DATASET_RULES}.")
+      raise RetrievalError(
+          f"Unknown dataset rule {dataset_rule!r}; expected one of {DATASET_RULES}.")
     plans = []
     for p, examples in enumerate(prompts):
       if not examples:
-        raise RetrievalError(f"No query examples given for prompt {p}; pass the eval prompt's examples.")
+        raise RetrievalError(
+            f"No query examples given for prompt {p}; pass the eval prompt's examples.")
       dataset, subset = datasets[p] if datasets else (None, None)
       if dataset is None:
         dataset, subset = examples[0].get("dataset"), examples[0].get("subset")
@@ -528,7 +576,8 @@ class Retriever:
                     [format_text(examples[i], self.text_format, self.lookup) for i in indices]))
     results: list[Any] = [None] * len(plans)
     for members, keys, best, top in self._reduced([plan[4] for plan in plans],
-                                                  [plan[2].allowed for plan in plans], votes_per_query):
+                                                  [plan[2].allowed for plan in plans],
+                                                  votes_per_query):
       starts = np.concatenate([[0], np.cumsum([len(plans[p][4]) for p in members])])
       summaries = summarize_reduced(best, top, keys, starts, abstain_threshold=abstain_threshold,
                                     fallback=fallback, dataset_experts=self.dataset_of,
@@ -546,8 +595,8 @@ class Retriever:
   def _score_buffer(self, rows: int, cols: int) -> np.ndarray:
     """A [rows, cols] float32 view of one buffer kept between calls (at most `MAX_SCORES` floats).
 
-    Fresh pages cost the kernel a zeroing pass over them (~5% of a full-library search), so the buffer
-    only grows; dropping the retriever frees it.
+    Fresh pages cost the kernel a zeroing pass over them (~5% of a full-library search), so the
+    buffer only grows; dropping the retriever frees it.
     """
     if self._buffer.size < rows * cols:
       self._buffer = np.empty(rows * cols, np.float32)
@@ -555,20 +604,21 @@ class Retriever:
 
   def _guard(self, dataset: str | None, subset: str | None, mode: str,
              allow_unknown_provenance: bool = False) -> library_lib.GuardResult:
-    """The guard's verdict, computed once per eval (dataset, subset): prompts of a dataset share it."""
+    """The guard's verdict, computed once per eval (dataset, subset): prompts of a dataset share
+    it."""
     key = (dataset, subset, mode, allow_unknown_provenance)
     if key not in self._verdicts:
       self._verdicts[key] = library_lib.apply_guard(
           self.entries, dataset, subset, mode, allow_unknown_provenance=allow_unknown_provenance)
     return self._verdicts[key]
 
-  def _reduced(self, texts: Sequence[Sequence[str]], allowed: Sequence[Sequence[str]], votes_per_query: int
-               ) -> Iterator[tuple[list[int], KeySet, np.ndarray, np.ndarray]]:
-    """Yields (prompts, key set, [R, E] per-expert maxima, [R, k] voting keys) per distinct allowed set
-    of experts, the rows being those prompts' queries in order.
+  def _reduced(self, texts: Sequence[Sequence[str]], allowed: Sequence[Sequence[str]],
+               votes_per_query: int) -> Iterator[tuple[list[int], KeySet, np.ndarray, np.ndarray]]:
+    """Yields (prompts, key set, [R, E] per-expert maxima, [R, k] voting keys) per distinct allowed
+    set of experts, the rows being those prompts' queries in order.
 
-    Each set's queries are scored by one BLAS product per block of rows (at most `MAX_SCORES` floats,
-    so memory stays bounded however many queries a prompt has) and reduced at once.
+    Each set's queries are scored by one BLAS product per block of rows (at most `MAX_SCORES`
+    floats, so memory stays bounded however many queries a prompt has) and reduced at once.
     """
     dense = self.key_embeddings is not None
     flat = [t for ts in texts for t in ts]
@@ -587,9 +637,11 @@ class Retriever:
           block = np.matmul(query_emb[block_rows], key_emb.T,
                             out=self._score_buffer(block_rows.size, key_emb.shape[0]))
         else:
-          block = np.asarray(self.embedder.scores([flat[r] for r in block_rows], keys.texts), np.float32)
+          block = np.asarray(self.embedder.scores([flat[r] for r in block_rows], keys.texts),
+                             np.float32)
         parts.append(reduce_scores(block, keys, votes_per_query))
-      yield members, keys, np.concatenate([b for b, _ in parts]), np.concatenate([t for _, t in parts])
+      yield members, keys, np.concatenate([b for b, _ in parts
+                                          ]), np.concatenate([t for _, t in parts])
 
 
 # Floats of one block of query-key scores (256 MB): the product's working memory.
@@ -608,16 +660,22 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 EMBEDDERS = ("minilm", "t5", "bm25")
 
 
-def make_embedder(name: str, *, minilm_dir: str | None = None,
+def make_embedder(name: str,
+                  *,
+                  minilm_dir: str | None = None,
                   max_seq_length: int = embedders_lib.DEFAULT_MAX_SEQ_LENGTH,
-                  base_path: str | None = None, base_config: str = "xl", vocab_path: str | None = None,
-                  vocabulary: Any = None, t5_base: tuple[Any, Any, Any] | None = None,
+                  base_path: str | None = None,
+                  base_config: str = "xl",
+                  vocab_path: str | None = None,
+                  vocabulary: Any = None,
+                  t5_base: tuple[Any, Any, Any] | None = None,
                   fetch_minilm: Callable[[], str] | None = None) -> Any:
   """Builds an embedder by name (the one embedder factory: CLI, RoE evaluation and demo).
 
   Args:
     name: 'minilm', 't5' or 'bm25'.
-    minilm_dir: sentence-transformers directory of all-MiniLM-L6-v2 (default: $EXPERT_T5X_MINILM_DIR,
+    minilm_dir: sentence-transformers directory of all-MiniLM-L6-v2 (default:
+    $EXPERT_T5X_MINILM_DIR,
       else where `expert-t5x data fetch minilm` puts it).
     max_seq_length: truncation of keys and queries.
     base_path, base_config, vocab_path: the t5 embedder's base checkpoint, its config name if the
@@ -637,8 +695,9 @@ def make_embedder(name: str, *, minilm_dir: str | None = None,
     if not os.path.isdir(directory) and fetch_minilm is not None:
       directory = fetch_minilm()
     if not os.path.isdir(directory):
-      raise RetrievalError(f"all-MiniLM-L6-v2 not found at '{directory}'; run `expert-t5x data fetch minilm`, "
-                           f"or pass --minilm-dir (a sentence-transformers directory).")
+      raise RetrievalError(
+          f"all-MiniLM-L6-v2 not found at '{directory}'; run `expert-t5x data fetch minilm`, "
+          f"or pass --minilm-dir (a sentence-transformers directory).")
     return embedders_lib.MiniLMEmbedder(directory, max_seq_length=max_seq_length)
   if name == "t5":
     if t5_base is not None:
@@ -666,90 +725,10 @@ def promptsource_lookup(templates_dir: str | None = None) -> TemplateLookup:
   return lookup
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="expert-t5x retrieve",
-                              description="Retrieval of Experts: pick experts for eval prompts from unlabeled "
-                                          "queries.")
-  p.add_argument("--library", required=True)
-  p.add_argument("--queries", required=True,
-                 help="JSONL of canonical eval examples (inputs, answer_choices, dataset, subset, prompt, task); "
-                      "one retrieval per task")
-  p.add_argument("--task", action="append", help="only these tasks of the queries file")
-  p.add_argument("--embedder", choices=EMBEDDERS, default="minilm")
-  p.add_argument("--minilm-dir", help="sentence-transformers directory of all-MiniLM-L6-v2")
-  p.add_argument("--base", help="base checkpoint (t5 embedder)")
-  p.add_argument("--base-config", default="xl", help="T5 config name if the checkpoint does not record it")
-  p.add_argument("--vocab", help="SentencePiece model (t5 embedder)")
-  p.add_argument("--max-seq-length", type=int, default=256)
-  p.add_argument("--text-format", choices=TEXT_FORMATS, default=DEFAULT_TEXT_FORMAT)
-  p.add_argument("--templates-dir", help="promptsource templates for choice formats (default: the fetched copy)")
-  p.add_argument("--num-queries", type=int, default=DEFAULT_NUM_QUERIES)
-  p.add_argument("--seed", type=int, default=0, help="seed of the query permutation")
-  p.add_argument("--votes-per-query", type=int, default=1)
-  p.add_argument("--guard", choices=library_lib.GUARD_MODES, default="zero_shot")
-  p.add_argument("--abstain-threshold", type=float, default=0.0, help="abstain below this vote share")
-  p.add_argument("--fallback", choices=("base", "merge"), default="base")
-  p.add_argument("--dataset-rule", choices=DATASET_RULES, default=DEFAULT_DATASET_RULE,
-                 help="dataset-level pick: the winner's dataset (the paper) or votes pooled per dataset")
-  p.add_argument("--output", help="write results JSON here (default: stdout)")
-  library_cli.add_allow_unknown_provenance(p)
-  return p
-
-
-def _validate_args(args: argparse.Namespace) -> None:
-  validation.existing_file("--queries", args.queries, "a JSONL file of unlabeled examples")
-  if not library_lib.is_url(args.library):
-    validation.existing_dir("--library", args.library, "an expert library")
-  validation.positive_int("--num-queries", args.num_queries)
-  validation.positive_int("--votes-per-query", args.votes_per_query)
-  validation.positive_int("--max-seq-length", args.max_seq_length)
-  validation.finite("--abstain-threshold", args.abstain_threshold, 0.0, 1.0, "it is a vote share")
-  if args.output:
-    validation.output_file("--output", args.output, [args.queries])
-
-
 def retrieve_main(argv: Sequence[str] | None = None) -> int:
-  """Entry point of `expert-t5x retrieve`."""
-  args = _parser().parse_args(argv)
-  try:
-    _validate_args(args)
-    rows = read_jsonl(args.queries)
-    validation.non_empty(f"--queries {args.queries}", rows, "give JSONL rows with an 'inputs' field")
-    by_task: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-      by_task.setdefault(str(r.get("task") or f"{r.get('dataset')}@{r.get('prompt')}"), []).append(r)
-    tasks = args.task or list(by_task)
-    missing = [t for t in tasks if t not in by_task]
-    if missing:
-      raise RetrievalError(f"Tasks {missing} are not in '{args.queries}'; it has {sorted(by_task)[:5]}...")
-    lookup = promptsource_lookup(args.templates_dir) if args.text_format.startswith("choice") else None
-    embedder = make_embedder(args.embedder, minilm_dir=args.minilm_dir, max_seq_length=args.max_seq_length,
-                             base_path=args.base, base_config=args.base_config, vocab_path=args.vocab)
-    retriever = Retriever(library_lib.Library(args.library), embedder, text_format=args.text_format,
-                          lookup=lookup)
-    results = retriever.retrieve_many([by_task[t] for t in tasks], guard=args.guard,
-                                      num_queries=args.num_queries, seed=args.seed,
-                                      votes_per_query=args.votes_per_query,
-                                      abstain_threshold=args.abstain_threshold, fallback=args.fallback,
-                                      dataset_rule=args.dataset_rule,
-                                      allow_unknown_provenance=args.allow_unknown_provenance)
-    for t, res in zip(tasks, results):
-      res["task"] = t
-      res["prompt"] = by_task[t][0].get("prompt")
-  except (RetrievalError, library_lib.LibraryError, OSError, ValueError) as e:
-    return validation.report("expert-t5x retrieve", e)
-  out = {"embedder": retriever.embedder.identity, "text_format": args.text_format, "guard_mode": args.guard,
-         "dataset_rule": args.dataset_rule,
-         "library": retriever.lib.root, "num_keys": len(retriever.keys.texts), "results": results}
-  text = json.dumps(out, indent=2, sort_keys=True)
-  if args.output:
-    file_io.atomic_write_text(args.output, text + "\n")
-    for r in results:
-      print(f"{r['task']}: {r['selected']} ({r['candidates'][0]['votes']}/{r['total_votes']} votes"
-            + (", abstained" if r["abstained"] else "") + ")")
-  else:
-    print(text)
-  return 0
+  """`expert-t5x retrieve` (the CLI lives in `retrieval_cli`)."""
+  from expert_t5x import retrieval_cli  # pylint: disable=g-import-not-at-top
+  return retrieval_cli.main(argv)
 
 
 if __name__ == "__main__":
