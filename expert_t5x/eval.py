@@ -394,30 +394,13 @@ def _configure_vocabulary(vocabulary_path: Optional[str], checkpoint_path: Optio
 # ------------------------------------------------------------------------------------- gin
 
 
-_GIN_EVALUATE = None
-
-
 def main(argv: Sequence[str]) -> None:
   """absl main for `python -m expert_t5x.eval --gin_file=...`."""
   del argv
-  import gin  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
   from expert_t5x import gin_utils  # pylint: disable=g-import-not-at-top
-  import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
-  # (seqio_tasks declares gin settings, which must exist before the config is parsed and locked.)
-  global _GIN_EVALUATE
-  if _GIN_EVALUATE is None:
-    _GIN_EVALUATE = gin.configurable(evaluate)
-  flag_values = flags.FLAGS
-  try:
-    gin_utils.parse_gin_flags(flag_values.gin_search_paths, flag_values.gin_file,
-                              flag_values.gin_bindings)
-    if flag_values.gin_parse_only:
-      print(gin_utils.summarize_gin_config())
-      return
-    results = _GIN_EVALUATE()
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    raise SystemExit(validation.report("expert_t5x.eval", e, default=2)) from None
+  results = gin_utils.call_configured(evaluate, "expert_t5x.eval")
+  if results is None:  # --gin_parse_only
+    return
   print(open(os.path.join(results["output_dir"], "results.md"), encoding="utf-8").read())
   if results.get("anchors"):
     print(results["anchors"]["markdown"])

@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 import tokenize
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import gin
 from gin import config as gin_config
@@ -265,3 +265,32 @@ def run_for_exit_code(main: Callable[[list[str]], None],
   except SystemExit as e:
     return int(e.code or 0)
   return 0
+
+
+_CONFIGURABLES: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def configurable(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`gin.configurable(fn)`, registered once per process (gin refuses a second registration)."""
+  if fn not in _CONFIGURABLES:
+    _CONFIGURABLES[fn] = gin.configurable(fn)
+  return _CONFIGURABLES[fn]
+
+
+def call_configured(fn: Callable[..., Any], prog: str) -> Optional[Any]:
+  """The gin entry points' body (`python -m expert_t5x.eval` / `.infer`): parses absl's gin flags
+  and calls `fn` with the bound settings. Under `--gin_parse_only` prints the config and returns
+  None. A bad setting is one line naming it and exit 2 (usage) or 1 (data)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  # seqio and seqio_tasks declare gin configurables, which must exist before the config is parsed
+  # and locked.
+  import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+  configured = configurable(fn)
+  try:
+    parse_gin_flags(flags.FLAGS.gin_search_paths, flags.FLAGS.gin_file, flags.FLAGS.gin_bindings)
+    if flags.FLAGS.gin_parse_only:
+      print(summarize_gin_config())
+      return None
+    return configured()
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise SystemExit(validation.report(prog, e, default=2)) from None

@@ -160,31 +160,12 @@ def _score(scorer, rows, vocabulary, lengths, batch_size, options):
 # ------------------------------------------------------------------------------------ entry
 
 
-_GIN_INFER = None
-
-
 def main(argv: Sequence[str]) -> None:
   """absl main for `python -m expert_t5x.infer --gin_file=...`."""
   del argv
-  import gin  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
   from expert_t5x import gin_utils  # pylint: disable=g-import-not-at-top
-  import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
-  # (seqio and seqio_tasks declare gin configurables, which must exist before the config is parsed
-  # and locked.)
-  global _GIN_INFER
-  if _GIN_INFER is None:
-    _GIN_INFER = gin.configurable(infer)
-  try:
-    gin_utils.parse_gin_flags(flags.FLAGS.gin_search_paths, flags.FLAGS.gin_file,
-                              flags.FLAGS.gin_bindings)
-    if flags.FLAGS.gin_parse_only:
-      print(gin_utils.summarize_gin_config())
-      return
-    for record in _GIN_INFER():
-      print(results_lib.dumps(record))
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    raise SystemExit(validation.report("expert_t5x.infer", e, default=2)) from None
+  for record in gin_utils.call_configured(infer, "expert_t5x.infer") or []:
+    print(results_lib.dumps(record))
 
 
 def gin_main(argv: Optional[Sequence[str]] = None) -> int:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from expert_t5x import eval as eval_entry
-from expert_t5x import base_models, evaluation, gin_utils, results, scoring
+from expert_t5x import base_models, gin_utils, results, scoring
 import eval_fakes
 
 
@@ -35,9 +35,9 @@ def _run(root: str, name: str, presets: list[str], experts: list[str]):
     original(self, *args, **kwargs)
     seen.append(self)
   scoring.Scorer.__init__ = spy
+  gin_evaluate = gin_utils.configurable(eval_entry.evaluate)  # as `python -m expert_t5x.eval`
   try:
     gin_utils.parse_gin_flags([], ["runs/eval.gin"] + presets, bindings)
-    gin_evaluate = eval_entry._GIN_EVALUATE  # pylint: disable=protected-access
     gin_evaluate(task_source=eval_fakes.make_source(n=6))
   finally:
     scoring.Scorer.__init__ = original
@@ -62,9 +62,6 @@ def _key(record) -> tuple:
 
 def main():
   assert jax.device_count() == 8, jax.devices()
-  # The gin function as `python -m expert_t5x.eval` registers it.
-  # pylint: disable-next=protected-access
-  eval_entry._GIN_EVALUATE = gin.configurable(eval_entry.evaluate)
   base = base_models.load_base(model_config="tiny", random_init_seed=0,
                               config_overrides={"vocab_size": eval_fakes.VOCAB_SIZE})
   with tempfile.TemporaryDirectory() as root:

@@ -164,7 +164,7 @@ def test_shipped_eval_gin_files_parse():
   import gin  # pylint: disable=g-import-not-at-top
   from expert_t5x import gin_utils  # pylint: disable=g-import-not-at-top
   import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
-  eval_entry._GIN_EVALUATE = eval_entry._GIN_EVALUATE or gin.configurable(eval_entry.evaluate)
+  gin_utils.configurable(eval_entry.evaluate)  # registered as the gin entry point registers it
   # (Only settings each file uses: a setting no file uses is refused as a misspelling.)
   evals = ["EVAL_OUTPUT_DIR = '/tmp/x'"]
   heldout = evals + ["MIXTURE_OR_TASK_NAME = 'demo_heldout'"]
@@ -201,7 +201,7 @@ def test_gin_macros_and_flags_default_to_the_config_fields():
   import gin  # pylint: disable=g-import-not-at-top
   from expert_t5x import gin_utils, partitioning, routed_evaluation as roe  # pylint: disable=g-import-not-at-top
   import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
-  eval_entry._GIN_EVALUATE = eval_entry._GIN_EVALUATE or gin.configurable(eval_entry.evaluate)
+  gin_utils.configurable(eval_entry.evaluate)  # registered as the gin entry point registers it
   want = {"base": eval_entry.BaseConfig(checkpoint_path="/ckpt"),
           "dataset_cfg": eval_entry.DatasetConfig("demo_heldout"),
           "experts": eval_entry.ExpertsConfig(), "scoring": scoring.ScoringOptions(),

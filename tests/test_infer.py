@@ -110,7 +110,7 @@ def test_gin_macros_default_to_the_signature():
   import gin  # pylint: disable=g-import-not-at-top
   from expert_t5x import gin_utils  # pylint: disable=g-import-not-at-top
   # pylint: disable=protected-access
-  infer._GIN_INFER = infer._GIN_INFER or gin.configurable(infer.infer)
+  gin_utils.configurable(infer.infer)  # registered as the gin entry point registers it
   try:
     gin_utils.parse_gin_flags([], ["runs/infer.gin"], ["CHECKPOINT_PATH = '/ckpt'",
                                                        "INFER_OUTPUT_FILE = '/tmp/x.jsonl'"],

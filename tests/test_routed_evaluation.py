@@ -458,7 +458,7 @@ def test_gin_entry_point_runs_roe(lib, roe_cli_run, tmp_path):
   # routing must equal the CLI run's (same library, embedder, guard and queries).
   import gin  # pylint: disable=g-import-not-at-top
   from expert_t5x import gin_utils  # pylint: disable=g-import-not-at-top
-  eval_entry._GIN_EVALUATE = eval_entry._GIN_EVALUATE or gin.configurable(eval_entry.evaluate)
+  gin_evaluate = gin_utils.configurable(eval_entry.evaluate)
   bindings = ["CHECKPOINT_PATH = None", f"EVAL_OUTPUT_DIR = '{tmp_path / 'gin'}'",
               f"MIXTURE_OR_TASK_NAME = '{','.join(EVAL)}'", "MODEL_CONFIG = 'tiny'",
               "RANDOM_INIT_SEED = 0", f"CONFIG_OVERRIDES = {{'vocab_size': {DEMO_VOCAB}}}",
@@ -467,7 +467,7 @@ def test_gin_entry_point_runs_roe(lib, roe_cli_run, tmp_path):
               "NUM_QUERIES = 6"]
   try:
     gin_utils.parse_gin_flags([], ["runs/eval_roe.gin"], bindings)
-    res = eval_entry._GIN_EVALUATE()
+    res = gin_evaluate()
   finally:
     gin.clear_config()
   cli = results.read_results(str(roe_cli_run[1] / results.RESULTS_FILE))
