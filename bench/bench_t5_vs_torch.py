@@ -13,7 +13,6 @@ tokens/s, with tokens = batch * (input_len + target_len).
 import argparse
 import os
 import statistics
-import sys
 import time
 
 from bench_common import cpu_model, pin_threads

@@ -38,8 +38,9 @@ register("continual", "expert_t5x.continual", "continual_main",
          "continual learning: train new (CT0) experts, add them, check seen tasks are unchanged")
 register("compositional", "expert_t5x.compositional", "compositional_main",
          "compositional instructions: merge a summarizer and a translator, evaluate on XL-Sum")
-register("import", "expert_t5x.importers", "import_main",
-         "convert released experts (paper adapter .pt, PEFT LoRA) or a T5X run to the expert format")
+register(
+    "import", "expert_t5x.importers", "import_main",
+    "convert released experts (paper adapter .pt, PEFT LoRA) or a T5X run to the expert format")
 register("t5x-checkpoint", "expert_t5x.t5x_io", "t5x_checkpoint_main",
          "write a T5X checkpoint (upstream t5x.train's start) from an HF T5 dir or a base")
 
@@ -59,8 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   name, rest = argv[0], argv[1:]
   if name not in SUBCOMMANDS:
-    print(f"expert-t5x: unknown command {name!r}; expected one of: {', '.join(sorted(SUBCOMMANDS))}.",
-          file=sys.stderr)
+    print(
+        f"expert-t5x: unknown command {name!r}; expected one of: {', '.join(sorted(SUBCOMMANDS))}.",
+        file=sys.stderr)
     return 2
   module, function, _ = SUBCOMMANDS[name]
   # TensorFlow (imported by the data commands) otherwise logs its C++ start-up lines.
@@ -78,8 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from expert_t5x import validation  # pylint: disable=g-import-not-at-top
     if os.environ.get(validation.TRACEBACK_ENV):
       raise
-    print(f"expert-t5x {name}: internal error ({type(e).__name__}: {validation.one_line(e)}); rerun "
-          f"with {validation.TRACEBACK_ENV}=1 for the traceback and report it.", file=sys.stderr)
+    print(
+        f"expert-t5x {name}: internal error ({type(e).__name__}: {validation.one_line(e)}); rerun "
+        f"with {validation.TRACEBACK_ENV}=1 for the traceback and report it.",
+        file=sys.stderr)
     return 1
 
 

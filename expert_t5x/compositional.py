@@ -24,7 +24,6 @@ The paper (§7) merges a summarization expert with a translation expert and asks
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, Optional, Sequence

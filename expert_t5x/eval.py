@@ -24,8 +24,8 @@ Python::
                   experts=eval.ExpertsConfig(expert_paths=['/lib/experts/a']),
                   partitioner=partitioning.PjitPartitioner(num_partitions=2))
 
-Retrieval of Experts from a library (`expert_t5x.routed_evaluation`): each eval prompt retrieves its expert
-from its own unlabeled examples (or merges the top-k) and is evaluated with it (Python:
+Retrieval of Experts from a library (`expert_t5x.routed_evaluation`): each eval prompt retrieves its
+expert from its own unlabeled examples (or merges the top-k) and is evaluated with it (Python:
 `routing=routed_evaluation.RoEConfig(library='/lib', ...)` in place of `experts`' paths)::
 
     expert-t5x eval --checkpoint_path /ckpt/t5-xl-lm-adapt --tasks t0_eval_score_eval \
@@ -289,7 +289,8 @@ def evaluate(*, base: BaseConfig, dataset_cfg: DatasetConfig, output_cfg: Output
     dataset_cfg: the tasks and how their examples are read.
     output_cfg: the output directory and what is written and reported.
     experts: the evaluated experts (with `routing`: only include_base and allow_base_mismatch).
-    routing: Retrieval of Experts (`routed_evaluation.RoEConfig`, with its library): each prompt is evaluated
+    routing: Retrieval of Experts (`routed_evaluation.RoEConfig`, with its library): each prompt is
+    evaluated
       with the experts retrieved for it instead of `experts`' paths.
     scoring: the scoring protocol.
     partitioner: the mesh and logical axis rules (default: `PjitPartitioner()`, data parallel

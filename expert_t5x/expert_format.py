@@ -29,7 +29,7 @@ import numpy as np
 
 from expert_t5x import file_io
 # Re-exported: the tree helpers live in trees but belong to this format's API.
-from expert_t5x.trees import (SEP, digest_items, flatten_params, tree_digest,  # pylint: disable=unused-import
+from expert_t5x.trees import (SEP, digest_items, flatten_params, tree_digest,  # noqa: F401
                               unflatten_params)
 
 SCHEMA_VERSION = 1

@@ -190,19 +190,22 @@ def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str],
     where = f"{e.filename}:{e.lineno}" if isinstance(e, SyntaxError) and e.filename else (
         f"the binding {e.text.strip()!r}" if getattr(e, "text", None) else "a binding")
     text = str(e.args[0] if e.args else e).splitlines()[0]
-    raise validation.UsageError(f"Gin syntax error in {where} ({text}); gin values are Python literals, "
-                     "@configurables or %MACROS (strings quoted: 'text'); fix that line.") from None
+    raise validation.UsageError(
+        f"Gin syntax error in {where} ({text}); gin values are Python literals, "
+        "@configurables or %MACROS (strings quoted: 'text'); fix that line.") from None
   finally:
     root.setLevel(level)
   unused = unreferenced_macros(gin_bindings)
   if unused:
-    raise validation.UsageError(f"Unknown gin setting(s) {', '.join(unused)}: no config file uses them; check "
-                     "the spelling against the macros of the gin files (e.g. TRAIN_STEPS, BATCH_SIZE, "
-                     "MODEL_DIR).")
+    raise validation.UsageError(
+        f"Unknown gin setting(s) {', '.join(unused)}: no config file uses them; check "
+        "the spelling against the macros of the gin files (e.g. TRAIN_STEPS, BATCH_SIZE, "
+        "MODEL_DIR).")
   missing = missing_required()
   if missing:
     flags = " ".join(f"--gin.{m}=..." for m in missing)
-    raise validation.UsageError(f"Required gin settings are unset: {', '.join(missing)}; set them, e.g. {flags}")
+    raise validation.UsageError(
+        f"Required gin settings are unset: {', '.join(missing)}; set them, e.g. {flags}")
   if finalize:
     gin.finalize()
 
@@ -227,11 +230,13 @@ def define_flags() -> None:
   if "gin_file" in flags.FLAGS:
     return
   flags.DEFINE_multi_string("gin_file", None, "Gin files to parse, in order (later ones win).")
-  flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings 'NAME = VALUE' (or --gin.NAME=VALUE).")
+  flags.DEFINE_multi_string("gin_bindings", [],
+                            "Gin bindings 'NAME = VALUE' (or --gin.NAME=VALUE).")
   flags.DEFINE_list("gin_search_paths", ["."],
                     "Folders to resolve gin files and includes (the shipped gin folder is added).")
-  flags.DEFINE_bool("gin_parse_only", False,
-                    "Parse the gin config, report unset required settings, write the config and exit.")
+  flags.DEFINE_bool(
+      "gin_parse_only", False,
+      "Parse the gin config, report unset required settings, write the config and exit.")
 
 
 def run(main: Callable[[list[str]], None], argv: Optional[Sequence[str]] = None) -> None:

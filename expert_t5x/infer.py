@@ -1,5 +1,5 @@
-r"""Inference on free inputs (T5X's infer): generate, or score given targets / answer choices, with a
-base model alone or with an expert (a merge is an expert directory too).
+r"""Inference on free inputs (T5X's infer): generate, or score given targets / answer choices, with
+a base model alone or with an expert (a merge is an expert directory too).
 
 Gin::
 
@@ -58,7 +58,8 @@ def make_vocabulary(vocabulary_path: Optional[str], checkpoint_path: Optional[st
   from expert_t5x import checkpoint_importer  # pylint: disable=g-import-not-at-top
   if vocabulary_path == "bytes":
     return seqio.ByteVocabulary()
-  path = vocabulary_path or (checkpoint_importer.find_vocab(checkpoint_path) if checkpoint_path else None)
+  path = vocabulary_path or (checkpoint_importer.find_vocab(checkpoint_path)
+                             if checkpoint_path else None)
   if not path:
     raise ValueError("No vocabulary: pass vocabulary_path (--vocabulary_path: a SentencePiece "
                      "spiece.model, or 'bytes' for the byte vocabulary of the demo tasks).")

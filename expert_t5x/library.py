@@ -5,26 +5,28 @@ Over 600 lines: the disk protocol, object-store copy and guard share one format 
 A library is a directory:
 
   library.json            # created once by `init`: schema version and (optionally) the pinned base
-  entries/<id>.json       # one immutable file per expert, written temp -> fsync -> link (no clobber)
-  experts/<id>/           # the expert's Expert-format-v1 directory (copied in by `add`)
+  entries/<id>.json       # one immutable file per expert, written temp -> fsync -> link (no
+  clobber) experts/<id>/           # the expert's Expert-format-v1 directory (copied in by `add`)
   manifest.json           # derived from entries/ (rebuilt under an flock); a cache, never the truth
   embeddings/...          # retrieval embedding cache (see `retrieval.py`)
 
-Concurrency on POSIX filesystems: an `add` writes only files whose names it owns (a temporary expert copy
-renamed to `experts/<id>`, then an entry linked to `entries/<id>.json`, which fails if the id exists), so
-two processes adding experts at once lose nothing and a crash at any point leaves either no entry or a
-complete one; the base and duplicate checks run again under the writers' exclusive `flock` just before
-the link. Readers list `entries/` and ignore temporary files (and never lock). The manifest is rebuilt
-under the same `flock`. Object stores (`gs://`, `s3://`; TensorFlow's file systems) have neither rename nor
+Concurrency on POSIX filesystems: an `add` writes only files whose names it owns (a temporary expert
+copy renamed to `experts/<id>`, then an entry linked to `entries/<id>.json`, which fails if the id
+exists), so two processes adding experts at once lose nothing and a crash at any point leaves either
+no entry or a complete one; the base and duplicate checks run again under the writers' exclusive
+`flock` just before the link. Readers list `entries/` and ignore temporary files (and never lock).
+The manifest is rebuilt under the same `flock`. Object stores (`gs://`, `s3://`; TensorFlow's file
+systems) have neither rename nor
 flock: a library there is single-writer. It is used through a local working copy (under the cache
 directory) that follows the POSIX protocol and uploads what it writes, expert files before the entry
 that names them; reads download entries eagerly and expert files when first needed.
 
-The contamination guard decides which experts may serve an evaluation task: `zero_shot` excludes experts
-whose provenance shares the normalised (dataset, subset) with the task, `seen` excludes nothing (the
-paper's seen-task RoE), `off` disables the check. The mode is recorded in every retrieval result. `zero_shot`
-also refuses experts of unknown provenance (`expert_format.UNKNOWN_DATASET`) unless they are allowed
-explicitly (`--allow-unknown-provenance`, `allow_unknown_provenance=True`).
+The contamination guard decides which experts may serve an evaluation task: `zero_shot` excludes
+experts whose provenance shares the normalised (dataset, subset) with the task, `seen` excludes
+nothing (the paper's seen-task RoE), `off` disables the check. The mode is recorded in every
+retrieval result. `zero_shot` also refuses experts of unknown provenance
+(`expert_format.UNKNOWN_DATASET`) unless they are allowed explicitly (`--allow-unknown-provenance`,
+`allow_unknown_provenance=True`).
 """
 
 from __future__ import annotations
@@ -107,8 +109,9 @@ def _rename_expert_dir(expert_id: str, tmp: str, final: str) -> None:
   try:
     os.rename(tmp, final)  # fails if a concurrent writer of the same id won
   except OSError as e:
-    raise LibraryError(f"Library already has an expert directory '{expert_id}' (added concurrently); "
-                       f"pass another --name.") from e
+    raise LibraryError(
+        f"Library already has an expert directory '{expert_id}' (added concurrently); "
+        f"pass another --name.") from e
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -127,8 +130,9 @@ def check_id(expert_id: Any, flag: str = "expert id") -> str:
   """An expert id as the library writes them (no '/', no leading '.'): anything else could name a
   file outside `entries/`."""
   if not isinstance(expert_id, str) or not _ID_RE.match(expert_id):
-    raise LibraryError(f"{flag} {expert_id!r} is not a valid expert id (letters, digits and ._@+=-, "
-                       f"not starting with '.' or '-'); see `expert-t5x library list` for the ids.")
+    raise LibraryError(
+        f"{flag} {expert_id!r} is not a valid expert id (letters, digits and ._@+=-, "
+        f"not starting with '.' or '-'); see `expert-t5x library list` for the ids.")
   return expert_id
 
 
@@ -153,19 +157,22 @@ def sanitize_id(name: str) -> str:
 
 
 def normalize_name(value: str | None) -> str | None:
-  """Normalises a dataset or subset name for overlap checks: case, spaces and hyphens; None for empty."""
+  """Normalises a dataset or subset name for overlap checks: case, spaces and hyphens; None for
+  empty."""
   if value is None:
     return None
   return _normalize_str(str(value))
 
 
-@functools.lru_cache(maxsize=65536)  # The guard checks every entry's provenance for every eval prompt.
+@functools.lru_cache(
+    maxsize=65536)  # The guard checks every entry's provenance for every eval prompt.
 def _normalize_str(value: str) -> str | None:
   value = re.sub(r"[\s\-]+", "_", value.strip().lower())
   return None if value in ("", "none", "null") else value
 
 
-def normalize_dataset(dataset: str | None, subset: str | None = None) -> tuple[str | None, str | None]:
+def normalize_dataset(dataset: str | None,
+                      subset: str | None = None) -> tuple[str | None, str | None]:
   """Normalised (dataset, subset); `super_glue/rte` is split into ('super_glue', 'rte')."""
   if dataset and "/" in dataset and subset is None:
     dataset, subset = dataset.split("/", 1)
@@ -173,7 +180,8 @@ def normalize_dataset(dataset: str | None, subset: str | None = None) -> tuple[s
 
 
 def default_name(metadata: Mapping[str, Any]) -> str:
-  """Display name from provenance: the task of a prompt expert, `<dataset>[_<subset>]` for a dataset expert."""
+  """Display name from provenance: the task of a prompt expert, `<dataset>[_<subset>]` for a dataset
+  expert."""
   prov = metadata.get("provenance") or []
   if len(prov) == 1 and prov[0].get("task"):
     return str(prov[0]["task"])
@@ -198,7 +206,8 @@ def is_url(root: str) -> bool:
 def _working_copy_dir(url: str) -> str:
   """The local working copy of an object-store library: $EXPERT_T5X_CACHE (else ~/.cache/expert_t5x)
   /libraries/<hash of the URL>."""
-  cache = os.environ.get("EXPERT_T5X_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "expert_t5x")
+  cache = os.environ.get("EXPERT_T5X_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                             "expert_t5x")
   return os.path.join(cache, "libraries", hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16])
 
 
@@ -245,7 +254,8 @@ class _Remote:
   def push(self, rel: str) -> None:
     dst = self.remote(rel)
     self.gfile.makedirs(dst.rsplit("/", 1)[0])
-    if self.gfile.exists(dst):  # only the manifest is ever rewritten; some file systems append on overwrite
+    if self.gfile.exists(
+        dst):  # only the manifest is ever rewritten; some file systems append on overwrite
       self.gfile.remove(dst)
     self.gfile.copy(os.path.join(self.local, rel), dst)
 
@@ -292,15 +302,17 @@ class Library:
     self.root = os.path.abspath(self.remote.local if self.remote else root)
     path = os.path.join(self.root, LIBRARY_FILE)
     if not found or not os.path.isfile(path):
-      raise LibraryError(f"'{root}' is not an expert library ({LIBRARY_FILE} is missing); create one with "
-                         f"`expert-t5x library init {root}`.")
+      raise LibraryError(
+          f"'{root}' is not an expert library ({LIBRARY_FILE} is missing); create one with "
+          f"`expert-t5x library init {root}`.")
     self.info = _read_json(path, "Library file")
     if not isinstance(self.info, dict):
       raise LibraryError(f"Library file '{path}' holds a JSON {type(self.info).__name__}, not an "
                          f"object; it is damaged: restore it or `expert-t5x library init` anew.")
     if self.info.get("format") != LIBRARY_FORMAT:
-      raise LibraryError(f"Library '{root}' has format {self.info.get('format')!r}; this version reads "
-                         f"format {LIBRARY_FORMAT}.")
+      raise LibraryError(
+          f"Library '{root}' has format {self.info.get('format')!r}; this version reads "
+          f"format {LIBRARY_FORMAT}.")
 
   # -- creation ---------------------------------------------------------------
 
@@ -318,14 +330,17 @@ class Library:
     if os.path.exists(path):
       if exist_ok:
         return cls(root)
-      raise LibraryError(f"Library '{root}' already exists; use it as is or choose a new directory.")
+      raise LibraryError(
+          f"Library '{root}' already exists; use it as is or choose a new directory.")
     if os.path.isdir(root) and os.listdir(root):
-      raise LibraryError(f"'{root}' is a non-empty directory that is not a library; choose an empty or "
-                         f"new directory.")
+      raise LibraryError(
+          f"'{root}' is a non-empty directory that is not a library; choose an empty or "
+          f"new directory.")
     for sub in (ENTRIES_DIR, EXPERTS_DIR, EMBEDDINGS_DIR):
       os.makedirs(os.path.join(root, sub), exist_ok=True)
     if group_shared:
-      for folder in (root, *(os.path.join(root, s) for s in (ENTRIES_DIR, EXPERTS_DIR, EMBEDDINGS_DIR))):
+      for folder in (root,
+                     *(os.path.join(root, s) for s in (ENTRIES_DIR, EXPERTS_DIR, EMBEDDINGS_DIR))):
         os.chmod(folder, file_io.creation_mode(True, True))
     info = {"format": LIBRARY_FORMAT, "created": _now(),
             "base": {"fingerprint": base_fingerprint, "config_name": base_config_name}}
@@ -346,7 +361,8 @@ class Library:
       if exist_ok:
         return cls(url)
       raise LibraryError(f"Library '{url}' already exists; use it as is or choose a new location.")
-    shutil.rmtree(remote.local, ignore_errors=True)  # a stale working copy of an earlier library there
+    shutil.rmtree(remote.local,
+                  ignore_errors=True)  # a stale working copy of an earlier library there
     cls.init(remote.local, base_fingerprint=base_fingerprint, base_config_name=base_config_name)
     remote.push(MANIFEST_FILE)
     remote.push(LIBRARY_FILE)  # last: the library exists once library.json does
@@ -357,7 +373,10 @@ class Library:
   def _entries_dir(self) -> str:
     return os.path.join(self.root, ENTRIES_DIR)
 
-  def entries(self, *, with_damaged: bool = False) -> list[dict[str, Any]] | tuple[list[dict[str, Any]], list[str]]:
+  def entries(
+      self,
+      *,
+      with_damaged: bool = False) -> list[dict[str, Any]] | tuple[list[dict[str, Any]], list[str]]:
     """All entries sorted by id (the library's expert order). Damaged entry files are skipped.
 
     Args:
@@ -397,8 +416,9 @@ class Library:
     inside = os.path.realpath(os.path.join(self.root, EXPERTS_DIR))
     full = os.path.realpath(os.path.join(self.root, path))
     if os.path.dirname(full) != inside:
-      raise LibraryError(f"entry '{entry.get('id')}' path {path!r} leaves {EXPERTS_DIR}/ of the "
-                         f"library; the entry was tampered with: remove entries/{entry.get('id')}.json")
+      raise LibraryError(
+          f"entry '{entry.get('id')}' path {path!r} leaves {EXPERTS_DIR}/ of the "
+          f"library; the entry was tampered with: remove entries/{entry.get('id')}.json")
     return full
 
   def ids(self) -> list[str]:
@@ -410,8 +430,9 @@ class Library:
     path = os.path.join(self._entries_dir(), f"{expert_id}.json")
     if not os.path.isfile(path):
       known = self.ids()
-      raise LibraryError(f"No expert '{expert_id}' in library '{self.root}'; it has {len(known)} experts"
-                         + (f", e.g. {known[:5]}" if known else "") + " (see `expert-t5x library list`).")
+      raise LibraryError(
+          f"No expert '{expert_id}' in library '{self.root}'; it has {len(known)} experts" +
+          (f", e.g. {known[:5]}" if known else "") + " (see `expert-t5x library list`).")
     try:
       entry = validate_entry(_read_json(path, "Entry"), f"{expert_id}.json")
     except UnicodeDecodeError as e:
@@ -459,8 +480,9 @@ class Library:
     with expert_format.ExpertReader(self.expert_dir(expert_id)) as reader:
       reader.verify()
     if reader.metadata["content_hash"] != entry["content_hash"]:
-      raise LibraryError(f"Expert '{expert_id}' on disk has content hash {reader.metadata['content_hash']} "
-                         f"but its entry records {entry['content_hash']}; remove and add it again.")
+      raise LibraryError(
+          f"Expert '{expert_id}' on disk has content hash {reader.metadata['content_hash']} "
+          f"but its entry records {entry['content_hash']}; remove and add it again.")
     self._check_keys_hash(entry)
 
   def check(self) -> list[str]:
@@ -478,8 +500,9 @@ class Library:
         entry = validate_entry(_read_json(os.path.join(self._entries_dir(), name), "Entry"), name)
         self.resolve_path(entry)
       except (LibraryError, OSError, UnicodeDecodeError) as e:
-        problems.append(f"entries/{name}: {validation.one_line(e)}; fix: restore it from a backup or "
-                        f"delete it and add the expert again")
+        problems.append(
+            f"entries/{name}: {validation.one_line(e)}; fix: restore it from a backup or "
+            f"delete it and add the expert again")
     used = {os.path.normpath(e["path"]) for e in entries}
     for name in sorted(os.listdir(os.path.join(self.root, EXPERTS_DIR))):
       if os.path.join(EXPERTS_DIR, name) not in used and f"{name}.json" not in damaged:
@@ -489,8 +512,9 @@ class Library:
       try:
         self.verify(entry["id"])
       except (LibraryError, ValueError, OSError, KeyError) as e:
-        problems.append(f"expert '{entry['id']}': {validation.one_line(e)}; fix: `expert-t5x library "
-                        f"remove {self.url} {entry['id']}` and add it again")
+        problems.append(
+            f"expert '{entry['id']}': {validation.one_line(e)}; fix: `expert-t5x library "
+            f"remove {self.url} {entry['id']}` and add it again")
     return problems
 
   # -- writing ----------------------------------------------------------------
@@ -510,12 +534,14 @@ class Library:
     """
     expert_dir = os.path.abspath(os.fspath(expert_dir))
     if not expert_format.is_expert_dir(expert_dir):
-      raise LibraryError(f"'{expert_dir}' is not an expert directory (expected {expert_format.PARAMS_FILE} "
-                         f"and {expert_format.METADATA_FILE}); write experts with the trainer or "
-                         f"`expert-t5x import`.")
+      raise LibraryError(
+          f"'{expert_dir}' is not an expert directory (expected {expert_format.PARAMS_FILE} "
+          f"and {expert_format.METADATA_FILE}); write experts with the trainer or "
+          f"`expert-t5x import`.")
     if self.remote is not None and not copy:
-      raise LibraryError(f"'{self.url}' is on an object store, which holds copies of its experts; add "
-                         f"'{expert_dir}' without --no-copy.")
+      raise LibraryError(
+          f"'{self.url}' is on an object store, which holds copies of its experts; add "
+          f"'{expert_dir}' without --no-copy.")
     try:
       reader = expert_format.ExpertReader(expert_dir)
       if verify:
@@ -550,8 +576,9 @@ class Library:
           shutil.rmtree(os.path.join(self.root, rel), ignore_errors=True)
         raise
       if copy and not os.path.isdir(os.path.join(self.root, rel)):  # reused, then removed meanwhile
-        raise LibraryError(f"'{rel}' was removed by a concurrent `remove` while adding '{expert_id}'; "
-                           f"add it again.")
+        raise LibraryError(
+            f"'{rel}' was removed by a concurrent `remove` while adding '{expert_id}'; "
+            f"add it again.")
       self._commit_entry(entry)
     if self.remote is not None:  # the expert's files before the entry that names them
       self.remote.delete(rel)  # files a crashed add of this id may have left
@@ -564,19 +591,23 @@ class Library:
                         existing: Sequence[Mapping[str, Any]]) -> None:
     fingerprint = meta["base"].get("fingerprint")
     if not fingerprint:
-      raise LibraryError(f"Expert '{expert_id}' records no base fingerprint; set base.fingerprint (importers "
-                         f"take --base-fingerprint) so the library can check it was trained on its base.")
+      raise LibraryError(
+          f"Expert '{expert_id}' records no base fingerprint; set base.fingerprint (importers "
+          f"take --base-fingerprint) so the library can check it was trained on its base.")
     pinned = self.base_fingerprint()
     if pinned and fingerprint != pinned:
-      raise LibraryError(f"Expert '{expert_id}' was trained on base {fingerprint[:16]}..., but this library's "
-                         f"base is {pinned[:16]}...; add it to a library of that base instead.")
+      raise LibraryError(
+          f"Expert '{expert_id}' was trained on base {fingerprint[:16]}..., but this library's "
+          f"base is {pinned[:16]}...; add it to a library of that base instead.")
     for e in existing:
       if e["id"] == expert_id:
-        raise LibraryError(f"Library already has an expert '{expert_id}'; pass another --name or remove "
-                           f"the old one first.")
+        raise LibraryError(
+            f"Library already has an expert '{expert_id}'; pass another --name or remove "
+            f"the old one first.")
       if e["content_hash"] == meta["content_hash"]:
-        raise LibraryError(f"Expert '{expert_id}' is identical (same content hash) to '{e['id']}' already in "
-                           f"the library.")
+        raise LibraryError(
+            f"Expert '{expert_id}' is identical (same content hash) to '{e['id']}' already in "
+            f"the library.")
 
   def _copy_expert(self, src: str, expert_id: str, content_hash: str) -> None:
     experts = os.path.join(self.root, EXPERTS_DIR)
@@ -594,8 +625,9 @@ class Library:
         same = False
       if same:
         return
-      raise LibraryError(f"'{final}' exists without a matching entry (left by an interrupted add?); run "
-                         f"`expert-t5x library index --gc {self.root}` to remove orphans, then add again.")
+      raise LibraryError(
+          f"'{final}' exists without a matching entry (left by an interrupted add?); run "
+          f"`expert-t5x library index --gc {self.root}` to remove orphans, then add again.")
     shared = group_shared(experts)
     with file_io.atomic_directory(final, stem=f".tmp-{expert_id}-", dir_mode=file_io.creation_mode(
         True, shared), commit=functools.partial(_rename_expert_dir, expert_id)) as tmp:
@@ -609,8 +641,9 @@ class Library:
       _write_json(os.path.join(self._entries_dir(), f"{entry['id']}.json"), entry, clobber=False,
                   stage="before_commit")
     except FileExistsError:
-      raise LibraryError(f"Library already has an expert '{entry['id']}' (added concurrently); pass another "
-                         f"--name.") from None
+      raise LibraryError(
+          f"Library already has an expert '{entry['id']}' (added concurrently); pass another "
+          f"--name.") from None
 
   def remove(self, expert_id: str) -> dict[str, Any]:
     """Removes an expert (entry first, so readers never see an entry without its files)."""
@@ -630,7 +663,8 @@ class Library:
     """Rebuilds manifest.json from entries/ under an exclusive flock; optionally removes orphans.
 
     Args:
-      gc: also delete copied expert directories that have no entry and temporary files of crashed writers
+      gc: also delete copied expert directories that have no entry and temporary files of crashed
+      writers
         (only when no other writer is running).
     """
     with self._locked():
@@ -667,7 +701,8 @@ class Library:
     for sub in (EXPERTS_DIR, ENTRIES_DIR):
       for name in os.listdir(os.path.join(self.root, sub)):
         rel = os.path.join(sub, name)
-        orphan = name.startswith(".tmp-") or (sub == EXPERTS_DIR and os.path.normpath(rel) not in used)
+        orphan = name.startswith(".tmp-") or (sub == EXPERTS_DIR and
+                                              os.path.normpath(rel) not in used)
         if orphan:
           path = os.path.join(self.root, rel)
           shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
@@ -682,28 +717,40 @@ class Library:
   def guard(self, dataset: str | None, subset: str | None = None, mode: str = "zero_shot",
             entries: Sequence[Mapping[str, Any]] | None = None, *,
             allow_unknown_provenance: bool = False) -> GuardResult:
-    """Which experts may serve an eval task of (dataset, subset) under `mode` (see `apply_guard`)."""
+    """Which experts may serve an eval task of (dataset, subset) under `mode` (see
+    `apply_guard`)."""
     return apply_guard(self.entries() if entries is None else entries, dataset, subset, mode,
                        allow_unknown_provenance=allow_unknown_provenance)
 
   def report_overlaps(self, evals: Iterable[tuple[str | None, str | None]], *,
                       allow_unknown_provenance: bool = False) -> list[dict[str, Any]]:
-    """For each eval (dataset, subset): the overlapping experts and what each guard mode excludes."""
+    """For each eval (dataset, subset): the overlapping experts and what each guard mode
+    excludes."""
     entries = self.entries()
     report = []
     for dataset, subset in evals:
       overlapping = [e["id"] for e in entries if overlaps(e, dataset, subset)]
       report.append({
-          "dataset": dataset, "subset": subset, "overlapping": overlapping,
-          "excluded": {m: [x["id"] for x in apply_guard(
-              entries, dataset, subset, m, allow_unknown_provenance=allow_unknown_provenance).excluded]
-                       for m in GUARD_MODES},
+          "dataset": dataset,
+          "subset": subset,
+          "overlapping": overlapping,
+          "excluded": {
+              m: [
+                  x["id"]
+                  for x in apply_guard(entries,
+                                       dataset,
+                                       subset,
+                                       m,
+                                       allow_unknown_provenance=allow_unknown_provenance).excluded
+              ] for m in GUARD_MODES
+          },
       })
     return report
 
 
 class GuardResult:
-  """Experts allowed and excluded by the contamination guard, plus the mode (recorded in results)."""
+  """Experts allowed and excluded by the contamination guard, plus the mode (recorded in
+  results)."""
 
   def __init__(self, mode: str, allowed: list[str], excluded: list[dict[str, Any]],
                allow_unknown_provenance: bool = False):
@@ -722,7 +769,8 @@ class GuardResult:
 
 
 def overlaps(entry: Mapping[str, Any], dataset: str | None, subset: str | None) -> bool:
-  """True if any provenance item of `entry` has the normalised (dataset, subset) of the eval task."""
+  """True if any provenance item of `entry` has the normalised (dataset, subset) of the eval
+  task."""
   target = normalize_dataset(dataset, subset)
   return any(normalize_dataset(p.get("dataset"), p.get("subset")) == target
              for p in entry.get("provenance") or [])
@@ -730,12 +778,14 @@ def overlaps(entry: Mapping[str, Any], dataset: str | None, subset: str | None) 
 
 def unknown_provenance(entry: Mapping[str, Any]) -> bool:
   """True if any provenance item of `entry` records that its source is unknown."""
-  return any(p.get("dataset") == expert_format.UNKNOWN_DATASET for p in entry.get("provenance") or [])
+  return any(
+      p.get("dataset") == expert_format.UNKNOWN_DATASET for p in entry.get("provenance") or [])
 
 
 def apply_guard(entries: Sequence[Mapping[str, Any]], dataset: str | None, subset: str | None,
                 mode: str, *, allow_unknown_provenance: bool = False) -> GuardResult:
-  """The guard: `zero_shot` excludes experts trained on the eval (dataset, subset); `seen`/`off` exclude none.
+  """The guard: `zero_shot` excludes experts trained on the eval (dataset, subset); `seen`/`off`
+  exclude none.
 
   Under `zero_shot`, an expert of unknown provenance (it may have been trained on the eval dataset)
   is excluded too, with one warning, unless `allow_unknown_provenance` admits it.
@@ -748,10 +798,12 @@ def apply_guard(entries: Sequence[Mapping[str, Any]], dataset: str | None, subse
     allow_unknown_provenance: admit experts of unknown provenance under `zero_shot`.
   """
   if mode not in GUARD_MODES:
-    raise LibraryError(f"Unknown guard mode {mode!r}; expected one of {GUARD_MODES} (zero_shot for held-out "
-                       f"suites, seen for seen-task RoE, off to disable).")
+    raise LibraryError(
+        f"Unknown guard mode {mode!r}; expected one of {GUARD_MODES} (zero_shot for held-out "
+        f"suites, seen for seen-task RoE, off to disable).")
   if mode == "zero_shot" and normalize_dataset(dataset, subset)[0] is None:
-    raise LibraryError("Guard mode zero_shot needs the eval task's dataset; pass it or use --guard off.")
+    raise LibraryError(
+        "Guard mode zero_shot needs the eval task's dataset; pass it or use --guard off.")
   allowed, excluded, unknown = [], [], []
   for e in entries:
     if mode == "zero_shot" and overlaps(e, dataset, subset):
@@ -762,9 +814,10 @@ def apply_guard(entries: Sequence[Mapping[str, Any]], dataset: str | None, subse
     else:
       allowed.append(e["id"])
   if unknown:
-    logging.warning("Guard zero_shot refuses %d expert(s) of unknown provenance for %s (%s): they may "
-                    "have been trained on it; pass --allow-unknown-provenance to admit them.",
-                    len(unknown), normalize_dataset(dataset, subset), ", ".join(unknown[:5]))
+    logging.warning(
+        "Guard zero_shot refuses %d expert(s) of unknown provenance for %s (%s): they may "
+        "have been trained on it; pass --allow-unknown-provenance to admit them.", len(unknown),
+        normalize_dataset(dataset, subset), ", ".join(unknown[:5]))
   return GuardResult(mode, allowed, excluded, allow_unknown_provenance)
 
 
@@ -778,10 +831,12 @@ def parse_eval_spec(spec: str) -> tuple[str, str | None]:
 
 
 def load_eval_suite(path: str) -> list[tuple[str, str | None]]:
-  """Reads eval (dataset, subset) pairs from a JSON list (objects with hf_dataset/hf_subset or dataset/subset)."""
+  """Reads eval (dataset, subset) pairs from a JSON list (objects with hf_dataset/hf_subset or
+  dataset/subset)."""
   data = _read_json(path, "Eval suite")
   if not isinstance(data, list):
-    raise LibraryError(f"Eval suite '{path}' must be a JSON list of objects with dataset/subset fields.")
+    raise LibraryError(
+        f"Eval suite '{path}' must be a JSON list of objects with dataset/subset fields.")
   pairs = []
   for i, item in enumerate(data):
     dataset = item.get("hf_dataset", item.get("dataset"))

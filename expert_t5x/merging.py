@@ -10,25 +10,26 @@ Notation (reference/anchors §3): θ₀ the reference, θᵢ expert i, τᵢ = �
 
 * `uniform`: θ = (1/k) Σ θᵢ (the paper's merge); `weighted`: θ = Σ wᵢ θᵢ with Σ wᵢ = 1.
 * `task_arithmetic`: θ = θ₀ + λ Σ τᵢ.
-* `ties`: trim each τᵢ to its top `density` fraction by magnitude (over the whole flattened expert, or
-  per tensor), elect a sign per parameter (γ = sgn Σ τ̂ᵢ by mass, or by count), average the entries that
-  agree with γ (disjoint mean), θ = θ₀ + λ τ_m.
+* `ties`: trim each τᵢ to its top `density` fraction by magnitude (over the whole flattened expert,
+  or per tensor), elect a sign per parameter (γ = sgn Σ τ̂ᵢ by mass, or by count), average the
+  entries that agree with γ (disjoint mean), θ = θ₀ + λ τ_m.
 * `dare`: drop each entry of τᵢ with probability p (seeded mask), rescale by 1/(1−p), then combine
   linearly (θ₀ + λ Σ τ̃ᵢ) or with TIES' election and disjoint mean.
 
 Task vectors per expert type: adapter tensors θ − θ_init when every input records the same init seed
-(θ_init is recomputed from the config), else θ (reference 0); layer-norm scales θ − base; full experts
-store their delta; LoRA uses ΔW = (α/r)·A@B. Linear methods on LoRA experts output a concatenated-rank
-LoRA (exact: its ΔW equals the merged ΔW); TIES/DARE on LoRA output a `full` delta on the targeted kernels,
-optionally SVD-truncated to rank r′ (the reconstruction error is recorded).
+(θ_init is recomputed from the config), else θ (reference 0); layer-norm scales θ − base; full
+experts store their delta; LoRA uses ΔW = (α/r)·A@B. Linear methods on LoRA experts output a
+concatenated-rank LoRA (exact: its ΔW equals the merged ΔW); TIES/DARE on LoRA output a `full` delta
+on the targeted kernels, optionally SVD-truncated to rank r′ (the reconstruction error is recorded).
 
-Streaming: tensors are read one at a time from each input (`expert_format.ExpertReader`, plain reads,
-no memory maps) and merged with running accumulators, in at most three passes over the inputs (TIES:
-thresholds, sign mass, disjoint sum). Each merged tensor is finished (reference added, float32) as soon
-as it is computed, so peak memory is the float32 output plus a few float64 tensors, plus one expert's
-magnitudes in float64 for the global TIES threshold, whatever k (bench/bench_merge.py measures it).
-A merge is saved in Expert format v1 with its recipe (inputs' content hashes, method, parameters,
-references, output hash) in `expert.json["merge"]`; re-running a recipe is bitwise identical.
+Streaming: tensors are read one at a time from each input (`expert_format.ExpertReader`, plain
+reads, no memory maps) and merged with running accumulators, in at most three passes over the inputs
+(TIES: thresholds, sign mass, disjoint sum). Each merged tensor is finished (reference added,
+float32) as soon as it is computed, so peak memory is the float32 output plus a few float64 tensors,
+plus one expert's magnitudes in float64 for the global TIES threshold, whatever k
+(bench/bench_merge.py measures it). A merge is saved in Expert format v1 with its recipe (inputs'
+content hashes, method, parameters, references, output hash) in `expert.json["merge"]`; re-running a
+recipe is bitwise identical.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
 import zlib
@@ -61,8 +61,8 @@ class MergeError(ValueError):
 
 
 # ----------------------------------------------------------------------------
-# Per-tensor formulas. Each takes `get(i)` for i in range(k), reads one expert's tensor at a time and
-# accumulates in float64 in expert order, so results are deterministic and bitwise reproducible.
+# Per-tensor formulas. Each takes `get(i)` for i in range(k), reads one expert's tensor at a time
+# and accumulates in float64 in expert order, so results are deterministic and bitwise reproducible.
 # ----------------------------------------------------------------------------
 
 
@@ -98,7 +98,8 @@ def topk_threshold(magnitudes: np.ndarray, density: float, *, overwrite: bool = 
 
 
 def elect_and_disjoint_mean(get: Getter, k: int, sign_method: str = "mass") -> np.ndarray:
-  """TIES steps 2-3 on (already trimmed) task vectors: γ = sgn Σ τ̂ (or Σ sgn τ̂), mean over agreeing τ̂.
+  """TIES steps 2-3 on (already trimmed) task vectors: γ = sgn Σ τ̂ (or Σ sgn τ̂), mean over
+  agreeing τ̂.
 
   Two passes over the experts: one for the sign, one for the agreeing sum and count.
   """
@@ -118,8 +119,10 @@ def elect_and_disjoint_mean(get: Getter, k: int, sign_method: str = "mass") -> n
   return np.where(count > 0, total / np.maximum(count, 1), 0.0)
 
 
-def dare_mask(seed: int, expert_index: int, name: str, shape: Sequence[int], p: float) -> np.ndarray:
-  """Seeded DARE drop mask (True = dropped), a pure function of (seed, expert index, tensor name)."""
+def dare_mask(seed: int, expert_index: int, name: str, shape: Sequence[int],
+              p: float) -> np.ndarray:
+  """Seeded DARE drop mask (True = dropped), a pure function of (seed, expert index, tensor
+  name)."""
   rng = np.random.default_rng([seed, expert_index, zlib.crc32(name.encode("utf-8"))])
   return rng.random(tuple(shape)) < p
 
@@ -163,7 +166,8 @@ class MergeMethod:
     return cls(**given)
 
   def to_params(self) -> dict[str, Any]:
-    """The parameters as a recipe's "params" dict (`method_config(name, to_params())` round-trips)."""
+    """The parameters as a recipe's "params" dict (`method_config(name, to_params())`
+    round-trips)."""
     return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
   def resolve(self, k: int) -> dict[str, Any]:
@@ -176,7 +180,8 @@ class MergeMethod:
     """cᵢ of a linear method (θ₀ + Σ cᵢ τᵢ, or Σ cᵢ θᵢ when `absolute`)."""
     raise NotImplementedError(f"{self.name} is not a linear merge")
 
-  def merge_tensor(self, name: str, get: Getter, k: int, thresholds: Sequence[float] | None) -> np.ndarray:
+  def merge_tensor(self, name: str, get: Getter, k: int,
+                   thresholds: Sequence[float] | None) -> np.ndarray:
     """τ_m of one tensor from `get(i)`, i < k (float64); `thresholds` are TIES' global ones."""
     return linear_combination(get, self.coefficients(k))
 
@@ -210,8 +215,9 @@ class WeightedMerge(MergeMethod):
     weights = tuple(validation.finite_all("--weights", self.weights))
     object.__setattr__(self, "weights", weights)
     if float(sum(weights)) <= 0:
-      raise MergeError(f"Weights {list(weights)} must sum to a positive value (they are normalised to "
-                       "sum 1).")
+      raise MergeError(
+          f"Weights {list(weights)} must sum to a positive value (they are normalised to "
+          "sum 1).")
 
   def resolve(self, k: int) -> dict[str, Any]:
     super().resolve(k)
@@ -238,7 +244,8 @@ class TaskArithmetic(MergeMethod):
   def coefficients(self, k: int) -> list[float]:
     return [self.lam] * k
 
-  def merge_tensor(self, name: str, get: Getter, k: int, thresholds: Sequence[float] | None) -> np.ndarray:
+  def merge_tensor(self, name: str, get: Getter, k: int,
+                   thresholds: Sequence[float] | None) -> np.ndarray:
     return self.lam * linear_combination(get, [1.0] * k)
 
 
@@ -249,7 +256,8 @@ def _check_sign_method(sign_method: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TIES(MergeMethod):
-  """ties: θ₀ + λ τ_m, τ_m the sign-elected disjoint mean of the τᵢ trimmed to their top `density`."""
+  """ties: θ₀ + λ τ_m, τ_m the sign-elected disjoint mean of the τᵢ trimmed to their top
+  `density`."""
   name: ClassVar[str] = "ties"
   lam: float = 1.0
   density: float = 0.2
@@ -264,7 +272,8 @@ class TIES(MergeMethod):
       raise MergeError(f"TIES density must be in (0, 1]; got {self.density}.")
     _check_sign_method(self.sign_method)
 
-  def merge_tensor(self, name: str, get: Getter, k: int, thresholds: Sequence[float] | None) -> np.ndarray:
+  def merge_tensor(self, name: str, get: Getter, k: int,
+                   thresholds: Sequence[float] | None) -> np.ndarray:
     if self.per_tensor:
       thresholds = [topk_threshold(np.abs(np.asarray(get(i), np.float64)).ravel(), self.density,
                                    overwrite=True) for i in range(k)]
@@ -277,7 +286,8 @@ class TIES(MergeMethod):
 
 @dataclasses.dataclass(frozen=True)
 class DARE(MergeMethod):
-  """dare: drop each τᵢ entry with probability `drop` (seeded), rescale, combine linearly or TIES-style."""
+  """dare: drop each τᵢ entry with probability `drop` (seeded), rescale, combine linearly or
+  TIES-style."""
   name: ClassVar[str] = "dare"
   lam: float = 1.0
   sign_method: str = "mass"  # Of the TIES-style combine.
@@ -297,7 +307,8 @@ class DARE(MergeMethod):
     if self.combine not in DARE_COMBINES:
       raise MergeError(f"DARE combine must be 'linear' or 'ties'; got {self.combine!r}.")
 
-  def merge_tensor(self, name: str, get: Getter, k: int, thresholds: Sequence[float] | None) -> np.ndarray:
+  def merge_tensor(self, name: str, get: Getter, k: int,
+                   thresholds: Sequence[float] | None) -> np.ndarray:
     def dropped(i: int) -> np.ndarray:
       x = np.asarray(get(i), np.float64)
       return dare_rescale(x, dare_mask(self.seed, i, name, x.shape, self.drop), self.drop)
@@ -312,11 +323,14 @@ METHOD_CONFIGS: dict[str, type[MergeMethod]] = {
 METHODS = tuple(METHOD_CONFIGS)
 LINEAR_METHODS = tuple(n for n, c in METHOD_CONFIGS.items() if c.linear)
 # Every parameter name of some method (the CLI's flags, recipes' "params" keys).
-PARAM_NAMES = tuple(dict.fromkeys(f.name for c in METHOD_CONFIGS.values() for f in dataclasses.fields(c)))
+PARAM_NAMES = tuple(
+    dict.fromkeys(f.name for c in METHOD_CONFIGS.values() for f in dataclasses.fields(c)))
 
 
-def method_config(method: str | MergeMethod, params: Mapping[str, Any] | None = None) -> MergeMethod:
-  """The validated config of `method` with `params` (flags, a recipe's "params", eval's merge_params).
+def method_config(method: str | MergeMethod,
+                  params: Mapping[str, Any] | None = None) -> MergeMethod:
+  """The validated config of `method` with `params` (flags, a recipe's "params", eval's
+  merge_params).
 
   Parameters the method does not use are still checked to be finite numbers (recipes have always
   recorded them) and otherwise ignored. A config passes through (with no params).
@@ -378,10 +392,13 @@ def _global_thresholds(names: Sequence[str], k: int, tau: Callable[[int, str], n
   return out
 
 
-def merge_task_vectors(method: str | MergeMethod, names: Sequence[str], k: int,
+def merge_task_vectors(method: str | MergeMethod,
+                       names: Sequence[str],
+                       k: int,
                        tau: Callable[[int, str], np.ndarray],
                        finalize: Callable[[str, np.ndarray], np.ndarray] | None = None,
-                       sizes: Mapping[str, int] | None = None, **params: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+                       sizes: Mapping[str, int] | None = None,
+                       **params: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """Merges k task vectors tensor by tensor; returns ({name: τ_m}, resolved params).
 
   For `uniform`/`weighted` the same formula applies to absolute values (the reference cancels).
@@ -409,9 +426,12 @@ def merge_task_vectors(method: str | MergeMethod, names: Sequence[str], k: int,
   return out, resolved
 
 
-def merge_pytrees(method: str | MergeMethod, trees: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | None = None,
+def merge_pytrees(method: str | MergeMethod,
+                  trees: Sequence[Mapping[str, Any]],
+                  reference: Mapping[str, Any] | None = None,
                   **params: Any) -> dict[str, Any]:
-  """In-memory merge of parameter trees (nested or flat) of one structure; returns a nested float32 tree.
+  """In-memory merge of parameter trees (nested or flat) of one structure; returns a nested float32
+  tree.
 
   Task vectors are taken against `reference` (flat or nested; None = zeros) and the result is
   reference + τ_m; `uniform`/`weighted` average the trees directly.
@@ -420,8 +440,9 @@ def merge_pytrees(method: str | MergeMethod, trees: Sequence[Mapping[str, Any]],
   names = list(flats[0])
   for i, f in enumerate(flats[1:], 1):
     if list(f) != names:
-      raise MergeError(f"Tree {i} has tensors {_diff(names, list(f))} that tree 0 does not share; merge "
-                       f"trees of one structure.")
+      raise MergeError(
+          f"Tree {i} has tensors {_diff(names, list(f))} that tree 0 does not share; merge "
+          f"trees of one structure.")
   ref = expert_format.flatten_params(reference) if reference is not None else {}
   absolute = method_config(method, params).absolute
 
@@ -450,7 +471,8 @@ def _diff(a: Sequence[str], b: Sequence[str]) -> str:
 
 def lora_scale(config: Mapping[str, Any]) -> float:
   if "rank" not in config or "alpha" not in config:
-    raise MergeError(f"LoRA config {dict(config)} lacks rank/alpha; it is not an expert_t5x LoRA config.")
+    raise MergeError(
+        f"LoRA config {dict(config)} lacks rank/alpha; it is not an expert_t5x LoRA config.")
   return float(config["alpha"]) / float(config["rank"])
 
 
@@ -486,13 +508,15 @@ def concat_lora(factors: Sequence[tuple[np.ndarray, np.ndarray]], coefficients: 
   at scale 1; with `scales` all 1 (inputs of one α/r), it is ΔW / (α/r).
   """
   a = np.concatenate([np.asarray(f[0], np.float64) for f in factors], axis=1)
-  b = np.concatenate([c * s * np.asarray(f[1], np.float64) for f, c, s in zip(factors, coefficients, scales)],
-                     axis=0)
+  b = np.concatenate(
+      [c * s * np.asarray(f[1], np.float64) for f, c, s in zip(factors, coefficients, scales)],
+      axis=0)
   return a.astype(np.float32), b.astype(np.float32)
 
 
 def svd_truncate(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
-  """Best rank-r′ factors of ΔW (A = U_r S_r, B = V_rᵀ) and the relative Frobenius reconstruction error."""
+  """Best rank-r′ factors of ΔW (A = U_r S_r, B = V_rᵀ) and the relative Frobenius reconstruction
+  error."""
   u, s, vt = np.linalg.svd(np.asarray(delta, np.float64), full_matrices=False)
   r = min(rank, s.size)
   a, b = u[:, :r] * s[:r], vt[:r]
@@ -528,21 +552,26 @@ def adapter_init_params(metas: Sequence[Mapping[str, Any]], base_params: Mapping
   return experts.init_expert(experts.config_from_json(metas[0]["config"]), t5_config, base_params)
 
 
-def _adapter_reference(readers: Sequence[expert_format.ExpertReader], policy: str,
-                       init_params: Mapping[str, Any] | None) -> tuple[str, dict[str, np.ndarray] | None]:
-  seeds = {json.dumps([r.metadata["config"].get("init_seed"), r.metadata["training"].get("init_seed")])
-           for r in readers}
+def _adapter_reference(
+    readers: Sequence[expert_format.ExpertReader], policy: str,
+    init_params: Mapping[str, Any] | None) -> tuple[str, dict[str, np.ndarray] | None]:
+  seeds = {
+      json.dumps([r.metadata["config"].get("init_seed"), r.metadata["training"].get("init_seed")])
+      for r in readers
+  }
   # An unknown seed (None, e.g. imported experts) never counts as shared.
   same = len(seeds) == 1 and readers[0].metadata["config"].get("init_seed") is not None
   if policy == "auto":
     policy = "init" if same else "zero"
   if policy == "init":
     if not same:
-      raise MergeError("adapter_reference='init' needs every input to record the same init seed; they "
-                       f"record {sorted(seeds)}. Use 'zero' (θ as the task vector).")
+      raise MergeError(
+          "adapter_reference='init' needs every input to record the same init seed; they "
+          f"record {sorted(seeds)}. Use 'zero' (θ as the task vector).")
     if init_params is None:
-      raise MergeError("This merge needs the adapters' initial values θ_init (all inputs share an init seed); "
-                       "pass --base so they can be recomputed, or --adapter-reference zero.")
+      raise MergeError(
+          "This merge needs the adapters' initial values θ_init (all inputs share an init seed); "
+          "pass --base so they can be recomputed, or --adapter-reference zero.")
     return "init", expert_format.flatten_params(init_params)
   if policy != "zero":
     raise MergeError(f"adapter_reference must be auto, init or zero; got {policy!r}.")
@@ -566,10 +595,12 @@ def merge_expert_dirs(expert_dirs: Sequence[str], output_dir: str, method: str |
       adapter experts under non-averaging methods.
     init_params: the adapters' initial values (flat or nested; e.g. `experts.init_expert(...)`).
     adapter_reference: 'auto' (init if all inputs share an init seed, else zero), 'init' or 'zero'.
-    svd_rank: for TIES/DARE on LoRA experts, refactor each merged ΔW to this rank (output type lora).
+    svd_rank: for TIES/DARE on LoRA experts, refactor each merged ΔW to this rank (output type
+    lora).
     input_names: names recorded in the recipe (default: the directories).
     overwrite: replace an existing output directory.
-    **params: method parameters (weights, lam, density, per_tensor, sign_method, drop, seed, combine).
+    **params: method parameters (weights, lam, density, per_tensor, sign_method, drop, seed,
+    combine).
   """
   if not expert_dirs:
     raise MergeError("Merging needs at least one expert directory.")
@@ -579,15 +610,18 @@ def merge_expert_dirs(expert_dirs: Sequence[str], output_dir: str, method: str |
     kind = metas[0]["type"]
     for d, m in zip(expert_dirs, metas):
       if m["type"] != kind:
-        raise MergeError(f"Cannot merge a {m['type']} expert ('{d}') with {kind} experts; merge one type.")
+        raise MergeError(
+            f"Cannot merge a {m['type']} expert ('{d}') with {kind} experts; merge one type.")
       if m["base"]["fingerprint"] != metas[0]["base"]["fingerprint"]:
-        raise MergeError(f"Expert '{d}' has base {m['base']['fingerprint']} but '{expert_dirs[0]}' has "
-                         f"{metas[0]['base']['fingerprint']}; merge experts of one base.")
+        raise MergeError(
+            f"Expert '{d}' has base {m['base']['fingerprint']} but '{expert_dirs[0]}' has "
+            f"{metas[0]['base']['fingerprint']}; merge experts of one base.")
     hashes = [m["content_hash"] for m in metas]
     for d, h in zip(expert_dirs, hashes):
       if hashes.count(h) > 1:
-        raise validation.UsageError(f"Expert '{d}' is given {hashes.count(h)} times (content hash "
-                                    f"{h[:12]}); give each expert once (use --weights to weigh one more).")
+        raise validation.UsageError(
+            f"Expert '{d}' is given {hashes.count(h)} times (content hash "
+            f"{h[:12]}); give each expert once (use --weights to weigh one more).")
     for d, r in zip(expert_dirs, readers):
       # The recipe records these hashes, so they must be the tensors' own, not only the claim.
       try:
@@ -597,16 +631,21 @@ def merge_expert_dirs(expert_dirs: Sequence[str], output_dir: str, method: str |
     names = readers[0].names()
     for d, r in zip(expert_dirs, readers):
       if r.names() != names:
-        raise MergeError(f"Expert '{d}' has tensors {_diff(names, r.names())} that '{expert_dirs[0]}' does not "
-                         f"share; merge experts of one configuration.")
+        raise MergeError(
+            f"Expert '{d}' has tensors {_diff(names, r.names())} that '{expert_dirs[0]}' does not "
+            f"share; merge experts of one configuration.")
       for n in names:  # Equal names with other shapes (e.g. another adapter width) would broadcast.
         if _shape_key(n, r.shape(n)) != _shape_key(n, readers[0].shape(n)):
-          raise MergeError(f"Expert '{d}' has '{n}' of shape {r.shape(n)} but '{expert_dirs[0]}' has "
-                           f"{readers[0].shape(n)}; merge experts of one configuration.")
+          raise MergeError(
+              f"Expert '{d}' has '{n}' of shape {r.shape(n)} but '{expert_dirs[0]}' has "
+              f"{readers[0].shape(n)}; merge experts of one configuration.")
     k = len(readers)
     config, given, resolved = _resolve(method, k, params)
     recipe: dict[str, Any] = {
-        "format": RECIPE_FORMAT, "method": config.name, "params": given, "resolved_params": resolved,
+        "format": RECIPE_FORMAT,
+        "method": config.name,
+        "params": given,
+        "resolved_params": resolved,
         "input_type": kind,
         "inputs": [{"name": n, "content_hash": m["content_hash"]}
                    for n, m in zip(input_names or list(expert_dirs), metas)],
@@ -622,9 +661,13 @@ def merge_expert_dirs(expert_dirs: Sequence[str], output_dir: str, method: str |
     out_type = recipe.get("output_type", kind)
     provenance = [dict(p, role="merged") for m in metas for p in m["provenance"]]
     meta = expert_format.build_metadata(
-        out_type, out_config, base_fingerprint=metas[0]["base"]["fingerprint"],
-        base_config_name=metas[0]["base"]["config_name"], vocab_fingerprint=metas[0]["base"]["vocab_fingerprint"],
-        provenance=provenance, training={"merged_from": [m["content_hash"] for m in metas]})
+        out_type,
+        out_config,
+        base_fingerprint=metas[0]["base"]["fingerprint"],
+        base_config_name=metas[0]["base"]["config_name"],
+        vocab_fingerprint=metas[0]["base"]["vocab_fingerprint"],
+        provenance=provenance,
+        training={"merged_from": [m["content_hash"] for m in metas]})
     recipe["output_type"] = out_type
     recipe["output_hash"] = expert_format.digest_items(
         (n, np.ascontiguousarray(v, np.float32)) for n, v in sorted(flat.items()))
@@ -652,8 +695,9 @@ def _merge_dense(readers, names, kind, config, p, base_params, init_params, adap
     extra["reference"]["adapter"] = ref_kind
     if any(_is_layer_norm(n) for n in names):
       if base is None:
-        raise MergeError(f"Method '{config.name}' on adapter experts needs the base parameters for layer-norm "
-                         f"task vectors (θ − base); pass --base CHECKPOINT.")
+        raise MergeError(
+            f"Method '{config.name}' on adapter experts needs the base parameters for layer-norm "
+            f"task vectors (θ − base); pass --base CHECKPOINT.")
       extra["reference"]["layer_norm"] = "base"
   elif kind == "full":
     extra["reference"]["full"] = "stored delta"
@@ -692,14 +736,18 @@ def _merge_lora(readers, names, config, p, svd_rank):
     # Inputs of one (rank, alpha) keep their scale: alpha' = k·alpha over rank k·r gives the same
     # alpha'/rank', so B only takes the coefficients (and merging one expert returns it bitwise).
     # Otherwise the scales fold into B and the output has scale 1 (alpha' = rank').
-    shared = all((c["rank"], c["alpha"]) == (configs[0]["rank"], configs[0]["alpha"]) for c in configs)
+    shared = all(
+        (c["rank"], c["alpha"]) == (configs[0]["rank"], configs[0]["alpha"]) for c in configs)
     alpha = float(configs[0]["alpha"]) * k if shared else float(rank)
     flat = {}
     for m in modules:
       factors = [(r.get(f"{m}/lora_a"), r.get(f"{m}/lora_b")) for r in readers]
-      flat[f"{m}/lora_a"], flat[f"{m}/lora_b"] = concat_lora(factors, coeffs, [1.0] * k if shared else scales)
+      flat[f"{m}/lora_a"], flat[f"{m}/lora_b"] = concat_lora(factors, coeffs,
+                                                             [1.0] * k if shared else scales)
     config = dict(configs[0], rank=rank, alpha=alpha)
-    return flat, config, {"lora": {"output": "concatenated_rank", "rank": rank, "coefficients": coeffs}}
+    return flat, config, {
+        "lora": {"output": "concatenated_rank", "rank": rank, "coefficients": coeffs}
+    }
 
   def tau(i: int, kernel: str) -> np.ndarray:
     m = kernel[:-len("/kernel")]
@@ -707,7 +755,8 @@ def _merge_lora(readers, names, config, p, svd_rank):
 
   kernels = [f"{m}/kernel" for m in modules]
   if svd_rank is None:
-    flat, _ = merge_task_vectors(config.name, kernels, k, tau, lambda _, v: v.astype(np.float32), **p)
+    flat, _ = merge_task_vectors(config.name, kernels, k, tau, lambda _, v: v.astype(np.float32),
+                                 **p)
     return flat, {"kind": "full"}, {"output_type": "full", "lora": {"output": "full_delta"}}
   merged, _ = merge_task_vectors(config.name, kernels, k, tau, **p)
   flat, errors = {}, {}
@@ -728,14 +777,16 @@ def mean_choice_entropy(scores: np.ndarray) -> float:
   """Mean over queries of the entropy of softmax(choice scores); -inf scores are absent choices."""
   s = np.asarray(scores, np.float64)
   finite = np.isfinite(s)
-  shifted = np.where(finite, s - np.max(np.where(finite, s, -np.inf), axis=1, keepdims=True), -np.inf)
+  shifted = np.where(finite, s - np.max(np.where(finite, s, -np.inf), axis=1, keepdims=True),
+                     -np.inf)
   probs = np.exp(shifted)
   probs /= probs.sum(axis=1, keepdims=True)
   ent = -np.sum(np.where(probs > 0, probs * np.log(np.where(probs > 0, probs, 1.0)), 0.0), axis=1)
   return float(ent.mean())
 
 
-def select_label_free(candidates: Sequence[Any], score_fn: Callable[[Any], np.ndarray]) -> tuple[Any, list[dict]]:
+def select_label_free(candidates: Sequence[Any],
+                      score_fn: Callable[[Any], np.ndarray]) -> tuple[Any, list[dict]]:
   """Picks the candidate (e.g. (top_k, λ)) whose merged model has the lowest mean choice entropy.
 
   Args:
@@ -757,11 +808,14 @@ def select_label_free(candidates: Sequence[Any], score_fn: Callable[[Any], np.nd
 
 def replace_if_reproduced(merged: str, output: str, got: str, wanted: str, recipe_path: str,
                           hint: str = "") -> None:
-  """Moves a rerun's merge (`merged`, hash `got`) to `output` if it has the recipe's hash `wanted`."""
+  """Moves a rerun's merge (`merged`, hash `got`) to `output` if it has the recipe's hash
+  `wanted`."""
   if got != wanted:
     shutil.rmtree(merged, ignore_errors=True)
-    raise MergeError(f"--recipe {recipe_path}: the merge has hash {got[:12]}, not the recipe's {wanted[:12]}; it "
-                     f"was not reproduced ('{output}' is unchanged){hint}.")
+    raise MergeError(
+        f"--recipe {recipe_path}: the merge has hash {got[:12]}, not the recipe's {wanted[:12]}; "
+        "it "
+        f"was not reproduced ('{output}' is unchanged){hint}.")
   file_io.swap_dir(merged, output)
 
 

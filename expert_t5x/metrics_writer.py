@@ -25,9 +25,9 @@ PEAK_FLOPS = {
 def peak_flops_per_device(device: Optional[jax.Device] = None) -> Optional[float]:
   """The device's dense bf16 peak FLOP/s, or None when unknown (e.g. CPUs)."""
   kind = (device or jax.devices()[0]).device_kind
-  for prefix, flops in PEAK_FLOPS.items():
+  for prefix, peak in PEAK_FLOPS.items():
     if kind.startswith(prefix):
-      return flops
+      return peak
   return None
 
 

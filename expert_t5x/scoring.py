@@ -84,7 +84,8 @@ class Encoded:
   targets: Optional[np.ndarray] = None
 
 
-def _with_eos(ids: Sequence[int], eos_id: int, max_length: Optional[int]) -> tuple[np.ndarray, bool]:
+def _with_eos(ids: Sequence[int], eos_id: int,
+              max_length: Optional[int]) -> tuple[np.ndarray, bool]:
   """Tokens + EOS, truncated to `max_length` (EOS kept last, like seqio's append_eos_after_trim)."""
   ids = list(ids)
   truncated = max_length is not None and len(ids) + 1 > max_length
@@ -110,7 +111,8 @@ def encode_examples(examples: Sequence[Mapping[str, Any]], vocabulary: Vocabular
 
   out = []
   for i, ex in enumerate(examples):
-    inputs, truncated = _with_eos(vocabulary.encode(ex["inputs"]), eos, feature_lengths.get("inputs"))
+    inputs, truncated = _with_eos(vocabulary.encode(ex["inputs"]), eos,
+                                  feature_lengths.get("inputs"))
     counts["inputs_truncated"] += int(truncated)
     if scoring:
       out.append(Encoded(i, inputs, [target(c) for c in ex["answer_choices"]]))

@@ -139,7 +139,7 @@ def import_t5x_run(run_dir: str, output_dir: str, *, base: Optional[str] = None,
   Returns:
     The expert's content hash.
   """
-  import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
+  import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)  # noqa: F401
   from expert_t5x import train as train_lib  # pylint: disable=g-import-not-at-top
   # orbax reads absolute paths only.
   step_dir = checkpoint_importer._resolve_t5x_step_dir(os.path.abspath(run_dir))  # pylint: disable=protected-access

@@ -1,4 +1,5 @@
-r"""Trains experts (or fully fine-tunes T5) the T5X way: `python -m expert_t5x.train --gin_file=...`.
+r"""Trains experts (or fully fine-tunes T5) the T5X way: `python -m expert_t5x.train
+--gin_file=...`.
 
     python -m expert_t5x.train \
       --gin_file=experts/prompt_expert.gin \
@@ -212,10 +213,11 @@ def _task_provenance(name: str) -> dict[str, Any]:
     import seqio_tasks  # pylint: disable=g-import-not-at-top
     info = seqio_tasks.get_info(name)
   except Exception as e:  # pylint: disable=broad-except  (any failure means: provenance unknown)
-    logging.warning("Task %r has no readable provenance (%s: %s); the expert records dataset %r and "
-                    "the zero_shot guard refuses it unless unknown provenance is allowed "
-                    "(--allow-unknown-provenance).", name, type(e).__name__, e,
-                    expert_format.UNKNOWN_DATASET)
+    logging.warning(
+        "Task %r has no readable provenance (%s: %s); the expert records dataset %r and "
+        "the zero_shot guard refuses it unless unknown provenance is allowed "
+        "(--allow-unknown-provenance).", name,
+        type(e).__name__, e, expert_format.UNKNOWN_DATASET)
     return {"task": name, "dataset": expert_format.UNKNOWN_DATASET, "subset": None, "prompt": None,
             "role": None}
   return {"task": name, "dataset": info.dataset, "subset": info.subset, "prompt": info.prompt,
@@ -310,7 +312,8 @@ def train(*,
     budgets = [train_dataset_cfg.num_epochs *
                train_data.steps_per_epoch(i.num_examples, global_batch) for i in infos]
   else:
-    budgets = list(total_steps) if isinstance(total_steps, (list, tuple)) else [total_steps] * len(tasks)
+    budgets = list(total_steps) if isinstance(total_steps,
+                                              (list, tuple)) else [total_steps] * len(tasks)
   if len(budgets) != len(tasks):
     raise ValueError(f"TRAIN_STEPS has {len(budgets)} values for {len(tasks)} tasks.")
   max_steps = max(budgets)
@@ -392,7 +395,8 @@ def train(*,
     writer.log(f"Data position restored: skipped {consumed} batches per expert in "
                f"{time.perf_counter() - skip_start:.1f}s.")
   batch_sharding = tr.batch_sharding()
-  flops = metrics_writer.train_flops_per_example(model.config, lengths, full) * global_batch * len(tasks)
+  flops = metrics_writer.train_flops_per_example(model.config, lengths,
+                                                 full) * global_batch * len(tasks)
   peak = metrics_writer.peak_flops_per_device()
   first_loss = progress.get("first_loss")
   last_loss = progress.get("losses", {}).get(str(consumed))
@@ -600,8 +604,10 @@ def _vocab_fingerprint(task_name: str) -> Optional[str]:
     task = train_data.get_task(task_name)
     return vocab_identity.fingerprint(task.output_features["targets"].vocabulary)
   except Exception as e:  # pylint: disable=broad-except  (any failure means: identity unknown)
-    logging.warning("The vocabulary of task %r has no readable identity (%s: %s); the expert "
-                    "records base.vocab_fingerprint null (unknown).", task_name, type(e).__name__, e)
+    logging.warning(
+        "The vocabulary of task %r has no readable identity (%s: %s); the expert "
+        "records base.vocab_fingerprint null (unknown).", task_name,
+        type(e).__name__, e)
     return None
 
 

@@ -95,7 +95,7 @@ def get_task(name: str) -> Any:
   """`seqio.get_mixture_or_task(name)`, with one clear error naming close matches."""
   import seqio  # pylint: disable=g-import-not-at-top
   try:
-    import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
+    import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   except ImportError:
     pass
   try:

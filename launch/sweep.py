@@ -36,7 +36,7 @@ import re
 import shlex
 import signal
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 if __package__ in (None, ""):  # run as a file: make `launch` importable

@@ -1,10 +1,11 @@
 """Hostile inputs and damaged files, table-driven, through the `expert-t5x` console script's main().
 
-Every case asserts the exit code (2: usage, 1: data), exactly one stderr line, no traceback, and that
-nothing under the fixture folder was written, changed or deleted. The fixtures (two tiny adapter
-experts, a library holding them, queries, a recipe) are built once per module. Then: the corruption
-matrix (each file kind damaged four ways x the commands that read it), path traversal through a
-tampered library entry, temp folders of killed writers, and concurrent writers with a reader.
+Every case asserts the exit code (2: usage, 1: data), exactly one stderr line, no traceback, and
+that nothing under the fixture folder was written, changed or deleted. The fixtures (two tiny
+adapter experts, a library holding them, queries, a recipe) are built once per module. Then: the
+corruption matrix (each file kind damaged four ways x the commands that read it), path traversal
+through a tampered library entry, temp folders of killed writers, and concurrent writers with a
+reader.
 """
 
 import json

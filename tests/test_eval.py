@@ -112,7 +112,7 @@ def test_scores_and_accuracy_equal_pairwise_scoring(base, source, base_run):
 def test_stacked_experts_equal_one_at_a_time(base, source, expert_dirs, base_run, tmp_path):
   stacked = _run(tmp_path / "stacked", base, source, expert_paths=expert_dirs, include_base=True,
                  experts_per_pass=3)
-  single = _run(tmp_path / "single", base, source, expert_paths=expert_dirs, experts_per_pass=1)
+  _run(tmp_path / "single", base, source, expert_paths=expert_dirs, experts_per_pass=1)
   assert [e["id"] for e in stacked["entries"]] == ["base", "expert_1", "expert_2", "expert_3"]
   a = results.read_jsonl(str(tmp_path / "stacked" / results.PREDICTIONS_FILE))
   b = results.read_jsonl(str(tmp_path / "single" / results.PREDICTIONS_FILE))

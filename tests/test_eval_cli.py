@@ -163,7 +163,7 @@ def test_shipped_eval_gin_files_parse():
   # Every shipped evaluation gin file parses with its required settings given (gin's own parser).
   import gin  # pylint: disable=g-import-not-at-top
   from expert_t5x import gin_utils  # pylint: disable=g-import-not-at-top
-  import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
+  import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   gin_utils.configurable(eval_entry.evaluate)  # registered as the gin entry point registers it
   # (Only settings each file uses: a setting no file uses is refused as a misspelling.)
   evals = ["EVAL_OUTPUT_DIR = '/tmp/x'"]
@@ -200,7 +200,7 @@ def test_gin_macros_and_flags_default_to_the_config_fields():
   # runs/eval.gin) and the flags, given only what is required, build the default configs.
   import gin  # pylint: disable=g-import-not-at-top
   from expert_t5x import gin_utils, partitioning, routed_evaluation as roe  # pylint: disable=g-import-not-at-top
-  import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
+  import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   gin_utils.configurable(eval_entry.evaluate)  # registered as the gin entry point registers it
   want = {"base": eval_entry.BaseConfig(checkpoint_path="/ckpt"),
           "dataset_cfg": eval_entry.DatasetConfig("demo_heldout"),

@@ -153,8 +153,11 @@ def test_oracle_is_the_best_expert_per_prompt(matrix_run, lib, tmp_path, capsys)
   assert "Oracle over 3 experts" in capsys.readouterr().out
   # The oracle top-k merge: `merge --retrieval` reads the oracle file's candidates.
   prompt = oracle["prompts"][0]
-  assert merging.merge_main(["--library", lib.root, "--retrieval", str(tmp_path / "o.json"), "--task",
-                             prompt["task"], "--top-k", "2", "--output", str(tmp_path / "om")]) == 0
+  assert merging.merge_main([
+      "--library", lib.root, "--retrieval",
+      str(tmp_path / "o.json"), "--task", prompt["task"], "--top-k", "2", "--output",
+      str(tmp_path / "om")
+  ]) == 0
   recipe = expert_format.read_metadata(tmp_path / "om")["merge"]
   assert [i["name"] for i in recipe["inputs"]] == [c["expert"] for c in prompt["candidates"][:2]]
   assert eval_entry.cli_main(["--oracle", str(tmp_path)]) == 2
@@ -291,8 +294,12 @@ def test_abstaining_prompts_use_the_fallback(base, lib, tmp_path):
   plain = evaluation.evaluate(tasks=EVAL, output_dir=str(tmp_path / "plain"), base=base, **COMMON)
   base_acc = {p["task"]: p["accuracy"] for p in plain["entries"][0]["prompts"]}
   for fallback in ("base", "merge"):
-    config = roe.RoEConfig(embedder="bm25", guard="zero_shot", num_queries=6, abstain_threshold=0.75,
-                           fallback=fallback, merge_top_k=2)
+    config = roe.RoEConfig(embedder="bm25",
+                           guard="zero_shot",
+                           num_queries=6,
+                           abstain_threshold=0.75,
+                           fallback=fallback,
+                           merge_top_k=2)
     out = tmp_path / fallback
     res = roe.evaluate(library=lib.root, tasks=EVAL, output_dir=str(out), base=base, config=config,
                        **COMMON)
@@ -310,7 +317,8 @@ def test_abstaining_prompts_use_the_fallback(base, lib, tmp_path):
       else:
         top2 = [c["expert"] for c in retrieved[t]["candidates"][:2]]
         assert r["expert_ids"] == r["merge"]["inputs"] == top2
-        assert r["evaluated_as"] == r["merge"]["id"] and (out / roe.MERGED_DIR / r["merge"]["id"]).is_dir()
+        assert r["evaluated_as"] == r["merge"]["id"] and (out / roe.MERGED_DIR /
+                                                          r["merge"]["id"]).is_dir()
   with pytest.raises(ValueError, match="abstain_threshold is a vote share"):
     roe.RoEConfig(abstain_threshold=1.5)
 
@@ -365,10 +373,12 @@ def test_merge_with_label_free_top_k(base, lib, matrix_run, tmp_path):
 def test_cli_merge_passes_every_merge_option(lib, tmp_path):
   """`eval --merge` flags reach the merge: the merged experts' recipes hold them."""
   out = tmp_path / "ties"
-  assert eval_entry.cli_main(["--tasks", EVAL[0], "--output_dir", str(out), "--library", lib.root,
-                              "--merge", "--embedder", "bm25", "--guard", "seen", "--num_queries", "4",
-                              "--merge_method", "ties", "--merge_top_k", "2", "--merge_density", "0.5",
-                              "--merge_per_tensor", "--merge_sign_method", "count", *BASE_FLAGS]) == 0
+  assert eval_entry.cli_main([
+      "--tasks", EVAL[0], "--output_dir",
+      str(out), "--library", lib.root, "--merge", "--embedder", "bm25", "--guard", "seen",
+      "--num_queries", "4", "--merge_method", "ties", "--merge_top_k", "2", "--merge_density",
+      "0.5", "--merge_per_tensor", "--merge_sign_method", "count", *BASE_FLAGS
+  ]) == 0
   [r] = results.read_results(str(out / results.RESULTS_FILE))["routing"]["tasks"].values()
   recipe = expert_format.read_metadata(out / roe.MERGED_DIR / r["merge"]["id"])["merge"]
   assert recipe["method"] == "ties" and len(recipe["inputs"]) == 2
@@ -377,7 +387,8 @@ def test_cli_merge_passes_every_merge_option(lib, tmp_path):
 
 def test_task_arithmetic_merge_with_label_free_lambda(base, lib, tmp_path):
   # λ chosen per prompt; the chosen merge equals the formula on the inputs' arrays: adapter
-  # tensors θ₀ + λ Σ θᵢ with θ₀ = 0 (the inputs' init seeds differ), layer norms base + λ Σ (sᵢ − base).
+  # tensors θ₀ + λ Σ θᵢ with θ₀ = 0 (the inputs' init seeds differ), layer norms base + λ Σ (sᵢ −
+  # base).
   config = roe.RoEConfig(mode="merge", embedder="bm25", guard="seen", num_queries=4,
                          merge_method="task_arithmetic", merge_top_k=2, merge_lam=(0.25, 1.0))
   out = tmp_path / "ta"

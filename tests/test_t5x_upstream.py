@@ -31,7 +31,7 @@ def _upstream_importable() -> bool:
     return False
   sys.path.insert(0, str(UPSTREAM))
   try:
-    import t5x  # pylint: disable=unused-import
+    import t5x  # pylint: disable=unused-import  # noqa: F401
     return True
   except Exception:  # pylint: disable=broad-except
     return False
@@ -83,7 +83,7 @@ def test_train_resumes_and_trains_only_the_expert(run):
   model_dir = run["model_dir"]
   steps = sorted(int(p.rsplit("_", 1)[1]) for p in glob.glob(f"{model_dir}/checkpoint_*"))
   assert steps == [0, 2, STEPS]
-  assert f"checkpoint_2" in run["resume_log"]  # Restored from the interrupted run's checkpoint.
+  assert "checkpoint_2" in run["resume_log"]  # Restored from the interrupted run's checkpoint.
   base = _target(run["base"])
   mid, last = _target(model_dir / "checkpoint_2"), _target(model_dir / f"checkpoint_{STEPS}")
   for k, v in base.items():
