@@ -1,5 +1,8 @@
 r"""Zero-shot evaluation entry point (T5X style): a base model, experts or a merge on a suite.
 
+(Over 600 lines on purpose: the typed configs, the gin main and the command line that builds the
+same configs sit together, so that each setting is declared once beside the flag that sets it.)
+
 Gin (as T5X's `eval.py`; `gin/runs/eval.gin` composes the objects below)::
 
     python -m expert_t5x.eval --gin_file=runs/eval.gin \

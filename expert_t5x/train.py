@@ -1,5 +1,7 @@
-r"""Trains experts (or fully fine-tunes T5) the T5X way: `python -m expert_t5x.train
---gin_file=...`.
+r"""Trains experts (or fully fine-tunes T5) the T5X way: `python -m expert_t5x.train --gin_file=`.
+
+(Over 600 lines on purpose: as T5X's `train.py`, the train loop, its bookkeeping of resumes and
+exports, and the gin entry point, read top to bottom as one run.)
 
     python -m expert_t5x.train \
       --gin_file=experts/prompt_expert.gin \
