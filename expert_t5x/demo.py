@@ -11,11 +11,12 @@ Stages, each calling the project's own Python APIs in one process (so JAX and Te
 2. train 12 prompt experts (adapters, one stacked job), 4 dataset experts and a multitask adapter
    (`expert_t5x.train.train`);
 3. build an expert library of the prompt experts (`expert_t5x.library`);
-4. Retrieval of Experts for every held-out eval prompt (guard `seen` for held-out prompts of training
-   tasks, `zero_shot` for held-out tasks) and a uniform merge of the top-k (`expert_t5x.retrieval`,
-   `expert_t5x.merging`);
-5. rank-classification evaluation of the base, every expert, the multitask adapter and the merges
-   (`expert_t5x.evaluation`); RoE, dataset-expert RoE and the oracle are read from the evaluated
+4. Retrieval of Experts for every held-out eval prompt and a uniform merge of the top-k, each
+   evaluated by `expert_t5x.routed_evaluation` (what `expert-t5x eval --library LIB --roe` and
+   `--merge` run), once per guard: `seen` for held-out prompts of training tasks, `zero_shot` for
+   held-out tasks;
+5. rank-classification evaluation of the base, every expert and the multitask adapter
+   (`expert_t5x.evaluation`); dataset-expert RoE and the oracle are read from the evaluated
    predictions of the experts they select;
 6. the report (`expert_t5x.report`): report.md with heatmap.png, retrieval.png, methods.png.
 
