@@ -11,11 +11,12 @@ Stages, each calling the project's own Python APIs in one process (so JAX and Te
 2. train 12 prompt experts (adapters, one stacked job), 4 dataset experts and a multitask adapter
    (`expert_t5x.train.train`);
 3. build an expert library of the prompt experts (`expert_t5x.library`);
-4. Retrieval of Experts for every held-out eval prompt (guard `seen` for held-out prompts of training
-   tasks, `zero_shot` for held-out tasks) and a uniform merge of the top-k (`expert_t5x.retrieval`,
-   `expert_t5x.merging`);
-5. rank-classification evaluation of the base, every expert, the multitask adapter and the merges
-   (`expert_t5x.evaluation`); RoE, dataset-expert RoE and the oracle are read from the evaluated
+4. Retrieval of Experts for every held-out eval prompt and a uniform merge of the top-k, each
+   evaluated by `expert_t5x.routed_evaluation` (what `expert-t5x eval --library LIB --roe` and
+   `--merge` run), once per guard: `seen` for held-out prompts of training tasks, `zero_shot` for
+   held-out tasks;
+5. rank-classification evaluation of the base, every expert and the multitask adapter
+   (`expert_t5x.evaluation`); dataset-expert RoE and the oracle are read from the evaluated
    predictions of the experts they select;
 6. the report (`expert_t5x.report`): report.md with heatmap.png, retrieval.png, methods.png.
 
@@ -194,12 +195,14 @@ def stage_costs(cfg: DemoConfig, num_prompt_experts: int, num_dataset_experts: i
   multitask = 2 * cfg.multitask_steps * cfg.expert_batch_size * row
   entries = 1 + num_prompt_experts + num_dataset_experts + 1
   num_train = num_eval_prompts - num_heldout
-  ev = ((entries + num_heldout) * num_heldout * cfg.eval_examples +
+  ev = (entries * num_heldout * cfg.eval_examples +
         entries * num_train * cfg.train_eval_examples) * row / 2.0
+  routed = num_heldout * cfg.eval_examples * row / 2.0  # each routed run scores every prompt once
   # Fixed stages in the same units (about 1e-4 s each on 2 CPU cores): start-up ~10 s, MiniLM
-  # retrieval ~10 s, report ~2 s.
+  # retrieval ~10 s, report ~2 s. Retrieval and merging include their routed evaluations.
   return {"setup": 1e5, "pre-train base": pre, "prompt + dataset experts": experts,
-          "multitask adapter": multitask, "library": 1e3, "retrieval": 1e5, "merging": 1e3,
+          "multitask adapter": multitask, "library": 1e3,
+          "retrieval": 1e5 + routed, "merging": 1e3 + routed,
           "evaluation": ev, "report": 2e4}
 
 
@@ -322,55 +325,96 @@ def eval_prompts() -> list[dict[str, Any]]:
   return out
 
 
-def retrieve_all(cfg: DemoConfig, lib, embedder, prompts: Sequence[Mapping[str, Any]]
-                 ) -> dict[str, dict[str, Any]]:
-  """RoE for every eval prompt from its unlabeled examples: {task: retrieval result}."""
-  import seqio_tasks  # pylint: disable=g-import-not-at-top
-  from expert_t5x import retrieval  # pylint: disable=g-import-not-at-top
-  retriever = retrieval.Retriever(lib, embedder)
+ROUTED_DIR = "routed"  # one routed evaluation per (mode, group) under it
+
+
+def routed_config(cfg: DemoConfig, mode: str, library: str, guard: str):
+  """The `expert-t5x eval --library LIB --roe|--merge` settings the demo routes with."""
+  from expert_t5x import routed_evaluation  # pylint: disable=g-import-not-at-top
+  lengths = {"max_seq_length": cfg.task_lengths[0]} if cfg.embedder == "t5" else {}
+  return routed_evaluation.RoEConfig(
+      mode=mode, library=library, embedder=cfg.embedder, num_queries=cfg.num_queries,
+      seed=cfg.seed, guard=guard, merge_method="uniform", merge_top_k=(cfg.merge_top_k,),
+      **lengths)
+
+
+def route_all(cfg: DemoConfig, lib, base, embedder, prompts: Sequence[Mapping[str, Any]],
+              mode: str, out_dir: str, scorer, show_progress: bool) -> dict[str, str]:
+  """Routed evaluation (`routed_evaluation.evaluate`, what `eval --roe` / `--merge` runs) of every
+  eval prompt: one run per guard (seen-task prompts 'seen', held-out tasks 'zero_shot'), each
+  into `<out_dir>/routed/<mode>_<group>`; returns {group: its directory}."""
+  from expert_t5x import routed_evaluation  # pylint: disable=g-import-not-at-top
+  dirs = {}
+  for group in ("seen_task", "heldout_task"):
+    tasks = [p["task"] for p in prompts if p["group"] == group]
+    if not tasks:
+      continue
+    guard = next(p["guard"] for p in prompts if p["group"] == group)
+    dirs[group] = os.path.join(out_dir, ROUTED_DIR, f"{mode}_{group}")
+    routed_evaluation.evaluate(
+        tasks=tasks, output_dir=dirs[group], base=base,
+        config=routed_config(cfg, mode, lib.root, guard), embedder=embedder,
+        split=cfg.eval_split, max_examples=cfg.eval_examples,
+        feature_lengths={"inputs": cfg.task_lengths[0], "targets": cfg.task_lengths[1]},
+        bootstrap_samples=cfg.bootstrap_samples, seed=cfg.seed, progress=show_progress,
+        scorer=scorer)
+  return dirs
+
+
+def read_retrieved(dirs: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+  """{task: retrieval result} from routed evaluations' retrieval.json files."""
+  from expert_t5x import routed_evaluation  # pylint: disable=g-import-not-at-top
   out = {}
-  for p in prompts:
-    examples = seqio_tasks.load_examples(p["task"], cfg.eval_split, None)
-    out[p["task"]] = retriever.retrieve(retrieval.unlabeled(examples), guard=p["guard"],
-                                        num_queries=cfg.num_queries, seed=cfg.seed)
+  for d in dirs.values():
+    with open(os.path.join(d, routed_evaluation.RETRIEVAL_FILE), encoding="utf-8") as f:
+      for r in json.load(f)["results"]:
+        out[r.pop("task")] = r
   return out
 
 
-def merge_top_k(cfg: DemoConfig, lib, retrieved: Mapping[str, Mapping[str, Any]], out_dir: str
-                ) -> dict[str, dict[str, Any]]:
-  """Uniform merge of each eval prompt's top-k retrieved experts: {task: {dir, inputs}}."""
-  from expert_t5x import expert_format, merging  # pylint: disable=g-import-not-at-top
-  merged = {}
-  for task, result in retrieved.items():
-    top = [c["expert"] for c in result["candidates"][:cfg.merge_top_k]]
-    path = os.path.join(out_dir, task)
-    if not expert_format.is_expert_dir(path):
-      merging.merge_expert_dirs([lib.expert_dir(e) for e in top], path, "uniform",
-                                input_names=top, overwrite=True)
-    merged[task] = {"dir": path, "inputs": top}
-  return merged
+def read_merged(dirs: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+  """{task: {id, dir, inputs}} of the merges routed evaluations made."""
+  from expert_t5x import results as results_lib  # pylint: disable=g-import-not-at-top
+  from expert_t5x import routed_evaluation  # pylint: disable=g-import-not-at-top
+  out = {}
+  for d in dirs.values():
+    routing = results_lib.read_results(os.path.join(d, results_lib.RESULTS_FILE))["routing"]
+    for task, r in routing["tasks"].items():
+      m = r["merge"]
+      out[task] = {"id": m["id"], "dir": os.path.join(d, routed_evaluation.MERGED_DIR, m["id"]),
+                   "inputs": m["inputs"]}
+  return out
 
 
-def evaluate_all(cfg: DemoConfig, base, experts: Mapping[str, str],
-                 merged: Mapping[str, Mapping[str, Any]], heldout: Sequence[str],
-                 train_eval: Sequence[str], out_dir: str, show_progress: bool
+def routed_prompt_results(out_dir: str, mode: str) -> dict[str, dict[str, Any]]:
+  """{task: the routed entry's per-prompt result} of the demo's routed evaluations of `mode`."""
+  from expert_t5x import results as results_lib  # pylint: disable=g-import-not-at-top
+  out = {}
+  for group in ("seen_task", "heldout_task"):
+    path = os.path.join(out_dir, ROUTED_DIR, f"{mode}_{group}", results_lib.RESULTS_FILE)
+    if os.path.isfile(path):
+      entry = next(e for e in results_lib.read_results(path)["entries"] if e["id"] == mode)
+      out.update({p["task"]: p for p in entry["prompts"]})
+  return out
+
+
+def evaluate_all(cfg: DemoConfig, base, experts: Mapping[str, str], heldout: Sequence[str],
+                 train_eval: Sequence[str], out_dir: str, scorer, show_progress: bool
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
   """(held-out results, training-prompt results) of the evaluator, written under `out_dir`.
 
-  Held-out prompts: the base, every expert and every merge in one stacked pass (a merge is read
-  only on its own prompt). Training prompts: the base and the experts on fewer examples, for the
-  experts' own-prompt check.
+  Held-out prompts: the base and every expert in one stacked pass (the oracle's and the matrix's
+  cells). Training prompts: the base and the experts on fewer examples, for the experts'
+  own-prompt check.
   """
   from expert_t5x import evaluation  # pylint: disable=g-import-not-at-top
   ids, paths = list(experts), list(experts.values())
-  merged_ids = [f"merged@{t}" for t in heldout]
   common = dict(base=base, split=cfg.eval_split, bootstrap_samples=cfg.bootstrap_samples,
                 feature_lengths={"inputs": cfg.task_lengths[0], "targets": cfg.task_lengths[1]},
-                seed=cfg.seed, progress=show_progress, include_base=True)
+                seed=cfg.seed, progress=show_progress, include_base=True, scorer=scorer)
   results = evaluation.evaluate(
-      tasks=list(heldout), output_dir=os.path.join(out_dir, "eval"),
-      expert_paths=paths + [merged[t]["dir"] for t in heldout], expert_names=ids + merged_ids,
-      max_examples=cfg.eval_examples, experts_per_pass=len(ids) + len(merged_ids), **common)
+      tasks=list(heldout), output_dir=os.path.join(out_dir, "eval"), expert_paths=paths,
+      expert_names=ids, max_examples=cfg.eval_examples, experts_per_pass=len(ids), **common)
   train_results = evaluation.evaluate(
       tasks=list(train_eval), output_dir=os.path.join(out_dir, "eval_train"), expert_paths=paths,
       expert_names=ids, max_examples=cfg.train_eval_examples, experts_per_pass=len(ids), **common)
@@ -380,12 +424,17 @@ def evaluate_all(cfg: DemoConfig, base, experts: Mapping[str, str],
 # ------------------------------------------------------------------------------ methods
 
 
-def read_outcomes(eval_dir: str):
-  """{(entry id, task): PromptOutcomes} from an evaluation's predictions.jsonl."""
+def read_outcomes(eval_dir: str, routed: Optional[str] = None):
+  """{(entry id, task): PromptOutcomes} from an evaluation's predictions.jsonl; with `routed`,
+  {task: PromptOutcomes} of that routed entry ('roe' or 'merge')."""
   from expert_t5x import eval_experts, evaluation, results  # pylint: disable=g-import-not-at-top
   from expert_t5x import scoring as scoring_lib  # pylint: disable=g-import-not-at-top
-  records: dict[tuple[str, str], list[dict]] = {}
+  records: dict[Any, list[dict]] = {}
   for r in results.read_jsonl(os.path.join(eval_dir, results.PREDICTIONS_FILE)):
+    if routed is not None:
+      if r.get("entry") == routed:
+        records.setdefault(r["task"], []).append(r)
+      continue
     entry = (r["expert_ids"] or [eval_experts.BASE_ID])[0]
     records.setdefault((entry, r["task"]), []).append(r)
   options = scoring_lib.ScoringOptions()
@@ -394,13 +443,18 @@ def read_outcomes(eval_dir: str):
 
 def compose_methods(cfg: DemoConfig, prompts: Sequence[Mapping[str, Any]],
                     selections: Mapping[str, Mapping[str, tuple[str, list[str]]]],
-                    outcomes: Mapping[tuple[str, str], Any]) -> list[dict[str, Any]]:
+                    outcomes: Mapping[tuple[str, str], Any],
+                    routed: Optional[Mapping[str, Mapping[str, Any]]] = None
+                    ) -> list[dict[str, Any]]:
   """Aggregates and bootstraps each method from the outcomes of the entry it selects per prompt.
 
   Args:
-    selections: {method: {eval task: (entry id in `outcomes`, expert ids it stands for)}}.
+    selections: {method: {eval task: (entry id, expert ids it stands for)}}.
     outcomes: {(entry id, task): PromptOutcomes}.
+    routed: {method: {eval task: PromptOutcomes}}: methods evaluated by a routed evaluation,
+      whose outcomes are its own rather than `outcomes`' entry's.
   """
+  routed = routed or {}
   from expert_t5x import aggregation  # pylint: disable=g-import-not-at-top
   methods = []
   for group in ("seen_task", "heldout_task"):
@@ -412,7 +466,7 @@ def compose_methods(cfg: DemoConfig, prompts: Sequence[Mapping[str, Any]],
       picked = []
       for t in tasks:
         entry, _ = chosen[t]
-        o = outcomes[(entry, t)]
+        o = routed[name][t] if name in routed else outcomes[(entry, t)]
         picked.append(dataclasses.replace(o))
       entries[name] = picked
     intervals = (aggregation.bootstrap(entries, cfg.bootstrap_samples, cfg.seed)
@@ -491,7 +545,7 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
   progress.begin("setup", since=start)
   import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
   # pylint: disable-next=g-import-not-at-top,unused-import
-  from expert_t5x import base_models, evaluation, report, train
+  from expert_t5x import base_models, evaluation, partitioning, report, scoring, train
   demo_pipeline.register()
   prompts = eval_prompts()
   cache_dir = cache_dir or default_cache_dir()
@@ -521,26 +575,35 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
   lib = build_library(os.path.join(out_dir, "library"), pe_dirs, base.fingerprint)
   progress.end()
 
+  # One scorer for every evaluation: its compiled functions are reused (compiles are the cost).
+  scorer = scoring.Scorer(base.config, base.params, partitioning.PjitPartitioner(),
+                          scoring.ScoringOptions())
+  embedder = make_embedder(cfg, base_dir)
   progress.begin("retrieval")
-  retrieved = retrieve_all(cfg, lib, make_embedder(cfg, base_dir), prompts)
+  roe_dirs = route_all(cfg, lib, base, embedder, prompts, "roe", out_dir, scorer, show_progress)
+  retrieved = read_retrieved(roe_dirs)
   file_io.atomic_write_json(os.path.join(out_dir, RETRIEVAL_FILE), retrieved, indent=1, default=str)
   progress.end()
 
   progress.begin("merging")
-  merged = merge_top_k(cfg, lib, retrieved, os.path.join(out_dir, "merged"))
+  merge_dirs = route_all(cfg, lib, base, embedder, prompts, "merge", out_dir, scorer,
+                         show_progress)
+  merged = read_merged(merge_dirs)
   progress.end()
 
   progress.begin("evaluation")
   experts = {**pe_dirs, **de_dirs, mt_id: mt_dir}
-  results, train_results = evaluate_all(cfg, base, experts, merged, heldout, train_eval, out_dir,
+  results, train_results = evaluate_all(cfg, base, experts, heldout, train_eval, out_dir, scorer,
                                         show_progress)
   progress.end()
 
   progress.begin("report")
   outcomes = dict(read_outcomes(os.path.join(out_dir, "eval")))
+  routed = {mode: {t: o for d in dirs.values() for t, o in read_outcomes(d, mode).items()}
+            for mode, dirs in (("roe", roe_dirs), ("merge", merge_dirs))}
   summary = summarize(cfg, prompts=prompts, results=[results, train_results], outcomes=outcomes,
                       retrieved=retrieved, merged=merged, pe_tasks=pe_tasks, de_tasks=de_tasks,
-                      mt_id=mt_id, timings=progress.timings, base_cached=cached)
+                      mt_id=mt_id, timings=progress.timings, base_cached=cached, routed=routed)
   file_io.atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary, indent=1)
   report.write_report(summary, out_dir)
   progress.end()
@@ -562,8 +625,11 @@ def _task_dataset(task: str) -> str:
 
 
 def summarize(cfg: DemoConfig, *, prompts, results, outcomes, retrieved, merged, pe_tasks,
-              de_tasks, mt_id, timings, base_cached) -> dict[str, Any]:
-  """The summary the report is drawn from (see `expert_t5x.report`)."""
+              de_tasks, mt_id, timings, base_cached, routed=None) -> dict[str, Any]:
+  """The summary the report is drawn from (see `expert_t5x.report`).
+
+  `routed` ({'roe' | 'merge': {task: PromptOutcomes}}) holds the routed evaluations' outcomes of
+  the RoE and merged methods (otherwise read from the stacked evaluation's entries)."""
   from seqio_tasks import demo_pipeline  # pylint: disable=g-import-not-at-top
   from seqio_tasks import demo  # pylint: disable=g-import-not-at-top
   by_entry: dict[str, dict[str, Any]] = {}
@@ -617,10 +683,12 @@ def summarize(cfg: DemoConfig, *, prompts, results, outcomes, retrieved, merged,
       "RoE dataset expert": {
           t: (de_of_dataset[retrieval_summary[t]["dataset_level"]],
               [de_of_dataset[retrieval_summary[t]["dataset_level"]]]) for t in retrieved},
-      f"merged top-{cfg.merge_top_k}": {t: (f"merged@{t}", m["inputs"]) for t, m in merged.items()},
+      f"merged top-{cfg.merge_top_k}": {t: (m["id"], m["inputs"]) for t, m in merged.items()},
       "oracle (uses labels)": oracle,
   }
-  methods = compose_methods(cfg, prompts, selections, outcomes)
+  names = {"roe": "RoE (prompt expert)", "merge": f"merged top-{cfg.merge_top_k}"}
+  methods = compose_methods(cfg, prompts, selections, outcomes,
+                            {names[mode]: o for mode, o in (routed or {}).items()})
 
   margins = []
   passed = 0

@@ -349,7 +349,7 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: base_models.B
              partitioner: Optional[partitioning.PjitPartitioner] = None,
              allow_base_mismatch: bool = False, previous_results: Optional[str] = None,
              embedder: Any = None, lookup: Optional[retrieval.TemplateLookup] = None,
-             **evaluate_kwargs: Any) -> dict[str, Any]:
+             scorer: Optional[scoring.Scorer] = None, **evaluate_kwargs: Any) -> dict[str, Any]:
   """Retrieves (and merges) per eval prompt, then evaluates; returns results.json's object.
 
   Args:
@@ -365,6 +365,8 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: base_models.B
     previous_results: an earlier routed run's results.json: report routing changes against it.
     embedder: an embedder object to use instead of `config.embedder` (tests, custom encoders).
     lookup: template lookup for `choice` text formats (default: promptsource's templates).
+    scorer: a `Scorer` to reuse (same base and options; its compiled functions are kept), for
+      label-free merge selection and the evaluation.
     **evaluate_kwargs: passed to `evaluation.evaluate` (bootstrap_samples, seed, progress, ...).
   """
   if library and config.library and library != config.library:
@@ -406,8 +408,7 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: base_models.B
 
   feature_lengths = dict(evaluation.DEFAULT_FEATURE_LENGTHS if feature_lengths is None
                          else feature_lengths)
-  scorer = None
-  if config.merges and config.num_candidates > 1:
+  if scorer is None and config.merges and config.num_candidates > 1:
     scorer = scoring.Scorer(base.config, base.params,
                                partitioner or partitioning.PjitPartitioner(), options)
   merges = _Merges(lib, output_dir, config, base)
