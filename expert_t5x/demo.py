@@ -1,10 +1,12 @@
-r"""`expert-t5x demo`: the whole expert pipeline on synthetic tasks with a tiny T5, ending in a report.
+r"""`expert-t5x demo`: the whole expert pipeline on synthetic tasks with a tiny T5, ending in a
+report.
 
     expert-t5x demo                 # full demo (MiniLM retrieval, fetched once)
     expert-t5x demo --quick         # fewer steps, T5-encoder retrieval
     expert-t5x demo --out my_demo   # where the report goes (default: demo_out)
 
-Stages, each calling the project's own Python APIs in one process (so JAX and TensorFlow start once):
+Stages, each calling the project's own Python APIs in one process (so JAX and TensorFlow start
+once):
 
 1. pre-train a tiny T5 (d=128) on a synthetic span-corruption corpus that contains no task data
    (`seqio_tasks.demo_pipeline`), cached by a hash of its configuration, so reruns skip it;
@@ -153,9 +155,10 @@ class StageProgress:
     fraction = self.done_units / self.total if self.total else 1.0
     width = 24
     filled = int(round(width * fraction))
-    return (f"[demo {index}/{len(self.costs)}] {stage:<28} |{'#' * filled}{'.' * (width - filled)}| "
-            f"{100 * fraction:3.0f}%  elapsed {_clock(time.perf_counter() - self.start)}  "
-            f"ETA {_clock(self.eta())}")
+    return (
+        f"[demo {index}/{len(self.costs)}] {stage:<28} |{'#' * filled}{'.' * (width - filled)}| "
+        f"{100 * fraction:3.0f}%  elapsed {_clock(time.perf_counter() - self.start)}  "
+        f"ETA {_clock(self.eta())}")
 
   def begin(self, stage: str, since: Optional[float] = None) -> None:
     """Starts `stage` (its clock starts at `since` when given, e.g. before the imports)."""
@@ -543,9 +546,10 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
                            enabled=show_progress, start=start)
 
   progress.begin("setup", since=start)
-  import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import
+  # Imported here so that their cost is the setup stage's (some are used by later stages only).
+  import seqio_tasks  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   # pylint: disable-next=g-import-not-at-top,unused-import
-  from expert_t5x import base_models, evaluation, partitioning, report, scoring, train
+  from expert_t5x import base_models, evaluation, partitioning, report, scoring, train  # noqa: F401
   demo_pipeline.register()
   prompts = eval_prompts()
   cache_dir = cache_dir or default_cache_dir()

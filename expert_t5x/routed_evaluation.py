@@ -1,4 +1,5 @@
-"""Evaluation with Retrieval of Experts: retrieve (or merge) library experts per eval prompt, evaluate.
+"""Evaluation with Retrieval of Experts: retrieve (or merge) library experts per eval prompt,
+evaluate.
 
 `expert-t5x eval --library LIB --roe` (or `--merge`), `expert_t5x.eval.evaluate(routing=
 RoEConfig(library=...))` and gin's `runs/eval_roe.gin` run the paper's protocol
@@ -150,7 +151,8 @@ class RoEConfig:
          f"text_format must be one of {retrieval.TEXT_FORMATS}; got {self.text_format!r}."),
         (self.guard in library_lib.GUARD_MODES,
          f"guard must be one of {library_lib.GUARD_MODES}; got {self.guard!r}."),
-        (self.fallback in FALLBACKS, f"fallback must be one of {FALLBACKS}; got {self.fallback!r}."),
+        (self.fallback
+         in FALLBACKS, f"fallback must be one of {FALLBACKS}; got {self.fallback!r}."),
         (self.merge_method in merging.METHODS,
          f"merge_method must be one of {merging.METHODS}; got {self.merge_method!r}."),
         (0.0 <= self.abstain_threshold <= 1.0,
@@ -162,7 +164,8 @@ class RoEConfig:
          f"merge_lam {self.merge_lam} applies to task_arithmetic, ties and dare, not "
          f"{self.merge_method!r}; drop it or choose one of those methods."),
         ("weights" not in self.merge_params and "lam" not in self.merge_params,
-         "merge_params may not set weights (votes weigh 'weighted' merges) or lam (use merge_lam)."),
+         "merge_params may not set weights (votes weigh 'weighted' merges) or lam (use merge_lam)."
+        ),
     ]
     for ok, message in checks:
       if not ok:
@@ -181,16 +184,25 @@ class RoEConfig:
     return self.mode == "merge" or (self.fallback == "merge" and self.abstain_threshold > 0)
 
   def to_json(self) -> dict[str, Any]:
-    out = {"mode": self.mode, "level": self.level, "dataset_rule": self.dataset_rule,
-           "embedder_name": self.embedder,
-           "max_seq_length": self.max_seq_length,
-           "text_format": self.text_format, "num_queries": self.num_queries, "seed": self.seed,
-           "votes_per_query": self.votes_per_query, "guard_mode": self.guard,
-           "abstain_threshold": self.abstain_threshold, "fallback": self.fallback,
-           **({"allow_unknown_provenance": True} if self.allow_unknown_provenance else {}),
-           "queries": ("every eval example (instance-level), labels unread" if self.level == "instance"
-                       else "the first Q of a seeded permutation of each prompt's eval examples, "
-                            "labels unread")}
+    out = {
+        "mode":
+            self.mode, "level":
+                self.level, "dataset_rule":
+                    self.dataset_rule, "embedder_name":
+                        self.embedder, "max_seq_length":
+                            self.max_seq_length, "text_format":
+                                self.text_format, "num_queries":
+                                    self.num_queries, "seed":
+                                        self.seed, "votes_per_query":
+                                            self.votes_per_query, "guard_mode":
+                                                self.guard, "abstain_threshold":
+                                                    self.abstain_threshold, "fallback":
+                                                        self.fallback,
+        **({"allow_unknown_provenance": True} if self.allow_unknown_provenance else {}),
+        "queries": ("every eval example (instance-level), labels unread" if self.level == "instance"
+                    else "the first Q of a seeded permutation of each prompt's eval examples, "
+                    "labels unread")
+    }
     if self.merges:
       out["merge"] = {"method": self.merge_method, "top_k": list(self.merge_top_k),
                       "lam": list(self.merge_lam), "params": dict(self.merge_params),
@@ -334,9 +346,10 @@ def _check_library_base(lib: library_lib.Library, base: base_models.BaseModel,
                         allow_mismatch: bool) -> None:
   theirs = lib.base_fingerprint()
   if theirs and base.fingerprint and theirs != base.fingerprint and not allow_mismatch:
-    raise ValueError(f"Library '{lib.root}' holds experts of base {theirs[:16]}... but the evaluated "
-                     f"base is {base.fingerprint[:16]}...; pass the base the library was built on, "
-                     "or allow_base_mismatch=True (--allow_base_mismatch).")
+    raise ValueError(
+        f"Library '{lib.root}' holds experts of base {theirs[:16]}... but the evaluated "
+        f"base is {base.fingerprint[:16]}...; pass the base the library was built on, "
+        "or allow_base_mismatch=True (--allow_base_mismatch).")
 
 
 def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: base_models.BaseModel,
@@ -390,13 +403,19 @@ def evaluate(*, tasks: str | Sequence[str], output_dir: str, base: base_models.B
   # Instance-level: every example is a query (the seeded permutation then covers them all).
   num_queries = (max(len(examples[t]) for t in task_names) if config.level == "instance"
                  else config.num_queries)
-  results = retriever.retrieve_many(
-      [retrieval.unlabeled(examples[t]) for t in task_names], guard=config.guard,
-      allow_unknown_provenance=config.allow_unknown_provenance, num_queries=num_queries, seed=config.seed, votes_per_query=config.votes_per_query,
-      abstain_threshold=config.abstain_threshold, fallback=config.fallback,
-      dataset_rule=config.dataset_rule)
-  library_info = {"path": lib.url if lib.remote else lib.root, "num_experts": len(retriever.entries),
-                  "num_keys": len(retriever.keys.texts)}
+  results = retriever.retrieve_many([retrieval.unlabeled(examples[t]) for t in task_names],
+                                    guard=config.guard,
+                                    allow_unknown_provenance=config.allow_unknown_provenance,
+                                    num_queries=num_queries,
+                                    seed=config.seed,
+                                    votes_per_query=config.votes_per_query,
+                                    abstain_threshold=config.abstain_threshold,
+                                    fallback=config.fallback,
+                                    dataset_rule=config.dataset_rule)
+  library_info = {
+      "path": lib.url if lib.remote else lib.root, "num_experts": len(retriever.entries),
+      "num_keys": len(retriever.keys.texts)
+  }
   del retriever  # frees its key embeddings and score buffer before the models load
   retrieved = dict(zip(task_names, results))
   for t in task_names:

@@ -1,4 +1,5 @@
-"""`expert-t5x demo`: its corpus, configuration, progress, method composition and an end-to-end run."""
+"""`expert-t5x demo`: its corpus, configuration, progress, method composition and an end-to-end
+run."""
 
 import dataclasses
 import io
@@ -81,7 +82,8 @@ def test_multitask_provenance_lists_every_task_of_its_mixture():
   demo_pipeline.register()
   items = train._provenance(demo_pipeline.MULTITASK_MIXTURE)  # pylint: disable=protected-access
   assert sorted(i["task"] for i in items) == sorted(demo_pipeline.expert_train_tasks())
-  assert {i["dataset"] for i in items} == {"demo_sentiment", "demo_topic", "demo_overlap", "demo_length"}
+  assert {i["dataset"] for i in items
+         } == {"demo_sentiment", "demo_topic", "demo_overlap", "demo_length"}
   entry = {"id": "multitask", "provenance": items}
   assert library_lib.overlaps(entry, "demo_overlap", None)
   assert not library_lib.overlaps(entry, "demo_membership", None)
