@@ -142,10 +142,7 @@ def _infer_provenance(path: str) -> dict[str, Any]:
   return {}
 
 
-def import_paper_adapter(path: str,
-                         output_dir: str,
-                         *,
-                         base_fingerprint: str | None,
+def import_paper_adapter(path: str, output_dir: str, *, base_fingerprint: str | None,
                          base_config_name: str | None = None,
                          provenance: Mapping[str, Any] | None = None,
                          keys: Sequence[Mapping[str, Any]] | None = None,
@@ -264,10 +261,7 @@ def convert_peft_lora(
   return flat, config
 
 
-def import_peft_lora(directory: str,
-                     output_dir: str,
-                     *,
-                     base_fingerprint: str | None,
+def import_peft_lora(directory: str, output_dir: str, *, base_fingerprint: str | None,
                      base_config_name: str | None = None,
                      provenance: Mapping[str, Any] | None = None,
                      keys: Sequence[Mapping[str, Any]] | None = None,
