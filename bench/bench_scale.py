@@ -9,7 +9,7 @@ bytes of collective operations read from the optimised HLO, beside the analytic 
 step (`expert_t5x.flops.step_flops`).
 
     python bench/bench_scale.py                 # every case and mesh, results cached
-    python bench/bench_scale.py --only pe_xl    # cases whose name starts with a prefix
+    python bench/bench_scale.py --only 'pe_xl*' # cases by name, or by prefix with a trailing *
     python bench/bench_scale.py --report        # table from the cache only (no compiling)
 
 Results go to bench/RESULTS_scale.json (a cache keyed by case and mesh: a rerun compiles only what
@@ -408,7 +408,8 @@ def largest_k(cache: dict[str, dict]) -> str:
 
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--only", default="", help="comma-separated case-name prefixes")
+  parser.add_argument("--only", default="",
+                      help="comma-separated case names (a trailing * selects by prefix)")
   parser.add_argument("--meshes", default="", help="comma-separated mesh names, e.g. 8x1,4x2")
   parser.add_argument("--force", action="store_true", help="recompile cached entries")
   parser.add_argument("--report", action="store_true", help="only print the tables from the cache")
@@ -419,7 +420,8 @@ def main(argv: list[str]) -> None:
     child(args.child.split(","), args.meshes.split(","), args.out)
     return
   prefixes = [p for p in args.only.split(",") if p]
-  cases = [c for c in CASES if not prefixes or any(c.name.startswith(p) for p in prefixes)]
+  cases = [c for c in CASES if not prefixes or any(
+      c.name == p or (p.endswith("*") and c.name.startswith(p[:-1])) for p in prefixes)]
   meshes = [m for m in MESHES if not args.meshes or m.name in args.meshes.split(",")]
   cache = load_cache() if args.report else run_missing(cases, meshes, args.force)
   text = render(cache)
