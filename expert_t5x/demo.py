@@ -1,6 +1,9 @@
 r"""`expert-t5x demo`: the whole expert pipeline on synthetic tasks with a tiny T5, ending in a
 report.
 
+(Over 600 lines on purpose: every stage of the pipeline, its cost estimates and its report, read
+in the order the demo runs them.)
+
     expert-t5x demo                 # full demo (MiniLM retrieval, fetched once)
     expert-t5x demo --quick         # fewer steps, T5-encoder retrieval
     expert-t5x demo --out my_demo   # where the report goes (default: demo_out)
