@@ -76,3 +76,14 @@ def save_adapter_experts(root: str, base_params, t5_config, seeds: Sequence[int]
     expert_format.save_expert(path, tree, meta)
     paths.append(path)
   return paths
+
+
+def tiny_base_and_adapter(root: str, seed: int):
+  """A random tiny base (this module's vocabulary size) and one adapter expert saved under
+  `root`: (base, expert directory)."""
+  from expert_t5x import base_models  # pylint: disable=g-import-not-at-top
+  base = base_models.load_base(model_config="tiny", random_init_seed=0,
+                               config_overrides={"vocab_size": VOCAB_SIZE})
+  expert = save_adapter_experts(root, base.params, base.config, [seed],
+                                fingerprint=base.fingerprint)[0]
+  return base, expert

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 
-from expert_t5x import base_models
 from expert_t5x import evaluation
 from expert_t5x import infer
 from expert_t5x import results
@@ -16,12 +15,9 @@ import eval_fakes
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  base = base_models.load_base(model_config="tiny", random_init_seed=0,
-                               config_overrides={"vocab_size": eval_fakes.VOCAB_SIZE})
   root = tmp_path_factory.mktemp("infer")
-  experts = eval_fakes.save_adapter_experts(str(root), base.params, base.config, [4],
-                                            fingerprint=base.fingerprint)
-  return base, experts[0], root
+  base, expert = eval_fakes.tiny_base_and_adapter(str(root), 4)
+  return base, expert, root
 
 
 def _infer(**kwargs):

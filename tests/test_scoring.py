@@ -24,11 +24,8 @@ LENGTHS = {"inputs": 64, "targets": None}
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  base = base_models.load_base(model_config="tiny", random_init_seed=0,
-                               config_overrides={"vocab_size": eval_fakes.VOCAB_SIZE})
   root = tmp_path_factory.mktemp("engine")
-  expert = eval_fakes.save_adapter_experts(str(root), base.params, base.config, [5],
-                                           fingerprint=base.fingerprint)[0]
+  base, expert = eval_fakes.tiny_base_and_adapter(str(root), 5)
   return base, expert
 
 
