@@ -23,7 +23,7 @@ characters), applied here from the choice strings.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -147,29 +147,13 @@ def _resample_weights(num_ids: int, num_samples: int, rng: np.random.Generator):
     yield np.bincount(flat, minlength=block * num_ids).reshape(block, num_ids).astype(np.float64)
 
 
-def bootstrap(entries: Mapping[str, Sequence[PromptOutcomes]],
-              num_samples: int = DEFAULT_BOOTSTRAP_SAMPLES, seed: int = 0,
-              percentiles: Sequence[float] = PERCENTILES) -> dict[str, dict]:
-  """Bootstrap intervals for several entries (base, experts) under shared resamples.
-
-  Args:
-    entries: {entry id: its prompt outcomes}.
-    num_samples: B, the number of replicates.
-    seed: seeds `numpy.random.default_rng`.
-    percentiles: the interval's lower and upper percentiles.
-
-  Returns:
-    {entry id: {'mean': [lo, hi], 'median': [lo, hi], 'datasets': {d: {'mean': [lo, hi],
-    'median': [lo, hi]}}, 'prompts': {task: [lo, hi]}}}.
-  """
-  if num_samples < 1:
-    raise ValueError(f"bootstrap num_samples must be >= 1; got {num_samples}.")
-  rng = np.random.default_rng(seed)
-  grouped = {e: _by_dataset(o) for e, o in entries.items()}
+def _prompt_replicates(grouped: Mapping[str, Mapping[str, list[PromptOutcomes]]],
+                       num_samples: int, rng: np.random.Generator
+                       ) -> dict[str, dict[str, np.ndarray]]:
+  """{entry: {task: [B] replicate accuracies}}; every entry and prompt of a dataset is resampled
+  with the same example weights (shared resamples, so differences are paired)."""
   datasets = sorted({d for g in grouped.values() for d in g})
-  # replicate accuracies: prompt_reps[entry][task] = [B]; dataset_reps[entry][dataset] = (mean,
-  # median)
-  prompt_reps: dict[str, dict[str, np.ndarray]] = {e: {} for e in entries}
+  prompt_reps: dict[str, dict[str, np.ndarray]] = {e: {} for e in grouped}
   for dataset in datasets:
     ids = np.unique(np.concatenate([o.example_ids for g in grouped.values()
                                     for o in g.get(dataset, [])]))
@@ -191,18 +175,45 @@ def bootstrap(entries: Mapping[str, Sequence[PromptOutcomes]],
     reps = np.concatenate(blocks, 0)  # [B, columns]
     for j, (entry, task, _, _) in enumerate(columns):
       prompt_reps[entry][task] = reps[:, j]
+  return prompt_reps
+
+
+def _dataset_replicates(members: Sequence[PromptOutcomes], reps: Mapping[str, np.ndarray]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  stack = np.stack([reps[o.task] for o in members], 1)  # [B, prompts]
+  return np.nanmean(stack, 1), np.nanmedian(stack, 1)
+
+
+def bootstrap(entries: Mapping[str, Sequence[PromptOutcomes]],
+              num_samples: int = DEFAULT_BOOTSTRAP_SAMPLES, seed: int = 0,
+              percentiles: Sequence[float] = PERCENTILES) -> dict[str, dict]:
+  """Bootstrap intervals for several entries (base, experts) under shared resamples.
+
+  Args:
+    entries: {entry id: its prompt outcomes}.
+    num_samples: B, the number of replicates.
+    seed: seeds `numpy.random.default_rng`.
+    percentiles: the interval's lower and upper percentiles.
+
+  Returns:
+    {entry id: {'mean': [lo, hi], 'median': [lo, hi], 'datasets': {d: {'mean': [lo, hi],
+    'median': [lo, hi]}}, 'prompts': {task: [lo, hi]}}}.
+  """
+  if num_samples < 1:
+    raise ValueError(f"bootstrap num_samples must be >= 1; got {num_samples}.")
+  rng = np.random.default_rng(seed)
+  grouped = {e: _by_dataset(o) for e, o in entries.items()}
+  prompt_reps = _prompt_replicates(grouped, num_samples, rng)
   lo_p, hi_p = percentiles
+
+  def interval(values: np.ndarray) -> list[float]:
+    return [float(np.nanpercentile(values, lo_p)), float(np.nanpercentile(values, hi_p))]
+
   out: dict[str, dict] = {}
   for entry, g in grouped.items():
     ds_mean, ds_median = {}, {}
     for dataset, members in g.items():
-      stack = np.stack([prompt_reps[entry][o.task] for o in members], 1)  # [B, prompts]
-      ds_mean[dataset] = np.nanmean(stack, 1)
-      ds_median[dataset] = np.nanmedian(stack, 1)
-
-    def interval(values: np.ndarray) -> list[float]:
-      return [float(np.nanpercentile(values, lo_p)), float(np.nanpercentile(values, hi_p))]
-
+      ds_mean[dataset], ds_median[dataset] = _dataset_replicates(members, prompt_reps[entry])
     result = {"datasets": {d: {"mean": interval(ds_mean[d]), "median": interval(ds_median[d])}
                            for d in g},
               "prompts": {t: interval(v) for t, v in prompt_reps[entry].items()}}
@@ -213,6 +224,35 @@ def bootstrap(entries: Mapping[str, Sequence[PromptOutcomes]],
       result["mean"] = result["median"] = [float("nan"), float("nan")]
     out[entry] = result
   return out
+
+
+def bootstrap_difference(a: Sequence[PromptOutcomes], b: Sequence[PromptOutcomes],
+                         num_samples: int = DEFAULT_BOOTSTRAP_SAMPLES, seed: int = 0,
+                         percentiles: Sequence[float] = PERCENTILES) -> dict[str, Any]:
+  """Paired bootstrap of mean(a) - mean(b) (the paper's aggregation: prompts, then datasets).
+
+  Both sides are resampled with the same example weights, so `a` and `b` should score the same
+  examples of the same datasets (for example two methods on the same prompts).
+
+  Returns:
+    {'difference': the observed difference in points, 'ci': [lo, hi]}.
+  """
+  if num_samples < 1:
+    raise ValueError(f"bootstrap num_samples must be >= 1; got {num_samples}.")
+  grouped = {"a": _by_dataset(a), "b": _by_dataset(b)}
+  if sorted(grouped["a"]) != sorted(grouped["b"]):
+    raise ValueError(f"bootstrap_difference: the two sides cover other datasets "
+                     f"({sorted(grouped['a'])} vs {sorted(grouped['b'])}); compare like with like.")
+  reps = _prompt_replicates(grouped, num_samples, np.random.default_rng(seed))
+  sides = []
+  for side in ("a", "b"):
+    means = [_dataset_replicates(m, reps[side])[0] for m in grouped[side].values()]
+    sides.append(np.mean(np.stack(means, 1), 1))
+  delta = sides[0] - sides[1]
+  observed = aggregate(list(a))["mean"] - aggregate(list(b))["mean"]
+  return {"difference": float(observed),
+          "ci": [float(np.nanpercentile(delta, percentiles[0])),
+                 float(np.nanpercentile(delta, percentiles[1]))]}
 
 
 def accuracy_matrix(entries: Mapping[str, Sequence[PromptOutcomes]],

@@ -1,11 +1,12 @@
 r"""`expert-t5x demo`: the whole expert pipeline on synthetic tasks with a tiny T5, ending in a
-report.
+report that tests the paper's claims, each with a verdict and a bootstrap interval.
 
 (Over 600 lines on purpose: every stage of the pipeline, its cost estimates and its report, read
 in the order the demo runs them.)
 
     expert-t5x demo                 # full demo (MiniLM retrieval, fetched once)
     expert-t5x demo --quick         # fewer steps, T5-encoder retrieval
+    expert-t5x demo --seed 1        # another seed: the verdicts should not change
     expert-t5x demo --out my_demo   # where the report goes (default: demo_out)
 
 Stages, each calling the project's own Python APIs in one process (so JAX and TensorFlow start
@@ -13,17 +14,22 @@ once):
 
 1. pre-train a tiny T5 (d=128) on a synthetic span-corruption corpus that contains no task data
    (`seqio_tasks.demo_pipeline`), cached by a hash of its configuration, so reruns skip it;
-2. train 12 prompt experts (adapters, one stacked job), 4 dataset experts and a multitask adapter
-   (`expert_t5x.train.train`);
+2. train 10 prompt experts (adapters, one stacked job; two of them on `sarcasm`, whose labels
+   conflict with `sentiment`'s), 5 dataset experts and a multitask adapter
+   (`expert_t5x.train.train`); retrieval keys are recorded while they train;
 3. build an expert library of the prompt experts (`expert_t5x.library`);
 4. Retrieval of Experts for every held-out eval prompt and a uniform merge of the top-k, each
    evaluated by `expert_t5x.routed_evaluation` (what `expert-t5x eval --library LIB --roe` and
    `--merge` run), once per guard: `seen` for held-out prompts of training tasks, `zero_shot` for
-   held-out tasks;
+   the held-out compositional task (`review_topic`: sentiment x topic);
 5. rank-classification evaluation of the base, every expert and the multitask adapter
    (`expert_t5x.evaluation`); dataset-expert RoE and the oracle are read from the evaluated
    predictions of the experts they select;
-6. the report (`expert_t5x.report`): report.md with heatmap.png, retrieval.png, methods.png.
+6. continual learning: experts for two new tasks join the library, the earlier held-out prompts
+   are routed again (their scores must not change), and the multitask adapter is fine-tuned on
+   the new tasks alone;
+7. the claims (`expert_t5x.demo_claims`) and the report (`expert_t5x.report`): report.md with
+   claims.png, heatmap.png, retrieval.png, methods.png, and results.json with the verdicts.
 
 Deviation from the paper: adapters use reduction factor 4 (d=128 -> 32) instead of 32, which would
 leave a 4-wide bottleneck at this size. Numbers are whatever this tiny setup gives; they are not the
@@ -43,9 +49,11 @@ import sys
 import time
 from typing import Any, Mapping, Optional, Sequence
 
+from expert_t5x import demo_claims
 from expert_t5x import file_io
 
 SUMMARY_FILE = "summary.json"
+RESULTS_FILE = "results.json"  # the claims with their verdicts
 RETRIEVAL_FILE = "retrieval.json"
 CORPUS_VERSION = 1  # bump when demo_pipeline's corpus changes, so cached bases are rebuilt
 
@@ -72,10 +80,13 @@ class DemoConfig:
   expert_batch_size: int = 8
   # Prompt and dataset experts train stacked in one job with one step budget (a stacked job
   # computes every expert until the longest budget ends); the multitask adapter trains alone.
-  expert_steps: int = 500
+  expert_steps: int = 400
   multitask_steps: int = 1000
-  # Longest demo input: 83 bytes + EOS; longest answer choice: 8 bytes + EOS.
-  task_lengths: tuple[int, int] = (88, 12)
+  # The continual stage: new prompt experts, and the multitask adapter fine-tuned on the new
+  # tasks alone, each for this many steps.
+  continual_steps: int = 400
+  # Longest demo input: 82 bytes + EOS; longest answer choice: 15 bytes + EOS.
+  task_lengths: tuple[int, int] = (88, 16)
   num_keys: int = 32
   # Retrieval and merging.
   embedder: str = "minilm"
@@ -104,7 +115,7 @@ class DemoConfig:
 
 FULL = DemoConfig()
 QUICK = DemoConfig(name="quick", pretrain_steps=100, expert_steps=150, multitask_steps=300,
-                   embedder="t5", eval_examples=50, train_eval_examples=20,
+                   continual_steps=150, embedder="t5", eval_examples=50, train_eval_examples=30,
                    bootstrap_samples=200)
 
 
@@ -204,12 +215,16 @@ def stage_costs(cfg: DemoConfig, num_prompt_experts: int, num_dataset_experts: i
   ev = (entries * num_heldout * cfg.eval_examples +
         entries * num_train * cfg.train_eval_examples) * row / 2.0
   routed = num_heldout * cfg.eval_examples * row / 2.0  # each routed run scores every prompt once
+  # Two new experts stacked (under-filled: counted twice), the multitask fine-tune (alone: twice),
+  # one more routed run and 5 entries on the training prompts.
+  continual = (2 * 2 + 2) * cfg.continual_steps * cfg.expert_batch_size * row + (
+      routed / 2.0 + 5 * num_train * cfg.train_eval_examples * row / 2.0)
   # Fixed stages in the same units (about 1e-4 s each on 2 CPU cores): start-up ~10 s, MiniLM
   # retrieval ~10 s, report ~2 s. Retrieval and merging include their routed evaluations.
   return {"setup": 1e5, "pre-train base": pre, "prompt + dataset experts": experts,
           "multitask adapter": multitask, "library": 1e3,
           "retrieval": 1e5 + routed, "merging": 1e3 + routed,
-          "evaluation": ev, "report": 2e4}
+          "evaluation": ev, "continual": continual, "report": 2e4}
 
 
 # ------------------------------------------------------------------------------- stages
@@ -270,8 +285,10 @@ def pretrain_base(cfg: DemoConfig, cache_dir: str, show_progress: bool = True) -
 
 
 def _train_stacked(cfg: DemoConfig, base_dir: str, tasks: Sequence[str], steps: Sequence[int],
-                   model_dir: str, show_progress: bool) -> dict[str, str]:
-  """Trains adapters on `tasks` in one stacked job; {task: exported expert dir}. Skips done work."""
+                   model_dir: str, show_progress: bool,
+                   init_expert_path: Optional[str] = None) -> dict[str, str]:
+  """Trains adapters on `tasks` in one stacked job (from `init_expert_path` when given); {task:
+  exported expert dir}. Skips done work."""
   from expert_t5x import expert_format, train_data  # pylint: disable=g-import-not-at-top
   out = {t: os.path.join(model_dir, "experts", t) for t in tasks}
   if all(expert_format.is_expert_dir(d) for d in out.values()):
@@ -283,10 +300,18 @@ def _train_stacked(cfg: DemoConfig, base_dir: str, tasks: Sequence[str], steps: 
       model=_model(cfg, expert=True), train_dataset_cfg=data, model_dir=model_dir,
       total_steps=list(steps), random_seed=cfg.seed,
       trainer_cls=_trainer_cls(cfg.expert_learning_rate, max(1, min(steps) // 20)),
-      checkpoint_cfg=_checkpoint_cfg(base_dir), num_retrieval_keys=cfg.num_keys,
+      # A mixture's adapter (multitask) never joins the library: it needs no retrieval keys.
+      checkpoint_cfg=_checkpoint_cfg(base_dir),
+      num_retrieval_keys=0 if _is_mixture(tasks) else cfg.num_keys,
       key_seed=cfg.seed, eval_before_and_after=False, summarize_config_fn=None,
-      show_progress=show_progress)
+      show_progress=show_progress, init_expert_path=init_expert_path)
   return out
+
+
+def _is_mixture(tasks: Sequence[str]) -> bool:
+  from seqio_tasks import demo_pipeline  # pylint: disable=g-import-not-at-top
+  return any(t in (demo_pipeline.MULTITASK_MIXTURE, demo_pipeline.CONTINUAL_MIXTURE)
+             for t in tasks)
 
 
 def build_library(root: str, expert_dirs: Mapping[str, str], fingerprint: str):
@@ -320,8 +345,9 @@ def make_embedder(cfg: DemoConfig, base_dir: str):
 def eval_prompts() -> list[dict[str, Any]]:
   """The held-out eval prompts with their group and guard mode."""
   import seqio_tasks  # pylint: disable=g-import-not-at-top
+  from seqio_tasks import demo_pipeline  # pylint: disable=g-import-not-at-top
   out = []
-  for task in seqio_tasks.suite("demo_heldout"):
+  for task in demo_pipeline.heldout_tasks():
     info = seqio_tasks.get_info(task)
     base, _ = seqio_tasks.demo.resolve(task)
     seen = not base.heldout_task
@@ -344,26 +370,35 @@ def routed_config(cfg: DemoConfig, mode: str, library: str, guard: str):
       **lengths)
 
 
+def route_group(cfg: DemoConfig, lib, base, embedder, tasks: Sequence[str], guard: str,
+                mode: str, out_dir: str, scorer, show_progress: bool) -> str:
+  """Routed evaluation (`routed_evaluation.evaluate`, what `eval --roe` / `--merge` runs) of
+  `tasks` under one guard, into `out_dir`; returns `out_dir`."""
+  from expert_t5x import routed_evaluation  # pylint: disable=g-import-not-at-top
+  routed_evaluation.evaluate(
+      tasks=list(tasks), output_dir=out_dir, base=base,
+      config=routed_config(cfg, mode, lib.root, guard), embedder=embedder,
+      split=cfg.eval_split, max_examples=cfg.eval_examples,
+      feature_lengths={"inputs": cfg.task_lengths[0], "targets": cfg.task_lengths[1]},
+      bootstrap_samples=cfg.bootstrap_samples, seed=cfg.seed, progress=show_progress,
+      scorer=scorer)
+  return out_dir
+
+
 def route_all(cfg: DemoConfig, lib, base, embedder, prompts: Sequence[Mapping[str, Any]],
               mode: str, out_dir: str, scorer, show_progress: bool) -> dict[str, str]:
-  """Routed evaluation (`routed_evaluation.evaluate`, what `eval --roe` / `--merge` runs) of every
-  eval prompt: one run per guard (seen-task prompts 'seen', held-out tasks 'zero_shot'), each
-  into `<out_dir>/routed/<mode>_<group>`; returns {group: its directory}."""
-  from expert_t5x import routed_evaluation  # pylint: disable=g-import-not-at-top
+  """Routed evaluation of every eval prompt: one run per guard (seen-task prompts 'seen',
+  held-out tasks 'zero_shot'), each into `<out_dir>/routed/<mode>_<group>`; returns {group: its
+  directory}."""
   dirs = {}
   for group in ("seen_task", "heldout_task"):
     tasks = [p["task"] for p in prompts if p["group"] == group]
     if not tasks:
       continue
     guard = next(p["guard"] for p in prompts if p["group"] == group)
-    dirs[group] = os.path.join(out_dir, ROUTED_DIR, f"{mode}_{group}")
-    routed_evaluation.evaluate(
-        tasks=tasks, output_dir=dirs[group], base=base,
-        config=routed_config(cfg, mode, lib.root, guard), embedder=embedder,
-        split=cfg.eval_split, max_examples=cfg.eval_examples,
-        feature_lengths={"inputs": cfg.task_lengths[0], "targets": cfg.task_lengths[1]},
-        bootstrap_samples=cfg.bootstrap_samples, seed=cfg.seed, progress=show_progress,
-        scorer=scorer)
+    dirs[group] = route_group(cfg, lib, base, embedder, tasks, guard, mode,
+                              os.path.join(out_dir, ROUTED_DIR, f"{mode}_{group}"), scorer,
+                              show_progress)
   return dirs
 
 
@@ -425,6 +460,52 @@ def evaluate_all(cfg: DemoConfig, base, experts: Mapping[str, str], heldout: Seq
       tasks=list(train_eval), output_dir=os.path.join(out_dir, "eval_train"), expert_paths=paths,
       expert_names=ids, max_examples=cfg.train_eval_examples, experts_per_pass=len(ids), **common)
   return results, train_results
+
+
+CONTINUAL_ID = "multitask_continued"
+CONTINUAL_ROUTED = "roe_seen_task_continual"
+
+
+def continual_stage(cfg: DemoConfig, base_dir: str, base, lib, embedder,
+                    prompts: Sequence[Mapping[str, Any]], mt_dir: str, train_eval: Sequence[str],
+                    out_dir: str, scorer, show_progress: bool) -> dict[str, Any]:
+  """After the library is built: trains prompt experts for the new tasks and adds them, routes
+  the earlier held-out prompts again with the enlarged library, fine-tunes the multitask adapter
+  on the new tasks alone, and evaluates both on the earlier and the new training prompts."""
+  from expert_t5x import evaluation  # pylint: disable=g-import-not-at-top
+  from seqio_tasks import demo_pipeline  # pylint: disable=g-import-not-at-top
+  new = demo_pipeline.continual_tasks()
+  start = time.perf_counter()
+  new_dirs = _train_stacked(cfg, base_dir, new, [cfg.continual_steps] * len(new),
+                            os.path.join(out_dir, "experts", "continual"), show_progress)
+  build_library(lib.root, new_dirs, base.fingerprint)
+  seconds = {"new experts": time.perf_counter() - start}
+  start = time.perf_counter()
+  mixture = demo_pipeline.CONTINUAL_MIXTURE
+  mtc_dir = _train_stacked(cfg, base_dir, [mixture], [cfg.continual_steps],
+                           os.path.join(out_dir, "experts", CONTINUAL_ID), show_progress,
+                           init_expert_path=mt_dir)[mixture]
+  seconds["multitask fine-tune"] = time.perf_counter() - start
+  seen = [p["task"] for p in prompts if p["group"] == "seen_task"]
+  after = route_group(cfg, lib, base, embedder, seen, "seen", "roe",
+                      os.path.join(out_dir, ROUTED_DIR, CONTINUAL_ROUTED), scorer, show_progress)
+  ids = list(new) + ["multitask", CONTINUAL_ID]
+  evaluation.evaluate(
+      tasks=list(train_eval) + [t + "_score_eval" for t in new],
+      output_dir=os.path.join(out_dir, "eval_continual"),
+      expert_paths=[new_dirs[t] for t in new] + [mt_dir, mtc_dir], expert_names=ids,
+      max_examples=cfg.train_eval_examples, experts_per_pass=len(ids), base=base,
+      split=cfg.eval_split, bootstrap_samples=cfg.bootstrap_samples,
+      feature_lengths={"inputs": cfg.task_lengths[0], "targets": cfg.task_lengths[1]},
+      seed=cfg.seed, progress=show_progress, include_base=True, scorer=scorer)
+  return {"new_tasks": list(new), "routed_after": after, "seconds": seconds}
+
+
+def routed_records(routed_dir: str, mode: str) -> list[dict[str, Any]]:
+  """The prediction records of a routed evaluation's `mode` entry ('roe' or 'merge')."""
+  from expert_t5x import results  # pylint: disable=g-import-not-at-top
+  return [r for r in results.read_jsonl(os.path.join(routed_dir, results.PREDICTIONS_FILE))
+          if r.get("entry") == mode]
 
 
 # ------------------------------------------------------------------------------ methods
@@ -518,9 +599,11 @@ def _setup_sentences(cfg: DemoConfig, num_pe: int, num_de: int) -> list[str]:
       f"without any task data, then {num_pe} prompt experts, {num_de} dataset experts and one "
       f"multitask adapter (reduction factor {cfg.reduction_factor}; "
       f"{cfg.expert_steps} steps, multitask {cfg.multitask_steps}, of "
-      f"batch {cfg.expert_batch_size}) were trained on synthetic keyword, negation and length "
-      "tasks.",
-      f"Held-out prompts of those tasks and two held-out tasks were answered by rank "
+      f"batch {cfg.expert_batch_size}) were trained on synthetic keyword, negation, length and "
+      "sarcasm tasks (sarcasm: sentiment's inputs with the opposite labels); two more tasks "
+      f"were added later ({cfg.continual_steps} steps).",
+      f"Held-out prompts of those tasks and a held-out task that combines two of them were "
+      f"answered by rank "
       f"classification ({cfg.eval_examples} validation examples each; {cfg.train_eval_examples} "
       f"for the training prompts) with experts retrieved "
       f"from {cfg.num_queries} unlabeled queries ({cfg.embedder} embedder), a uniform merge of "
@@ -604,22 +687,41 @@ def run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str] = None,
                                         show_progress)
   progress.end()
 
+  progress.begin("continual")
+  continual = continual_stage(cfg, base_dir, base, lib, embedder, prompts, mt_dir, train_eval,
+                              out_dir, scorer, show_progress)
+  progress.end()
+
   progress.begin("report")
   outcomes = dict(read_outcomes(os.path.join(out_dir, "eval")))
   routed = {mode: {t: o for d in dirs.values() for t, o in read_outcomes(d, mode).items()}
             for mode, dirs in (("roe", roe_dirs), ("merge", merge_dirs))}
+  continual["outcomes"] = read_outcomes(os.path.join(out_dir, "eval_continual"))
+  continual["unchanged"] = demo_claims.records_unchanged(
+      routed_records(roe_dirs["seen_task"], "roe"),
+      routed_records(continual["routed_after"], "roe"))
   summary = summarize(cfg, prompts=prompts, results=[results, train_results], outcomes=outcomes,
                       retrieved=retrieved, merged=merged, pe_tasks=pe_tasks, de_tasks=de_tasks,
-                      mt_id=mt_id, timings=progress.timings, base_cached=cached, routed=routed)
-  file_io.atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary, indent=1)
-  report.write_report(summary, out_dir)
+                      mt_id=mt_id, timings=progress.timings, base_cached=cached, routed=routed,
+                      train_outcomes=read_outcomes(os.path.join(out_dir, "eval_train")),
+                      continual=continual)
+  _write_summary(summary, out_dir)
   progress.end()
   # The report stage's own time is known only now: rewrite both with it.
   summary["timings"] = dict(progress.timings)
-  file_io.atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary, indent=1)
-  report.write_report(summary, out_dir)
+  _write_summary(summary, out_dir)
   progress.finish()
   return summary
+
+
+def _write_summary(summary: Mapping[str, Any], out_dir: str) -> None:
+  """summary.json, results.json (the claims and their verdicts) and the report."""
+  from expert_t5x import report  # pylint: disable=g-import-not-at-top
+  file_io.atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary, indent=1)
+  file_io.atomic_write_json(os.path.join(out_dir, RESULTS_FILE),
+                            {"claims": summary["claims"], "config": summary["setup"]["config"]},
+                            indent=1)
+  report.write_report(summary, out_dir)
 
 
 def _task_dataset(task: str) -> str:
@@ -632,11 +734,15 @@ def _task_dataset(task: str) -> str:
 
 
 def summarize(cfg: DemoConfig, *, prompts, results, outcomes, retrieved, merged, pe_tasks,
-              de_tasks, mt_id, timings, base_cached, routed=None) -> dict[str, Any]:
+              de_tasks, mt_id, timings, base_cached, routed=None, train_outcomes=None,
+              continual=None) -> dict[str, Any]:
   """The summary the report is drawn from (see `expert_t5x.report`).
 
   `routed` ({'roe' | 'merge': {task: PromptOutcomes}}) holds the routed evaluations' outcomes of
-  the RoE and merged methods (otherwise read from the stacked evaluation's entries)."""
+  the RoE and merged methods (otherwise read from the stacked evaluation's entries);
+  `train_outcomes` ({(entry, task): PromptOutcomes} of the training prompts) and `continual`
+  (what `continual_stage` returned, with its `outcomes` and `unchanged` records) feed the
+  claims."""
   from seqio_tasks import demo_pipeline  # pylint: disable=g-import-not-at-top
   from seqio_tasks import demo  # pylint: disable=g-import-not-at-top
   by_entry: dict[str, dict[str, Any]] = {}
@@ -719,7 +825,14 @@ def summarize(cfg: DemoConfig, *, prompts, results, outcomes, retrieved, merged,
       "routing": {"same_task": same, "total": len(seen_tasks), "vote_share": vote_share,
                   "chance_share": chance_share},
   }
+  claims = []
+  if train_outcomes is not None and continual is not None:
+    claims = make_claims(cfg, experts=experts, prompts=prompts, pe_tasks=pe_tasks,
+                         dataset_of=dataset_of, outcomes=outcomes, routed=routed or {},
+                         train_outcomes=train_outcomes, continual=continual, mt_id=mt_id,
+                         routing=checks["routing"], timings=timings)
   return {
+      "claims": claims,
       "setup": {"sentences": _setup_sentences(cfg, len(pe_tasks), len(de_tasks)),
                 "config": dataclasses.asdict(cfg) | {"base_cached": base_cached,
                                                     "base_hash": cfg.base_hash(),
@@ -730,6 +843,53 @@ def summarize(cfg: DemoConfig, *, prompts, results, outcomes, retrieved, merged,
       "matrix": matrix, "retrieval": retrieval_summary, "methods": methods, "checks": checks,
       "timings": dict(timings),
   }
+
+
+def conflicting_datasets() -> list[str]:
+  """The demo datasets whose label conventions conflict (a task drawing another's rows)."""
+  from seqio_tasks import demo  # pylint: disable=g-import-not-at-top
+  pairs = [(t.rows_of, t.name) for t in demo.TASKS.values() if t.rows_of and t.pipeline]
+  return [demo.PREFIX + n for pair in pairs for n in pair]
+
+
+def make_claims(cfg: DemoConfig, *, experts, prompts, pe_tasks, dataset_of, outcomes, routed,
+                train_outcomes, continual, mt_id, routing, timings) -> list[dict[str, Any]]:
+  """Every claim of `demo_claims`, from the evaluated outcomes."""
+  samples, seed = cfg.bootstrap_samples, cfg.seed
+  experts_of: dict[str, list[str]] = {}
+  for t in pe_tasks:
+    experts_of.setdefault(dataset_of[t], []).append(t)
+  seen = [p["task"] for p in prompts if p["group"] == "seen_task"]
+  composed = [p["task"] for p in prompts if p["group"] == "heldout_task"]
+  earlier = [t + "_score_eval" for t in pe_tasks]
+  cont = continual["outcomes"]
+  old_steps = timings.get("multitask adapter", 0.0)
+  new = continual["new_tasks"]
+  costs = {**{f"{k} (s)": v for k, v in continual["seconds"].items()},
+           "multitask adapter (s)": old_steps,
+           # Retraining keeps the steps per prompt: the measured stage scaled by the prompts.
+           "retrain multitask on all prompts (s, estimated)":
+               old_steps * (len(pe_tasks) + len(new)) / max(1, len(pe_tasks)),
+           "new tasks": {t: {e: cont[(e, t + "_score_eval")].accuracy
+                             for e in ("base", t, "multitask", CONTINUAL_ID)} for t in new}}
+  claims = [
+      demo_claims.experts_learn(experts),
+      demo_claims.no_negative_transfer(train_outcomes, experts_of, conflicting_datasets(), mt_id,
+                                       samples, seed),
+      demo_claims.continual_unchanged(continual["unchanged"], new),
+      demo_claims.multitask_forgets([cont[("multitask", t)] for t in earlier],
+                                    [cont[(CONTINUAL_ID, t)] for t in earlier], samples, seed,
+                                    costs),
+      demo_claims.retrieval_unseen_prompts(
+          [routed["roe"][t] for t in seen], [outcomes[("base", t)] for t in seen],
+          [outcomes[(mt_id, t)] for t in seen], samples, seed, routing),
+  ]
+  if composed:
+    claims.append(demo_claims.merging_composition(
+        [routed["merge"][t] for t in composed], [routed["roe"][t] for t in composed],
+        [outcomes[("base", t)] for t in composed], samples, seed, cfg.merge_top_k,
+        ", ".join(sorted({p["dataset"] for p in prompts if p["group"] == "heldout_task"}))))
+  return claims
 
 
 # ----------------------------------------------------------------------------------- CLI
@@ -748,6 +908,8 @@ def _parser() -> argparse.ArgumentParser:
                  "$EXPERT_T5X_CACHE/demo or ~/.cache/expert_t5x/demo)")
   p.add_argument("--embedder", choices=("minilm", "t5", "bm25"),
                  help="retrieval embedder (default: minilm; t5 with --quick)")
+  p.add_argument("--seed", type=int, help="seed of the base, data, experts, retrieval and "
+                 "bootstrap (default 0); verdicts should not depend on it")
   p.add_argument("--no_progress", action="store_true", help="no progress bars")
   return p
 
@@ -758,6 +920,8 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
   cfg = QUICK if args.quick else FULL
   if args.embedder:
     cfg = dataclasses.replace(cfg, embedder=args.embedder)
+  if args.seed is not None:
+    cfg = dataclasses.replace(cfg, seed=args.seed)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
     summary = run_demo(cfg, args.out, args.cache_dir, show_progress=not args.no_progress)
@@ -767,11 +931,10 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"expert-t5x demo: error: {e}", file=sys.stderr)
     return 1
   out = os.path.abspath(args.out)
-  beat, routing = summary["checks"]["experts_beat_chance"], summary["checks"]["routing"]
-  print(f"Report: {os.path.join(out, 'report.md')} (plots: heatmap.png, retrieval.png, "
-        f"methods.png)\nPrompt experts above chance on their own prompts: "
-        f"{beat['passed']}/{beat['total']}; held-out prompts routed to their task: "
-        f"{routing['same_task']}/{routing['total']}.")
+  print(f"Report: {os.path.join(out, 'report.md')} (plots: claims.png, heatmap.png, "
+        f"retrieval.png, methods.png); verdicts in {os.path.join(out, RESULTS_FILE)}:")
+  for claim in summary["claims"]:
+    print(f"  {claim['verdict']:>13}  {claim['title']}")
   return 0
 
 

@@ -13,9 +13,12 @@ Input is the demo's `summary.json` (see `expert_t5x.demo`), which holds everythi
   methods        [{"name", "group", "mean", "ci": [lo, hi] | null, "num_prompts",
                    "prompts": {eval task: {"accuracy", "experts": [...]}}}]
   checks         {"experts_beat_chance": {...}, "routing": {...}}
+  claims         [{"id", "title", "statement", "rule", "value", "ci": [lo, hi], "unit",
+                   "verdict" (holds | does not hold), "details": {...}}] (`demo_claims`)
   timings        {stage: seconds}
 
 Plots (written next to `report.md`):
+  claims.png     each claim's headline number with its bootstrap interval, coloured by verdict
   heatmap.png    expert x eval-prompt accuracy (percent), own prompts outlined
   retrieval.png  RoE votes per held-out eval prompt, stacked by the voted expert's task
   methods.png    accuracy by method with bootstrap 95% intervals, one panel per group, chance dashed
@@ -29,17 +32,19 @@ import json
 import os
 from typing import Any, Mapping, Optional, Sequence
 
+from expert_t5x import demo_claims
 from expert_t5x import file_io
 
 REPORT_FILE = "report.md"
 HEATMAP_FILE = "heatmap.png"
 RETRIEVAL_FILE = "retrieval.png"
 METHODS_FILE = "methods.png"
-PLOT_FILES = (HEATMAP_FILE, RETRIEVAL_FILE, METHODS_FILE)
+CLAIMS_FILE = "claims.png"
+PLOT_FILES = (CLAIMS_FILE, HEATMAP_FILE, RETRIEVAL_FILE, METHODS_FILE)
 GROUP_TITLES = {"seen_task": "held-out prompts of training tasks",
                 "heldout_task": "held-out tasks"}
 REQUIRED_KEYS = ("setup", "experts", "eval_prompts", "matrix", "retrieval", "methods", "checks",
-                 "timings")
+                 "claims", "timings")
 
 
 def _pyplot():
@@ -177,6 +182,27 @@ def plot_methods(summary: Mapping[str, Any], path: str) -> None:
   plt.close(fig)
 
 
+def plot_claims(summary: Mapping[str, Any], path: str) -> None:
+  """Each claim's headline number with its interval and the verdict's threshold (0)."""
+  plt = _pyplot()
+  claims = summary["claims"]
+  fig, ax = plt.subplots(figsize=(7.5, 0.8 + 0.6 * max(1, len(claims))))
+  for i, c in enumerate(claims):
+    color = "tab:green" if c["verdict"] == demo_claims.HOLDS else "tab:red"
+    lo, hi = c["ci"] or (c["value"], c["value"])
+    ax.errorbar(c["value"], i, xerr=[[c["value"] - lo], [hi - c["value"]]], fmt="o",
+                color=color, capsize=4)
+    ax.text(hi, i + 0.25, f" {c['verdict']}", color=color, fontsize=8, va="bottom")
+  ax.axvline(0.0, color="black", lw=1, ls="--")
+  ax.set_yticks(range(len(claims)), [c["title"] for c in claims], fontsize=8)
+  ax.invert_yaxis()
+  ax.set_xlabel("headline number (points or %; bars: bootstrap 95% interval)")
+  ax.set_title("Claims: verdict holds when the interval clears 0 (see report.md)", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 # -------------------------------------------------------------------------------- markdown
 
 
@@ -238,6 +264,63 @@ def _checks(summary: Mapping[str, Any]) -> list[str]:
   ]
 
 
+def _claim_details(c: Mapping[str, Any]) -> list[str]:
+  """The table under one claim's verdict."""
+  d = c["details"]
+  if c["id"] == "experts_learn":
+    return [f"{d['passed']}/{d['total']} prompt experts are above chance on their own prompt; "
+            f"the weakest is {short_name(d['weakest'])} (per-expert numbers under Experts)."]
+  if c["id"] == "no_negative_transfer":
+    lines = ["| task | own experts (%) | multitask (%) | difference | 95% interval | conflicting |",
+             "|---|---:|---:|---:|---|---|"]
+    for task, r in d["tasks"].items():
+      lines.append(f"| {short_name(task)} | {_fmt(r['expert'])} | {_fmt(r['multitask'])} | "
+                   f"{_fmt(r['difference'])} | {_ci(r['ci'])} | "
+                   f"{'yes' if r['conflicting'] else 'no'} |")
+    return lines
+  if c["id"] == "continual_unchanged":
+    lines = ["| earlier eval prompt | examples | scores bitwise unchanged |", "|---|---:|---:|"]
+    lines += [f"| {short_name(t)} | {r['examples']} | {r['unchanged']} |"
+              for t, r in d["tasks"].items()]
+    return lines
+  if c["id"] == "multitask_forgets":
+    costs = dict(d["costs"])
+    new = costs.pop("new tasks", {})
+    lines = [f"Multitask accuracy on the earlier training prompts: {_fmt(d['before'])}% before, "
+             f"{_fmt(d['after'])}% after fine-tuning on the new tasks alone.", "",
+             "| new task | base | its new expert | multitask | multitask fine-tuned |",
+             "|---|---:|---:|---:|---:|"]
+    for task, r in new.items():
+      cells = " | ".join(_fmt(v) for v in r.values())
+      lines.append(f"| {short_name(task)} | {cells} |")
+    lines += ["", "| cost | seconds |", "|---|---:|"]
+    lines += [f"| {name} | {_fmt(value)} |" for name, value in costs.items()]
+    return lines
+  if c["id"] == "retrieval_unseen_prompts":
+    vs, routing = d["vs_multitask"], d["routing"]
+    return [f"RoE minus the multitask model on the same prompts: {_fmt(vs['difference'])} points "
+            f"{_ci(vs['ci'])} (reported, no verdict). Prompts routed to an expert of their own "
+            f"task: {routing['same_task']}/{routing['total']}."]
+  if c["id"] == "merging_composition":
+    vs = d["vs_base"]
+    return [f"Accuracy: merged {_fmt(d['merged'])}%, single retrieved expert {_fmt(d['roe'])}%, "
+            f"base {_fmt(d['base'])}%; merged minus base {_fmt(vs['difference'])} points "
+            f"{_ci(vs['ci'])}."]
+  return []
+
+
+def _claims(summary: Mapping[str, Any]) -> list[str]:
+  lines = ["## Claims", "", f"![claims]({CLAIMS_FILE})", "",
+           "Each claim holds when its bootstrap interval clears the rule's threshold; an interval "
+           "that straddles it does not hold.", ""]
+  lines += [demo_claims.verdict_line(c) for c in summary["claims"]] + [""]
+  for c in summary["claims"]:
+    lines += [f"### {c['title']}", "", f"**Verdict: {c['verdict']}.** {c['statement']}: "
+              f"{c['value']:.1f} {c['unit']} {_ci(c['ci'])}; rule: {c['rule']}.", ""]
+    lines += _claim_details(c) + [""]
+  return lines
+
+
 def markdown(summary: Mapping[str, Any]) -> str:
   """The report page."""
   setup = summary["setup"]
@@ -248,6 +331,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
   lines += ["These are numbers from a tiny synthetic setup that runs on a laptop CPU; they "
             "illustrate the pipeline and are not the paper's results, nor evidence for or "
             "against them.", ""]
+  lines += _claims(summary)
   lines += ["## Accuracy by method", "", f"![accuracy by method]({METHODS_FILE})", ""]
   lines += _methods_table(summary)
   lines += ["Methods: *base* = the pre-trained tiny T5 alone; *multitask* = one adapter trained "
@@ -267,9 +351,10 @@ def markdown(summary: Mapping[str, Any]) -> str:
   lines += [f"| total | {total:.1f} |", ""]
   lines += ["Configuration:", "", "```json", json.dumps(setup.get("config", {}), indent=2,
                                                          sort_keys=True), "```", ""]
-  lines += ["Files: `summary.json` (everything above), `eval/` (the evaluator's predictions.jsonl, "
-            "results.json, matrix.npz; held-out prompts incl. merges), `eval_train/` (training "
-            "prompts), `retrieval.json`, `library/`, `experts/`.",
+  lines += ["Files: `summary.json` (everything above), `results.json` (the claims and verdicts), "
+            "`eval/` (the evaluator's predictions.jsonl, results.json, matrix.npz; held-out "
+            "prompts), `eval_train/` (training prompts), `eval_continual/` (the continual stage), "
+            "`routed/` (RoE and merges), `retrieval.json`, `library/`, `experts/`.",
             ""]
   return "\n".join(lines)
 
@@ -279,8 +364,8 @@ def write_report(summary: Mapping[str, Any], out_dir: str) -> list[str]:
   validate_summary(summary)
   os.makedirs(out_dir, exist_ok=True)
   paths = []
-  for name, plot in ((HEATMAP_FILE, plot_heatmap), (RETRIEVAL_FILE, plot_retrieval),
-                     (METHODS_FILE, plot_methods)):
+  for name, plot in ((CLAIMS_FILE, plot_claims), (HEATMAP_FILE, plot_heatmap),
+                     (RETRIEVAL_FILE, plot_retrieval), (METHODS_FILE, plot_methods)):
     path = os.path.join(out_dir, name)
     plot(summary, path)
     paths.append(path)

@@ -239,6 +239,27 @@ def _seen_keys(cfg: train_data.DatasetConfig, info: Optional[train_data.DataInfo
   return seen
 
 
+def _initial_expert(path: str, expert_config: Any, fingerprint: str, fresh: PyTree) -> PyTree:
+  """The parameters of the exported expert at `path`, checked against the run's expert kind,
+  base and parameter shapes (those of `fresh`, a new init)."""
+  params, metadata = expert_format.load_expert(path)
+  kind = getattr(expert_config, "kind", None)
+  if metadata["type"] != kind:
+    raise ValueError(f"init_expert_path '{path}' holds a '{metadata['type']}' expert, but this "
+                     f"run trains '{kind}' experts; pass an expert of the same kind.")
+  if metadata["base"]["fingerprint"] != fingerprint:
+    raise ValueError(f"init_expert_path '{path}' was trained on another base (fingerprint "
+                     f"{metadata['base']['fingerprint']}; this run's base is {fingerprint}); "
+                     "pass an expert of this base.")
+  want = {k: np.shape(v) for k, v in trees.flatten(fresh).items()}
+  have = {k: np.shape(v) for k, v in trees.flatten(params).items()}
+  if want != have:
+    raise ValueError(f"init_expert_path '{path}' has other parameters than this run's "
+                     f"{kind} config ({len(have)} vs {len(want)} tensors, or other shapes); "
+                     "train with the expert's own config.")
+  return jax.tree.map(lambda f, p: np.asarray(p, np.asarray(f).dtype), fresh, params)
+
+
 # ----------------------------------------------------------------------------------- train
 
 
@@ -256,6 +277,7 @@ def train(*,
           num_retrieval_keys: int = 100,
           key_seed: int = 0,
           export_dir: Optional[str] = None,
+          init_expert_path: Optional[str] = None,
           eval_before_and_after: bool = True,
           summarize_config_fn: Optional[Callable[[], str]] = gin_utils.summarize_gin_config,
           show_progress: bool = True) -> tuple[int, trainer_lib.TrainState]:
@@ -275,6 +297,8 @@ def train(*,
     num_retrieval_keys: S training instances exported to `keys.jsonl` (0: none).
     key_seed: seed of that draw.
     export_dir: where to export (default `model_dir/expert`, or `model_dir/experts/<task>`).
+    init_expert_path: start from this exported expert (same kind and base) instead of a fresh
+      init, to fine-tune it further on new data; each stacked expert starts from it.
     eval_before_and_after: print rank-classification accuracy vs chance on the task's validation
       split before and after training (tasks with answer choices).
     summarize_config_fn: returns the config text written to `model_dir/config.gin`.
@@ -338,6 +362,8 @@ def train(*,
   else:
     host_base = to_host(base)
     one = experts_lib.init_expert(expert_config, model.config, host_base)
+    if init_expert_path is not None:
+      one = _initial_expert(init_expert_path, expert_config, fingerprint, one)
     initial = experts_lib.stack_experts([one] * len(tasks)) if stacked else one
   tr.compile(jax.eval_shape(lambda: initial), base_sh, base_axes)
 

@@ -2,18 +2,27 @@
 
 Each base task draws rows from a seeded generator over a small word list; several prompts render
 the same rows, and all prompts of a task share one answer-choice set. Training tasks keep some
-prompts held out, and two tasks are held out entirely, so the expert / retrieval / merging
-pipeline can be exercised end to end:
+prompts held out, and some tasks are held out entirely, so the expert / retrieval / merging
+pipeline can be exercised end to end. `expert-t5x demo` uses the tasks and prompts marked
+`pipeline` (the others stay registered for the task tools and tests):
 
-| task       | kind                    | choices               | train prompts | held-out prompts |
-|------------|-------------------------|-----------------------|---------------|------------------|
-| sentiment  | keyword                 | positive / negative   | 3             | 1                |
-| topic      | keyword                 | sports / food / music | 3             | 1                |
-| overlap    | NLI-like (negation cue) | yes / no              | 3             | 1                |
-| length     | counting                | short / long          | 3             | 0                |
-| copy       | generation              | (none)                | 2             | 0                |
-| membership | held-out task           | yes / no              | 0             | 3                |
-| parity     | held-out task           | even / odd            | 0             | 2                |
+| task         | kind                                 | choices               | train | held-out |
+|--------------|--------------------------------------|-----------------------|-------|----------|
+| sentiment    | keyword                              | positive / negative   | 3 (2) | 1        |
+| sarcasm      | sentiment's rows, labels flipped     | positive / negative   | 2     | 0        |
+| topic        | keyword                              | sports / food / music | 3 (2) | 1        |
+| overlap      | NLI-like (negation cue)              | yes / no              | 3 (2) | 1        |
+| length       | counting                             | short / long          | 3 (2) | 0        |
+| animal       | keyword, added later (continual)     | cat / dog / bird      | 1     | 0        |
+| color        | keyword, added later (continual)     | red / blue            | 1     | 0        |
+| review_topic | held-out task: sentiment x topic     | 6 "<tone> <topic>"    | 0     | 2        |
+| copy         | generation                           | (none)                | 2 (-) | 0        |
+| membership   | held-out task                        | yes / no              | 0     | 3 (-)    |
+| parity       | held-out task                        | even / odd            | 0     | 2 (-)    |
+
+(In parentheses: how many the demo pipeline uses.) `sarcasm` conflicts with `sentiment` on purpose
+(the same inputs, the opposite label under a different instruction: negative transfer for one
+model trained on both); `review_topic` needs what `sentiment` and `topic` teach together.
 
 Task names: `demo_<task>_<prompt>` (+ `_score_eval` for classification). The vocabulary is
 `seqio.ByteVocabulary` (no file). `generate(task, split, n, seed)` returns canonical examples
@@ -38,6 +47,10 @@ NEGATIONS = ("not", "nobody")
 TOPICS = {"sports": ("ball", "goal", "team", "match"), "food": ("bread", "soup", "apple", "cake"),
           "music": ("song", "drum", "piano", "band")}
 TOPIC_CHOICES = ("sports", "food", "music")
+ANIMALS = ("cat", "dog", "bird")  # filler words: a row holds exactly one of them
+COLORS = ("red", "blue")
+REVIEW_TOPIC_CHOICES = tuple(f"{tone} {topic}" for tone in ("positive", "negative")
+                             for topic in TOPIC_CHOICES)
 SPLIT_SIZES = {"train": 2000, "validation": 200, "test": 200}
 PREFIX = "demo_"
 
@@ -47,6 +60,7 @@ class DemoPrompt:
   name: str
   template: str  # str.format over the row's fields
   heldout: bool = False
+  pipeline: bool = True  # used by `expert-t5x demo`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +70,9 @@ class DemoTask:
   row_fn: Callable[[random.Random], dict[str, Any]]  # -> fields + 'label' (index) or 'target'
   prompts: tuple[DemoPrompt, ...]
   heldout_task: bool = False
+  pipeline: bool = True  # used by `expert-t5x demo`
+  continual: bool = False  # trained after the library is built (the demo's continual stage)
+  rows_of: Optional[str] = None  # draw the rows of this task (same inputs), e.g. sarcasm's
 
 
 def _words(rng: random.Random, k: int) -> list[str]:
@@ -91,6 +108,31 @@ def _overlap(rng: random.Random) -> dict[str, Any]:
   return {"premise": " ".join(premise), "hypothesis": " ".join(hypothesis), "label": label}
 
 
+def _sarcasm(rng: random.Random) -> dict[str, Any]:
+  row = _sentiment(rng)
+  return dict(row, label=1 - row["label"])
+
+
+def _one_of(rng: random.Random, choices: tuple[str, ...]) -> dict[str, Any]:
+  """Fillers with exactly one of `choices` (the label) among them."""
+  label = rng.randrange(len(choices))
+  words = [w for w in _words(rng, rng.randint(3, 5)) if w not in choices] + [choices[label]]
+  rng.shuffle(words)
+  return {"text": " ".join(words), "label": label}
+
+
+def _review_topic(rng: random.Random) -> dict[str, Any]:
+  # Two keywords of one polarity and two of one topic among fillers: each half is a row of the
+  # sentiment or topic task, and the label names both.
+  tone, topic = rng.randrange(2), rng.randrange(len(TOPIC_CHOICES))
+  polar = POSITIVE if tone == 0 else NEGATIVE
+  lexicon = TOPICS[TOPIC_CHOICES[topic]]
+  words = _words(rng, rng.randint(1, 2)) + [rng.choice(polar), rng.choice(polar),
+                                            rng.choice(lexicon), rng.choice(lexicon)]
+  rng.shuffle(words)
+  return {"text": " ".join(words), "label": tone * len(TOPIC_CHOICES) + topic}
+
+
 def _length(rng: random.Random) -> dict[str, Any]:
   label = rng.randrange(2)
   return {"text": " ".join(_words(rng, rng.randint(1, 3) if label == 0 else rng.randint(6, 8))),
@@ -120,34 +162,48 @@ TASKS: dict[str, DemoTask] = {t.name: t for t in (
     DemoTask("sentiment", ("positive", "negative"), _sentiment, (
         DemoPrompt("review", "Review: {text}\nIs this review positive or negative?"),
         DemoPrompt("feeling", "{text}\nHow does the writer feel, positive or negative?"),
-        DemoPrompt("sentiment_of", "What is the sentiment of: {text}"),
+        DemoPrompt("sentiment_of", "What is the sentiment of: {text}", pipeline=False),
         DemoPrompt("tone", "Is the tone of \"{text}\" positive or negative?", heldout=True))),
     DemoTask("topic", TOPIC_CHOICES, _topic, (
         DemoPrompt("topic_is", "Text: {text}\nTopic (sports, food or music)?"),
         DemoPrompt("classify", "Classify into sports, food or music: {text}"),
-        DemoPrompt("about", "{text}\nWhat is this about?"),
+        DemoPrompt("about", "{text}\nWhat is this about?", pipeline=False),
         DemoPrompt("category", "Which category fits \"{text}\": sports, food or music?",
                    heldout=True))),
     DemoTask("overlap", ("yes", "no"), _overlap, (
         DemoPrompt("follows", "{premise}\nDoes it mention {hypothesis}? yes or no"),
         DemoPrompt("contains", "Premise: {premise}\nHypothesis: {hypothesis}\nEntailed?"),
-        DemoPrompt("both_words", "Are both of \"{hypothesis}\" in \"{premise}\"?"),
+        DemoPrompt("both_words", "Are both of \"{hypothesis}\" in \"{premise}\"?",
+                   pipeline=False),
         DemoPrompt("supported", "Given {premise}, is {hypothesis} supported? yes or no",
                    heldout=True))),
     DemoTask("length", ("short", "long"), _length, (
         DemoPrompt("short_or_long", "Is this short or long: {text}"),
         DemoPrompt("size", "{text}\nSize?"),
-        DemoPrompt("how_long", "How long is \"{text}\", short or long?"))),
+        DemoPrompt("how_long", "How long is \"{text}\", short or long?", pipeline=False))),
+    DemoTask("sarcasm", ("positive", "negative"), _sarcasm, (
+        DemoPrompt("sarcastic_review", "Sarcastic: {text}\nIs this review positive or negative?"),
+        DemoPrompt("sarcastic_feeling", "{text}\nSarcastically: positive or negative?")),
+             rows_of="sentiment"),
+    DemoTask("animal", ANIMALS, lambda rng: _one_of(rng, ANIMALS), (
+        DemoPrompt("which_animal", "Which animal is in \"{text}\": cat, dog or bird?"),),
+             continual=True),
+    DemoTask("color", COLORS, lambda rng: _one_of(rng, COLORS), (
+        DemoPrompt("which_color", "Text: {text}\nColor (red or blue)?"),), continual=True),
+    DemoTask("review_topic", REVIEW_TOPIC_CHOICES, _review_topic, (
+        DemoPrompt("tone_and_topic", "Review: {text}\nPositive or negative, and which topic?"),
+        DemoPrompt("two_labels", "{text}\nTone and topic?")), heldout_task=True),
     DemoTask("copy", None, _copy, (
         DemoPrompt("repeat", "Repeat: {text}"),
-        DemoPrompt("echo", "Say again: {text}"))),
+        DemoPrompt("echo", "Say again: {text}")), pipeline=False),
     DemoTask("membership", ("yes", "no"), _membership, (
         DemoPrompt("in_list", "List: {items}\nIs {query} in the list? yes or no"),
         DemoPrompt("contains", "Does \"{items}\" contain {query}?"),
-        DemoPrompt("member", "{query} among {items}? yes or no")), heldout_task=True),
+        DemoPrompt("member", "{query} among {items}? yes or no")), heldout_task=True,
+             pipeline=False),
     DemoTask("parity", ("even", "odd"), _parity, (
         DemoPrompt("count_a", "Is the number of a in \"{text}\" even or odd?"),
-        DemoPrompt("parity_of", "{text}\nParity of a?")), heldout_task=True),
+        DemoPrompt("parity_of", "{text}\nParity of a?")), heldout_task=True, pipeline=False),
 )}
 
 
@@ -186,7 +242,7 @@ def generate(task: str, split: str = "train", n: Optional[int] = None,
   n = SPLIT_SIZES[split] if n is None else n
   out = []
   for i in range(n):
-    row = base.row_fn(random.Random(f"{seed}/{base.name}/{split}/{i}"))
+    row = base.row_fn(random.Random(f"{seed}/{base.rows_of or base.name}/{split}/{i}"))
     inputs = prompt.template.format(**row)
     if base.choices is None:
       out.append(examples_lib.make_example(

@@ -9,6 +9,10 @@ tasks.
   expert's data, as T0's `<ds>_all_prompts`), with provenance listing its member prompts.
 * `demo_expert_train`: the mixture of the training prompts with answer choices (the multitask
   baseline's data: the same tasks the experts train on).
+* `demo_continual_train`: the mixture of the tasks added after the library is built (the
+  continual stage fine-tunes the multitask adapter on them alone).
+
+Only the tasks and prompts marked `pipeline` in `seqio_tasks.demo` take part.
 
 Everything is generated deterministically from (seed, split, index) and tokenized with the demo's
 byte vocabulary.
@@ -26,6 +30,7 @@ from seqio_tasks import examples as examples_lib
 
 CORPUS_TASK = "demo_pretrain_corpus"
 MULTITASK_MIXTURE = "demo_expert_train"
+CONTINUAL_MIXTURE = "demo_continual_train"
 ALL_PROMPTS_SUFFIX = "_all_prompts"
 CORPUS_SPLITS = {"train": 20000, "validation": 200}
 
@@ -99,9 +104,34 @@ def iter_corpus(split: str, seed: int = 0) -> Iterator[dict[str, Any]]:
     yield corpus_example(split, i, seed)
 
 
+def _pipeline_prompts(continual: bool) -> list[str]:
+  out = []
+  for name in demo.train_score_eval_tasks():
+    task, prompt = demo.resolve(name)
+    if task.pipeline and prompt.pipeline and task.continual == continual:
+      out.append(name[:-len("_score_eval")])
+  return out
+
+
 def expert_train_tasks() -> list[str]:
-  """The training prompts with answer choices (one prompt expert each)."""
-  return [t[:-len("_score_eval")] for t in demo.train_score_eval_tasks()]
+  """The training prompts with answer choices (one prompt expert each), before the continual
+  stage."""
+  return _pipeline_prompts(continual=False)
+
+
+def continual_tasks() -> list[str]:
+  """The training prompts added after the library is built (one prompt expert each)."""
+  return _pipeline_prompts(continual=True)
+
+
+def heldout_tasks() -> list[str]:
+  """The held-out eval prompts (`_score_eval`) the demo evaluates."""
+  out = []
+  for name in demo.heldout_tasks():
+    task, prompt = demo.resolve(name)
+    if task.pipeline and prompt.pipeline:
+      out.append(name)
+  return out
 
 
 def dataset_tasks() -> dict[str, list[str]]:
@@ -146,5 +176,6 @@ def register() -> list[str]:
     registry.add_task(info, source, vocabulary=vocab.DEMO_VOCABULARY, scoring=False, replace=True)
     added.append(name)
   registry.add_mixture(MULTITASK_MIXTURE, expert_train_tasks(), replace=True)
-  added.append(MULTITASK_MIXTURE)
+  registry.add_mixture(CONTINUAL_MIXTURE, continual_tasks(), replace=True)
+  added += [MULTITASK_MIXTURE, CONTINUAL_MIXTURE]
   return added

@@ -12,6 +12,7 @@ import pytest
 
 from expert_t5x import aggregation
 from expert_t5x import demo
+from expert_t5x import demo_claims
 from seqio_tasks import demo_pipeline
 from expert_t5x import report
 
@@ -67,10 +68,35 @@ def test_corpus_is_deterministic_per_split():
 def test_dataset_tasks_group_the_training_prompts():
   groups = demo_pipeline.dataset_tasks()
   assert sorted(groups) == ["demo_length_all_prompts", "demo_overlap_all_prompts",
-                            "demo_sentiment_all_prompts", "demo_topic_all_prompts"]
-  assert sum(len(v) for v in groups.values()) == len(demo_pipeline.expert_train_tasks()) == 12
+                            "demo_sarcasm_all_prompts", "demo_sentiment_all_prompts",
+                            "demo_topic_all_prompts"]
+  assert sum(len(v) for v in groups.values()) == len(demo_pipeline.expert_train_tasks()) == 10
   rows = list(demo_pipeline.iter_all_prompts(groups["demo_topic_all_prompts"], "validation"))
-  assert len(rows) == 3 * 200 and {r["prompt"] for r in rows} == {"topic_is", "classify", "about"}
+  assert len(rows) == 2 * 200 and {r["prompt"] for r in rows} == {"topic_is", "classify"}
+  assert demo_pipeline.continual_tasks() == ["demo_animal_which_animal", "demo_color_which_color"]
+  assert not set(demo_pipeline.continual_tasks()) & set(demo_pipeline.expert_train_tasks())
+
+
+def test_conflicting_and_compositional_tasks_follow_their_rules():
+  """sarcasm renders sentiment's rows with the opposite label; review_topic's label names the
+  polarity and the topic of its keywords (recomputed here from the rendered words)."""
+  from seqio_tasks import demo as demo_source  # pylint: disable=g-import-not-at-top
+  sentiment = demo_source.generate("demo_sentiment_review", "train", 300)
+  sarcasm = demo_source.generate("demo_sarcasm_sarcastic_review", "train", 300)
+  for a, b in zip(sentiment, sarcasm):
+    assert a["inputs"].split("\n")[0][len("Review: "):] == b["inputs"].split("\n")[0][
+        len("Sarcastic: "):]
+    assert {a["targets"], b["targets"]} == {"positive", "negative"}
+  assert demo.conflicting_datasets() == ["demo_sentiment", "demo_sarcasm"]
+  for ex in demo_source.generate("demo_review_topic_two_labels", "train", 300):
+    words = set(re.findall(r"[a-z]+", ex["inputs"].split("\n")[0]))
+    tone = "positive" if words & set(demo_source.POSITIVE) else "negative"
+    topic = next(t for t, lex in demo_source.TOPICS.items() if words & set(lex))
+    assert ex["targets"] == f"{tone} {topic}" and len(ex["answer_choices"]) == 6
+  for ex in demo_source.generate("demo_animal_which_animal", "train", 300):
+    text = ex["inputs"].split('"')[1]  # Which animal is in "<text>": cat, dog or bird?
+    found = set(re.findall(r"[a-z]+", text)) & set(demo_source.ANIMALS)
+    assert found == {ex["targets"]}
 
 
 @pytest.mark.tf
@@ -83,7 +109,7 @@ def test_multitask_provenance_lists_every_task_of_its_mixture():
   items = train._provenance(demo_pipeline.MULTITASK_MIXTURE)  # pylint: disable=protected-access
   assert sorted(i["task"] for i in items) == sorted(demo_pipeline.expert_train_tasks())
   assert {i["dataset"] for i in items
-         } == {"demo_sentiment", "demo_topic", "demo_overlap", "demo_length"}
+         } == {"demo_sentiment", "demo_topic", "demo_overlap", "demo_length", "demo_sarcasm"}
   entry = {"id": "multitask", "provenance": items}
   assert library_lib.overlaps(entry, "demo_overlap", None)
   assert not library_lib.overlaps(entry, "demo_membership", None)
@@ -164,8 +190,9 @@ def test_compose_methods_takes_each_prompts_selected_entry():
 
 @pytest.mark.tf
 @pytest.mark.slow
-def test_end_to_end_tiny_demo(tmp_path):
-  """A --quick-style run on a much smaller config writes every report file, and the numbers agree
+def test_end_to_end_tiny_demo(tmp_path, monkeypatch, capsys):
+  """`expert-t5x demo --quick` on a much smaller config writes every report file and plot, one
+  section and one verdict line per claim that agree with results.json, and numbers that agree
   with the evaluator's own files: results.json's per-prompt accuracies are recomputed from
   predictions.jsonl, and each method's per-prompt accuracy equals the matrix cell of the expert it
   selected."""
@@ -175,10 +202,25 @@ def test_end_to_end_tiny_demo(tmp_path):
       multitask_steps=3, expert_batch_size=2, num_keys=4, embedder="bm25", num_queries=4,
       eval_examples=4, train_eval_examples=3, bootstrap_samples=20)
   out = tmp_path / "demo"
-  summary = demo.run_demo(cfg, str(out), cache_dir=str(tmp_path / "cache"), show_progress=False)
+  monkeypatch.setattr(demo, "QUICK", cfg)
+  assert demo.demo_main(["--quick", "--out", str(out), "--cache_dir", str(tmp_path / "cache"),
+                         "--no_progress"]) == 0
+  summary = json.loads((out / demo.SUMMARY_FILE).read_text())
   for name in list(report.PLOT_FILES) + [report.REPORT_FILE, demo.SUMMARY_FILE,
-                                         demo.RETRIEVAL_FILE]:
+                                         demo.RETRIEVAL_FILE, demo.RESULTS_FILE]:
     assert (out / name).is_file(), name
+  claims = json.loads((out / demo.RESULTS_FILE).read_text())["claims"]
+  assert [c["id"] for c in claims] == list(demo_claims.CLAIM_IDS)
+  text = (out / report.REPORT_FILE).read_text()
+  printed = capsys.readouterr().out
+  for c in claims:
+    assert c["verdict"] in (demo_claims.HOLDS, demo_claims.FAILS)
+    assert demo_claims.verdict_line(c) in text and f"### {c['title']}" in text
+    assert f"{c['verdict']:>13}  {c['title']}" in printed
+    assert c["ci"] is not None and c["ci"][0] <= c["ci"][1]
+  # The continual stage re-routes the earlier prompts: every example is compared.
+  unchanged = next(c for c in claims if c["id"] == "continual_unchanged")
+  assert unchanged["details"]["examples"] == 3 * cfg.eval_examples
   for eval_dir, n in (("eval", cfg.eval_examples), ("eval_train", cfg.train_eval_examples)):
     results = json.loads((out / eval_dir / "results.json").read_text())
     records = [json.loads(line) for line in (out / eval_dir / "predictions.jsonl").open()]

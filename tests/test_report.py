@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 
+from expert_t5x import demo_claims
 from expert_t5x import report
 
 
@@ -55,6 +56,16 @@ def _summary() -> dict:
       "checks": {"experts_beat_chance": {"passed": 2, "total": 2, "mean_margin": 38.3},
                  "routing": {"same_task": 1, "total": 1, "vote_share": 87.5,
                              "chance_share": 50.0}},
+      "claims": [
+          demo_claims.make_claim("retrieval_unseen_prompts", "Retrieval", "RoE minus base",
+                                 "lower bound above 0", 30.0, [12.5, 41.0], True,
+                                 details={"vs_multitask": {"difference": -2.0, "ci": [-9, 4]},
+                                          "routing": {"same_task": 1, "total": 1}}),
+          demo_claims.make_claim("merging_composition", "Merging", "merged minus RoE",
+                                 "lower bound above 0", 1.0, [-3.0, 5.0], False,
+                                 details={"vs_base": {"difference": 5.0, "ci": [1.0, 9.0]},
+                                          "merged": 55.0, "roe": 54.0, "base": 50.0}),
+      ],
       "timings": {"setup": 1.0, "evaluation": 2.5},
   }
 
@@ -67,7 +78,7 @@ def _png_size(path: str) -> tuple[int, int]:
   return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
-def test_report_writes_markdown_and_three_plots(tmp_path):
+def test_report_writes_markdown_and_every_plot(tmp_path):
   summary = _summary()
   paths = report.write_report(summary, str(tmp_path))
   assert sorted(os.path.basename(p) for p in paths) == sorted(
@@ -96,6 +107,12 @@ def test_report_numbers_match_the_summary(tmp_path):
   # Chance of each group is the mean over its prompts, in percent.
   assert re.search(r"held-out tasks\*\* \(1 prompts, guard `zero_shot`; chance 50\.0%\)", text)
   assert "| total | 3.5 |" in text
+  # One verdict line and one section per claim, with the summary's numbers.
+  assert "- **holds** (retrieval_unseen_prompts): RoE minus base: 30.0 points [12.5, 41.0]" in text
+  assert ("- **does not hold** (merging_composition): merged minus RoE: 1.0 points [-3.0, 5.0]"
+          in text)
+  assert "### Retrieval" in text and "### Merging" in text
+  assert "merged minus base 5.0 points [1.0, 9.0]" in text
 
 
 def test_heatmap_reads_the_matrix_values(tmp_path, monkeypatch):
