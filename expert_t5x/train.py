@@ -226,15 +226,21 @@ def _task_provenance(name: str) -> dict[str, Any]:
           "role": info.role}
 
 
+def _key_steps(cfg: train_data.DatasetConfig, info: Optional[train_data.DataInfo],
+               steps: int) -> int:
+  """How many of an expert's first `steps` batches its retrieval keys are drawn from: at most one
+  epoch's worth (+1 for the batch across the epoch's end), which holds every example it saw."""
+  if info is None:
+    return steps
+  return min(steps, train_data.steps_per_epoch(info.num_examples, cfg.batch_size) + 1)
+
+
 def _seen_keys(cfg: train_data.DatasetConfig, info: Optional[train_data.DataInfo], steps: int,
                shard: tuple[int, int]) -> list[int]:
-  """Example keys of the batches an expert trained on (replayed; at most one epoch's worth)."""
-  limit = steps
-  if info is not None:
-    limit = min(steps, train_data.steps_per_epoch(info.num_examples, cfg.batch_size) + 1)
+  """Example keys of an expert's first `steps` batches, replayed (up to `_key_steps`)."""
   it = train_data.batch_iterator(cfg, shard[0], shard[1], info)
   seen = []
-  for _ in range(limit):
+  for _ in range(_key_steps(cfg, info, steps)):
     seen.extend(int(k) for k in next(it)[train_data.EXAMPLE_KEY][:, 0])
   return seen
 
@@ -258,6 +264,32 @@ def _initial_expert(path: str, expert_config: Any, fingerprint: str, fresh: PyTr
                      f"{kind} config ({len(have)} vs {len(want)} tensors, or other shapes); "
                      "train with the expert's own config.")
   return jax.tree.map(lambda f, p: np.asarray(p, np.asarray(f).dtype), fresh, params)
+
+
+KEYS_PROGRESS = "retrieval_keys"
+
+
+def _key_origin(step: int, tasks: list[str], shard: tuple[int, int], num_keys: int,
+                key_seed: int) -> dict[str, Any]:
+  """What recorded retrieval keys hold for: the first `step` batches of these experts on this host
+  shard, drawn with these settings."""
+  return {"step": step, "shard": list(shard), "tasks": list(tasks), "num_keys": num_keys,
+          "seed": key_seed}
+
+
+def _restore_recorders(progress: dict[str, Any], consumed: int, tasks: list[str], cfgs, infos,
+                       budgets: list[int], num_keys: int, key_seed: int,
+                       shard: tuple[int, int]) -> list[train_data.KeyRecorder]:
+  """Per expert, the retrieval keys of its first `consumed` batches: those `progress` saved with
+  the checkpoint, else (a checkpoint from before keys were recorded, another host's progress) the
+  keys of those batches replayed."""
+  saved = progress.get(KEYS_PROGRESS)
+  origin = _key_origin(consumed, tasks, shard, num_keys, key_seed)
+  if isinstance(saved, dict) and {k: saved.get(k) for k in origin} == origin:
+    return [train_data.KeyRecorder(num_keys, key_seed, keys) for keys in saved["keys"]]
+  return [train_data.KeyRecorder(num_keys, key_seed, _seen_keys(c, i, min(consumed, b), shard)
+                                 if consumed and num_keys > 0 else ())
+          for c, i, b in zip(cfgs, infos, budgets)]
 
 
 # ----------------------------------------------------------------------------------- train
@@ -294,7 +326,9 @@ def train(*,
     eval_period: log a checkpoint-free loss summary every this many steps (None: stats only).
     stats_period: TensorBoard write period (default 1).
     random_seed: dropout and random-base seed (per task: `task_seed(random_seed, task)`).
-    num_retrieval_keys: S training instances exported to `keys.jsonl` (0: none).
+    num_retrieval_keys: S training instances exported to `keys.jsonl` (0: none): the S distinct
+      examples of smallest seeded rank among those the expert trained on (within its first epoch),
+      recorded during training and saved with each checkpoint, so a resumed run exports the same.
     key_seed: seed of that draw.
     export_dir: where to export (default `model_dir/expert`, or `model_dir/experts/<task>`).
     init_expert_path: start from this exported expert (same kind and base) instead of a fresh
@@ -429,18 +463,27 @@ def train(*,
   first_loss = progress.get("first_loss")
   last_loss = progress.get("losses", {}).get(str(consumed))
   resumed_at = consumed if latest is not None else None
+  recorders = _restore_recorders(progress, consumed, tasks, cfgs, infos, budgets,
+                                 num_retrieval_keys, key_seed, shard)
+  # An expert's keys come from its own batches only: those of its first `budgets[k]` steps.
+  key_steps = [_key_steps(c, i, b) for c, i, b in zip(cfgs, infos, budgets)]
   step_time = time.perf_counter()
 
   def save(step):
     manager.save(step, checkpoint_tree(state, step))
     progress.setdefault("losses", {})[str(step)] = last_loss
     progress["first_loss"] = first_loss
+    progress[KEYS_PROGRESS] = {**_key_origin(step, tasks, shard, num_retrieval_keys, key_seed),
+                               "keys": [r.keys() for r in recorders]}
     _write_progress(model_dir, progress)
   preempted = False
 
   with checkpoints.PreemptionHandler() as preemption:
     while consumed < max_steps:
-      local, _ = _next_batch(iterators, stacked)
+      local, keys = _next_batch(iterators, stacked)
+      for k, recorder in enumerate(recorders):
+        if consumed < key_steps[k]:
+          recorder.add(keys[k])
       batch = _global_batch(local, batch_sharding)
       state, metrics = tr.train_step(base, state, batch, seed_keys, budget_arr)
       consumed += 1
@@ -487,7 +530,7 @@ def train(*,
   _export(model=model, state=state, tasks=tasks, stacked=stacked, full=full, base=base,
           host_base=host_base, cfgs=cfgs, infos=infos, budgets=budgets, model_dir=model_dir,
           export_dir=export_dir, fingerprint=fingerprint, restore_path=restore_cfg.path,
-          num_keys=num_retrieval_keys, key_seed=key_seed, shard=shard, seeds=seeds,
+          retrieval_keys=[r.keys() for r in recorders] if num_retrieval_keys else None, seeds=seeds,
           lengths=lengths, eval_before_and_after=eval_before_and_after, before=before,
           first_loss=first_loss, last_loss=last_loss, partitioner=partitioner)
   return consumed, state
@@ -553,7 +596,7 @@ def _maybe_default_vocabulary(vocab_path: str) -> None:
 
 
 def _export(*, model, state, tasks, stacked, full, base, host_base, cfgs, infos, budgets,
-            model_dir, export_dir, fingerprint, restore_path, num_keys, key_seed, shard, seeds,
+            model_dir, export_dir, fingerprint, restore_path, retrieval_keys, seeds,
             lengths, eval_before_and_after, before, first_loss, last_loss,
             partitioner=None) -> list[str]:
   """Writes each expert in Expert format v1 (process 0) and prints a summary."""
@@ -569,9 +612,8 @@ def _export(*, model, state, tasks, stacked, full, base, host_base, cfgs, infos,
     cfg = cfgs[k]
     step_k = int(steps[k]) if stacked else int(steps)
     keys = None
-    if num_keys:
-      seen = _seen_keys(cfg, infos[k], step_k, shard)
-      keys = train_data.lookup_examples(cfg, train_data.choose_keys(seen, num_keys, key_seed), task)
+    if retrieval_keys is not None:
+      keys = train_data.lookup_examples(cfg, retrieval_keys[k], task)
     training = {
         "task": task, "steps": step_k, "batch_size": cfg.batch_size, "seed": int(seeds[k]),
         "data_seed": cfg.seed, "init_seed": getattr(config, "init_seed", None),

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import heapq
 import logging
 import math
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -263,6 +264,37 @@ def choose_keys(seen: Sequence[int], num_keys: int, seed: int) -> list[int]:
   """The `num_keys` distinct seen example keys with the smallest seeded rank."""
   unique = sorted(set(int(k) for k in seen), key=lambda k: key_rank(k, seed))
   return unique[:num_keys]
+
+
+class KeyRecorder:
+  """`choose_keys` over a stream: the `num_keys` distinct keys of smallest rank seen so far.
+
+  Holds only those keys (a max-heap on rank and their set), so a training run records its retrieval
+  keys as it goes; a key pushed out never returns, since the rank it must beat only falls.
+  """
+
+  def __init__(self, num_keys: int, seed: int, keys: Iterable[int] = ()):
+    self.num_keys, self.seed = num_keys, seed
+    self._heap: list[tuple[int, int]] = []  # (-rank, key): the largest kept rank on top
+    self._kept: set[int] = set()
+    self.add(keys)
+
+  def add(self, keys: Iterable[int]) -> None:
+    for key in map(int, keys):
+      if key in self._kept or self.num_keys <= 0:
+        continue
+      entry = (-key_rank(key, self.seed), key)
+      if len(self._heap) < self.num_keys:
+        heapq.heappush(self._heap, entry)
+      elif entry[0] > self._heap[0][0]:
+        self._kept.discard(heapq.heapreplace(self._heap, entry)[1])
+      else:
+        continue
+      self._kept.add(key)
+
+  def keys(self) -> list[int]:
+    """The kept keys in `choose_keys`' order (smallest rank first)."""
+    return [key for _, key in sorted(self._heap, reverse=True)]
 
 
 def _text(value: Any) -> str:

@@ -1,15 +1,20 @@
-"""End-to-end `python -m expert_t5x.train` runs: exact resume after SIGKILL, the tiny demo.
+"""End-to-end `python -m expert_t5x.train` runs: exact resume after SIGKILL, the tiny demo, and the
+retrieval keys recorded during training.
 
 Resumption is compared with an independent uninterrupted run of the same command: the exported
-expert tensors must be bitwise equal (same program, same shapes, CPU).
+expert tensors must be bitwise equal (same program, same shapes, CPU). Recorded keys are compared
+with the keys of the batches replayed and sorted by rank.
 """
 
+import functools
+import json
 import os
 import random
 import re
 import subprocess
 import sys
 import threading
+import shutil
 import time
 
 import numpy as np
@@ -198,3 +203,102 @@ def test_demo_beats_chance(tmp_path):
   metrics = expert_format.read_metadata(expert_dir)["metrics"]
   assert metrics["first_loss"] == first_loss or abs(metrics["first_loss"] - first_loss) < 1e-4
   assert metrics["validation_accuracy_before"] is not None
+
+
+def test_key_recorder_equals_choose_keys():
+  from expert_t5x import train_data  # pylint: disable=g-import-not-at-top
+  rng = random.Random(0)
+  for trial in range(40):
+    # Few distinct keys (many duplicates) or many; some negative, as int64 hashes are.
+    pool = [rng.randrange(-2 ** 63, 2 ** 63) for _ in range(rng.choice([3, 30, 300]))]
+    stream = [rng.choice(pool) for _ in range(rng.randrange(0, 400))]
+    num_keys, seed = rng.choice([0, 1, 4, 25, 1000]), rng.randrange(5)
+    recorder = train_data.KeyRecorder(num_keys, seed)
+    at = 0
+    while at < len(stream):  # in batches, restarted from its own keys now and then (a resume)
+      size = rng.randrange(1, 9)
+      recorder.add(np.asarray(stream[at:at + size], np.int64))
+      at += size
+      if rng.random() < 0.2:
+        recorder = train_data.KeyRecorder(num_keys, seed, recorder.keys())
+    assert recorder.keys() == train_data.choose_keys(stream, num_keys, seed), trial
+  assert train_data.KeyRecorder(2, 0, [5, 5, 5]).keys() == [5]
+
+
+class _Interrupted(Exception):
+  pass
+
+
+class _StopAfter:
+  """A fault hook that ends the run (in process) after `step`, once its saves are written."""
+  kind = None
+
+  def __init__(self, step):
+    self.step = step
+
+  def after_step(self, step, wait_for_saves=None):
+    if step == self.step:
+      wait_for_saves()
+      raise _Interrupted(step)
+
+  def during_save(self, step):
+    del step
+
+
+STACKED_TASKS = ["demo_sentiment_review", "demo_topic_about"]
+BUDGETS = [2, 5]  # the first expert stops after 2 of the program's 5 steps
+NUM_KEYS = 5  # more than the 4 examples the first expert sees in its 2 batches of 2
+
+
+def _train_stacked(model_dir):
+  from expert_t5x import checkpoints as tc  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from expert_t5x import experts, models, network, optimizers, train, train_data, trainer
+  model = models.EncoderDecoderModel(
+      network.Transformer(network.get_config("tiny")), optimizer_def=optimizers.AdamW(),
+      expert_config=experts.AdapterConfig(reduction_factor=4))
+  train.train(model=model,
+              train_dataset_cfg=train_data.DatasetConfig(STACKED_TASKS,
+                                                         {"inputs": 32, "targets": 8},
+                                                         batch_size=2),
+              model_dir=str(model_dir), total_steps=BUDGETS, num_retrieval_keys=NUM_KEYS,
+              key_seed=3,
+              trainer_cls=functools.partial(trainer.Trainer,
+                                            learning_rate_fn=lambda step, total: 1e-3),
+              checkpoint_cfg=tc.CheckpointConfig(save=tc.SaveCheckpointConfig(period=2, keep=2)),
+              eval_before_and_after=False, summarize_config_fn=None, show_progress=False)
+
+
+def _keys_files(model_dir):
+  return {t: (model_dir / "experts" / t / "keys.jsonl").read_bytes() for t in STACKED_TASKS}
+
+
+@pytest.mark.tf
+def test_recorded_keys_equal_replay_and_survive_resume(tmp_path, monkeypatch):
+  # (An uninterrupted run exporting the same keys.jsonl as a resumed one: the SIGKILL tests above.)
+  from expert_t5x import checkpoints, train, train_data  # pylint: disable=g-import-not-at-top
+  killed, legacy = tmp_path / "killed", tmp_path / "legacy"
+  # Interrupted after step 3 (checkpoint_2 saved), then resumed.
+  monkeypatch.setattr(checkpoints.FaultHook, "from_env", classmethod(lambda cls: _StopAfter(3)))
+  with pytest.raises(_Interrupted):
+    _train_stacked(killed)
+  monkeypatch.undo()
+  shutil.copytree(killed, legacy)
+  _train_stacked(killed)
+  got = _keys_files(killed)
+  # The keys the replay at export gave: each expert's own batches replayed, sorted by rank.
+  for task, budget in zip(STACKED_TASKS, BUDGETS):
+    cfg = train_data.DatasetConfig(task, {"inputs": 32, "targets": 8}, batch_size=2)
+    seen = train._seen_keys(cfg, None, budget, (0, 1))  # pylint: disable=protected-access
+    records = train_data.lookup_examples(cfg, train_data.choose_keys(seen, NUM_KEYS, 3), task)
+    assert expert_format.read_keys(killed / "experts" / task) == records, task
+  # The first expert's keys are all 4 examples of its own 2 batches, none of the later steps'.
+  assert len(got[STACKED_TASKS[0]].splitlines()) == 4
+  assert len(got[STACKED_TASKS[1]].splitlines()) == NUM_KEYS
+  # A checkpoint from before keys were recorded: its consumed batches are replayed on resume.
+  progress_path = legacy / train.PROGRESS_JSON
+  progress = json.loads(progress_path.read_text())
+  assert progress.pop(train.KEYS_PROGRESS)["step"] == 2
+  progress_path.write_text(json.dumps(progress))
+  _train_stacked(legacy)
+  assert _keys_files(legacy) == got
