@@ -348,6 +348,8 @@ def train(*,
   random_seed = 0 if random_seed is None else random_seed
   stats_period = stats_period or 1
   _validate_settings(train_dataset_cfg, total_steps, save_cfg, model_dir)
+  validation.non_negative_int("NUM_RETRIEVAL_KEYS", num_retrieval_keys,
+                              "set --gin.NUM_RETRIEVAL_KEYS=S (0: no keys)")
   os.makedirs(model_dir, exist_ok=True)
   if summarize_config_fn is not None and jax.process_index() == 0:
     file_io.atomic_write_text(os.path.join(model_dir, gin_utils.OPERATIVE_CONFIG),

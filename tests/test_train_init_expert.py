@@ -58,3 +58,13 @@ def test_training_starts_from_the_given_expert(tmp_path):
     _train(tmp_path, "wide", _model(reduction_factor=2), 0.0, init=first)
   with pytest.raises(ValueError, match="was trained on another base"):
     _train(tmp_path, "other_base", _model(), 0.0, seed=1, init=first)
+
+
+def test_negative_retrieval_key_count_is_refused_before_anything_is_written(tmp_path):
+  from expert_t5x import train, train_data, validation  # pylint: disable=g-import-not-at-top
+  with pytest.raises(validation.UsageError, match="NUM_RETRIEVAL_KEYS=-1"):
+    train.train(model=_model(), model_dir=str(tmp_path / "run"), total_steps=1,
+                train_dataset_cfg=train_data.DatasetConfig(TASK, {"inputs": 88, "targets": 16},
+                                                           batch_size=2),
+                num_retrieval_keys=-1, summarize_config_fn=None, show_progress=False)
+  assert not (tmp_path / "run").exists()
