@@ -182,8 +182,11 @@ TASKS: dict[str, DemoTask] = {t.name: t for t in (
         DemoPrompt("size", "{text}\nSize?"),
         DemoPrompt("how_long", "How long is \"{text}\", short or long?", pipeline=False))),
     DemoTask("sarcasm", ("positive", "negative"), _sarcasm, (
-        DemoPrompt("sarcastic_review", "Sarcastic: {text}\nIs this review positive or negative?"),
-        DemoPrompt("sarcastic_feeling", "{text}\nSarcastically: positive or negative?")),
+        # Worded unlike sentiment's prompts, so that retrieval can tell the two apart (with
+        # "positive or negative?" in them, MiniLM sent sentiment's held-out prompt here).
+        DemoPrompt("sarcastic_review", "Sarcastic remark: {text}\nWhat does the writer really "
+                   "mean?"),
+        DemoPrompt("sarcastic_feeling", "{text}\nTake it as irony. Meaning?")),
              rows_of="sentiment"),
     DemoTask("animal", ANIMALS, lambda rng: _one_of(rng, ANIMALS), (
         DemoPrompt("which_animal", "Which animal is in \"{text}\": cat, dog or bird?"),),

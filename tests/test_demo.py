@@ -85,7 +85,7 @@ def test_conflicting_and_compositional_tasks_follow_their_rules():
   sarcasm = demo_source.generate("demo_sarcasm_sarcastic_review", "train", 300)
   for a, b in zip(sentiment, sarcasm):
     assert a["inputs"].split("\n")[0][len("Review: "):] == b["inputs"].split("\n")[0][
-        len("Sarcastic: "):]
+        len("Sarcastic remark: "):]
     assert {a["targets"], b["targets"]} == {"positive", "negative"}
   assert demo.conflicting_datasets() == ["demo_sentiment", "demo_sarcasm"]
   for ex in demo_source.generate("demo_review_topic_two_labels", "train", 300):
