@@ -14,8 +14,8 @@ once):
 
 1. pre-train a tiny T5 (d=128) on a synthetic span-corruption corpus that contains no task data
    (`seqio_tasks.demo_pipeline`), cached by a hash of its configuration, so reruns skip it;
-2. train 10 prompt experts (adapters, one stacked job; two of them on `sarcasm`, whose labels
-   conflict with `sentiment`'s), 5 dataset experts and a multitask adapter
+2. train 10 prompt experts (adapters, one stacked job; two of them on `flipped_length`, whose
+   labels conflict with `length`'s), 5 dataset experts and a multitask adapter
    (`expert_t5x.train.train`); retrieval keys are recorded while they train;
 3. build an expert library of the prompt experts (`expert_t5x.library`);
 4. Retrieval of Experts for every held-out eval prompt and a uniform merge of the top-k, each
@@ -600,7 +600,7 @@ def _setup_sentences(cfg: DemoConfig, num_pe: int, num_de: int) -> list[str]:
       f"multitask adapter (reduction factor {cfg.reduction_factor}; "
       f"{cfg.expert_steps} steps, multitask {cfg.multitask_steps}, of "
       f"batch {cfg.expert_batch_size}) were trained on synthetic keyword, negation, length and "
-      "sarcasm tasks (sarcasm: sentiment's inputs with the opposite labels); two more tasks "
+      "flipped-length tasks (length's inputs with the opposite labels); two more tasks "
       f"were added later ({cfg.continual_steps} steps).",
       f"Held-out prompts of those tasks and a held-out task that combines two of them were "
       f"answered by rank "

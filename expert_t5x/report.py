@@ -313,6 +313,9 @@ def _claims(summary: Mapping[str, Any]) -> list[str]:
   lines = ["## Claims", "", f"![claims]({CLAIMS_FILE})", "",
            "Each claim holds when its bootstrap interval clears the rule's threshold; an interval "
            "that straddles it does not hold.", ""]
+  if summary["setup"].get("config", {}).get("name") == "quick":
+    lines += ["This is a `--quick` run: its experts train fewer steps, so claims that need "
+              "trained experts may not hold here; the full demo is the reference.", ""]
   lines += [demo_claims.verdict_line(c) for c in summary["claims"]] + [""]
   for c in summary["claims"]:
     lines += [f"### {c['title']}", "", f"**Verdict: {c['verdict']}.** {c['statement']}: "

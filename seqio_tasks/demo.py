@@ -9,10 +9,10 @@ pipeline can be exercised end to end. `expert-t5x demo` uses the tasks and promp
 | task         | kind                                 | choices               | train | held-out |
 |--------------|--------------------------------------|-----------------------|-------|----------|
 | sentiment    | keyword                              | positive / negative   | 3 (2) | 1        |
-| sarcasm      | sentiment's rows, labels flipped     | positive / negative   | 2     | 0        |
 | topic        | keyword                              | sports / food / music | 3 (2) | 1        |
 | overlap      | NLI-like (negation cue)              | yes / no              | 3 (2) | 1        |
 | length       | counting                             | short / long          | 3 (2) | 0        |
+| flipped_length | length's rows, labels flipped      | short / long          | 2     | 0        |
 | animal       | keyword, added later (continual)     | cat / dog / bird      | 1     | 0        |
 | color        | keyword, added later (continual)     | red / blue            | 1     | 0        |
 | review_topic | held-out task: sentiment x topic     | 6 "<tone> <topic>"    | 0     | 2        |
@@ -20,9 +20,10 @@ pipeline can be exercised end to end. `expert-t5x demo` uses the tasks and promp
 | membership   | held-out task                        | yes / no              | 0     | 3 (-)    |
 | parity       | held-out task                        | even / odd            | 0     | 2 (-)    |
 
-(In parentheses: how many the demo pipeline uses.) `sarcasm` conflicts with `sentiment` on purpose
-(the same inputs, the opposite label under a different instruction: negative transfer for one
-model trained on both); `review_topic` needs what `sentiment` and `topic` teach together.
+(In parentheses: how many the demo pipeline uses.) `flipped_length` conflicts with `length` on
+purpose (the same inputs, the opposite label under an instruction one word apart: negative
+transfer for one model trained on both); `review_topic` needs what `sentiment` and `topic` teach
+together.
 
 Task names: `demo_<task>_<prompt>` (+ `_score_eval` for classification). The vocabulary is
 `seqio.ByteVocabulary` (no file). `generate(task, split, n, seed)` returns canonical examples
@@ -72,7 +73,7 @@ class DemoTask:
   heldout_task: bool = False
   pipeline: bool = True  # used by `expert-t5x demo`
   continual: bool = False  # trained after the library is built (the demo's continual stage)
-  rows_of: Optional[str] = None  # draw the rows of this task (same inputs), e.g. sarcasm's
+  rows_of: Optional[str] = None  # draw the rows of this task (same inputs), e.g. flipped_length's
 
 
 def _words(rng: random.Random, k: int) -> list[str]:
@@ -108,8 +109,8 @@ def _overlap(rng: random.Random) -> dict[str, Any]:
   return {"premise": " ".join(premise), "hypothesis": " ".join(hypothesis), "label": label}
 
 
-def _sarcasm(rng: random.Random) -> dict[str, Any]:
-  row = _sentiment(rng)
+def _flipped_length(rng: random.Random) -> dict[str, Any]:
+  row = _length(rng)
   return dict(row, label=1 - row["label"])
 
 
@@ -181,13 +182,13 @@ TASKS: dict[str, DemoTask] = {t.name: t for t in (
         DemoPrompt("short_or_long", "Is this short or long: {text}"),
         DemoPrompt("size", "{text}\nSize?"),
         DemoPrompt("how_long", "How long is \"{text}\", short or long?", pipeline=False))),
-    DemoTask("sarcasm", ("positive", "negative"), _sarcasm, (
-        # Worded unlike sentiment's prompts, so that retrieval can tell the two apart (with
-        # "positive or negative?" in them, MiniLM sent sentiment's held-out prompt here).
-        DemoPrompt("sarcastic_review", "Sarcastic remark: {text}\nWhat does the writer really "
-                   "mean?"),
-        DemoPrompt("sarcastic_feeling", "{text}\nTake it as irony. Meaning?")),
-             rows_of="sentiment"),
+    # Conflicts with length: the same rows, the opposite label, an instruction that differs by
+    # one word. (Conflicting with a task that has held-out prompts would leave retrieval a coin
+    # flip between the two tasks' experts on those prompts: a sarcasm task worded like
+    # sentiment's prompts drew half the votes of sentiment's held-out prompt.)
+    DemoTask("flipped_length", ("short", "long"), _flipped_length, (
+        DemoPrompt("flipped_short_or_long", "Flipped: is this short or long: {text}"),
+        DemoPrompt("flipped_size", "{text}\nSize, flipped?")), rows_of="length"),
     DemoTask("animal", ANIMALS, lambda rng: _one_of(rng, ANIMALS), (
         DemoPrompt("which_animal", "Which animal is in \"{text}\": cat, dog or bird?"),),
              continual=True),

@@ -67,8 +67,8 @@ def test_corpus_is_deterministic_per_split():
 
 def test_dataset_tasks_group_the_training_prompts():
   groups = demo_pipeline.dataset_tasks()
-  assert sorted(groups) == ["demo_length_all_prompts", "demo_overlap_all_prompts",
-                            "demo_sarcasm_all_prompts", "demo_sentiment_all_prompts",
+  assert sorted(groups) == ["demo_flipped_length_all_prompts", "demo_length_all_prompts",
+                            "demo_overlap_all_prompts", "demo_sentiment_all_prompts",
                             "demo_topic_all_prompts"]
   assert sum(len(v) for v in groups.values()) == len(demo_pipeline.expert_train_tasks()) == 10
   rows = list(demo_pipeline.iter_all_prompts(groups["demo_topic_all_prompts"], "validation"))
@@ -78,16 +78,16 @@ def test_dataset_tasks_group_the_training_prompts():
 
 
 def test_conflicting_and_compositional_tasks_follow_their_rules():
-  """sarcasm renders sentiment's rows with the opposite label; review_topic's label names the
+  """flipped_length renders length's rows with the opposite label; review_topic's label names the
   polarity and the topic of its keywords (recomputed here from the rendered words)."""
   from seqio_tasks import demo as demo_source  # pylint: disable=g-import-not-at-top
-  sentiment = demo_source.generate("demo_sentiment_review", "train", 300)
-  sarcasm = demo_source.generate("demo_sarcasm_sarcastic_review", "train", 300)
-  for a, b in zip(sentiment, sarcasm):
-    assert a["inputs"].split("\n")[0][len("Review: "):] == b["inputs"].split("\n")[0][
-        len("Sarcastic remark: "):]
-    assert {a["targets"], b["targets"]} == {"positive", "negative"}
-  assert demo.conflicting_datasets() == ["demo_sentiment", "demo_sarcasm"]
+  length = demo_source.generate("demo_length_short_or_long", "train", 300)
+  flipped = demo_source.generate("demo_flipped_length_flipped_short_or_long", "train", 300)
+  for a, b in zip(length, flipped):
+    assert a["inputs"][len("Is this short or long: "):] == b["inputs"][
+        len("Flipped: is this short or long: "):]
+    assert {a["targets"], b["targets"]} == {"short", "long"}
+  assert demo.conflicting_datasets() == ["demo_length", "demo_flipped_length"]
   for ex in demo_source.generate("demo_review_topic_two_labels", "train", 300):
     words = set(re.findall(r"[a-z]+", ex["inputs"].split("\n")[0]))
     tone = "positive" if words & set(demo_source.POSITIVE) else "negative"
@@ -109,7 +109,7 @@ def test_multitask_provenance_lists_every_task_of_its_mixture():
   items = train._provenance(demo_pipeline.MULTITASK_MIXTURE)  # pylint: disable=protected-access
   assert sorted(i["task"] for i in items) == sorted(demo_pipeline.expert_train_tasks())
   assert {i["dataset"] for i in items
-         } == {"demo_sentiment", "demo_topic", "demo_overlap", "demo_length", "demo_sarcasm"}
+         } == {"demo_sentiment", "demo_topic", "demo_overlap", "demo_length", "demo_flipped_length"}
   entry = {"id": "multitask", "provenance": items}
   assert library_lib.overlaps(entry, "demo_overlap", None)
   assert not library_lib.overlaps(entry, "demo_membership", None)
