@@ -116,7 +116,7 @@ class DemoConfig:
 
 
 FULL = DemoConfig()
-QUICK = DemoConfig(name="quick", pretrain_steps=100, expert_steps=150, multitask_steps=300,
+QUICK = DemoConfig(name="quick", pretrain_steps=100, expert_steps=120, multitask_steps=300,
                    continual_steps=120, embedder="t5", eval_examples=40, train_eval_examples=24,
                    bootstrap_samples=200)
 
