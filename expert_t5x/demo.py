@@ -26,8 +26,9 @@ once):
    (`expert_t5x.evaluation`); dataset-expert RoE and the oracle are read from the evaluated
    predictions of the experts they select;
 6. continual learning: experts for two new tasks join the library, the earlier held-out prompts
-   are routed again (their scores must not change), and the multitask adapter is fine-tuned on
-   the new tasks alone;
+   are routed again (their scores must not change), the multitask adapter is fine-tuned on the
+   new tasks alone (what it forgets), and a multitask adapter is retrained on every prompt (what
+   not forgetting costs it);
 7. the claims (`expert_t5x.demo_claims`) and the report (`expert_t5x.report`): report.md with
    claims.png, heatmap.png, retrieval.png, methods.png, and results.json with the verdicts.
 
@@ -83,7 +84,8 @@ class DemoConfig:
   expert_steps: int = 400
   multitask_steps: int = 1000
   # The continual stage: new prompt experts, and the multitask adapter fine-tuned on the new
-  # tasks alone, each for this many steps.
+  # tasks alone, each for this many steps. A multitask adapter retrained on every prompt keeps
+  # multitask_steps' steps per prompt.
   continual_steps: int = 400
   # Longest demo input: 82 bytes + EOS; longest answer choice: 15 bytes + EOS.
   task_lengths: tuple[int, int] = (88, 16)
@@ -217,10 +219,11 @@ def stage_costs(cfg: DemoConfig, num_prompt_experts: int, num_dataset_experts: i
   ev = (entries * num_heldout * cfg.eval_examples +
         entries * num_train * cfg.train_eval_examples) * row / 2.0
   routed = num_heldout * cfg.eval_examples * row / 2.0  # each routed run scores every prompt once
-  # Two new experts stacked (under-filled: counted twice), the multitask fine-tune (alone: twice),
-  # one more routed run and 5 entries on the training prompts.
-  continual = (2 * 2 + 2) * cfg.continual_steps * cfg.expert_batch_size * row + (
-      routed / 2.0 + 5 * num_train * cfg.train_eval_examples * row / 2.0)
+  # Two new experts stacked (under-filled: counted twice), the multitask fine-tune and retrain
+  # (alone: twice each), one more routed run and 6 entries on the training prompts.
+  steps = (2 * 2 + 2) * cfg.continual_steps + 2 * retrain_steps(cfg, num_train, 2)
+  continual = steps * cfg.expert_batch_size * row + (
+      routed / 2.0 + 6 * num_train * cfg.train_eval_examples * row / 2.0)
   # Fixed stages in the same units (about 1e-4 s each on 2 CPU cores): start-up ~10 s, MiniLM
   # retrieval ~10 s, report ~2 s. Retrieval and merging include their routed evaluations.
   return {"setup": 1e5, "pre-train base": pre, "prompt + dataset experts": experts,
@@ -312,8 +315,14 @@ def _train_stacked(cfg: DemoConfig, base_dir: str, tasks: Sequence[str], steps: 
 
 def _is_mixture(tasks: Sequence[str]) -> bool:
   from seqio_tasks import demo_pipeline  # pylint: disable=g-import-not-at-top
-  return any(t in (demo_pipeline.MULTITASK_MIXTURE, demo_pipeline.CONTINUAL_MIXTURE)
-             for t in tasks)
+  return any(t in (demo_pipeline.MULTITASK_MIXTURE, demo_pipeline.CONTINUAL_MIXTURE,
+                   demo_pipeline.ALL_MIXTURE) for t in tasks)
+
+
+def retrain_steps(cfg: DemoConfig, num_earlier: int, num_new: int) -> int:
+  """Steps of a multitask adapter retrained on every prompt: the same steps per prompt as the
+  first one's."""
+  return round(cfg.multitask_steps * (num_earlier + num_new) / max(1, num_earlier))
 
 
 def build_library(root: str, expert_dirs: Mapping[str, str], fingerprint: str):
@@ -465,6 +474,7 @@ def evaluate_all(cfg: DemoConfig, base, experts: Mapping[str, str], heldout: Seq
 
 
 CONTINUAL_ID = "multitask_continued"
+RETRAINED_ID = "multitask_retrained"
 CONTINUAL_ROUTED = "roe_seen_task_continual"
 
 
@@ -473,7 +483,9 @@ def continual_stage(cfg: DemoConfig, base_dir: str, base, lib, embedder,
                     out_dir: str, scorer, show_progress: bool) -> dict[str, Any]:
   """After the library is built: trains prompt experts for the new tasks and adds them, routes
   the earlier held-out prompts again with the enlarged library, fine-tunes the multitask adapter
-  on the new tasks alone, and evaluates both on the earlier and the new training prompts."""
+  on the new tasks alone, retrains a multitask adapter on every prompt from scratch (timed, as the
+  cost of a multitask model that does not forget), and evaluates them all on the earlier and the
+  new training prompts."""
   from expert_t5x import evaluation  # pylint: disable=g-import-not-at-top
   from seqio_tasks import demo_pipeline  # pylint: disable=g-import-not-at-top
   new = demo_pipeline.continual_tasks()
@@ -488,14 +500,20 @@ def continual_stage(cfg: DemoConfig, base_dir: str, base, lib, embedder,
                            os.path.join(out_dir, "experts", CONTINUAL_ID), show_progress,
                            init_expert_path=mt_dir)[mixture]
   seconds["multitask fine-tune"] = time.perf_counter() - start
+  start = time.perf_counter()
+  everything = demo_pipeline.ALL_MIXTURE
+  mtr_dir = _train_stacked(
+      cfg, base_dir, [everything], [retrain_steps(cfg, len(train_eval), len(new))],
+      os.path.join(out_dir, "experts", RETRAINED_ID), show_progress)[everything]
+  seconds["multitask retrained on all prompts"] = time.perf_counter() - start
   seen = [p["task"] for p in prompts if p["group"] == "seen_task"]
   after = route_group(cfg, lib, base, embedder, seen, "seen", "roe",
                       os.path.join(out_dir, ROUTED_DIR, CONTINUAL_ROUTED), scorer, show_progress)
-  ids = list(new) + ["multitask", CONTINUAL_ID]
+  ids = list(new) + ["multitask", CONTINUAL_ID, RETRAINED_ID]
   evaluation.evaluate(
       tasks=list(train_eval) + [t + "_score_eval" for t in new],
       output_dir=os.path.join(out_dir, "eval_continual"),
-      expert_paths=[new_dirs[t] for t in new] + [mt_dir, mtc_dir], expert_names=ids,
+      expert_paths=[new_dirs[t] for t in new] + [mt_dir, mtc_dir, mtr_dir], expert_names=ids,
       max_examples=cfg.train_eval_examples, experts_per_pass=len(ids), base=base,
       split=cfg.eval_split, bootstrap_samples=cfg.bootstrap_samples,
       feature_lengths={"inputs": cfg.task_lengths[0], "targets": cfg.task_lengths[1]},
@@ -603,7 +621,8 @@ def _setup_sentences(cfg: DemoConfig, num_pe: int, num_de: int) -> list[str]:
       f"{cfg.expert_steps} steps, multitask {cfg.multitask_steps}, of "
       f"batch {cfg.expert_batch_size}) were trained on synthetic keyword, negation, length and "
       "flipped-length tasks (length's inputs with the opposite labels); two more tasks "
-      f"were added later ({cfg.continual_steps} steps).",
+      f"were added later ({cfg.continual_steps} steps), and a multitask adapter was retrained "
+      "on every prompt for comparison.",
       f"Held-out prompts of those tasks and a held-out task that combines two of them were "
       f"answered by rank "
       f"classification ({cfg.eval_examples} validation examples each; {cfg.train_eval_examples} "
@@ -865,15 +884,13 @@ def make_claims(cfg: DemoConfig, *, experts, prompts, pe_tasks, dataset_of, outc
   composed = [p["task"] for p in prompts if p["group"] == "heldout_task"]
   earlier = [t + "_score_eval" for t in pe_tasks]
   cont = continual["outcomes"]
-  old_steps = timings.get("multitask adapter", 0.0)
+  mt_seconds = timings.get("multitask adapter", 0.0)
   new = continual["new_tasks"]
-  costs = {**{f"{k} (s)": v for k, v in continual["seconds"].items()},
-           "multitask adapter (s)": old_steps,
-           # Retraining keeps the steps per prompt: the measured stage scaled by the prompts.
-           "retrain multitask on all prompts (s, estimated)":
-               old_steps * (len(pe_tasks) + len(new)) / max(1, len(pe_tasks)),
+  costs = {"multitask adapter (s)": mt_seconds,
+           **{f"{k} (s)": v for k, v in continual["seconds"].items()},
            "new tasks": {t: {e: cont[(e, t + "_score_eval")].accuracy
-                             for e in ("base", t, "multitask", CONTINUAL_ID)} for t in new}}
+                             for e in ("base", t, "multitask", CONTINUAL_ID, RETRAINED_ID)}
+                         for t in new}}
   claims = [
       demo_claims.experts_learn(experts),
       demo_claims.no_negative_transfer(train_outcomes, experts_of, conflicting_datasets(), mt_id,
@@ -881,7 +898,7 @@ def make_claims(cfg: DemoConfig, *, experts, prompts, pe_tasks, dataset_of, outc
       demo_claims.continual_unchanged(continual["unchanged"], new),
       demo_claims.multitask_forgets([cont[("multitask", t)] for t in earlier],
                                     [cont[(CONTINUAL_ID, t)] for t in earlier], samples, seed,
-                                    costs),
+                                    costs, [cont[(RETRAINED_ID, t)] for t in earlier]),
       demo_claims.retrieval_unseen_prompts(
           [routed["roe"][t] for t in seen], [outcomes[("base", t)] for t in seen],
           [outcomes[(mt_id, t)] for t in seen], samples, seed, routing),

@@ -221,6 +221,11 @@ def test_end_to_end_tiny_demo(tmp_path, monkeypatch, capsys):
   # The continual stage re-routes the earlier prompts: every example is compared.
   unchanged = next(c for c in claims if c["id"] == "continual_unchanged")
   assert unchanged["details"]["examples"] == 3 * cfg.eval_examples
+  # The multitask model retrained on every prompt is measured, not estimated.
+  forgets = next(c for c in claims if c["id"] == "multitask_forgets")["details"]
+  assert 0.0 <= forgets["retrained"] <= 100.0
+  assert forgets["costs"]["multitask retrained on all prompts (s)"] > 0.0
+  assert "multitask retrained" in text
   for eval_dir, n in (("eval", cfg.eval_examples), ("eval_train", cfg.train_eval_examples)):
     results = json.loads((out / eval_dir / "results.json").read_text())
     records = [json.loads(line) for line in (out / eval_dir / "predictions.jsonl").open()]
