@@ -118,8 +118,8 @@ class DemoConfig:
 
 
 FULL = DemoConfig()
-QUICK = DemoConfig(name="quick", pretrain_steps=100, expert_steps=120, multitask_steps=300,
-                   continual_steps=120, embedder="t5", eval_examples=40, train_eval_examples=24,
+QUICK = DemoConfig(name="quick", pretrain_steps=100, expert_steps=100, multitask_steps=240,
+                   continual_steps=100, embedder="t5", eval_examples=32, train_eval_examples=20,
                    bootstrap_samples=200)
 
 
