@@ -316,13 +316,15 @@ def test_retrieve_many_equals_one_product_per_prompt(lib, monkeypatch):
     idx = retrieval.select_queries(len(rows), 8, 3)
     q = emb.embed([retrieval.format_text(rows[i]) for i in idx])
     want = retrieval.summarize(q @ key_emb.T, keys, dataset_experts=r.dataset_of)
-    assert got["candidates"] == want["candidates"] and got["winner"] == want["winner"]
-    # Products of 3-row blocks may round the last bit differently (another BLAS kernel): the same
-    # votes and ranking, similarities equal to float32 precision.
-    assert [(c["expert"], c["votes"]) for c in got_chunked["candidates"]] == \
-        [(c["expert"], c["votes"]) for c in want["candidates"]]
-    np.testing.assert_allclose([c["similarity"] for c in got_chunked["candidates"]],
-                               [c["similarity"] for c in want["candidates"]], rtol=1e-6)
+    # A product of another shape (the batched one, or 3-row blocks) may round the last bit
+    # differently (another BLAS kernel, or another thread count): the same votes and ranking,
+    # similarities equal to float32 precision.
+    assert got["winner"] == want["winner"]
+    for result in (got, got_chunked):
+      assert [(c["expert"], c["votes"]) for c in result["candidates"]] == \
+          [(c["expert"], c["votes"]) for c in want["candidates"]]
+      np.testing.assert_allclose([c["similarity"] for c in result["candidates"]],
+                                 [c["similarity"] for c in want["candidates"]], rtol=1e-6)
     assert got["query_indices"] == got_chunked["query_indices"] == idx
   assert batched[0]["winner"] not in ("super_glue_rte_p2", "super_glue_rte_p3")
   with pytest.raises(retrieval.RetrievalError, match="prompt 1"):
