@@ -315,8 +315,7 @@ def _train_stacked(cfg: DemoConfig, base_dir: str, tasks: Sequence[str], steps: 
 
 def _is_mixture(tasks: Sequence[str]) -> bool:
   from seqio_tasks import demo_pipeline  # pylint: disable=g-import-not-at-top
-  return any(t in (demo_pipeline.MULTITASK_MIXTURE, demo_pipeline.CONTINUAL_MIXTURE,
-                   demo_pipeline.ALL_MIXTURE) for t in tasks)
+  return any(t in demo_pipeline.MIXTURES for t in tasks)
 
 
 def retrain_steps(cfg: DemoConfig, num_earlier: int, num_new: int) -> int:

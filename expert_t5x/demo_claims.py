@@ -129,7 +129,7 @@ def continual_unchanged(per_task: Mapping[str, Mapping[str, Any]], added: Sequen
 def multitask_forgets(before: Sequence[aggregation.PromptOutcomes],
                       after: Sequence[aggregation.PromptOutcomes], samples: int, seed: int,
                       costs: Mapping[str, Any],
-                      retrained: Sequence[aggregation.PromptOutcomes] = ()) -> dict[str, Any]:
+                      retrained: Sequence[aggregation.PromptOutcomes]) -> dict[str, Any]:
   """What the multitask model loses on the earlier prompts when fine-tuned on new tasks only;
   `retrained` (reported, no verdict): a multitask model retrained on every prompt instead."""
   d = _difference(before, after, samples, seed)
@@ -139,7 +139,7 @@ def multitask_forgets(before: Sequence[aggregation.PromptOutcomes],
       "lower bound above 0", d["difference"], d["ci"], d["ci"][0] > 0,
       details={"before": aggregation.aggregate(list(before))["mean"],
                "after": aggregation.aggregate(list(after))["mean"],
-               "retrained": aggregation.aggregate(list(retrained))["mean"] if retrained else None,
+               "retrained": aggregation.aggregate(list(retrained))["mean"],
                "costs": dict(costs)})
 
 

@@ -32,6 +32,7 @@ CORPUS_TASK = "demo_pretrain_corpus"
 MULTITASK_MIXTURE = "demo_expert_train"
 CONTINUAL_MIXTURE = "demo_continual_train"
 ALL_MIXTURE = "demo_all_train"  # earlier and new training prompts: a multitask model retrained
+MIXTURES = (MULTITASK_MIXTURE, CONTINUAL_MIXTURE, ALL_MIXTURE)
 ALL_PROMPTS_SUFFIX = "_all_prompts"
 CORPUS_SPLITS = {"train": 20000, "validation": 200}
 
@@ -179,5 +180,5 @@ def register() -> list[str]:
   registry.add_mixture(MULTITASK_MIXTURE, expert_train_tasks(), replace=True)
   registry.add_mixture(CONTINUAL_MIXTURE, continual_tasks(), replace=True)
   registry.add_mixture(ALL_MIXTURE, expert_train_tasks() + continual_tasks(), replace=True)
-  added += [MULTITASK_MIXTURE, CONTINUAL_MIXTURE, ALL_MIXTURE]
+  added += list(MIXTURES)
   return added
